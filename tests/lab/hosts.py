@@ -1,0 +1,201 @@
+"""Start, inspect and remove lab hosts: systemd-booted containers reached over SSH on loopback."""
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from . import image
+
+LABEL = "gpufleet.lab"
+LAB_NETWORK = "gpufleet-lab"
+GAP_NETWORK = "gpufleet-gap"
+GAP_BRIDGE = "gfl-gap0"
+REPO = Path(__file__).resolve().parents[2]
+STATE_DIR = Path(os.environ.get("GPUFLEET_LAB_DIR", REPO / ".lab"))
+STATE_FILE = STATE_DIR / "lab.json"
+KEY_FILE = STATE_DIR / "id_ed25519"
+SSH_CONFIG = STATE_DIR / "ssh_config"
+
+# The flags measured to boot systemd here (shared/LAB.md); --privileged fails on this engine.
+BOOT_FLAGS = [
+    "--cap-add", "ALL", "--cap-drop", "SYS_RESOURCE",
+    "--security-opt", "seccomp=unconfined", "--security-opt", "apparmor=unconfined",
+    "-v", "/sys/fs/cgroup:/sys/fs/cgroup:rw", "--tmpfs", "/run", "--tmpfs", "/run/lock",
+    "--stop-signal", "SIGRTMIN+3",
+]
+
+# The air gap: nothing from the gap bridge is forwarded anywhere else, and the control node
+# accepts only replies from it. Removed exactly, rule by rule, on teardown.
+GAP_RULES = [
+    ["DOCKER-USER", "-i", GAP_BRIDGE, "!", "-o", GAP_BRIDGE, "-j", "DROP"],
+    ["INPUT", "-i", GAP_BRIDGE, "-j", "DROP"],
+    ["INPUT", "-i", GAP_BRIDGE, "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"],
+]
+
+
+def docker(*args, check=True, capture=True):
+    result = subprocess.run(["docker", *args], check=False, text=True,
+                            stdout=subprocess.PIPE if capture else None, stderr=subprocess.PIPE)
+    if check and result.returncode != 0:
+        raise RuntimeError(f"docker {' '.join(args)}: {result.stderr.strip()}")
+    return result.stdout.strip() if capture else ""
+
+
+def load_state():
+    if STATE_FILE.exists():
+        return json.loads(STATE_FILE.read_text())
+    return {"hosts": []}
+
+
+def save_state(state):
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    STATE_FILE.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+    lines = []
+    for host in state["hosts"]:
+        lines += [
+            f"Host {host['name']}",
+            "  HostName 127.0.0.1",
+            f"  Port {host['port']}",
+            "  User root",
+            f"  IdentityFile {KEY_FILE}",
+            "  IdentitiesOnly yes",
+            "  StrictHostKeyChecking no",
+            "  UserKnownHostsFile /dev/null",
+            "  LogLevel ERROR",
+            "",
+        ]
+    SSH_CONFIG.write_text("\n".join(lines))
+
+
+def ensure_key():
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    if not KEY_FILE.exists():
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "gpufleet-lab",
+                        "-f", str(KEY_FILE)], check=True)
+    return KEY_FILE.with_suffix(".pub").read_text()
+
+
+def _iptables_has(rule):
+    chain, *spec = rule
+    return subprocess.run(["iptables", "-C", chain, *spec], stderr=subprocess.DEVNULL).returncode == 0
+
+
+def ensure_networks(airgapped):
+    existing = set(docker("network", "ls", "--format", "{{.Name}}").split())
+    if LAB_NETWORK not in existing:
+        docker("network", "create", "--label", LABEL, LAB_NETWORK)
+    if airgapped and GAP_NETWORK not in existing:
+        docker("network", "create", "--label", LABEL, "-o",
+               f"com.docker.network.bridge.name={GAP_BRIDGE}", GAP_NETWORK)
+    if airgapped:
+        for rule in GAP_RULES:  # inserted in order, so the ACCEPT ends up above the DROP
+            if not _iptables_has(rule):
+                subprocess.run(["iptables", "-I", *rule], check=True)
+
+
+def remove_gap_rules():
+    for rule in GAP_RULES:
+        while _iptables_has(rule):
+            subprocess.run(["iptables", "-D", *rule], check=True)
+
+
+def start_host(name, tag, pubkey, airgapped=False):
+    container = f"gpufleet-{name}"
+    docker("rm", "-f", container, check=False)
+    docker(
+        "run", "-d", "--name", container, "--hostname", name, "--label", LABEL,
+        *BOOT_FLAGS,
+        "-v", f"{container}-docker:/var/lib/docker",
+        "--network", GAP_NETWORK if airgapped else LAB_NETWORK,
+        "-p", "127.0.0.1::22",
+        tag, "/sbin/init",
+    )
+    subprocess.run(
+        ["docker", "exec", "-i", container, "sh", "-c",
+         "umask 077; mkdir -p /root/.ssh; cat > /root/.ssh/authorized_keys"],
+        input=pubkey, text=True, check=True,
+    )
+    port = int(docker("port", container, "22/tcp").splitlines()[0].rsplit(":", 1)[1])
+    network = GAP_NETWORK if airgapped else LAB_NETWORK
+    address = docker("inspect", "-f", f'{{{{(index .NetworkSettings.Networks "{network}").IPAddress}}}}', container)
+    return {"name": name, "container": container, "port": port, "address": address,
+            "airgapped": airgapped}
+
+
+def wait_booted(host, timeout=120):
+    """Wait until systemd says running (or degraded) and sshd answers."""
+    deadline = time.time() + timeout
+    state = ""
+    while time.time() < deadline:
+        state = docker("exec", host["container"], "systemctl", "is-system-running", check=False)
+        if state in ("running", "degraded") and ssh(host, "true", check=False).returncode == 0:
+            return state
+        time.sleep(0.5)
+    raise RuntimeError(f"{host['name']}: not booted after {timeout}s (systemd says {state!r})")
+
+
+def ssh(host, command, check=True, **kwargs):
+    return subprocess.run(
+        ["ssh", "-F", str(SSH_CONFIG), "-o", "ConnectTimeout=5", "-o", "BatchMode=yes", host["name"], command],
+        check=check, text=True, capture_output=True, **kwargs,
+    )
+
+
+def up(count=3, airgapped=1, log=print):
+    """Bring the lab to `count` connected hosts and `airgapped` air-gapped hosts."""
+    started = time.time()
+    tag = image.ensure_image(log=log)
+    pubkey = ensure_key()
+    ensure_networks(airgapped > 0)
+    state = load_state()
+    wanted = [(f"lab-{i}", False) for i in range(1, count + 1)]
+    wanted += [(f"lab-gap-{i}", True) for i in range(1, airgapped + 1)]
+    running = set(docker("ps", "--filter", f"label={LABEL}", "--format", "{{.Names}}").split())
+    known = {h["name"]: h for h in state["hosts"]}
+    hosts = []
+    for name, gapped in wanted:
+        host = known.get(name)
+        if host and host["container"] in running and host.get("image") == tag:
+            hosts.append(host)
+            continue
+        host = start_host(name, tag, pubkey, airgapped=gapped)
+        host["image"] = tag
+        hosts.append(host)
+    for host in state["hosts"]:
+        if host["name"] not in {h["name"] for h in hosts}:
+            remove_host(host)
+    state["hosts"] = hosts
+    save_state(state)
+    for host in hosts:
+        wait_booted(host)
+    log(f"lab up: {len(hosts)} hosts in {time.time() - started:.1f}s")
+    return state
+
+
+def remove_host(host):
+    docker("rm", "-f", "-v", host["container"], check=False)
+    docker("volume", "rm", f"{host['container']}-docker", check=False)
+
+
+def down(log=print):
+    """Remove every lab container, volume, network and firewall rule."""
+    for container in docker("ps", "-a", "--filter", f"label={LABEL}", "--format", "{{.Names}}").split():
+        remove_host({"container": container})
+    for network in docker("network", "ls", "--filter", f"label={LABEL}", "--format", "{{.Name}}").split():
+        docker("network", "rm", network, check=False)
+    remove_gap_rules()
+    if STATE_FILE.exists():
+        STATE_FILE.unlink()
+    log("lab down")
+
+
+def status():
+    state = load_state()
+    rows = []
+    for host in state["hosts"]:
+        running = docker("inspect", "-f", "{{.State.Running}}", host["container"], check=False) == "true"
+        system = docker("exec", host["container"], "systemctl", "is-system-running", check=False) if running else "stopped"
+        rows.append({**host, "state": system})
+    return rows
