@@ -1,0 +1,20 @@
+"""
+gpufleet: turn the inventory's hosts into GPU inference hosts.
+
+    pyinfra inventories/prod.py deploy.py [--dry] [--diff] [--limit HOST]
+
+Which deploys apply is decided here from the host's groups and data; what each does is in
+operations/. Settings are checked first: a bad value stops the run before any host changes.
+"""
+
+from pyinfra import host
+
+from operations import base, config, docker_engine
+
+config.validate(config.host_settings(host), host.name)
+
+base.prepare()
+
+if "gpu_hosts" in host.groups:
+    daemon_json = docker_engine.install_docker()
+    docker_engine.restart_on_change([daemon_json])

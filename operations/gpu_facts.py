@@ -1,0 +1,182 @@
+"""Facts about NVIDIA hardware and the driver, parsed from what the host really prints."""
+
+import re
+
+from pyinfra.api import FactBase
+
+NVIDIA_PCI_VENDOR = "0x10de"
+
+
+class NvidiaPciDevices(FactBase):
+    """
+    Returns NVIDIA PCI functions from /sys (vendor 0x10de), display controllers and NVSwitches:
+
+    .. code:: python
+
+        [{"slot": "0000:00:06.0", "class": "0x030200", "device": "0x2330", "kind": "gpu"}]
+    """
+
+    default = list
+
+    def command(self):
+        return (
+            "for d in /sys/bus/pci/devices/*; do "
+            f'[ "$(cat $d/vendor 2>/dev/null)" = {NVIDIA_PCI_VENDOR} ] && '
+            'echo "${d##*/} $(cat $d/class) $(cat $d/device)"; '
+            "done; true"
+        )
+
+    def process(self, output):
+        devices = []
+        for line in output:
+            slot, pci_class, device = line.split()
+            if pci_class.startswith("0x03"):
+                kind = "gpu"
+            elif pci_class.startswith("0x0680"):
+                kind = "nvswitch"
+            else:
+                continue  # the HDMI audio function of consumer boards
+            devices.append({"slot": slot, "class": pci_class, "device": device, "kind": kind})
+        return devices
+
+
+class NvidiaSmi(FactBase):
+    """
+    Returns what ``nvidia-smi`` reports, or why it could not (exit code and message):
+
+    .. code:: python
+
+        {"ok": True, "gpus": [{"driver_version": "580.159.04", "name": "NVIDIA H100 80GB HBM3",
+                               "bus_id": "00000000:00:06.0", "memory_mib": 81559}]}
+        {"ok": False, "rc": 9, "message": "NVIDIA-SMI has failed because it couldn't communicate ..."}
+        {"ok": False, "rc": 127, "message": "nvidia-smi: not installed"}
+    """
+
+    def command(self):
+        return (
+            "if command -v nvidia-smi >/dev/null; then "
+            "nvidia-smi --query-gpu=driver_version,name,pci.bus_id,memory.total "
+            "--format=csv,noheader,nounits 2>&1; echo \"rc=$?\"; "
+            "else echo 'nvidia-smi: not installed'; echo rc=127; fi"
+        )
+
+    def process(self, output):
+        rc = int(output[-1].split("=", 1)[1])
+        lines = output[:-1]
+        if rc != 0:
+            return {"ok": False, "rc": rc, "message": " ".join(line.strip() for line in lines)}
+        gpus = []
+        for line in lines:
+            version, name, bus_id, memory = [part.strip() for part in line.split(",")]
+            gpus.append({"driver_version": version, "name": name, "bus_id": bus_id,
+                         "memory_mib": int(memory)})
+        return {"ok": True, "gpus": gpus}
+
+
+class NvidiaKernelModule(FactBase):
+    """
+    Returns the loaded NVIDIA kernel module's version from /proc/driver/nvidia/version, or None:
+
+    .. code:: python
+
+        {"version": "580.159.04", "open": True}
+    """
+
+    def command(self):
+        return "cat /proc/driver/nvidia/version 2>/dev/null; true"
+
+    def process(self, output):
+        for line in output:
+            match = re.match(r"NVRM version: NVIDIA UNIX (Open Kernel Module for )?\S+\s+Kernel Module\s+(\S+)", line) \
+                or re.match(r"NVRM version: NVIDIA UNIX (Open Kernel Module for )?\S+\s+(\d+\.\d+(?:\.\d+)?)", line)
+            if match:
+                return {"version": match.group(2), "open": bool(match.group(1))}
+        return None
+
+
+class SecureBoot(FactBase):
+    """
+    Returns True/False for the Secure Boot state, or None on a machine without EFI.
+
+    Reads ``mokutil --sb-state`` ("SecureBoot enabled"), falling back to the EFI variable.
+    """
+
+    def command(self):
+        return (
+            "if command -v mokutil >/dev/null; then mokutil --sb-state 2>&1; "
+            "elif [ -d /sys/firmware/efi ]; then "
+            "f=$(ls /sys/firmware/efi/efivars/SecureBoot-* 2>/dev/null | head -n1); "
+            '[ -n "$f" ] && echo "efivar $(od -An -t u1 "$f" | awk \'{print $NF}\')" || echo "efivar none"; '
+            "else echo 'no efi'; fi; true"
+        )
+
+    def process(self, output):
+        text = " ".join(output)
+        if "SecureBoot enabled" in text or text.strip() == "efivar 1":
+            return True
+        if "SecureBoot disabled" in text or text.strip() == "efivar 0":
+            return False
+        return None
+
+
+class DkmsStatus(FactBase):
+    """
+    Returns DKMS modules from ``dkms status`` (both the 2.x and 3.x layouts):
+
+    .. code:: python
+
+        [{"module": "nvidia-current", "version": "535.261.03", "kernel": "6.1.0-28-amd64",
+          "arch": "amd64", "state": "installed"}]
+    """
+
+    default = list
+
+    def command(self):
+        return "dkms status 2>/dev/null; true"
+
+    def process(self, output):
+        modules = []
+        for line in output:
+            if ":" not in line:
+                continue
+            head, state = line.rsplit(":", 1)
+            parts = [part.strip() for part in head.split(",")]
+            if "/" in parts[0]:  # dkms 3: "nvidia-current/535.261.03, 6.1.0-28-amd64, amd64: installed"
+                module, version = parts[0].split("/", 1)
+                rest = parts[1:]
+            else:  # dkms 2: "nvidia, 535.54.03, 5.15.0-76-generic, x86_64: installed"
+                module, version, rest = parts[0], parts[1], parts[2:]
+            modules.append({
+                "module": module, "version": version,
+                "kernel": rest[0] if rest else None, "arch": rest[1] if len(rest) > 1 else None,
+                "state": state.strip().split()[0] if state.strip() else "",
+            })
+        return modules
+
+
+class KernelHeaders(FactBase):
+    """
+    Returns the running kernel and whether its headers (the DKMS build tree) are installed:
+
+    .. code:: python
+
+        {"kernel": "6.1.0-28-amd64", "headers": True}
+    """
+
+    def command(self):
+        return 'k=$(uname -r); echo "$k"; [ -d "/lib/modules/$k/build" ] && echo yes || echo no'
+
+    def process(self, output):
+        return {"kernel": output[0].strip(), "headers": output[1].strip() == "yes"}
+
+
+class AptHeldPackages(FactBase):
+    """Returns the set of packages held with ``apt-mark hold``."""
+
+    default = set
+
+    def command(self):
+        return "apt-mark showhold 2>/dev/null; true"
+
+    def process(self, output):
+        return {line.strip() for line in output if line.strip()}
