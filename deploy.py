@@ -13,8 +13,15 @@ from operations import base, config, docker_engine
 
 config.validate(config.host_settings(host), host.name)
 
+intent = {"groups": sorted(host.groups), "gpus": len(base.gpus()), "docker": False}
 base.prepare()
 
 if "gpu_hosts" in host.groups:
     daemon_json = docker_engine.install_docker()
     docker_engine.restart_on_change([daemon_json])
+    intent["docker"] = True
+
+if not intent["gpus"]:
+    base.say_no_gpu(["driver module checks", "persistence daemon", "reboot", "GPU container run"])
+
+base.record(intent)

@@ -1,9 +1,12 @@
 """What every gpufleet host gets: its directories, and a plain statement of its GPUs."""
 
+from io import StringIO
+
 from pyinfra import host, logger
 from pyinfra.api import deploy
 from pyinfra.operations import files
 
+from . import json_ops
 from .gpu_facts import NvidiaPciDevices
 
 DEFAULTS = {
@@ -38,3 +41,19 @@ def prepare(config_dir=None, state_dir=None):
     files.directory(name=f"Ensure {config_dir}/secrets is root-only", path=f"{config_dir}/secrets",
                     mode="700", user="root", group="root")
     files.directory(name=f"Ensure {state_dir} exists", path=state_dir, mode="755", user="root", group="root")
+
+
+@deploy("Record what gpufleet deployed")
+def record(intent, config_dir=None):
+    """
+    Write what this host is meant to be to <config_dir>/host.json, for the checks to compare with.
+
+    + intent: dict such as ``{"groups": [...], "docker": True, "gpus": 0}``
+    """
+    config_dir = config_dir or host.data.gpufleet_config_dir
+    files.put(
+        name=f"Write {config_dir}/host.json",
+        src=StringIO(json_ops.render(intent)),
+        dest=f"{config_dir}/host.json",
+        mode="644", user="root", group="root",
+    )

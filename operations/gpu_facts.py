@@ -87,10 +87,12 @@ class NvidiaKernelModule(FactBase):
 
     def process(self, output):
         for line in output:
-            match = re.match(r"NVRM version: NVIDIA UNIX (Open Kernel Module for )?\S+\s+Kernel Module\s+(\S+)", line) \
-                or re.match(r"NVRM version: NVIDIA UNIX (Open Kernel Module for )?\S+\s+(\d+\.\d+(?:\.\d+)?)", line)
+            match = re.match(r"NVRM version: NVIDIA UNIX Open Kernel Module for \S+\s+(\S+)", line)
             if match:
-                return {"version": match.group(2), "open": bool(match.group(1))}
+                return {"version": match.group(1), "open": True}
+            match = re.match(r"NVRM version: NVIDIA UNIX \S+ Kernel Module\s+(\S+)", line)
+            if match:
+                return {"version": match.group(1), "open": False}
         return None
 
 

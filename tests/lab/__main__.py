@@ -4,7 +4,7 @@ import argparse
 import os
 import sys
 
-from . import hosts, image
+from . import hosts, image, summary
 
 
 def main(argv=None):
@@ -16,6 +16,8 @@ def main(argv=None):
     sub.add_parser("down", help="remove all lab hosts, volumes, networks and firewall rules")
     sub.add_parser("status", help="list lab hosts")
     sub.add_parser("image", help="build or import the host image only")
+    sub.add_parser("hosts", help="print the lab hosts as testinfra's --hosts value")
+    sub.add_parser("summary", help="one line per host: GPUs, Docker, runtimes, NVIDIA packages")
     ssh = sub.add_parser("ssh", help="open a shell on a lab host")
     ssh.add_argument("name")
     ssh.add_argument("cmd", nargs="*")
@@ -28,6 +30,10 @@ def main(argv=None):
         for row in hosts.status():
             gap = "air-gapped" if row["airgapped"] else "connected"
             print(f"{row['name']:<12} 127.0.0.1:{row['port']:<6} {row['address']:<15} {gap:<10} {row['state']}")
+    elif args.command == "hosts":
+        print(",".join(f"ssh://{row['name']}" for row in hosts.load_state()["hosts"]))
+    elif args.command == "summary":
+        print(summary.table(hosts.load_state()["hosts"]))
     elif args.command == "down":
         hosts.down()
     elif args.command == "image":

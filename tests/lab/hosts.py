@@ -143,8 +143,8 @@ def ssh(host, command, check=True, **kwargs):
     )
 
 
-def up(count=3, airgapped=1, log=print):
-    """Bring the lab to `count` connected hosts and `airgapped` air-gapped hosts."""
+def up(count=3, airgapped=1, fresh=False, log=print):
+    """Bring the lab to `count` connected hosts and `airgapped` air-gapped hosts (new ones if `fresh`)."""
     started = time.time()
     tag = image.ensure_image(log=log)
     pubkey = ensure_key()
@@ -157,9 +157,11 @@ def up(count=3, airgapped=1, log=print):
     hosts = []
     for name, gapped in wanted:
         host = known.get(name)
-        if host and host["container"] in running and host.get("image") == tag:
+        if host and not fresh and host["container"] in running and host.get("image") == tag:
             hosts.append(host)
             continue
+        if host:
+            remove_host(host)
         host = start_host(name, tag, pubkey, airgapped=gapped)
         host["image"] = tag
         hosts.append(host)

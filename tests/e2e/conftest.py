@@ -1,0 +1,75 @@
+"""One lab per test session: hosts come up once, are deployed once, and go down at the end."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import testinfra
+
+from tests.lab import hosts as lab_hosts
+
+REPO = Path(__file__).resolve().parents[2]
+PYINFRA = str(Path(sys.executable).with_name("pyinfra"))
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "/e2e/" in str(item.fspath):
+            item.add_marker(pytest.mark.e2e)
+
+
+class Deploy:
+    """The result of one ``pyinfra inventories/lab.py deploy.py`` run."""
+
+    def __init__(self, completed):
+        self.rc = completed.returncode
+        self.output = completed.stdout + completed.stderr
+
+    def results(self):
+        """{operation name: (hosts, success, error, no_change)} from pyinfra's results table."""
+        table = {}
+        for line in self.output.split("--> Results:")[-1].splitlines():
+            match = re.match(r"^\s+(.+?)\s{2,}(\d+)\s+(\d+|-)\s+(\d+|-)\s+(\d+|-)\s*$", line)
+            if match and match.group(1) != "Grand total":
+                table[match.group(1)] = tuple(0 if v == "-" else int(v) for v in match.groups()[1:])
+        return table
+
+    def changed(self):
+        return {name: row for name, row in self.results().items() if row[1]}
+
+
+def run_deploy(*args, deploy="deploy.py", inventory="inventories/lab.py"):
+    completed = subprocess.run([PYINFRA, "-y", inventory, deploy, *args], cwd=REPO,
+                               capture_output=True, text=True, timeout=900)
+    return Deploy(completed)
+
+
+@pytest.fixture(scope="session")
+def lab():
+    state = lab_hosts.up(count=2, airgapped=1, fresh=not os.environ.get("GPUFLEET_LAB_REUSE"))
+    yield {host["name"]: host for host in state["hosts"]}
+    if not os.environ.get("GPUFLEET_LAB_KEEP"):
+        lab_hosts.down()
+
+
+@pytest.fixture(scope="session")
+def first_deploy(lab):
+    result = run_deploy()
+    assert result.rc == 0, result.output[-4000:]
+    return result
+
+
+@pytest.fixture(scope="session")
+def second_deploy(first_deploy):
+    return run_deploy()
+
+
+@pytest.fixture(scope="session")
+def lab_host(lab):
+    """testinfra host for a lab host name, over real SSH."""
+    def connect(name):
+        return testinfra.get_host(f"ssh://{name}", ssh_config=str(lab_hosts.SSH_CONFIG))
+    return connect

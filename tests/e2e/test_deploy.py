@@ -1,0 +1,64 @@
+"""deploy.py over real SSH: converge, then converge again with zero changes, then check."""
+
+import subprocess
+import sys
+
+from tests.e2e.conftest import REPO, run_deploy
+from tests.lab import hosts as lab_hosts
+
+
+def test_first_deploy_changes_every_host(first_deploy):
+    changed = first_deploy.changed()
+    assert changed, first_deploy.output[-3000:]
+    hosts, success, error, _ = changed["Prepare gpufleet host | Ensure /etc/gpufleet exists"]
+    assert (hosts, success, error) == (3, 3, 0)
+
+
+def test_second_deploy_reports_zero_changes(second_deploy):
+    assert second_deploy.rc == 0, second_deploy.output[-3000:]
+    results = second_deploy.results()
+    assert results, second_deploy.output[-3000:]
+    assert second_deploy.changed() == {}, second_deploy.changed()
+    assert all(error == 0 for _, _, error, _ in results.values())
+
+
+def test_no_gpu_is_said_plainly(first_deploy):
+    for name in ("lab-1", "lab-2", "lab-gap-1"):
+        assert f"[{name}] no NVIDIA GPU on this host" in first_deploy.output
+
+
+def test_testinfra_checks_pass_on_every_host(second_deploy, lab):
+    hosts = ",".join(f"ssh://{name}" for name in lab)
+    checks = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/checks",
+         f"--hosts={hosts}", f"--ssh-config={lab_hosts.SSH_CONFIG}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert checks.returncode == 0, checks.stdout[-4000:]
+    assert " passed" in checks.stdout and " failed" not in checks.stdout
+
+
+def test_typo_in_settings_stops_before_any_host_changes(second_deploy, lab):
+    before = lab_hosts.ssh(lab["lab-1"], "stat -c %Y /etc/gpufleet/host.json").stdout
+    result = run_deploy("--data", "docker_log_max_fil=5")
+    assert result.rc != 0
+    assert "docker_log_max_fil: unknown setting (did you mean 'docker_log_max_file'?)" in result.output
+    assert "Starting operation" not in result.output
+    assert lab_hosts.ssh(lab["lab-1"], "stat -c %Y /etc/gpufleet/host.json").stdout == before
+
+
+def test_bad_value_names_the_field(second_deploy):
+    result = run_deploy("--data", "docker_log_max_size=lots")
+    assert result.rc != 0
+    assert "docker_log_max_size: must be a size such as '50m'" in result.output
+
+
+def test_dry_run_changes_nothing(second_deploy, lab):
+    lab_hosts.ssh(lab["lab-2"], "rm -rf /etc/gpufleet/secrets")
+    try:
+        dry = run_deploy("--dry", "--limit", "lab-2")
+        assert dry.rc == 0, dry.output[-2000:]
+        assert lab_hosts.ssh(lab["lab-2"], "test -e /etc/gpufleet/secrets", check=False).returncode != 0
+    finally:
+        assert run_deploy("--limit", "lab-2").rc == 0
+    assert lab_hosts.ssh(lab["lab-2"], "stat -c %a /etc/gpufleet/secrets").stdout.strip() == "700"
