@@ -9,7 +9,7 @@ operations/. Settings are checked first: a bad value stops the run before any ho
 
 from pyinfra import host
 
-from operations import base, config, docker_engine
+from operations import base, config, docker_engine, nvidia_driver
 
 config.validate(config.host_settings(host), host.name)
 
@@ -17,6 +17,8 @@ intent = {"groups": sorted(host.groups), "gpus": len(base.gpus()), "docker": Fal
 base.prepare()
 
 if "gpu_hosts" in host.groups:
+    nvidia_driver.install_driver()
+    intent["nvidia_driver_version"] = host.data.nvidia_driver_version
     daemon_json = docker_engine.install_docker()
     docker_engine.restart_on_change([daemon_json])
     intent["docker"] = True

@@ -19,3 +19,22 @@ docker_log_max_size = "50m"
 docker_log_max_file = 3
 # More daemon.json keys to merge; keys already in the file and not named here are kept.
 docker_daemon_settings = {}
+
+# --- nvidia_driver_ (NVIDIA driver) ------------------------------------------------------
+# Where the driver comes from: "distro" (Debian non-free; Ubuntu's server branch with Canonical's
+# signed precompiled modules), "cuda-repo" (NVIDIA's CUDA apt repository) or "local-repo".
+nvidia_driver_source = "distro"
+# The pinned upstream version; any Debian revision of it. Packages are held and pinned to it.
+nvidia_driver_version = "535.261.03"
+# Debian mirrors used to enable contrib, non-free and non-free-firmware.
+nvidia_driver_debian_mirror = "http://deb.debian.org/debian"
+nvidia_driver_debian_security_mirror = "http://deb.debian.org/debian-security"
+# NVIDIA's CUDA repository for source "cuda-repo" (None: derived from the distro and release).
+nvidia_driver_cuda_repo_url = None
+# A flat apt repository already on the host, for source "local-repo" (an offline bundle).
+nvidia_driver_local_repo = "/var/lib/gpufleet/repo"
+# Secure Boot on: True once DKMS signs with a MOK you enrolled; otherwise the deploy refuses.
+nvidia_driver_secure_boot_signed = False
+# Allow a reboot when a GPU host's driver or nouveau blacklist changed (never the control node).
+nvidia_driver_reboot = False
+nvidia_driver_reboot_timeout = 600

@@ -1,0 +1,52 @@
+"""Install apt packages at one pinned upstream version, held, with a preferences pin for their kin."""
+
+import shlex
+from io import StringIO
+
+from pyinfra import host
+from pyinfra.api import operation
+from pyinfra.facts.deb import DebPackages
+from pyinfra.operations import files
+
+from .gpu_facts import AptHeldPackages
+
+APT_INSTALL = ("DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "
+               "--allow-downgrades --allow-change-held-packages "
+               "-o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold")
+
+
+def pin_file(patterns, version):
+    """apt_preferences(5): every package matching ``patterns`` prefers ``version`` (above upgrades)."""
+    return f"Package: {' '.join(patterns)}\nPin: version {version}-*\nPin-Priority: 1001\n"
+
+
+def matches(installed_versions, version):
+    """True when an installed Debian version is of the pinned upstream version (epoch ignored)."""
+    return any(v.split(":", 1)[-1].startswith(f"{version}-") for v in installed_versions or [])
+
+
+@operation()
+def installed(packages, version, pin_name, pin_patterns=None):
+    """
+    Install ``packages`` at upstream ``version``, hold them, and pin their kin to that version.
+
+    + packages: package names to install and hold
+    + version: upstream version, e.g. ``535.261.03`` (any Debian revision of it)
+    + pin_name: file name under /etc/apt/preferences.d
+    + pin_patterns: apt_preferences globs pinned with them (default: the packages)
+
+    A package installed at another version (a silent upgrade, a downgrade by hand) is moved back.
+    """
+    yield from files.put._inner(
+        src=StringIO(pin_file(pin_patterns or packages, version)),
+        dest=f"/etc/apt/preferences.d/{pin_name}", mode="644", user="root", group="root",
+    )
+    current = host.get_fact(DebPackages)
+    wrong = [name for name in packages if not matches(current.get(name), version)]
+    if wrong:
+        yield f"{APT_INSTALL} {' '.join(shlex.quote(name) for name in packages)}"
+    unheld = sorted(set(packages) - host.get_fact(AptHeldPackages))
+    if unheld:
+        yield f"apt-mark hold {' '.join(shlex.quote(name) for name in unheld)}"
+    if not wrong and not unheld:
+        host.noop(f"{', '.join(packages)} at {version} and held")
