@@ -9,7 +9,7 @@ operations/. Settings are checked first: a bad value stops the run before any ho
 
 from pyinfra import host
 
-from operations import base, config, docker_engine, nvidia_driver
+from operations import base, config, docker_engine, nvidia_driver, nvidia_toolkit
 
 config.validate(config.host_settings(host), host.name)
 
@@ -20,7 +20,9 @@ if "gpu_hosts" in host.groups:
     nvidia_driver.install_driver()
     intent["nvidia_driver_version"] = host.data.nvidia_driver_version
     daemon_json = docker_engine.install_docker()
-    docker_engine.restart_on_change([daemon_json])
+    nvidia_runtime = nvidia_toolkit.install_toolkit()
+    docker_engine.restart_on_change([daemon_json, nvidia_runtime])
+    intent["nvidia_toolkit_version"] = host.data.nvidia_toolkit_version
     intent["docker"] = True
 
 if not intent["gpus"]:

@@ -38,3 +38,16 @@ nvidia_driver_secure_boot_signed = False
 # Allow a reboot when a GPU host's driver or nouveau blacklist changed (never the control node).
 nvidia_driver_reboot = False
 nvidia_driver_reboot_timeout = 600
+
+# --- nvidia_toolkit_ (NVIDIA Container Toolkit) ------------------------------------------
+# The four toolkit packages are installed at <version>-1, held and pinned.
+nvidia_toolkit_version = "1.17.8"
+# "nvidia-repo" (NVIDIA's apt repository, signed-by keyring) or "local-repo" (staged on the host).
+nvidia_toolkit_source = "nvidia-repo"
+# Where the local repository lives on the host, and (optionally) a control-node directory to stage.
+nvidia_toolkit_local_repo = "/var/lib/gpufleet/toolkit-repo"
+nvidia_toolkit_local_repo_src = None
+# The engine to wire the runtime into (containerd and podman: not yet supported).
+nvidia_toolkit_engine = "docker"
+# Make nvidia Docker's default runtime (otherwise containers ask for it with --gpus / --runtime).
+nvidia_toolkit_set_as_default = False

@@ -6,6 +6,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from tests.fixtures.nvidia_toolkit_double import build as toolkit_double
+
 from . import image
 
 LABEL = "gpufleet.lab"
@@ -148,6 +150,7 @@ def up(count=3, airgapped=1, fresh=False, log=print):
     started = time.time()
     tag = image.ensure_image(log=log)
     pubkey = ensure_key()
+    toolkit_double.build(STATE_DIR / "toolkit-repo")
     ensure_networks(airgapped > 0)
     state = load_state()
     wanted = [(f"lab-{i}", False) for i in range(1, count + 1)]

@@ -1,0 +1,59 @@
+"""GPU hosts: driver and toolkit packages at the pinned versions and held, nouveau blacklisted,
+the nvidia runtime in daemon.json (earlier keys kept) and listed by Docker; the GPU itself where
+there is one."""
+
+import json
+
+import pytest
+
+DRIVER_PACKAGES = ["nvidia-smi", "libcuda1"]
+TOOLKIT_PACKAGES = ["libnvidia-container1", "libnvidia-container-tools",
+                    "nvidia-container-toolkit-base", "nvidia-container-toolkit"]
+
+
+@pytest.fixture
+def gpu_host(host, intent):
+    if "nvidia_driver_version" not in intent:
+        pytest.skip(f"{host.backend.get_hostname()}: not a GPU host (groups {intent['groups']})")
+    return host
+
+
+def held(host):
+    return set(host.check_output("apt-mark showhold").split())
+
+
+def test_driver_packages_pinned_and_held(gpu_host, intent):
+    for name in DRIVER_PACKAGES:
+        package = gpu_host.package(name)
+        assert package.is_installed, name
+        assert package.version.startswith(intent["nvidia_driver_version"] + "-"), (name, package.version)
+    assert set(DRIVER_PACKAGES) <= held(gpu_host)
+
+
+def test_toolkit_packages_pinned_and_held(gpu_host, intent):
+    for name in TOOLKIT_PACKAGES:
+        assert gpu_host.package(name).version == intent["nvidia_toolkit_version"] + "-1", name
+    assert set(TOOLKIT_PACKAGES) <= held(gpu_host)
+
+
+def test_nouveau_blacklisted(gpu_host):
+    content = gpu_host.file("/etc/modprobe.d/gpufleet-blacklist-nouveau.conf").content_string
+    assert "blacklist nouveau" in content and "options nouveau modeset=0" in content
+
+
+def test_daemon_json_has_nvidia_runtime_and_log_rotation(gpu_host):
+    daemon = json.loads(gpu_host.file("/etc/docker/daemon.json").content_string)
+    assert daemon["runtimes"]["nvidia"]["path"].endswith("nvidia-container-runtime")
+    assert daemon["log-driver"] == "json-file"
+
+
+def test_docker_lists_the_nvidia_runtime(gpu_host):
+    runtimes = json.loads(gpu_host.check_output("docker info --format '{{json .Runtimes}}'"))
+    assert "nvidia" in runtimes
+
+
+def test_nvidia_smi_reports_the_pinned_driver(gpu_host, intent):
+    if not intent["gpus"]:
+        pytest.skip("no NVIDIA GPU on this host: nvidia-smi cannot reach a driver")
+    version = gpu_host.check_output("nvidia-smi --query-gpu=driver_version --format=csv,noheader").splitlines()[0]
+    assert version == intent["nvidia_driver_version"]
