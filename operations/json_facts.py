@@ -1,6 +1,7 @@
 """Facts that read JSON configuration files (Docker's daemon.json and its kin)."""
 
 import json
+import shlex
 
 from pyinfra.api import FactBase
 
@@ -17,6 +18,7 @@ class JsonFile(FactBase):
     """
 
     def command(self, path):
+        path = shlex.quote(path)
         return f"if [ -f {path} ]; then cat {path}; else echo {MISSING}; fi"
 
     def process(self, output):

@@ -27,6 +27,14 @@ def render(value):
     return json.dumps(value, indent=4, sort_keys=True) + "\n"
 
 
+def read(path):
+    """The host's JSON object in ``path`` (None when absent); invalid JSON is refused, naming the file."""
+    current = host.get_fact(JsonFile, path=path)
+    if current and "__invalid__" in current:
+        raise HostStateError(f"{host.name}: {path}: {current['__invalid__']}; fix or remove it, nothing was changed")
+    return current
+
+
 @operation()
 def merged(path, settings, mode="644"):
     """
@@ -46,9 +54,7 @@ def merged(path, settings, mode="644"):
             settings={"log-driver": "json-file", "log-opts": {"max-size": "50m"}},
         )
     """
-    current = host.get_fact(JsonFile, path=path)
-    if current and "__invalid__" in current:
-        raise HostStateError(f"{host.name}: {path}: {current['__invalid__']}; fix or remove it, nothing was changed")
+    current = read(path)
     wanted = deep_merge(current or {}, settings)
     if current is not None and wanted == current:
         host.noop(f"{path} already holds {sorted(settings)}")

@@ -8,9 +8,7 @@ from pyinfra import host
 from pyinfra.api import deploy, operation
 from pyinfra.operations import apt, files
 
-from . import apt_pin, config, docker_engine
-from .errors import HostStateError
-from .json_facts import JsonFile
+from . import apt_pin, config, docker_engine, json_ops
 
 PACKAGES = ["libnvidia-container1", "libnvidia-container-tools",
             "nvidia-container-toolkit-base", "nvidia-container-toolkit"]
@@ -99,10 +97,7 @@ def docker_runtime(set_as_default=False):
 
     The Docker restart that makes it take effect belongs to ``docker_engine.restart_on_change``.
     """
-    daemon = host.get_fact(JsonFile, path=docker_engine.DAEMON_JSON)
-    if daemon and "__invalid__" in daemon:
-        raise HostStateError(f"{host.name}: {docker_engine.DAEMON_JSON}: {daemon['__invalid__']}; "
-                             "fix or remove it, nothing was changed")
+    daemon = json_ops.read(docker_engine.DAEMON_JSON)
     default_ok = not set_as_default or (daemon or {}).get("default-runtime") == "nvidia"
     if has_nvidia_runtime(daemon) and default_ok:
         host.noop(f"{docker_engine.DAEMON_JSON} already has the nvidia runtime")
