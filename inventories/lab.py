@@ -19,7 +19,7 @@ def _ssh(host):
     }
 
 
-# Connected lab hosts play GPU hosts (they have no GPU: the deploy says so and skips GPU steps).
-gpu_hosts = [(h["name"], _ssh(h)) for h in _STATE["hosts"] if not h["airgapped"]]
-# Air-gapped lab hosts: no route out.
-airgapped = [(h["name"], {**_ssh(h), "gpufleet_offline": True}) for h in _STATE["hosts"] if h["airgapped"]]
+# Every lab host plays a GPU host (none has a GPU: the deploy says so and skips GPU steps).
+gpu_hosts = [(h["name"], _ssh(h)) for h in _STATE["hosts"]]
+# Air-gapped lab hosts: no route out; group_data/airgapped.py sends them to the bundle.
+airgapped = [h["name"] for h in _STATE["hosts"] if h["airgapped"]]

@@ -13,7 +13,7 @@ from . import apt_pin, base, config
 from .errors import ConfigError, HostStateError
 from .gpu_facts import KernelHeaders, NvidiaKernelModule, NvidiaPciDevices, SecureBoot
 
-SOURCES = ("distro", "cuda-repo", "local-repo")
+SOURCES = ("distro", "cuda-repo", "local-repo", "bundle")
 CUDA_REPO_URL = "https://developer.download.nvidia.com/compute/cuda/repos/{distro}{release}/x86_64/"
 CUDA_KEYRING = "/usr/share/keyrings/nvidia-cuda-archive-keyring.asc"  # apt reads armored .asc keys
 PIN_PATTERNS = ["*nvidia*", "libcuda*", "libnvcuvid*", "libnvoptix*", "cuda-drivers*"]
@@ -89,7 +89,8 @@ def install_driver(source=None, version=None, reboot=None):
     """
     Install the pinned NVIDIA driver, hold it, blacklist nouveau, and reboot only if needed and allowed.
 
-    + source: ``distro`` (Debian non-free, Ubuntu server drivers), ``cuda-repo`` or ``local-repo``
+    + source: ``distro`` (Debian non-free, Ubuntu server drivers), ``cuda-repo``, ``local-repo``
+      or ``bundle`` (the offline bundle staged by ``offline.stage_packages``)
     + version: pinned upstream version (``nvidia_driver_version``)
     + reboot: allow a reboot when the driver or blacklist changed on a GPU host (``nvidia_driver_reboot``)
 
@@ -122,6 +123,8 @@ def install_driver(source=None, version=None, reboot=None):
                        dest=CUDA_KEYRING, mode="644")
         repo = files.line(name="Add NVIDIA's CUDA repository", path="/etc/apt/sources.list.d/nvidia-cuda.list",
                           line=f"deb [signed-by={CUDA_KEYRING}] {url} /")
+    elif source == "bundle":
+        repo = None  # offline.stage_packages staged the repository and updated apt's lists
     elif distro["name"] == "Debian":
         repo = files.put(name="Enable Debian's contrib, non-free and non-free-firmware",
                          src=StringIO("\n".join(debian_nonfree_lines(

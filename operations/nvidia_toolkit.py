@@ -12,7 +12,7 @@ from . import apt_pin, config, docker_engine, json_ops
 
 PACKAGES = ["libnvidia-container1", "libnvidia-container-tools",
             "nvidia-container-toolkit-base", "nvidia-container-toolkit"]
-SOURCES = ("nvidia-repo", "local-repo")
+SOURCES = ("nvidia-repo", "local-repo", "bundle")
 ENGINES = ("docker",)
 NVIDIA_REPO = "https://nvidia.github.io/libnvidia-container/stable/deb/$(ARCH)"
 NVIDIA_KEY_URL = "https://nvidia.github.io/libnvidia-container/gpgkey"
@@ -55,7 +55,8 @@ def install_toolkit(version=None, source=None, set_as_default=None):
     Install the toolkit's four packages at one pinned version and configure Docker's runtime.
 
     + version: toolkit version (``nvidia_toolkit_version``), packages at ``<version>-1``
-    + source: ``nvidia-repo`` (NVIDIA's apt repository) or ``local-repo`` (staged on the host)
+    + source: ``nvidia-repo`` (NVIDIA's apt repository), ``local-repo`` (staged on the host) or
+      ``bundle`` (the offline bundle's repository)
     + set_as_default: make nvidia Docker's default runtime (``nvidia_toolkit_set_as_default``)
 
     Returns the runtime operation: pass it to ``docker_engine.restart_on_change``.
@@ -71,6 +72,8 @@ def install_toolkit(version=None, source=None, set_as_default=None):
         repo = files.put(name="Add the local toolkit repository", src=StringIO(f"deb [trusted=yes] file:{repo_dir} ./\n"),
                          dest="/etc/apt/sources.list.d/gpufleet-toolkit-local.list", mode="644")
         changed = [op for op in (staged, repo) if op is not None]
+    elif source == "bundle":
+        changed = []  # offline.stage_packages staged the repository and updated apt's lists
     else:
         key = files.download(name="Download NVIDIA's toolkit repository key", src=NVIDIA_KEY_URL,
                              dest=KEYRING, mode="644")
@@ -78,8 +81,9 @@ def install_toolkit(version=None, source=None, set_as_default=None):
                          src=StringIO(f"deb [signed-by={KEYRING}] {NVIDIA_REPO} /\n"),
                          dest="/etc/apt/sources.list.d/nvidia-container-toolkit.list", mode="644")
         changed = [key, repo]
-    apt.update(name="Update apt lists after the toolkit source changed",
-               _if=lambda: any(op.did_change() for op in changed))
+    if changed:
+        apt.update(name="Update apt lists after the toolkit source changed",
+                   _if=lambda: any(op.did_change() for op in changed))
 
     apt_pin.installed(name=f"Install NVIDIA Container Toolkit {version} and hold it", packages=PACKAGES,
                       version=version, pin_name="gpufleet-nvidia-toolkit", pin_patterns=PACKAGES)

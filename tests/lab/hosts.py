@@ -3,11 +3,13 @@
 import json
 import os
 import subprocess
+import secrets
 import time
 from pathlib import Path
 
 from tests.fixtures.nvidia_toolkit_double import build as toolkit_double
 
+from . import bundle as lab_bundle
 from . import image
 
 LABEL = "gpufleet.lab"
@@ -145,12 +147,22 @@ def ssh(host, command, check=True, **kwargs):
     )
 
 
+def _api_key(path):
+    """A random API key for the lab's service, root-only on the control node too."""
+    if not path.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.write_text(secrets.token_urlsafe(24) + "\n")
+        path.chmod(0o600)
+
+
 def up(count=3, airgapped=1, fresh=False, log=print):
     """Bring the lab to `count` connected hosts and `airgapped` air-gapped hosts (new ones if `fresh`)."""
     started = time.time()
     tag = image.ensure_image(log=log)
     pubkey = ensure_key()
     toolkit_double.build(STATE_DIR / "toolkit-repo")
+    lab_bundle.build(log=log)
+    _api_key(STATE_DIR / "secrets" / "chat-api-key")
     ensure_networks(airgapped > 0)
     state = load_state()
     wanted = [(f"lab-{i}", False) for i in range(1, count + 1)]

@@ -1,0 +1,302 @@
+"""
+Offline bundles: apt packages with their dependency closure, container images and model weights,
+described by one manifest (every file's path, size and SHA-256).
+
+Build one on a connected machine, carry it, deploy from it::
+
+    python -m operations.bundle build bundle.yaml --out /media/bundle
+    python -m operations.bundle verify /media/bundle
+
+``load()`` is what deploy.py calls: a bundle whose manifest is malformed, or whose files are
+missing or differ from it, is refused before any host is touched.
+"""
+
+import argparse
+import email.utils
+import functools
+import glob
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .errors import ConfigError
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+# Control-node record of files already hashed: path -> [size, mtime_ns, sha256]. Lets a bundle
+# be re-checked in constant time; a file whose size or mtime moved is hashed again.
+VERIFIED = ".gpufleet-verified.json"
+CHUNK = 1 << 20
+
+
+def sha256_file(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --- reading and verifying ----------------------------------------------------------------
+
+def _refuse(bundle, message):
+    raise ConfigError("gpufleet_bundle", f"{bundle}: {message}")
+
+
+def _check_manifest(bundle, manifest):
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        _refuse(bundle, f"{MANIFEST}: not a gpufleet bundle manifest of format {FORMAT}")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        _refuse(bundle, f"{MANIFEST}: 'files' must map each path to its size and sha256")
+    for path, entry in files.items():
+        if Path(path).is_absolute() or ".." in Path(path).parts:
+            _refuse(bundle, f"{MANIFEST}: {path}: paths must stay inside the bundle")
+        if (not isinstance(entry, dict) or not isinstance(entry.get("size"), int)
+                or not isinstance(entry.get("sha256"), str) or len(entry["sha256"]) != 64):
+            _refuse(bundle, f"{MANIFEST}: {path}: needs an integer size and a 64-hex sha256")
+    for image in manifest.get("images", []):
+        if image.get("file") not in files:
+            _refuse(bundle, f"{MANIFEST}: image {image.get('name')}: archive {image.get('file')} is not listed")
+        if image["name"].endswith(":latest") or ":" not in image["name"].rsplit("/", 1)[-1]:
+            _refuse(bundle, f"{MANIFEST}: image {image['name']}: must be pinned by tag or digest, not latest")
+    for volume, prefix in manifest.get("weights", {}).items():
+        if not any(path.startswith(prefix + "/") for path in files):
+            _refuse(bundle, f"{MANIFEST}: weight volume {volume}: no files under {prefix}/")
+
+
+def verify(bundle, rehash=False):
+    """Check every file against the manifest; hash only what changed since the last check (or all)."""
+    bundle = Path(bundle)
+    record_path = bundle / VERIFIED
+    try:
+        record = {} if rehash else json.loads(record_path.read_text())
+    except (OSError, ValueError):
+        record = {}
+    manifest = read_manifest(bundle)
+    fresh = {}
+    for path, entry in sorted(manifest["files"].items()):
+        full = bundle / path
+        try:
+            stat = full.stat()
+        except FileNotFoundError:
+            _refuse(bundle, f"{path}: missing (listed in {MANIFEST})")
+        if stat.st_size != entry["size"]:
+            _refuse(bundle, f"{path}: {stat.st_size} bytes, the manifest says {entry['size']} (truncated or replaced)")
+        known = record.get(path)
+        if known == [stat.st_size, stat.st_mtime_ns, entry["sha256"]]:
+            fresh[path] = known
+            continue
+        if sha256_file(full) != entry["sha256"]:
+            _refuse(bundle, f"{path}: SHA-256 differs from the manifest (corrupt)")
+        fresh[path] = [stat.st_size, stat.st_mtime_ns, entry["sha256"]]
+    try:
+        record_path.write_text(json.dumps(fresh))
+    except OSError:
+        pass  # a read-only medium: verified, but hashed again next time
+    return manifest
+
+
+def read_manifest(bundle):
+    bundle = Path(bundle)
+    try:
+        manifest = json.loads((bundle / MANIFEST).read_text())
+    except FileNotFoundError:
+        _refuse(bundle, f"no {MANIFEST} (not a bundle, or not built yet)")
+    except ValueError as error:
+        _refuse(bundle, f"{MANIFEST}: not valid JSON ({error})")
+    _check_manifest(bundle, manifest)
+    return manifest
+
+
+@functools.lru_cache(maxsize=None)
+def load(bundle):
+    """The verified manifest of the bundle at ``bundle`` (checked once per run, for every host)."""
+    if not Path(bundle).is_dir():
+        _refuse(bundle, "no such directory")
+    return verify(bundle)
+
+
+def part(manifest, prefix):
+    """The manifest's files under ``prefix``/, keyed by their path below it."""
+    return {path[len(prefix) + 1:]: entry for path, entry in manifest["files"].items()
+            if path.startswith(prefix + "/")}
+
+
+# --- building -----------------------------------------------------------------------------
+
+def _apt_closure(spec, out, log):
+    """Download ``spec['packages']`` and every dependency into ``out`` with a private apt state."""
+    target = spec["target"]
+    work = Path(tempfile.mkdtemp(prefix="gpufleet-bundle-apt-"))
+    try:
+        for sub in ("lists/partial", "archives/partial", "etc/preferences.d", "etc/apt.conf.d"):
+            (work / sub).mkdir(parents=True)
+        status = work / "status"
+        baseline = spec.get("baseline_status")
+        status.write_text(Path(baseline).read_text() if baseline else "")
+        components = " ".join(target.get("components", ["main"]))
+        release = target["release"]
+        sources = [f"deb {target['mirror']} {release} {components}",
+                   f"deb {target['mirror']} {release}-updates {components}"]
+        if target.get("security_mirror"):
+            sources.append(f"deb {target['security_mirror']} {release}-security {components}")
+        local = work / "local"
+        local.mkdir()
+        for pattern in spec.get("debs", []):
+            for deb in glob.glob(pattern):
+                shutil.copy2(deb, local)
+        if any(local.iterdir()):
+            _index(local)
+            sources.append(f"deb [trusted=yes] file:{local} ./")
+        (work / "etc/sources.list").write_text("\n".join(sources) + "\n")
+        for index, pin in enumerate(spec.get("pins", [])):
+            (work / f"etc/preferences.d/{index:02d}-pin").write_text(
+                f"Package: {' '.join(pin['packages'])}\nPin: version {pin['version']}-*\nPin-Priority: 1001\n")
+        options = [
+            "-o", f"APT::Architecture={target.get('arch', 'amd64')}",
+            "-o", "APT::Architectures::=" + target.get("arch", "amd64"),
+            "-o", f"Dir::State::Lists={work}/lists", "-o", f"Dir::State::status={status}",
+            "-o", f"Dir::Cache={work}", "-o", f"Dir::Cache::archives={out}",
+            "-o", f"Dir::Etc::SourceList={work}/etc/sources.list", "-o", "Dir::Etc::SourceParts=-",
+            "-o", f"Dir::Etc::Preferences={work}/etc/preferences", "-o", f"Dir::Etc::PreferencesParts={work}/etc/preferences.d",
+            "-o", "Debug::NoLocking=1", "-o", "APT::Install-Recommends=0", "-o", "APT::Sandbox::User=root",
+        ]
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "partial").mkdir(exist_ok=True)
+        log(f"apt: resolving {len(spec['packages'])} packages for {target['distro']} {release}")
+        subprocess.run(["apt-get", *options, "-q", "update"], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(["apt-get", *options, "-q", "-y", "--download-only", "install", *spec["packages"]],
+                       check=True, stdout=subprocess.DEVNULL)
+        for deb in local.glob("*.deb"):
+            shutil.copy2(deb, out)
+        shutil.rmtree(out / "partial", ignore_errors=True)
+        (out / "lock").unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    _index(out)
+
+
+def _index(repo):
+    """Make ``repo`` a flat apt repository: Packages, Packages.gz and a Release with their hashes."""
+    packages = subprocess.run(["dpkg-scanpackages", "--multiversion", "."], cwd=repo, check=True,
+                              capture_output=True).stdout
+    (repo / "Packages").write_bytes(packages)
+    with gzip.GzipFile(repo / "Packages.gz", "wb", mtime=0) as handle:
+        handle.write(packages)
+    newest = max((deb.stat().st_mtime for deb in repo.glob("*.deb")), default=0)
+    lines = ["Origin: gpufleet", "Label: gpufleet bundle",
+             f"Date: {email.utils.formatdate(newest, usegmt=True)}", "SHA256:"]
+    for name in ("Packages", "Packages.gz"):
+        data = (repo / name).read_bytes()
+        lines.append(f" {hashlib.sha256(data).hexdigest()} {len(data)} {name}")
+    (repo / "Release").write_text("\n".join(lines) + "\n")
+
+
+def _images(names, out, log):
+    out.mkdir(parents=True, exist_ok=True)
+    images = []
+    for name in names:
+        if name.endswith(":latest") or ":" not in name.rsplit("/", 1)[-1]:
+            raise ConfigError("images", f"{name}: pin it by tag or digest, never latest")
+        image_id = subprocess.run(["docker", "image", "inspect", "--format", "{{.Id}}", name],
+                                  capture_output=True, text=True, check=True).stdout.strip()
+        archive = out / (name.replace("/", "_").replace(":", "_") + ".tar")
+        stamp = archive.with_suffix(".id")
+        if not (archive.exists() and stamp.exists() and stamp.read_text() == image_id):
+            log(f"images: docker save {name}")
+            subprocess.run(["docker", "save", "-o", str(archive.with_suffix(".partial")), name], check=True)
+            archive.with_suffix(".partial").rename(archive)
+            stamp.write_text(image_id)
+        images.append({"name": name, "id": image_id, "file": f"images/{archive.name}"})
+    return images
+
+
+def _weights(volumes, out, log):
+    for volume, source in volumes.items():
+        source = Path(source["from"])
+        dest = out / volume
+        for path in sorted(p for p in source.rglob("*") if p.is_file()):
+            target = dest / path.relative_to(source)
+            stat = path.stat()
+            if target.exists() and target.stat().st_size == stat.st_size and target.stat().st_mtime_ns == stat.st_mtime_ns:
+                continue
+            log(f"weights: {volume}/{path.relative_to(source)}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
+
+
+def build(spec_path, out, log=print):
+    """Build (or bring up to date) the bundle described by the YAML file ``spec_path`` in ``out``."""
+    import yaml
+
+    started = time.time()
+    spec = yaml.safe_load(Path(spec_path).read_text())
+    base = Path(spec_path).resolve().parent
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {"format": FORMAT, "target": {}, "files": {}, "images": [], "weights": {}, "apt": {}}
+    if spec.get("apt"):
+        apt = dict(spec["apt"], debs=[str(base / pattern) for pattern in spec["apt"].get("debs", [])])
+        _apt_closure(apt, out / "apt", log)
+        manifest["target"] = apt["target"]
+        manifest["apt"] = {"dir": "apt", "packages": apt["packages"]}
+    if spec.get("images"):
+        manifest["images"] = _images(spec["images"], out / "images", log)
+    if spec.get("weights"):
+        volumes = {name: {"from": str(base / source["from"])} for name, source in spec["weights"].items()}
+        _weights(volumes, out / "weights", log)
+        manifest["weights"] = {name: f"weights/{name}" for name in volumes}
+    record = {}
+    try:
+        record = json.loads((out / VERIFIED).read_text())
+    except (OSError, ValueError):
+        pass
+    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+        relative = str(path.relative_to(out))
+        if relative in (MANIFEST, VERIFIED) or path.suffix in (".id", ".partial"):
+            continue
+        stat = path.stat()
+        known = record.get(relative)
+        digest = known[2] if known and known[:2] == [stat.st_size, stat.st_mtime_ns] else sha256_file(path)
+        manifest["files"][relative] = {"size": stat.st_size, "sha256": digest}
+        record[relative] = [stat.st_size, stat.st_mtime_ns, digest]
+    (out / VERIFIED).write_text(json.dumps({k: v for k, v in record.items() if k in manifest["files"]}))
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    load.cache_clear()
+    total = sum(entry["size"] for entry in manifest["files"].values())
+    log(f"bundle {out}: {len(manifest['files'])} files, {total / 1e6:.1f} MB, in {time.time() - started:.1f} s")
+    return manifest
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m operations.bundle", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    build_cmd = sub.add_parser("build", help="build or update a bundle from a YAML description")
+    build_cmd.add_argument("spec")
+    build_cmd.add_argument("--out", required=True)
+    verify_cmd = sub.add_parser("verify", help="check a bundle's files against its manifest")
+    verify_cmd.add_argument("bundle")
+    verify_cmd.add_argument("--rehash", action="store_true", help="hash every file, not only changed ones")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "build":
+            build(args.spec, args.out)
+        else:
+            manifest = verify(args.bundle, rehash=args.rehash)
+            print(f"{args.bundle}: {len(manifest['files'])} files intact")
+    except (ConfigError, subprocess.CalledProcessError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

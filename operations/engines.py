@@ -1,0 +1,166 @@
+"""
+What gpufleet knows of each inference engine's container: its port, readiness endpoints, API key
+variable, the arguments it takes, and how its command line is made. Pure data and functions.
+"""
+
+import re
+
+from .errors import ConfigError
+
+WEIGHTS_MOUNT = "/models"
+
+ENGINES = {
+    "vllm": {
+        "port": 8000,
+        "ready": ["/health", "/v1/models"],
+        "api_key_env": "VLLM_API_KEY",
+        "needs_gpu": True,
+        "flags": {"--max-model-len", "--gpu-memory-utilization", "--tensor-parallel-size", "--dtype",
+                  "--quantization", "--max-num-seqs", "--enable-prefix-caching", "--kv-cache-dtype",
+                  "--trust-remote-code", "--enforce-eager", "--chat-template", "--tool-call-parser",
+                  "--enable-auto-tool-choice", "--seed", "--swap-space"},
+        "env": {"HOME": "/tmp", "HF_HOME": "/tmp/hf", "HF_HUB_OFFLINE": "1"},
+    },
+    "tgi": {
+        "port": 80,
+        "ready": ["/health"],
+        "api_key_env": "API_KEY",
+        "needs_gpu": True,
+        "flags": {"--max-input-tokens", "--max-total-tokens", "--max-batch-prefill-tokens", "--quantize",
+                  "--num-shard", "--dtype", "--max-concurrent-requests", "--trust-remote-code",
+                  "--sharded", "--max-batch-total-tokens"},
+        "env": {"HOME": "/tmp", "HF_HOME": "/tmp/hf", "HF_HUB_OFFLINE": "1"},
+    },
+    "ollama": {
+        "port": 11434,
+        "ready": ["/api/tags"],
+        "api_key_env": None,  # Ollama has no API key: put an authenticating proxy in front of it
+        "needs_gpu": False,
+        "flags": set(),
+        "env": {"HOME": "/tmp"},
+    },
+    "llamacpp": {
+        "port": 8080,
+        "ready": ["/health", "/v1/models"],
+        "api_key_env": "LLAMA_API_KEY",
+        "needs_gpu": False,
+        "flags": {"-c", "--ctx-size", "-ngl", "--n-gpu-layers", "-t", "--threads", "-np", "--parallel",
+                  "-b", "--batch-size", "--flash-attn", "-fa", "--mlock", "--no-mmap", "--cont-batching",
+                  "--jinja", "--chat-template", "-ub", "--ubatch-size", "--temp", "--n-predict", "-n"},
+        "env": {},
+    },
+}
+NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,40}")
+PINNED = re.compile(r"^[\w.\-/:]+(:[\w.\-]+|@sha256:[0-9a-f]{64})$")
+SIZE = re.compile(r"^\d+[kmg]$")
+FIELDS = {"name", "engine", "image", "model", "port", "gpus", "memory", "shm_size", "args", "api_key_file",
+          "hf_token_file", "network", "cuda", "user", "served_name", "start_timeout"}
+
+
+def _fail(index, field, message, host_name):
+    raise ConfigError(f"inference_services[{index}].{field}", message, host=host_name)
+
+
+def check_service(index, service, host_name=None):
+    """Raise ConfigError naming ``inference_services[i].<field>`` for the first bad field."""
+    if not isinstance(service, dict):
+        _fail(index, "", "each service is a dict of name, engine, image, model ...", host_name)
+    for field in service:
+        if field not in FIELDS:
+            _fail(index, field, f"unknown field (known: {', '.join(sorted(FIELDS))})", host_name)
+    for field in ("name", "engine", "image", "model"):
+        if not isinstance(service.get(field), str) or not service[field]:
+            _fail(index, field, "is required", host_name)
+    if not NAME.fullmatch(service["name"]):
+        _fail(index, "name", "lower-case letters, digits and '-', up to 41", host_name)
+    if service["engine"] not in ENGINES:
+        _fail(index, "engine", f"unknown engine {service['engine']!r} (one of {', '.join(ENGINES)})", host_name)
+    image = service["image"]
+    if image.endswith(":latest") or not PINNED.match(image) or ":" not in image.rsplit("/", 1)[-1]:
+        _fail(index, "image", f"{image!r} must be pinned by tag or digest, never latest", host_name)
+    if service["model"].startswith("/") or ".." in service["model"].split("/"):
+        _fail(index, "model", "a path inside the weight volumes root, such as 'tiny/tiny.gguf'", host_name)
+    port = service.get("port")
+    if port is not None and not (isinstance(port, int) and 0 < port < 65536):
+        _fail(index, "port", "a TCP port number", host_name)
+    gpus = service.get("gpus", "all")
+    if not (gpus in ("all", "none") or (isinstance(gpus, list) and gpus and
+                                        all(isinstance(g, int) and g >= 0 for g in gpus))):
+        _fail(index, "gpus", "'all', 'none' or a list of GPU indices", host_name)
+    for field in ("memory", "shm_size"):
+        if service.get(field) is not None and not SIZE.match(str(service[field])):
+            _fail(index, field, "a size such as '16g' (k, m or g)", host_name)
+    if service.get("network", "host") not in ("host", "bridge"):
+        _fail(index, "network", "'host' (default: lowest streaming latency) or 'bridge'", host_name)
+    profile = ENGINES[service["engine"]]
+    if service.get("api_key_file") and not profile["api_key_env"]:
+        _fail(index, "api_key_file", f"{service['engine']} has no API key support; put an authenticating "
+                                     "proxy in front of it", host_name)
+    args = service.get("args", [])
+    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        _fail(index, "args", "a list of strings", host_name)
+    for arg in args:
+        flag = arg.split("=", 1)[0]
+        if flag.startswith("-") and flag not in profile["flags"]:
+            _fail(index, "args", f"{service['engine']} does not take {flag} here (taken: "
+                                 f"{', '.join(sorted(profile['flags'])) or 'none'})", host_name)
+    if service.get("cuda") is not None and not re.fullmatch(r"\d+\.\d+(\.\d+)?", str(service["cuda"])):
+        _fail(index, "cuda", "the CUDA version the image was built for, such as '12.4'", host_name)
+
+
+def gpu_count(gpus, available):
+    return 0 if gpus == "none" else (available if gpus == "all" else len(gpus))
+
+
+def docker_args(service, weights_root, env_file, use_gpus):
+    """The ``docker run`` arguments for a service (pure: unit-tested)."""
+    profile = ENGINES[service["engine"]]
+    name = f"gpufleet-{service['name']}"
+    port = service.get("port") or profile["port"]
+    gpus = service.get("gpus", "all")
+    args = ["run", "--rm", "--name", name, "--init", "--pull", "never",
+            "--log-driver", "json-file", "--log-opt", "max-size=50m", "--log-opt", "max-file=3",
+            "--user", service.get("user", "65534:65534"), "--read-only", "--tmpfs", "/tmp:rw,size=1g",
+            "--security-opt", "no-new-privileges", "--cap-drop", "ALL",
+            "-v", f"{weights_root}:{WEIGHTS_MOUNT}:ro"]
+    if service.get("network", "host") == "host":
+        args += ["--network", "host"]
+    else:
+        args += ["-p", f"{port}:{port}"]
+    if use_gpus:
+        args += ["--gpus", "all" if gpus == "all" else '"device=' + ",".join(str(g) for g in gpus) + '"']
+    if service.get("memory"):
+        args += ["--memory", service["memory"]]
+    shm = service.get("shm_size") or (f"{max(1, gpu_count(gpus, 1))}g" if profile["needs_gpu"] else None)
+    if shm:
+        args += ["--shm-size", shm]
+    if env_file:
+        args += ["--env-file", env_file]
+    for key, value in sorted(profile["env"].items()):
+        args += ["-e", f"{key}={value}"]
+    if service["engine"] == "ollama":
+        args += ["-e", f"OLLAMA_MODELS={WEIGHTS_MOUNT}/{service['model']}", "-e", f"OLLAMA_HOST=0.0.0.0:{port}"]
+    args.append(service["image"])
+    return args + engine_args(service, port, use_gpus)
+
+
+def engine_args(service, port, use_gpus):
+    model = f"{WEIGHTS_MOUNT}/{service['model']}"
+    served = service.get("served_name") or service["name"]
+    extra = list(service.get("args", []))
+    engine = service["engine"]
+    if engine == "vllm":
+        return ["--model", model, "--served-model-name", served, "--host", "0.0.0.0", "--port", str(port), *extra]
+    if engine == "tgi":
+        return ["--model-id", model, "--hostname", "0.0.0.0", "--port", str(port), *extra]
+    if engine == "llamacpp":
+        layers = [] if any(a.split("=")[0] in ("-ngl", "--n-gpu-layers") for a in extra) else \
+            ["--n-gpu-layers", "999" if use_gpus else "0"]
+        return ["-m", model, "--alias", served, "--host", "0.0.0.0", "--port", str(port), *layers, *extra]
+    return ["serve"] if engine == "ollama" else []
+
+
+def ready_urls(service):
+    profile = ENGINES[service["engine"]]
+    port = service.get("port") or profile["port"]
+    return [f"http://127.0.0.1:{port}{path}" for path in profile["ready"]]

@@ -1,0 +1,197 @@
+"""
+Inference services (vLLM, TGI, Ollama, llama.cpp) as systemd-managed containers: one unit per
+service, secrets in a root-only environment file, restarted only when something it uses changed,
+and ready on its real endpoint before the deploy moves on.
+"""
+
+import posixpath
+import shlex
+from io import StringIO
+from pathlib import Path
+
+from jinja2 import Template
+from pyinfra import host, logger
+from pyinfra.api import FactBase, deploy
+from pyinfra.operations import files, systemd
+
+from . import bundle, config, cuda_gate, engines, secrets, weights
+from .errors import ConfigError
+
+UNIT_DIR = "/etc/systemd/system"
+TOOLS_DIR = "/usr/local/lib/gpufleet"
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+
+DEFAULTS = {
+    "inference_services": [],
+    "inference_start_timeout": 300,
+    "inference_weights_root": "/srv/gpufleet/weights",
+}
+
+
+def _check(data, host_name):
+    services = data.get("inference_services") or []
+    if not isinstance(services, list):
+        raise ConfigError("inference_services", "a list of services", host=host_name)
+    names, ports = set(), set()
+    for index, service in enumerate(services):
+        engines.check_service(index, service, host_name)
+        port = service.get("port") or engines.ENGINES[service["engine"]]["port"]
+        if service["name"] in names:
+            raise ConfigError(f"inference_services[{index}].name", f"{service['name']!r} is used twice", host=host_name)
+        if port in ports:
+            raise ConfigError(f"inference_services[{index}].port", f"port {port} is used twice", host=host_name)
+        names.add(service["name"])
+        ports.add(port)
+        for field in ("api_key_file", "hf_token_file"):
+            if service.get(field) and not Path(service[field]).is_file():
+                raise ConfigError(f"inference_services[{index}].{field}",
+                                  f"{service[field]}: no such file on the control node", host=host_name)
+        if service.get("cuda") and data.get("nvidia_driver_version"):
+            cuda_gate.check(service["cuda"], data["nvidia_driver_version"],
+                            field=f"inference_services[{index}].image", host_name=host_name)
+        if data.get("gpufleet_bundle"):
+            contents = bundle.load(data["gpufleet_bundle"])
+            volume = service["model"].split("/")[0]
+            prefix = contents.get("weights", {}).get(volume)
+            inside = service["model"][len(volume) + 1:]
+            wanted = bundle.part(contents, prefix) if prefix else {}
+            if not prefix or not any(p == inside or p.startswith(inside.rstrip("/") + "/") for p in wanted):
+                raise ConfigError(f"inference_services[{index}].model",
+                                  f"{service['model']} is not in the bundle's weight volumes "
+                                  f"({', '.join(sorted(contents.get('weights', {}))) or 'none'})", host=host_name)
+
+
+config.register({
+    "inference_services": (lambda v: isinstance(v, list), "a list of services (see group_data/all.py)"),
+    "inference_start_timeout": (config._is_positive_int, "seconds, above 0"),
+}, cross_check=_check)
+
+
+class ServiceReady(FactBase):
+    """
+    Returns whether a service's readiness endpoints answer now, from the host itself.
+
+    .. code:: python
+
+        {"ready": False, "reason": "http://127.0.0.1:8080/health not ready after 2 s (Connection refused)"}
+    """
+
+    def command(self, urls, env_file, key_var):
+        return (f"GPUFLEET_KEY_FILE={shlex.quote(env_file or '')} GPUFLEET_KEY_VAR={shlex.quote(key_var or '')} "
+                f"{TOOLS_DIR}/gpufleet-wait-ready 2 {' '.join(shlex.quote(u) for u in urls)} 2>&1 "
+                "|| echo __not_ready__")
+
+    def process(self, output):
+        if output and output[-1] == "__not_ready__":
+            text = " ".join(output[:-1])
+            reason = "not installed yet" if "not found" in text else text.replace("gpufleet-wait-ready: ", "")
+            return {"ready": False, "reason": reason}
+        return {"ready": True, "reason": ""}
+
+
+def unit_text(service, weights_root, env_file, use_gpus, start_timeout):
+    """The systemd unit for ``service`` (pure: unit-tested). ``%`` is escaped for systemd."""
+    profile = engines.ENGINES[service["engine"]]
+    container = f"gpufleet-{service['name']}"
+    args = engines.docker_args(service, weights_root, env_file, use_gpus)
+    quote = lambda words: " ".join(shlex.quote(w) for w in words).replace("%", "%%").replace("$", "$$")  # noqa: E731
+    return Template((TEMPLATES / "inference.service.j2").read_text(), keep_trailing_newline=True).render(
+        name=service["name"], engine=service["engine"], model=service["model"],
+        port=service.get("port") or profile["port"], container=container,
+        env_file=env_file or "", key_var=profile["api_key_env"] or "",
+        volume_dir=posixpath.join(weights_root, service["model"].split("/")[0]),
+        docker_args=quote(args), ready_urls=quote(engines.ready_urls(service)),
+        start_timeout=int(service.get("start_timeout", start_timeout)),
+    )
+
+
+def env_content(service, profile):
+    lines = []
+    for field, variable in (("api_key_file", profile["api_key_env"]), ("hf_token_file", "HF_TOKEN")):
+        if service.get(field):
+            value = Path(service[field]).read_text().strip()
+            lines.append(f"{variable}={value}")
+    return ("\n".join(lines) + "\n").encode() if lines else None
+
+
+@deploy("Deploy inference services", data_defaults=DEFAULTS)
+def install_services(services=None, gpus=0, weights_root=None, start_timeout=None, image_ops=()):
+    """
+    Install, start and check every inference service of the host.
+
+    + services: the host's services (``inference_services``), checked by ``config.validate``
+    + gpus: how many NVIDIA GPUs the host really has (0: CPU engines run without ``--gpus``)
+    + weights_root: where weight volumes live (``inference_weights_root``)
+    + start_timeout: seconds a service may take to become ready (``inference_start_timeout``)
+    + image_ops: image load operations; a service restarts when one of them changed
+
+    Returns ``(service, ready fact or None)`` pairs for the summary.
+    """
+    services = host.data.inference_services if services is None else services
+    weights_root = weights_root or host.data.inference_weights_root
+    start_timeout = start_timeout or host.data.inference_start_timeout
+    secrets_dir = posixpath.join(host.data.gpufleet_config_dir, "secrets")
+    files.directory(name=f"Ensure {TOOLS_DIR} exists", path=TOOLS_DIR, mode="755")
+    files.put(name="Install the readiness check", src=str(TEMPLATES / "gpufleet-wait-ready"),
+              dest=f"{TOOLS_DIR}/gpufleet-wait-ready", mode="755")
+    if not services:
+        return []
+    volumes = weights.stage_volumes(weights_root=weights_root) or {}
+
+    results = []
+    for service in services:
+        name, engine = service["name"], service["engine"]
+        profile = engines.ENGINES[engine]
+        use_gpus = bool(gpus) and service.get("gpus", "all") != "none"
+        if profile["needs_gpu"] and not gpus:
+            logger.warning(f"[{host.name}] {name}: {engine} needs a GPU and this host has none: unit installed, "
+                           "not started")
+        elif not gpus and service.get("gpus", "all") != "none":
+            logger.warning(f"[{host.name}] {name}: no NVIDIA GPU on this host: {engine} runs on the CPU "
+                           "(no --gpus, no layers offloaded)")
+        content = env_content(service, profile)
+        env_file = posixpath.join(secrets_dir, f"{name}.env") if content else None
+        env_op = secrets.secret_file(name=f"Write {name}'s secrets (root only)", dest=env_file,
+                                     content=content) if content else None
+        unit_path = f"{UNIT_DIR}/gpufleet-{name}.service"
+        unit = files.put(name=f"Install unit gpufleet-{name}.service",
+                         src=StringIO(unit_text(service, weights_root, env_file, use_gpus, start_timeout)),
+                         dest=unit_path, mode="644", user="root", group="root")
+        systemd.daemon_reload(name=f"Reload systemd for gpufleet-{name}", _if=unit.did_change)
+        if profile["needs_gpu"] and not gpus:
+            results.append((service, None))
+            continue
+        ready = host.get_fact(ServiceReady, urls=engines.ready_urls(service), env_file=env_file,
+                              key_var=profile["api_key_env"])
+        volume_op = volumes.get(service["model"].split("/")[0])
+        changed = [op for op in (unit, env_op, volume_op) if op is not None] + list(image_ops)
+        systemd.service(
+            name=f"Run gpufleet-{name} ({engine}, {service['model']}) and wait until ready",
+            service=f"gpufleet-{name}", running=True, enabled=True,
+            restarted=any(op.will_change for op in changed) or not ready["ready"],
+        )
+        results.append((service, ready))
+    return results
+
+
+def summary(results):
+    """One line per service: what it serves, where, and whether it was ready when checked."""
+    for service, ready in results:
+        port = service.get("port") or engines.ENGINES[service["engine"]]["port"]
+        if ready is None:
+            state = "not started: needs a GPU"
+        elif ready["ready"]:
+            state = "ready"
+        else:
+            state = f"not ready before this run ({ready['reason']}): started; its unit waits until ready"
+        logger.info(f"[{host.name}] service {service['name']}: {service['engine']} {service['model']} "
+                    f"port {port}: {state}")
+
+
+def intent(service, started):
+    """What the checks expect of a service on the host (written to host.json)."""
+    profile = engines.ENGINES[service["engine"]]
+    return {"name": service["name"], "engine": service["engine"], "model": service["model"],
+            "port": service.get("port") or profile["port"], "network": service.get("network", "host"),
+            "ready": profile["ready"], "api_key": bool(service.get("api_key_file")),
+            "served_name": service.get("served_name") or service["name"], "started": started}

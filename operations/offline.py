@@ -1,0 +1,97 @@
+"""
+Hosts fed from an offline bundle (operations/bundle.py): its apt repository staged and used as a
+source, its images loaded into Docker. Air-gapped hosts need nothing else.
+"""
+
+import posixpath
+from io import StringIO
+
+from pyinfra import host
+from pyinfra.api import deploy
+from pyinfra.operations import apt, files, server
+
+from . import bundle, config, docker_images, staging
+from .errors import ConfigError
+
+SOURCE_LIST = "/etc/apt/sources.list.d/gpufleet-bundle.list"
+# Update only the bundle's source, and keep the lists of the others (unreachable, not wrong).
+OFFLINE_UPDATE = (f"apt-get update -o Dir::Etc::SourceList={SOURCE_LIST} -o Dir::Etc::SourceParts=- "
+                  "-o APT::Get::List-Cleanup=0")
+
+DEFAULTS = {
+    "gpufleet_bundle": None,
+    "gpufleet_bundle_dir": "/var/lib/gpufleet/bundle",
+}
+
+
+def _check(data, host_name):
+    if not data.get("gpufleet_offline"):
+        return
+    if not data.get("gpufleet_bundle"):
+        raise ConfigError("gpufleet_bundle", "an offline host needs a bundle to install from "
+                          "(python -m operations.bundle build ...)", host=host_name)
+    for field in ("nvidia_driver_source", "nvidia_toolkit_source"):
+        if data.get(field) not in (None, "bundle"):
+            raise ConfigError(field, f"must be 'bundle' on an offline host, got {data[field]!r}", host=host_name)
+
+
+config.register({
+    "gpufleet_bundle": (config._is_str, "a bundle directory on the control node"),
+    "gpufleet_bundle_dir": (config._is_str, "an absolute path on the host"),
+}, cross_check=_check)
+
+
+def manifest():
+    """The host's bundle manifest, verified on the control node (None without a bundle)."""
+    return bundle.load(host.data.gpufleet_bundle) if host.data.gpufleet_bundle else None
+
+
+@deploy("Stage the bundle's packages", data_defaults=DEFAULTS)
+def stage_packages(bundle_path=None, bundle_dir=None, offline=None):
+    """
+    Stage the bundle's apt repository on the host and make it an apt source.
+
+    + bundle_path: the bundle on the control node (``gpufleet_bundle``)
+    + bundle_dir: where bundles are staged on the host (``gpufleet_bundle_dir``)
+    + offline: the host reaches nothing: apt updates only the bundle's source (``gpufleet_offline``)
+    """
+    bundle_path = bundle_path or host.data.gpufleet_bundle
+    bundle_dir = bundle_dir or host.data.gpufleet_bundle_dir
+    offline = host.data.gpufleet_offline if offline is None else offline
+    contents = bundle.load(bundle_path)
+    packages = bundle.part(contents, "apt")
+    if not packages:
+        return
+    repo = posixpath.join(bundle_dir, "apt")
+    staged = staging.staged(name="Stage the bundle's apt repository", src=f"{bundle_path}/apt", dest=repo,
+                            files=packages)
+    source = files.put(name="Add the bundle's apt repository", src=StringIO(f"deb [trusted=yes] file:{repo} ./\n"),
+                       dest=SOURCE_LIST, mode="644", user="root", group="root")
+    changed = lambda: staged.did_change() or source.did_change()  # noqa: E731
+    if offline:
+        server.shell(name="Update apt lists from the bundle only", commands=[OFFLINE_UPDATE], _if=changed)
+    else:
+        apt.update(name="Update apt lists after the bundle changed", _if=changed)
+
+
+@deploy("Load the bundle's container images", data_defaults=DEFAULTS)
+def load_images(bundle_path=None, bundle_dir=None):
+    """
+    Stage the bundle's image archives and ``docker load`` each image Docker does not hold yet.
+
+    + bundle_path: the bundle on the control node (``gpufleet_bundle``)
+    + bundle_dir: where bundles are staged on the host (``gpufleet_bundle_dir``)
+
+    Returns the load operation of each image.
+    """
+    bundle_path = bundle_path or host.data.gpufleet_bundle
+    bundle_dir = bundle_dir or host.data.gpufleet_bundle_dir
+    contents = bundle.load(bundle_path)
+    if not contents.get("images"):
+        return []
+    images_dir = posixpath.join(bundle_dir, "images")
+    staging.staged(name="Stage the bundle's image archives", src=f"{bundle_path}/images", dest=images_dir,
+                   files=bundle.part(contents, "images"))
+    return [docker_images.loaded(name=f"Load image {image['name']}", image=image["name"], image_id=image["id"],
+                                 archive=posixpath.join(bundle_dir, image["file"]))
+            for image in contents["images"]]

@@ -1,0 +1,44 @@
+"""Root-only secret files: written 0600 from the first byte, never shown by --diff or in logs."""
+
+import hashlib
+import posixpath
+import shlex
+from io import BytesIO
+
+from pyinfra import host
+from pyinfra.api import FunctionCommand, operation
+from pyinfra.facts.files import File, Sha256File
+
+
+def _write(state, host, dest, content):
+    tmp = f"{dest}.gpufleet-new"
+    status, output = host.connector.run_shell_command(
+        f"umask 077 && install -m 600 -o root -g root /dev/null {shlex.quote(tmp)}")
+    if not status:
+        raise OSError(f"{host.name}: cannot create {tmp}: {output.stderr}")
+    host.connector.get_file_transfer_connection().putfo(BytesIO(content), tmp)
+    status, output = host.connector.run_shell_command(f"mv -f {shlex.quote(tmp)} {shlex.quote(dest)}")
+    if not status:
+        raise OSError(f"{host.name}: cannot move {tmp} to {dest}: {output.stderr}")
+
+
+@operation()
+def secret_file(dest, content):
+    """
+    Make ``dest`` hold ``content`` (bytes), mode 0600, owned by root, without ever showing it.
+
+    + dest: path on the host, inside a root-only directory
+    + content: the secret bytes
+
+    Compared by SHA-256; --diff says only whether it changes.
+    """
+    current = host.get_fact(Sha256File, path=dest)
+    if current == hashlib.sha256(content).hexdigest():
+        info = host.get_fact(File, path=dest) or {}
+        if info.get("mode") == 600 and info.get("user") == "root":
+            host.noop(f"{dest} up to date (content not shown)")
+        else:
+            yield f"chmod 600 {shlex.quote(dest)} && chown root:root {shlex.quote(dest)}"
+        return
+    host.log(f"Will write secret {posixpath.basename(dest)} (content not shown)")
+    yield FunctionCommand(_write, [dest, content], {})

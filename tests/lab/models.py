@@ -1,0 +1,70 @@
+"""A tiny llama-architecture GGUF for the lab: valid for llama.cpp, random weights, same bytes every time."""
+
+from pathlib import Path
+
+N_EMBD, N_HEAD, N_FF, N_LAYER, N_CTX = 64, 4, 128, 2, 512
+NAME = "gpufleet-tiny"
+
+
+def _vocab():
+    """SentencePiece-style vocabulary: specials, all 256 byte tokens (any text encodes), a few pieces."""
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [2, 3, 3] + [6] * 256  # unknown, control, control, byte
+    for word in ("the", "a", "GPU", "fleet", "model", "host", "is", "ready", "hello", "world"):
+        tokens.append("\u2581" + word)
+        types.append(1)
+    scores = [0.0] * 3 + [-1000.0] * 256 + [-float(i) for i in range(len(tokens) - 259)]
+    return tokens, scores, types
+
+
+def write_tiny_gguf(path):
+    """Write the tiny model to ``path`` (about 0.5 MB) and return the path."""
+    import gguf
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    tokens, scores, types = _vocab()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name(NAME)
+    writer.add_context_length(N_CTX)
+    writer.add_embedding_length(N_EMBD)
+    writer.add_block_count(N_LAYER)
+    writer.add_feed_forward_length(N_FF)
+    writer.add_head_count(N_HEAD)
+    writer.add_head_count_kv(N_HEAD)
+    writer.add_rope_dimension_count(N_EMBD // N_HEAD)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(len(tokens))
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+
+    def tensor(name, *shape):
+        values = rng.standard_normal(shape).astype(np.float32) * 0.02
+        writer.add_tensor(name, values if "norm" not in name else np.ones(shape, dtype=np.float32))
+
+    tensor("token_embd.weight", len(tokens), N_EMBD)
+    tensor("output_norm.weight", N_EMBD)
+    tensor("output.weight", len(tokens), N_EMBD)
+    for layer in range(N_LAYER):
+        block = f"blk.{layer}"
+        tensor(f"{block}.attn_norm.weight", N_EMBD)
+        for part in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            tensor(f"{block}.{part}.weight", N_EMBD, N_EMBD)
+        tensor(f"{block}.ffn_norm.weight", N_EMBD)
+        tensor(f"{block}.ffn_gate.weight", N_FF, N_EMBD)
+        tensor(f"{block}.ffn_up.weight", N_FF, N_EMBD)
+        tensor(f"{block}.ffn_down.weight", N_EMBD, N_FF)
+
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
