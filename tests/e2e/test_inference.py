@@ -1,0 +1,125 @@
+"""The llama.cpp service runs for real on every lab host (the air-gapped one included), from the
+staged weight volume, with its API key kept out of units, command lines and logs."""
+
+import json
+import time
+
+import pytest
+
+from tests.lab import hosts as lab_hosts
+
+from .conftest import REPO, run_deploy
+
+HOSTS = ["lab-1", "lab-gap-1"]
+KEY = (REPO / ".lab" / "secrets" / "chat-api-key")
+
+
+def sh(name, command, **kwargs):
+    return lab_hosts.ssh({"name": name}, command, check=False, **kwargs)
+
+
+@pytest.mark.parametrize("name", HOSTS)
+def test_service_enabled_active_and_listening(second_deploy, lab_host, name):
+    host = lab_host(name)
+    assert host.service("gpufleet-chat").is_enabled
+    assert host.service("gpufleet-chat").is_running
+    assert host.socket("tcp://0.0.0.0:8080").is_listening
+
+
+@pytest.mark.parametrize("name", HOSTS)
+def test_models_listed_and_completion_returns_tokens(second_deploy, name):
+    key = KEY.read_text().strip()
+    models = json.loads(sh(name, f"curl -sf -H 'Authorization: Bearer {key}' http://127.0.0.1:8080/v1/models").stdout)
+    assert [m["id"] for m in models["data"]] == ["chat"]
+    completion = json.loads(sh(name, "curl -sf -H 'Authorization: Bearer " + key + "' "
+                                     "http://127.0.0.1:8080/v1/completions -d '{\"prompt\": \"hello\", "
+                                     "\"max_tokens\": 6}'").stdout)
+    assert completion["usage"]["completion_tokens"] == 6
+    assert completion["choices"][0]["finish_reason"] == "length"
+
+
+def test_request_without_or_with_wrong_key_is_refused(second_deploy):
+    assert sh("lab-1", "curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:8080/v1/models").stdout == "401"
+    assert sh("lab-1", "curl -s -o /dev/null -w '%{http_code}' -H 'Authorization: Bearer wrong' "
+                       "http://127.0.0.1:8080/v1/models").stdout == "401"
+
+
+def test_api_key_only_in_the_root_only_env_file(second_deploy, lab_host):
+    key = KEY.read_text().strip()
+    host = lab_host("lab-1")
+    env = host.file("/etc/gpufleet/secrets/chat.env")
+    assert (env.mode, env.user, env.group) == (0o600, "root", "root")
+    assert env.content_string == f"LLAMA_API_KEY={key}\n"
+    assert host.file("/etc/gpufleet/secrets").mode == 0o700
+    unit = host.file("/etc/systemd/system/gpufleet-chat.service").content_string
+    assert "--env-file /etc/gpufleet/secrets/chat.env" in unit and key not in unit
+    # The key goes in on stdin, so no command line of the check itself holds it.
+    everywhere = sh("lab-1", "read -r k; "
+                             "for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $f 2>/dev/null; echo; done | grep -F -c -- \"$k\"; "
+                             "journalctl --no-pager -u gpufleet-chat -u docker | grep -F -c -- \"$k\"; "
+                             "docker logs gpufleet-chat 2>&1 | grep -F -c -- \"$k\"; "
+                             "grep -F -c -- \"$k\" /etc/gpufleet/secrets/chat.env", input=key + "\n").stdout.split()
+    # No process's command line, no journal, no container log; only the env file.
+    assert everywhere == ["0", "0", "0", "1"]
+
+
+def test_weights_read_only_and_mounted_ro(second_deploy, lab_host):
+    host = lab_host("lab-1")
+    model = host.file("/srv/gpufleet/weights/tiny/tiny.gguf")
+    assert (model.mode, model.user) == (0o444, "root")
+    mounts = json.loads(sh("lab-1", "docker inspect -f '{{json .Mounts}}' gpufleet-chat").stdout)
+    assert [(m["Source"], m["Destination"], m["RW"]) for m in mounts] == [("/srv/gpufleet/weights", "/models", False)]
+    config = json.loads(sh("lab-1", "docker inspect -f '{{json .Config}}' gpufleet-chat").stdout)
+    assert config["User"] == "65534:65534"
+    host_config = json.loads(sh("lab-1", "docker inspect -f '{{json .HostConfig}}' gpufleet-chat").stdout)
+    assert host_config["NetworkMode"] == "host"
+    assert host_config["Memory"] == 1 << 30
+    assert host_config["LogConfig"] == {"Type": "json-file", "Config": {"max-file": "3", "max-size": "50m"}}
+
+
+def _wait_active(name, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if sh(name, "curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:8080/health").stdout == "200":
+            return True
+        time.sleep(1)
+    return False
+
+
+def test_killed_container_comes_back_through_systemd(second_deploy):
+    before = sh("lab-2", "docker inspect -f '{{.Id}}' gpufleet-chat").stdout.strip()
+    sh("lab-2", "docker kill gpufleet-chat")
+    assert _wait_active("lab-2"), "the service did not come back after its container was killed"
+    after = sh("lab-2", "docker inspect -f '{{.Id}}' gpufleet-chat").stdout.strip()
+    assert after and after != before
+
+
+def test_corrupt_weight_is_named_and_refused_then_repaired(second_deploy):
+    sh("lab-2", "chmod u+w /srv/gpufleet/weights/tiny/tiny.gguf && "
+                "printf 'XXXX' | dd of=/srv/gpufleet/weights/tiny/tiny.gguf bs=1 seek=4096 conv=notrunc 2>/dev/null && "
+                "touch -d '2001-01-01' /srv/gpufleet/weights/tiny/tiny.gguf")
+    sh("lab-2", "systemctl restart gpufleet-chat || true")
+    journal = sh("lab-2", "journalctl --no-pager -u gpufleet-chat -n 30").stdout
+    assert "/srv/gpufleet/weights/tiny/tiny.gguf: SHA-256 differs from the manifest (corrupt)" in journal
+    assert sh("lab-2", "systemctl is-active gpufleet-chat").stdout.strip() != "active"
+    repair = run_deploy("--limit", "lab-2")
+    assert repair.rc == 0, repair.output[-3000:]
+    assert "tiny.gguf: SHA-256 differs from the manifest; sending it again" in repair.output
+    assert _wait_active("lab-2")
+
+
+@pytest.mark.parametrize("engine", ["vllm", "tgi", "ollama"])
+def test_gpu_engine_units_verify_with_systemd(second_deploy, engine):
+    from operations import engines, inference
+
+    service = {"name": f"check-{engine}", "engine": engine, "model": "tiny/model",
+               "image": {"vllm": "vllm/vllm-openai:v0.6.3", "tgi": "ghcr.io/huggingface/text-generation-inference:2.4.1",
+                         "ollama": "ollama/ollama:0.3.14"}[engine], "gpus": [0], "memory": "32g"}
+    engines.check_service(0, service)
+    env = "/etc/gpufleet/secrets/chat.env" if engines.ENGINES[engine]["api_key_env"] else None
+    unit = inference.unit_text(service, "/srv/gpufleet/weights", env, use_gpus=True, start_timeout=600)
+    path = f"/tmp/gpufleet-check-{engine}.service"
+    sh("lab-1", f"cat > {path}", input=unit)
+    verify = sh("lab-1", f"systemd-analyze verify {path} 2>&1; echo rc=$?")
+    assert verify.stdout.strip().endswith("rc=0"), verify.stdout
+    assert "--gpus '\"device=0\"'" in unit and "--pull never" in unit

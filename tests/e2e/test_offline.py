@@ -1,0 +1,76 @@
+"""The offline bundle: the air-gapped host converges from it alone; staging resumes, verifies and
+skips; a bundle that does not match its manifest is refused before any host is touched."""
+
+import json
+import re
+import shutil
+
+from tests.lab import hosts as lab_hosts
+
+from .conftest import REPO, run_deploy
+
+BUNDLE = REPO / ".lab" / "bundle"
+
+
+def sh(name, command):
+    return lab_hosts.ssh({"name": name}, command, check=False)
+
+
+def test_airgapped_host_installed_everything_from_the_bundle(second_deploy):
+    # (tests/e2e/test_lab.py proves this host reaches nothing outside the lab.)
+    installed = sh("lab-gap-1", "dpkg-query -W -f '${Package} ${Version}\\n' docker.io nvidia-smi "
+                                "nvidia-container-toolkit").stdout
+    assert re.search(r"^nvidia-smi 535\.261\.03-", installed, re.M)
+    assert re.search(r"^nvidia-container-toolkit 1\.17\.8-1", installed, re.M)
+    assert re.search(r"^docker\.io ", installed, re.M)
+    policy = sh("lab-gap-1", "apt-cache policy docker.io").stdout
+    assert "file:/var/lib/gpufleet/bundle/apt ./" in policy
+    assert sh("lab-gap-1", "systemctl is-active gpufleet-chat").stdout.strip() == "active"
+
+
+def test_interrupted_transfer_resumes_with_only_the_rest_sent(second_deploy):
+    manifest = json.loads((BUNDLE / "manifest.json").read_text())
+    image = manifest["images"][0]["file"]
+    size = manifest["files"][image]["size"]
+    remote = f"/var/lib/gpufleet/bundle/{image}"
+    half = size // 2
+    # What a copy killed half-way leaves: the first half in the partial file, no final file.
+    sh("lab-2", f"head -c {half} {remote} > {remote}.gpufleet-part && rm -f {remote}")
+    resumed = run_deploy("--limit", "lab-2")
+    assert resumed.rc == 0, resumed.output[-3000:]
+    sent = re.search(r"staged 1 file\(s\), (\d+) bytes sent, into /var/lib/gpufleet/bundle/images", resumed.output)
+    assert sent and int(sent.group(1)) == size - half
+    assert sh("lab-2", f"sha256sum {remote}").stdout.split()[0] == manifest["files"][image]["sha256"]
+    again = run_deploy("--limit", "lab-2")
+    assert again.rc == 0 and not again.changed(), again.changed()
+
+
+def test_second_run_sends_and_hashes_nothing(second_deploy):
+    # Intact files are known by size and mtime: no staging step runs, nothing is read or sent.
+    staging = {name: row for name, row in second_deploy.results().items() if "Stage " in name}
+    assert len(staging) >= 3 and all(row[1] == 0 and row[3] == row[0] for row in staging.values()), staging
+    assert "to verify" not in second_deploy.output and "bytes sent" not in second_deploy.output
+
+
+def test_bundle_not_matching_its_manifest_is_refused_before_any_host(second_deploy, tmp_path):
+    bad = tmp_path / "bundle"
+    shutil.copytree(BUNDLE, bad, symlinks=True)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    victim = sorted(p for p in manifest["files"] if p.startswith("weights/"))[0]
+    with open(bad / victim, "r+b") as handle:
+        handle.seek(100)
+        handle.write(b"corrupt!")
+    (bad / ".gpufleet-verified.json").unlink()
+    before = sh("lab-1", "stat -c %Y /etc/gpufleet/host.json").stdout
+    result = run_deploy("--data", f"gpufleet_bundle={bad}")
+    assert result.rc != 0
+    assert f"gpufleet_bundle: {bad}: {victim}: SHA-256 differs from the manifest (corrupt)" in result.output
+    assert "Starting operation" not in result.output
+    assert sh("lab-1", "stat -c %Y /etc/gpufleet/host.json").stdout == before
+
+
+def test_malformed_manifest_is_refused(second_deploy, tmp_path):
+    (tmp_path / "manifest.json").write_text('{"format": 1, "files": {"../etc/passwd": {"size": 1}}}')
+    result = run_deploy("--data", f"gpufleet_bundle={tmp_path}")
+    assert result.rc != 0
+    assert "../etc/passwd: paths must stay inside the bundle" in result.output

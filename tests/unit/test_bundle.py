@@ -1,0 +1,52 @@
+"""Bundle manifests: a bundle that differs from its manifest is refused, naming the file."""
+
+import json
+
+import pytest
+
+from operations import bundle
+from operations.errors import ConfigError
+
+
+def make(tmp_path, files):
+    for path, data in files.items():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_bytes(data)
+    manifest = {"format": 1, "files": {p: {"size": len(d), "sha256": bundle.sha256_file(tmp_path / p)}
+                                       for p, d in files.items()},
+                "images": [], "weights": {"tiny": "weights/tiny"}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    return manifest
+
+
+def test_intact_bundle_verifies_and_records(tmp_path):
+    make(tmp_path, {"weights/tiny/a.gguf": b"x" * 1000, "apt/Packages": b"P"})
+    assert len(bundle.verify(tmp_path)["files"]) == 2
+    assert set(json.loads((tmp_path / bundle.VERIFIED).read_text())) == {"weights/tiny/a.gguf", "apt/Packages"}
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: p.unlink(), "weights/tiny/a.gguf: missing"),
+    (lambda p: p.write_bytes(b"x" * 10), "weights/tiny/a.gguf: 10 bytes, the manifest says 1000"),
+    (lambda p: p.write_bytes(b"y" * 1000), "weights/tiny/a.gguf: SHA-256 differs from the manifest (corrupt)"),
+])
+def test_damaged_file_is_named(tmp_path, damage, message):
+    make(tmp_path, {"weights/tiny/a.gguf": b"x" * 1000})
+    bundle.verify(tmp_path)
+    damage(tmp_path / "weights/tiny/a.gguf")
+    with pytest.raises(ConfigError) as error:
+        bundle.verify(tmp_path)
+    assert message in str(error.value) and error.value.field == "gpufleet_bundle"
+
+
+def test_latest_image_in_manifest_is_refused(tmp_path):
+    manifest = make(tmp_path, {"images/x.tar": b"t", "weights/tiny/a": b"a"})
+    manifest["images"] = [{"name": "ollama/ollama:latest", "id": "sha256:" + "0" * 64, "file": "images/x.tar"}]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match="must be pinned by tag or digest"):
+        bundle.read_manifest(tmp_path)
+
+
+def test_missing_manifest_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="no manifest.json"):
+        bundle.read_manifest(tmp_path)
