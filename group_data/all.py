@@ -51,3 +51,24 @@ nvidia_toolkit_local_repo_src = None
 nvidia_toolkit_engine = "docker"
 # Make nvidia Docker's default runtime (otherwise containers ask for it with --gpus / --runtime).
 nvidia_toolkit_set_as_default = False
+
+# --- offline bundle (python -m operations.bundle build SPEC --out DIR) ---------------------
+# A bundle directory on the control node: its manifest is verified before any host is touched,
+# then its apt repository, images and weight volumes are staged (resumable, SHA-256 verified).
+gpufleet_bundle = None
+# Where the bundle's packages and image archives are staged on the host.
+gpufleet_bundle_dir = "/var/lib/gpufleet/bundle"
+
+# --- inference_ (model services as systemd-managed containers) ----------------------------
+# Services of the host. Each: name, engine (vllm | tgi | ollama | llamacpp), image (pinned tag or
+# digest, never latest), model (path under the weights root, e.g. "tiny/tiny.gguf"), and optional
+# port (engine default: vLLM 8000, TGI 80, Ollama 11434, llama.cpp 8080), gpus ("all", "none" or
+# indices), memory ("16g"), shm_size (default 1g per GPU for vLLM/TGI), args (engine flags, checked),
+# api_key_file / hf_token_file (files on the control node; stored root-only on the host),
+# network ("host", the default for streaming latency, or "bridge"), cuda (the image's CUDA
+# version, checked against nvidia_driver_version), served_name, user, start_timeout.
+inference_services = []
+# Seconds a service may take to answer its readiness endpoints after a (re)start.
+inference_start_timeout = 300
+# Weight volumes live here (one directory per volume, files 0444 root), mounted :ro at /models.
+inference_weights_root = "/srv/gpufleet/weights"

@@ -53,12 +53,12 @@ def test_api_key_only_in_the_root_only_env_file(second_deploy, lab_host):
     assert host.file("/etc/gpufleet/secrets").mode == 0o700
     unit = host.file("/etc/systemd/system/gpufleet-chat.service").content_string
     assert "--env-file /etc/gpufleet/secrets/chat.env" in unit and key not in unit
-    # The key goes in on stdin, so no command line of the check itself holds it.
-    everywhere = sh("lab-1", "read -r k; "
-                             "for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $f 2>/dev/null; echo; done | grep -F -c -- \"$k\"; "
-                             "journalctl --no-pager -u gpufleet-chat -u docker | grep -F -c -- \"$k\"; "
-                             "docker logs gpufleet-chat 2>&1 | grep -F -c -- \"$k\"; "
-                             "grep -F -c -- \"$k\" /etc/gpufleet/secrets/chat.env", input=key + "\n").stdout.split()
+    # The key goes in on stdin into a 0600 pattern file, so no command line (not even grep's) holds it.
+    everywhere = sh("lab-1", "umask 077; p=$(mktemp); cat > $p; "
+                             "for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $f 2>/dev/null; echo; done | grep -F -c -f $p; "
+                             "journalctl --no-pager -u gpufleet-chat -u docker | grep -F -c -f $p; "
+                             "docker logs gpufleet-chat 2>&1 | grep -F -c -f $p; "
+                             "grep -F -c -f $p /etc/gpufleet/secrets/chat.env; rm -f $p", input=key + "\n").stdout.split()
     # No process's command line, no journal, no container log; only the env file.
     assert everywhere == ["0", "0", "0", "1"]
 
