@@ -18,7 +18,6 @@ import glob
 import gzip
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -26,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .apt_pin import pin_file
+from .docker_images import pinned
 from .errors import ConfigError
 
 FORMAT = 1
@@ -42,6 +43,20 @@ def sha256_file(path):
         for block in iter(lambda: handle.read(CHUNK), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _read_record(bundle):
+    try:
+        return json.loads((Path(bundle) / VERIFIED).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def cached_sha256(path, stat, known):
+    """``path``'s SHA-256: taken from ``known`` ([size, mtime_ns, sha256]) while size and mtime match."""
+    if known and known[:2] == [stat.st_size, stat.st_mtime_ns]:
+        return known[2]
+    return sha256_file(path)
 
 
 # --- reading and verifying ----------------------------------------------------------------
@@ -65,7 +80,7 @@ def _check_manifest(bundle, manifest):
     for image in manifest.get("images", []):
         if image.get("file") not in files:
             _refuse(bundle, f"{MANIFEST}: image {image.get('name')}: archive {image.get('file')} is not listed")
-        if image["name"].endswith(":latest") or ":" not in image["name"].rsplit("/", 1)[-1]:
+        if not pinned(image["name"]):
             _refuse(bundle, f"{MANIFEST}: image {image['name']}: must be pinned by tag or digest, not latest")
     for volume, prefix in manifest.get("weights", {}).items():
         if not any(path.startswith(prefix + "/") for path in files):
@@ -75,11 +90,7 @@ def _check_manifest(bundle, manifest):
 def verify(bundle, rehash=False):
     """Check every file against the manifest; hash only what changed since the last check (or all)."""
     bundle = Path(bundle)
-    record_path = bundle / VERIFIED
-    try:
-        record = {} if rehash else json.loads(record_path.read_text())
-    except (OSError, ValueError):
-        record = {}
+    record = {} if rehash else _read_record(bundle)
     manifest = read_manifest(bundle)
     fresh = {}
     for path, entry in sorted(manifest["files"].items()):
@@ -90,15 +101,11 @@ def verify(bundle, rehash=False):
             _refuse(bundle, f"{path}: missing (listed in {MANIFEST})")
         if stat.st_size != entry["size"]:
             _refuse(bundle, f"{path}: {stat.st_size} bytes, the manifest says {entry['size']} (truncated or replaced)")
-        known = record.get(path)
-        if known == [stat.st_size, stat.st_mtime_ns, entry["sha256"]]:
-            fresh[path] = known
-            continue
-        if sha256_file(full) != entry["sha256"]:
+        if cached_sha256(full, stat, record.get(path)) != entry["sha256"]:
             _refuse(bundle, f"{path}: SHA-256 differs from the manifest (corrupt)")
         fresh[path] = [stat.st_size, stat.st_mtime_ns, entry["sha256"]]
     try:
-        record_path.write_text(json.dumps(fresh))
+        (bundle / VERIFIED).write_text(json.dumps(fresh))
     except OSError:
         pass  # a read-only medium: verified, but hashed again next time
     return manifest
@@ -158,8 +165,7 @@ def _apt_closure(spec, out, log):
             sources.append(f"deb [trusted=yes] file:{local} ./")
         (work / "etc/sources.list").write_text("\n".join(sources) + "\n")
         for index, pin in enumerate(spec.get("pins", [])):
-            (work / f"etc/preferences.d/{index:02d}-pin").write_text(
-                f"Package: {' '.join(pin['packages'])}\nPin: version {pin['version']}-*\nPin-Priority: 1001\n")
+            (work / f"etc/preferences.d/{index:02d}-pin").write_text(pin_file(pin["packages"], pin["version"]))
         options = [
             "-o", f"APT::Architecture={target.get('arch', 'amd64')}",
             "-o", "APT::Architectures::=" + target.get("arch", "amd64"),
@@ -204,7 +210,7 @@ def _images(names, out, log):
     out.mkdir(parents=True, exist_ok=True)
     images = []
     for name in names:
-        if name.endswith(":latest") or ":" not in name.rsplit("/", 1)[-1]:
+        if not pinned(name):
             raise ConfigError("images", f"{name}: pin it by tag or digest, never latest")
         image_id = subprocess.run(["docker", "image", "inspect", "--format", "{{.Id}}", name],
                                   capture_output=True, text=True, check=True).stdout.strip()
@@ -254,18 +260,13 @@ def build(spec_path, out, log=print):
         volumes = {name: {"from": str(base / source["from"])} for name, source in spec["weights"].items()}
         _weights(volumes, out / "weights", log)
         manifest["weights"] = {name: f"weights/{name}" for name in volumes}
-    record = {}
-    try:
-        record = json.loads((out / VERIFIED).read_text())
-    except (OSError, ValueError):
-        pass
+    record = _read_record(out)
     for path in sorted(p for p in out.rglob("*") if p.is_file()):
         relative = str(path.relative_to(out))
         if relative in (MANIFEST, VERIFIED) or path.suffix in (".id", ".partial"):
             continue
         stat = path.stat()
-        known = record.get(relative)
-        digest = known[2] if known and known[:2] == [stat.st_size, stat.st_mtime_ns] else sha256_file(path)
+        digest = cached_sha256(path, stat, record.get(relative))
         manifest["files"][relative] = {"size": stat.st_size, "sha256": digest}
         record[relative] = [stat.st_size, stat.st_mtime_ns, digest]
     (out / VERIFIED).write_text(json.dumps({k: v for k, v in record.items() if k in manifest["files"]}))

@@ -1,9 +1,17 @@
 """Container images loaded from ``docker save`` archives on the host, only when absent."""
 
+import re
 import shlex
 
 from pyinfra import host
 from pyinfra.api import FactBase, operation
+
+PINNED = re.compile(r"^[\w.\-/:]+(:[\w.\-]+|@sha256:[0-9a-f]{64})$")
+
+
+def pinned(image):
+    """True for an image named by a tag other than ``latest``, or by digest."""
+    return bool(PINNED.match(image)) and not image.endswith(":latest") and ":" in image.rsplit("/", 1)[-1]
 
 
 class DockerImageIds(FactBase):

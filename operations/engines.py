@@ -5,6 +5,8 @@ variable, the arguments it takes, and how its command line is made. Pure data an
 
 import re
 
+from .config import _is_size
+from .docker_images import pinned
 from .errors import ConfigError
 
 WEIGHTS_MOUNT = "/models"
@@ -51,8 +53,6 @@ ENGINES = {
     },
 }
 NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,40}")
-PINNED = re.compile(r"^[\w.\-/:]+(:[\w.\-]+|@sha256:[0-9a-f]{64})$")
-SIZE = re.compile(r"^\d+[kmg]$")
 FIELDS = {"name", "engine", "image", "model", "port", "gpus", "memory", "shm_size", "args", "api_key_file",
           "hf_token_file", "network", "cuda", "user", "served_name", "start_timeout"}
 
@@ -76,19 +76,19 @@ def check_service(index, service, host_name=None):
     if service["engine"] not in ENGINES:
         _fail(index, "engine", f"unknown engine {service['engine']!r} (one of {', '.join(ENGINES)})", host_name)
     image = service["image"]
-    if image.endswith(":latest") or not PINNED.match(image) or ":" not in image.rsplit("/", 1)[-1]:
+    if not pinned(image):
         _fail(index, "image", f"{image!r} must be pinned by tag or digest, never latest", host_name)
     if service["model"].startswith("/") or ".." in service["model"].split("/"):
         _fail(index, "model", "a path inside the weight volumes root, such as 'tiny/tiny.gguf'", host_name)
-    port = service.get("port")
-    if port is not None and not (isinstance(port, int) and 0 < port < 65536):
+    own_port = service.get("port")
+    if own_port is not None and not (isinstance(own_port, int) and 0 < own_port < 65536):
         _fail(index, "port", "a TCP port number", host_name)
     gpus = service.get("gpus", "all")
     if not (gpus in ("all", "none") or (isinstance(gpus, list) and gpus and
                                         all(isinstance(g, int) and g >= 0 for g in gpus))):
         _fail(index, "gpus", "'all', 'none' or a list of GPU indices", host_name)
     for field in ("memory", "shm_size"):
-        if service.get(field) is not None and not SIZE.match(str(service[field])):
+        if service.get(field) is not None and not _is_size(service[field]):
             _fail(index, field, "a size such as '16g' (k, m or g)", host_name)
     if service.get("network", "host") not in ("host", "bridge"):
         _fail(index, "network", "'host' (default: lowest streaming latency) or 'bridge'", host_name)
@@ -108,6 +108,11 @@ def check_service(index, service, host_name=None):
         _fail(index, "cuda", "the CUDA version the image was built for, such as '12.4'", host_name)
 
 
+def port(service):
+    """The host port a service listens on: its own, or its engine's default."""
+    return service.get("port") or ENGINES[service["engine"]]["port"]
+
+
 def gpu_count(gpus, available):
     return 0 if gpus == "none" else (available if gpus == "all" else len(gpus))
 
@@ -116,17 +121,17 @@ def docker_args(service, weights_root, env_file, use_gpus):
     """The ``docker run`` arguments for a service (pure: unit-tested)."""
     profile = ENGINES[service["engine"]]
     name = f"gpufleet-{service['name']}"
-    port = service.get("port") or profile["port"]
+    listen = port(service)
     gpus = service.get("gpus", "all")
+    # Logs: json-file, rotated as daemon.json says (docker_log_max_size / docker_log_max_file).
     args = ["run", "--rm", "--name", name, "--init", "--pull", "never",
-            "--log-driver", "json-file", "--log-opt", "max-size=50m", "--log-opt", "max-file=3",
             "--user", service.get("user", "65534:65534"), "--read-only", "--tmpfs", "/tmp:rw,size=1g",
             "--security-opt", "no-new-privileges", "--cap-drop", "ALL",
             "-v", f"{weights_root}:{WEIGHTS_MOUNT}:ro"]
     if service.get("network", "host") == "host":
         args += ["--network", "host"]
     else:
-        args += ["-p", f"{port}:{port}"]
+        args += ["-p", f"{listen}:{listen}"]
     if use_gpus:
         args += ["--gpus", "all" if gpus == "all" else '"device=' + ",".join(str(g) for g in gpus) + '"']
     if service.get("memory"):
@@ -139,28 +144,27 @@ def docker_args(service, weights_root, env_file, use_gpus):
     for key, value in sorted(profile["env"].items()):
         args += ["-e", f"{key}={value}"]
     if service["engine"] == "ollama":
-        args += ["-e", f"OLLAMA_MODELS={WEIGHTS_MOUNT}/{service['model']}", "-e", f"OLLAMA_HOST=0.0.0.0:{port}"]
+        args += ["-e", f"OLLAMA_MODELS={WEIGHTS_MOUNT}/{service['model']}",
+                 "-e", f"OLLAMA_HOST=0.0.0.0:{listen}"]
     args.append(service["image"])
-    return args + engine_args(service, port, use_gpus)
+    return args + engine_args(service, listen, use_gpus)
 
 
-def engine_args(service, port, use_gpus):
+def engine_args(service, listen_port, use_gpus):
     model = f"{WEIGHTS_MOUNT}/{service['model']}"
     served = service.get("served_name") or service["name"]
     extra = list(service.get("args", []))
     engine = service["engine"]
     if engine == "vllm":
-        return ["--model", model, "--served-model-name", served, "--host", "0.0.0.0", "--port", str(port), *extra]
+        return ["--model", model, "--served-model-name", served, "--host", "0.0.0.0", "--port", str(listen_port), *extra]
     if engine == "tgi":
-        return ["--model-id", model, "--hostname", "0.0.0.0", "--port", str(port), *extra]
+        return ["--model-id", model, "--hostname", "0.0.0.0", "--port", str(listen_port), *extra]
     if engine == "llamacpp":
         layers = [] if any(a.split("=")[0] in ("-ngl", "--n-gpu-layers") for a in extra) else \
             ["--n-gpu-layers", "999" if use_gpus else "0"]
-        return ["-m", model, "--alias", served, "--host", "0.0.0.0", "--port", str(port), *layers, *extra]
+        return ["-m", model, "--alias", served, "--host", "0.0.0.0", "--port", str(listen_port), *layers, *extra]
     return ["serve"] if engine == "ollama" else []
 
 
 def ready_urls(service):
-    profile = ENGINES[service["engine"]]
-    port = service.get("port") or profile["port"]
-    return [f"http://127.0.0.1:{port}{path}" for path in profile["ready"]]
+    return [f"http://127.0.0.1:{port(service)}{path}" for path in ENGINES[service["engine"]]["ready"]]

@@ -35,7 +35,7 @@ def _check(data, host_name):
     names, ports = set(), set()
     for index, service in enumerate(services):
         engines.check_service(index, service, host_name)
-        port = service.get("port") or engines.ENGINES[service["engine"]]["port"]
+        port = engines.port(service)
         if service["name"] in names:
             raise ConfigError(f"inference_services[{index}].name", f"{service['name']!r} is used twice", host=host_name)
         if port in ports:
@@ -97,7 +97,7 @@ def unit_text(service, weights_root, env_file, use_gpus, start_timeout):
     quote = lambda words: " ".join(shlex.quote(w) for w in words).replace("%", "%%").replace("$", "$$")  # noqa: E731
     return Template((TEMPLATES / "inference.service.j2").read_text(), keep_trailing_newline=True).render(
         name=service["name"], engine=service["engine"], model=service["model"],
-        port=service.get("port") or profile["port"], container=container,
+        port=engines.port(service), container=container, tools_dir=TOOLS_DIR,
         env_file=env_file or "", key_var=profile["api_key_env"] or "",
         volume_dir=posixpath.join(weights_root, service["model"].split("/")[0]),
         docker_args=quote(args), ready_urls=quote(engines.ready_urls(service)),
@@ -136,6 +136,8 @@ def install_services(services=None, gpus=0, weights_root=None, start_timeout=Non
               dest=f"{TOOLS_DIR}/gpufleet-wait-ready", mode="755")
     if not services:
         return []
+    files.put(name="Install the weight check", src=str(TEMPLATES / "gpufleet-verify-weights"),
+              dest=f"{TOOLS_DIR}/gpufleet-verify-weights", mode="755")
     volumes = weights.stage_volumes(weights_root=weights_root) or {}
 
     results = []
@@ -177,7 +179,6 @@ def install_services(services=None, gpus=0, weights_root=None, start_timeout=Non
 def summary(results):
     """One line per service: what it serves, where, and whether it was ready when checked."""
     for service, ready in results:
-        port = service.get("port") or engines.ENGINES[service["engine"]]["port"]
         if ready is None:
             state = "not started: needs a GPU"
         elif ready["ready"]:
@@ -185,13 +186,13 @@ def summary(results):
         else:
             state = f"not ready before this run ({ready['reason']}): started; its unit waits until ready"
         logger.info(f"[{host.name}] service {service['name']}: {service['engine']} {service['model']} "
-                    f"port {port}: {state}")
+                    f"port {engines.port(service)}: {state}")
 
 
 def intent(service, started):
     """What the checks expect of a service on the host (written to host.json)."""
     profile = engines.ENGINES[service["engine"]]
     return {"name": service["name"], "engine": service["engine"], "model": service["model"],
-            "port": service.get("port") or profile["port"], "network": service.get("network", "host"),
+            "port": engines.port(service), "network": service.get("network", "host"),
             "ready": profile["ready"], "api_key": bool(service.get("api_key_file")),
             "served_name": service.get("served_name") or service["name"], "started": started}

@@ -41,11 +41,6 @@ config.register({
 }, cross_check=_check)
 
 
-def manifest():
-    """The host's bundle manifest, verified on the control node (None without a bundle)."""
-    return bundle.load(host.data.gpufleet_bundle) if host.data.gpufleet_bundle else None
-
-
 @deploy("Stage the bundle's packages", data_defaults=DEFAULTS)
 def stage_packages(bundle_path=None, bundle_dir=None, offline=None):
     """

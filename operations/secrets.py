@@ -9,17 +9,14 @@ from pyinfra import host
 from pyinfra.api import FunctionCommand, operation
 from pyinfra.facts.files import File, Sha256File
 
+from .staging import run_checked
+
 
 def _write(state, host, dest, content):
     tmp = f"{dest}.gpufleet-new"
-    status, output = host.connector.run_shell_command(
-        f"umask 077 && install -m 600 -o root -g root /dev/null {shlex.quote(tmp)}")
-    if not status:
-        raise OSError(f"{host.name}: cannot create {tmp}: {output.stderr}")
+    run_checked(host, f"umask 077 && install -m 600 -o root -g root /dev/null {shlex.quote(tmp)}")
     host.connector.get_file_transfer_connection().putfo(BytesIO(content), tmp)
-    status, output = host.connector.run_shell_command(f"mv -f {shlex.quote(tmp)} {shlex.quote(dest)}")
-    if not status:
-        raise OSError(f"{host.name}: cannot move {tmp} to {dest}: {output.stderr}")
+    run_checked(host, f"mv -f {shlex.quote(tmp)} {shlex.quote(dest)}")
 
 
 @operation()

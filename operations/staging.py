@@ -11,6 +11,7 @@ without being read; anything else is hashed again (or sent again). An interrupte
 import json
 import posixpath
 import shlex
+from io import BytesIO
 
 from pyinfra import host, logger
 from pyinfra.api import FactBase, FunctionCommand, operation
@@ -34,7 +35,7 @@ class StagedFiles(FactBase):
     def command(self, path):
         path = shlex.quote(path)
         return (f"if [ -d {path} ]; then cd {path} && find . -type f ! -name {RECORD} -printf '%s %T@ %P\\n'; "
-                f"echo '--record--'; cat {RECORD} 2>/dev/null; fi")
+                f"echo '--record--'; cat {RECORD} 2>/dev/null || true; fi")
 
     def process(self, output):
         staged = {"files": {}, "parts": {}, "record": {}}
@@ -76,7 +77,8 @@ def plan(wanted, staged, rehash=False):
     return intact, check, send
 
 
-def _remote(host, command):
+def run_checked(host, command):
+    """Run ``command`` on the host's connection (inside a FunctionCommand); raise if it fails."""
     status, output = host.connector.run_shell_command(command)
     if not status:
         raise OSError(f"{host.name}: {command}: {output.stderr}")
@@ -85,11 +87,10 @@ def _remote(host, command):
 
 def _transfer(state, host, src, dest, wanted, check, send, mode):
     """Run on the host's connection: hash what may be intact, append-send the rest, verify, record."""
-    record = {}
     hashes = {}
     if check:
         quoted = " ".join(shlex.quote(path) for path in check)
-        for line in _remote(host, f"cd {shlex.quote(dest)} && sha256sum -- {quoted}"):
+        for line in run_checked(host, f"cd {shlex.quote(dest)} && sha256sum -- {quoted}"):
             digest, path = line.split(None, 1)
             hashes[path.lstrip("*")] = digest
     for path in check:
@@ -100,7 +101,7 @@ def _transfer(state, host, src, dest, wanted, check, send, mode):
     sent = 0
     for path, offset in sorted(send.items()):
         target = posixpath.join(dest, path)
-        _remote(host, f"mkdir -p {shlex.quote(posixpath.dirname(target))}")
+        run_checked(host, f"mkdir -p {shlex.quote(posixpath.dirname(target))}")
         with open(f"{src}/{path}", "rb") as local, sftp.open(target + PART, "ab" if offset else "wb") as remote:
             remote.set_pipelined(True)
             local.seek(offset)
@@ -108,26 +109,17 @@ def _transfer(state, host, src, dest, wanted, check, send, mode):
                 remote.write(block)
                 sent += len(block)
         part = shlex.quote(target + PART)
-        digest = _remote(host, f"sha256sum -- {part}")[0].split()[0]
+        digest = run_checked(host, f"sha256sum -- {part}")[0].split()[0]
         if digest != wanted[path]["sha256"]:
-            _remote(host, f"rm -f -- {part}")
+            run_checked(host, f"rm -f -- {part}")
             raise OSError(f"{host.name}: {target}: SHA-256 after transfer differs from the manifest "
                           "(the source changed, or the copy was damaged); removed the partial copy")
-        _remote(host, f"chmod {mode} {part} && mv -f -- {part} {shlex.quote(target)}")
-    stats = _remote(host, f"cd {shlex.quote(dest)} && find . -type f ! -name {RECORD} ! -name '*{PART}' "
-                              "-printf '%s %T@ %P\\n'")
-    for line in stats:
-        size, mtime, path = line.split(" ", 2)
-        if path in wanted:
-            record[path] = [int(size), int(float(mtime)), wanted[path]["sha256"]]
-    sftp.putfo(_json_io(record), posixpath.join(dest, RECORD))
+        run_checked(host, f"chmod {mode} {part} && mv -f -- {part} {shlex.quote(target)}")
+    facts = StagedFiles()
+    on_host = facts.process(run_checked(host, facts.command(dest)))["files"]
+    record = {path: [*stat, wanted[path]["sha256"]] for path, stat in on_host.items() if path in wanted}
+    sftp.putfo(BytesIO(json.dumps(record, sort_keys=True).encode()), posixpath.join(dest, RECORD))
     logger.info(f"[{host.name}] staged {len(send)} file(s), {sent} bytes sent, into {dest}")
-
-
-def _json_io(record):
-    from io import BytesIO
-
-    return BytesIO(json.dumps(record, sort_keys=True).encode())
 
 
 @operation()

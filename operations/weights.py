@@ -2,7 +2,6 @@
 with the record the services' start-time check reads (templates/gpufleet-verify-weights)."""
 
 import posixpath
-from pathlib import Path
 
 from pyinfra import host
 from pyinfra.api import deploy
@@ -11,8 +10,6 @@ from pyinfra.operations import files
 from . import bundle, config, staging
 
 DEFAULTS = {"inference_weights_root": "/srv/gpufleet/weights"}
-VERIFY = "/usr/local/lib/gpufleet/gpufleet-verify-weights"
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
 config.register({"inference_weights_root": (config._is_str, "an absolute path on the host")})
 
@@ -30,8 +27,6 @@ def stage_volumes(bundle_path=None, weights_root=None):
     bundle_path = bundle_path or host.data.gpufleet_bundle
     weights_root = weights_root or host.data.inference_weights_root
     files.directory(name=f"Ensure {weights_root} exists", path=weights_root, mode="755", user="root", group="root")
-    files.directory(name="Ensure /usr/local/lib/gpufleet exists", path=posixpath.dirname(VERIFY), mode="755")
-    files.put(name="Install the weight check", src=str(TEMPLATES / "gpufleet-verify-weights"), dest=VERIFY, mode="755")
     if not bundle_path:
         return {}
     contents = bundle.load(bundle_path)

@@ -21,7 +21,7 @@ TOOLKIT_VERSION = nvidia_toolkit.DEFAULTS["nvidia_toolkit_version"]
 def _baseline_status():
     """The lab host image's dpkg status: the bundle need not carry what every host already has."""
     status = LAB / "baseline-status"
-    tarball = image.CACHE_DIR / "images" / f"lab-host-{image.image_key()}.tar.zst"
+    tarball = image.tarball_path()
     if not status.exists() or status.stat().st_mtime < tarball.stat().st_mtime:
         zstd = subprocess.Popen(["zstd", "-dc", str(tarball)], stdout=subprocess.PIPE)
         data = subprocess.run(["tar", "-xO", "./var/lib/dpkg/status"], stdin=zstd.stdout, capture_output=True,

@@ -66,16 +66,25 @@ def recipe():
     }
 
 
+def recipe_key(recipe_dict, length=16):
+    """A cache key: the hash of everything a build depends on."""
+    return hashlib.sha256(json.dumps(recipe_dict, sort_keys=True).encode()).hexdigest()[:length]
+
+
 def image_key():
-    digest = hashlib.sha256(json.dumps(recipe(), sort_keys=True).encode()).hexdigest()
-    return digest[:16]
+    return recipe_key(recipe())
+
+
+def tarball_path():
+    """The cached root file system tarball the host image is imported from."""
+    return CACHE_DIR / "images" / f"lab-host-{image_key()}.tar.zst"
 
 
 def image_tag():
     return f"gpufleet-lab-host:{image_key()}"
 
 
-def _docker_has_image(tag):
+def docker_has_image(tag):
     return subprocess.run(
         ["docker", "image", "inspect", tag], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     ).returncode == 0
@@ -118,10 +127,10 @@ def _debootstrap(tarball, log):
 def ensure_image(log=print):
     """Return the host image tag, building or importing it only when needed."""
     tag = image_tag()
-    if _docker_has_image(tag):
+    if docker_has_image(tag):
         log(f"image {tag}: present")
         return tag
-    tarball = CACHE_DIR / "images" / f"lab-host-{image_key()}.tar.zst"
+    tarball = tarball_path()
     if not tarball.exists():
         _debootstrap(tarball, log)
     log(f"image {tag}: importing {tarball}")

@@ -5,8 +5,6 @@ CPU only), put in a minimal root file system with the libraries it links, ``dock
 and saved as an archive. Binary, image archive and tag are all cached by the recipe's hash.
 """
 
-import hashlib
-import json
 import os
 import shutil
 import subprocess
@@ -15,7 +13,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from .image import CACHE_DIR
+from .image import CACHE_DIR, docker_has_image, recipe_key
 
 SDIST = "llama-cpp-python==0.3.36"
 CMAKE_FLAGS = [
@@ -42,7 +40,7 @@ def recipe():
 
 
 def key():
-    return hashlib.sha256(json.dumps(recipe(), sort_keys=True).encode()).hexdigest()[:12]
+    return recipe_key(recipe(), length=12)
 
 
 def image_tag():
@@ -127,8 +125,7 @@ def _build_archive(archive, tag, log):
 def ensure_image(log=print):
     """Return (tag, archive): the image in this machine's Docker and as a ``docker save`` archive."""
     tag, archive = image_tag(), archive_path()
-    present = subprocess.run(["docker", "image", "inspect", tag], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL).returncode == 0
+    present = docker_has_image(tag)
     if archive.exists() and not present:
         subprocess.run(["docker", "load", "-q", "-i", str(archive)], check=True, stdout=subprocess.DEVNULL)
     elif not archive.exists():
