@@ -5,26 +5,46 @@ gpufleet: turn the inventory's hosts into GPU inference hosts.
 
 Which deploys apply is decided here from the host's groups and data; what each does is in
 operations/. Settings (and the offline bundle, when one is named) are checked first: a bad value
-stops the run before any host changes.
+stops the run before any host changes. A Proxmox VE host (proxmox_hosts) passes its GPUs to the
+LXC guests (lxc_guests) that name it; a guest's libraries follow its host's driver version.
 """
 
 from pyinfra import host
 
-from operations import base, config, docker_engine, inference, nvidia_driver, nvidia_toolkit, offline
+from operations import (base, config, docker_engine, inference, nvidia_driver, nvidia_toolkit, offline,
+                        proxmox)
 
 config.validate(config.host_settings(host), host.name)
+lxc_guest = "lxc_guests" in host.groups
+guest_driver = proxmox.guest_driver_version() if lxc_guest else None  # refuses a mismatch up front
 
 intent = {"groups": sorted(host.groups), "gpus": len(base.gpus()), "docker": False, "services": []}
+skipped = ["driver module checks", "persistence daemon", "reboot", "GPU container run",
+           "GPU-only inference services"]
 base.prepare()
 if host.data.get("gpufleet_bundle"):
     offline.stage_packages()
 
-image_ops = []
-if "gpu_hosts" in host.groups:
+guest_changes = []
+if "proxmox_hosts" in host.groups:
     nvidia_driver.install_driver()
     intent["nvidia_driver_version"] = host.data.nvidia_driver_version
+    proxmox.prepare_host()
+    guest_changes = proxmox.configure_guests()
+    intent["lxc_guests"] = sorted(int(guest.data.proxmox_vmid) for guest, _ in guest_changes)
+    skipped.append("device node service start")
+
+image_ops = []
+if "gpu_hosts" in host.groups:
+    if lxc_guest:
+        nvidia_driver.install_driver(version=guest_driver, kernel_module=False)
+        intent["lxc"] = {"proxmox_host": host.data.proxmox_host, "vmid": int(host.data.proxmox_vmid),
+                         "unprivileged": proxmox.guest_is_unprivileged()}
+    else:
+        nvidia_driver.install_driver()
+    intent["nvidia_driver_version"] = guest_driver or host.data.nvidia_driver_version
     daemon_json = docker_engine.install_docker()
-    nvidia_runtime = nvidia_toolkit.install_toolkit()
+    nvidia_runtime = nvidia_toolkit.install_toolkit(no_cgroups=intent.get("lxc", {}).get("unprivileged", False))
     docker_engine.restart_on_change([daemon_json, nvidia_runtime])
     intent["nvidia_toolkit_version"] = host.data.nvidia_toolkit_version
     intent["docker"] = True
@@ -35,7 +55,8 @@ if "gpu_hosts" in host.groups:
     intent["services"] = [inference.intent(service, ready is not None) for service, ready in results]
 
 if not intent["gpus"]:
-    base.say_no_gpu(["driver module checks", "persistence daemon", "reboot", "GPU container run",
-                     "GPU-only inference services"])
+    base.say_no_gpu(skipped)
 
 base.record(intent)
+if guest_changes:
+    proxmox.restart_guests(guest_changes)  # last: the guests' own steps have run

@@ -72,3 +72,20 @@ inference_services = []
 inference_start_timeout = 300
 # Weight volumes live here (one directory per volume, files 0444 root), mounted :ro at /models.
 inference_weights_root = "/srv/gpufleet/weights"
+
+# --- proxmox_ (Proxmox VE LXC GPU passthrough: groups proxmox_hosts and lxc_guests) ---------
+# A guest (host data): the inventory name of its Proxmox VE host and its VMID. The guest's driver
+# libraries are installed at exactly the host's version (its loaded module's); a guest pinned to
+# another nvidia_driver_version is refused before anything changes.
+proxmox_host = None
+proxmox_vmid = None
+# How devices are passed: "dev" (devN entries, Proxmox VE 8.1+), "lxc" (lxc.cgroup2.devices.allow
+# per major + lxc.mount.entry per node) or "auto" (dev from 8.1, lxc before).
+proxmox_passthrough = "auto"
+# Restart a running guest when its devices or features changed (at the end of the run); otherwise
+# the deploy says a restart is needed.
+proxmox_guest_restart = False
+# Turn on nesting (and keyctl for unprivileged guests), which Docker inside LXC needs.
+proxmox_docker_features = True
+# A Proxmox host: the kernel headers package DKMS builds the module against.
+proxmox_kernel_headers = "proxmox-default-headers"

@@ -19,7 +19,20 @@ def _ssh(host):
     }
 
 
-# Every lab host plays a GPU host (none has a GPU: the deploy says so and skips GPU steps).
-gpu_hosts = [(h["name"], _ssh(h)) for h in _STATE["hosts"]]
+def _guest(host):
+    """A lab-ct-N host plays the LXC guest 101 of lab-pve-N (restarts allowed: the double records them)."""
+    number = host["name"].rsplit("-", 1)[1]
+    return {**_ssh(host), "proxmox_host": f"lab-pve-{number}", "proxmox_vmid": 101,
+            "proxmox_guest_restart": True}
+
+
+# lab-pve-N: a Proxmox VE host double (tests/fixtures/proxmox_double: pct, /etc/pve, a loaded
+# module's /proc/devices and device nodes); it owns the kernel module and passes devices on.
+proxmox_hosts = [(h["name"], _ssh(h)) for h in _STATE["hosts"] if h["name"].startswith("lab-pve-")]
+# Every other lab host plays a GPU host (none has a GPU: the deploy says so and skips GPU steps).
+gpu_hosts = [(h["name"], _guest(h) if h["name"].startswith("lab-ct-") else _ssh(h))
+             for h in _STATE["hosts"] if not h["name"].startswith("lab-pve-")]
+# lab-ct-N: LXC guests of lab-pve-N: user-space driver at the host's version, toolkit without cgroups.
+lxc_guests = [h["name"] for h in _STATE["hosts"] if h["name"].startswith("lab-ct-")]
 # Air-gapped lab hosts: no route out; group_data/airgapped.py sends them to the bundle.
 airgapped = [h["name"] for h in _STATE["hosts"] if h["airgapped"]]

@@ -4,7 +4,7 @@ import difflib
 
 from .errors import ConfigError
 
-PREFIXES = ("gpufleet_", "docker_", "nvidia_", "inference_")
+PREFIXES = ("gpufleet_", "docker_", "nvidia_", "inference_", "proxmox_")
 
 
 def _is_str(value):

@@ -57,9 +57,21 @@ def branch(version):
     return version.split(".")[0]
 
 
-def driver_packages(source, distro, version, kernel=None, precompiled=False, nvswitch=False):
-    """The packages that make up the driver for a source and distro (pure: unit-tested)."""
+def driver_packages(source, distro, version, kernel=None, precompiled=False, nvswitch=False,
+                    kernel_module=True):
+    """The packages that make up the driver for a source and distro (pure: unit-tested).
+
+    Without the kernel module (an LXC guest, whose host owns it): only the user-space libraries
+    and nvidia-smi, at exactly the given version.
+    """
     major = branch(version)
+    if not kernel_module:
+        if source == "cuda-repo":
+            raise ConfigError("nvidia_driver_source", "an LXC guest takes user-space libraries from 'distro', "
+                              "'local-repo' or 'bundle'; NVIDIA's cuda-drivers packages bring a kernel module")
+        if distro == "Ubuntu":
+            return [f"nvidia-utils-{major}-server", f"libnvidia-compute-{major}-server"]
+        return ["nvidia-smi", "libcuda1"]
     if source == "cuda-repo":
         packages = [f"cuda-drivers-{major}"]
     elif distro == "Ubuntu":
@@ -85,7 +97,7 @@ def debian_nonfree_lines(mirror, security_mirror, codename):
 
 
 @deploy("Install NVIDIA driver", data_defaults=DEFAULTS)
-def install_driver(source=None, version=None, reboot=None):
+def install_driver(source=None, version=None, reboot=None, kernel_module=True):
     """
     Install the pinned NVIDIA driver, hold it, blacklist nouveau, and reboot only if needed and allowed.
 
@@ -93,6 +105,8 @@ def install_driver(source=None, version=None, reboot=None):
       or ``bundle`` (the offline bundle staged by ``offline.stage_packages``)
     + version: pinned upstream version (``nvidia_driver_version``)
     + reboot: allow a reboot when the driver or blacklist changed on a GPU host (``nvidia_driver_reboot``)
+    + kernel_module: False for an LXC guest: user-space libraries only (its Proxmox host loads the
+      module), no nouveau blacklist, persistence daemon or reboot
 
     Returns the package operation, so later steps can react to a driver change.
     """
@@ -104,9 +118,9 @@ def install_driver(source=None, version=None, reboot=None):
     kernel = host.get_fact(KernelHeaders)["kernel"]
     nvswitch = any(d["kind"] == "nvswitch" for d in host.get_fact(NvidiaPciDevices))
     precompiled = distro["name"] == "Ubuntu" and source == "distro"  # signed modules, Ubuntu's own
-    packages = driver_packages(source, distro["name"], version, kernel, precompiled, nvswitch)
+    packages = driver_packages(source, distro["name"], version, kernel, precompiled, nvswitch, kernel_module)
 
-    if uses_dkms(packages) and host.get_fact(SecureBoot) and not host.data.nvidia_driver_secure_boot_signed:
+    if kernel_module and uses_dkms(packages) and host.get_fact(SecureBoot) and not host.data.nvidia_driver_secure_boot_signed:
         raise HostStateError(
             f"{host.name}: Secure Boot is on and the {source} driver builds an unsigned DKMS module that "
             "the kernel would refuse to load. Enrol a MOK and let DKMS sign with it (mokutil --import "
@@ -136,12 +150,15 @@ def install_driver(source=None, version=None, reboot=None):
     if repo is not None:
         apt.update(name="Update apt lists after the driver source changed", _if=repo.did_change)
 
-    driver = apt_pin.installed(name=f"Install NVIDIA driver {version} and hold it", packages=packages,
+    what = "NVIDIA driver" if kernel_module else "NVIDIA user-space driver (no kernel module)"
+    driver = apt_pin.installed(name=f"Install {what} {version} and hold it", packages=packages,
                                version=version, pin_name="gpufleet-nvidia-driver", pin_patterns=PIN_PATTERNS)
     files.put(name="Keep NVIDIA packages out of unattended upgrades",
               src=StringIO('Unattended-Upgrade::Package-Blacklist {\n    "nvidia-";\n    "libnvidia-";\n'
                         '    "libcuda";\n    "cuda-drivers";\n};\n'),
               dest="/etc/apt/apt.conf.d/51gpufleet-nvidia-no-unattended", mode="644")
+    if not kernel_module:
+        return driver
 
     blacklist = files.put(name="Blacklist nouveau", src=StringIO("blacklist nouveau\noptions nouveau modeset=0\n"),
                           dest=NOUVEAU_BLACKLIST, mode="644")

@@ -4,8 +4,10 @@ only when the engine lacks the runtime; the engine restart is left to the caller
 import os
 from io import StringIO
 
+import re
+
 from pyinfra import host
-from pyinfra.api import deploy, operation
+from pyinfra.api import FactBase, deploy, operation
 from pyinfra.operations import apt, files
 
 from . import apt_pin, config, docker_engine, json_ops
@@ -18,6 +20,7 @@ NVIDIA_REPO = "https://nvidia.github.io/libnvidia-container/stable/deb/$(ARCH)"
 NVIDIA_KEY_URL = "https://nvidia.github.io/libnvidia-container/gpgkey"
 KEYRING = "/usr/share/keyrings/nvidia-container-toolkit-keyring.asc"  # apt reads armored .asc keys
 RUNTIME_BINARY = "nvidia-container-runtime"
+RUNTIME_CONFIG = "/etc/nvidia-container-runtime/config.toml"
 
 DEFAULTS = {
     "nvidia_toolkit_version": "1.17.8",
@@ -49,8 +52,25 @@ def configure_command(set_as_default=False):
     return "nvidia-ctk runtime configure --runtime=docker" + (" --set-as-default" if set_as_default else "")
 
 
+class NoCgroups(FactBase):
+    """Returns True when config.toml's [nvidia-container-cli] section sets ``no-cgroups = true``."""
+
+    def command(self):
+        return f"cat {RUNTIME_CONFIG} 2>/dev/null; true"
+
+    def process(self, output):
+        section = None
+        for line in output:
+            line = line.strip()
+            if line.startswith("["):
+                section = line.strip("[]")
+            elif section == "nvidia-container-cli" and re.fullmatch(r"no-cgroups\s*=\s*true", line):
+                return True
+        return False
+
+
 @deploy("Install NVIDIA Container Toolkit", data_defaults=DEFAULTS)
-def install_toolkit(version=None, source=None, set_as_default=None):
+def install_toolkit(version=None, source=None, set_as_default=None, no_cgroups=False):
     """
     Install the toolkit's four packages at one pinned version and configure Docker's runtime.
 
@@ -58,6 +78,8 @@ def install_toolkit(version=None, source=None, set_as_default=None):
     + source: ``nvidia-repo`` (NVIDIA's apt repository), ``local-repo`` (staged on the host) or
       ``bundle`` (the offline bundle's repository)
     + set_as_default: make nvidia Docker's default runtime (``nvidia_toolkit_set_as_default``)
+    + no_cgroups: leave device cgroups to the host (an unprivileged LXC guest, where the hook cannot
+      write them): ``no-cgroups = true`` in config.toml
 
     Returns the runtime operation: pass it to ``docker_engine.restart_on_change``.
     """
@@ -88,6 +110,9 @@ def install_toolkit(version=None, source=None, set_as_default=None):
     apt_pin.installed(name=f"Install NVIDIA Container Toolkit {version} and hold it", packages=PACKAGES,
                       version=version, pin_name="gpufleet-nvidia-toolkit", pin_patterns=PACKAGES)
 
+    if no_cgroups:
+        cgroups_off(name="Leave device cgroups to the LXC host (nvidia-container-cli no-cgroups)")
+
     return docker_runtime(name="Configure Docker's nvidia runtime (nvidia-ctk runtime configure)",
                           set_as_default=set_as_default)
 
@@ -107,3 +132,12 @@ def docker_runtime(set_as_default=False):
         host.noop(f"{docker_engine.DAEMON_JSON} already has the nvidia runtime")
         return
     yield configure_command(set_as_default)
+
+
+@operation()
+def cgroups_off():
+    """Set ``no-cgroups = true`` with ``nvidia-ctk config --in-place`` unless it is already set."""
+    if host.get_fact(NoCgroups):
+        host.noop(f"{RUNTIME_CONFIG} already has no-cgroups = true")
+        return
+    yield "nvidia-ctk config --in-place --set nvidia-container-cli.no-cgroups"

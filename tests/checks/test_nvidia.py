@@ -12,22 +12,36 @@ TOOLKIT_PACKAGES = ["libnvidia-container1", "libnvidia-container-tools",
 
 
 @pytest.fixture
-def gpu_host(host, intent):
+def driver_host(host, intent):
     if "nvidia_driver_version" not in intent:
-        pytest.skip(f"{host.backend.get_hostname()}: not a GPU host (groups {intent['groups']})")
+        pytest.skip(f"{host.backend.get_hostname()}: no NVIDIA driver here (groups {intent['groups']})")
     return host
+
+
+@pytest.fixture
+def gpu_host(driver_host, intent):
+    if not intent["docker"]:
+        pytest.skip(f"{driver_host.backend.get_hostname()}: no container engine here (a Proxmox host)")
+    return driver_host
+
+
+@pytest.fixture
+def kernel_host(driver_host, intent):
+    if "lxc" in intent:
+        pytest.skip(f"{driver_host.backend.get_hostname()}: an LXC guest: its Proxmox host owns the kernel module")
+    return driver_host
 
 
 def held(host):
     return set(host.check_output("apt-mark showhold").split())
 
 
-def test_driver_packages_pinned_and_held(gpu_host, intent):
+def test_driver_packages_pinned_and_held(driver_host, intent):
     for name in DRIVER_PACKAGES:
-        package = gpu_host.package(name)
+        package = driver_host.package(name)
         assert package.is_installed, name
         assert package.version.startswith(intent["nvidia_driver_version"] + "-"), (name, package.version)
-    assert set(DRIVER_PACKAGES) <= held(gpu_host)
+    assert set(DRIVER_PACKAGES) <= held(driver_host)
 
 
 def test_toolkit_packages_pinned_and_held(gpu_host, intent):
@@ -36,8 +50,8 @@ def test_toolkit_packages_pinned_and_held(gpu_host, intent):
     assert set(TOOLKIT_PACKAGES) <= held(gpu_host)
 
 
-def test_nouveau_blacklisted(gpu_host):
-    content = gpu_host.file("/etc/modprobe.d/gpufleet-blacklist-nouveau.conf").content_string
+def test_nouveau_blacklisted(kernel_host):
+    content = kernel_host.file("/etc/modprobe.d/gpufleet-blacklist-nouveau.conf").content_string
     assert "blacklist nouveau" in content and "options nouveau modeset=0" in content
 
 

@@ -11,7 +11,7 @@ def test_first_deploy_changes_every_host(first_deploy):
     changed = first_deploy.changed()
     assert changed, first_deploy.output[-3000:]
     hosts, success, error, _ = changed["Prepare gpufleet host | Ensure /etc/gpufleet exists"]
-    assert (hosts, success, error) == (3, 3, 0)
+    assert (hosts, success, error) == (5, 5, 0)
 
 
 def test_second_deploy_reports_zero_changes(second_deploy):
@@ -23,7 +23,7 @@ def test_second_deploy_reports_zero_changes(second_deploy):
 
 
 def test_no_gpu_is_said_plainly(first_deploy):
-    for name in ("lab-1", "lab-2", "lab-gap-1"):
+    for name in ("lab-1", "lab-2", "lab-gap-1", "lab-pve-1", "lab-ct-1"):
         assert f"[{name}] no NVIDIA GPU on this host" in first_deploy.output
 
 

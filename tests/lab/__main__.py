@@ -13,6 +13,8 @@ def main(argv=None):
     up = sub.add_parser("up", help="start lab hosts (reuses running ones)")
     up.add_argument("--hosts", type=int, default=2, help="connected hosts (default 2)")
     up.add_argument("--airgapped", type=int, default=1, help="air-gapped hosts (default 1)")
+    up.add_argument("--proxmox", type=int, default=1,
+                    help="Proxmox VE host doubles, each with one LXC guest host (default 1)")
     sub.add_parser("down", help="remove all lab hosts, volumes, networks and firewall rules")
     sub.add_parser("status", help="list lab hosts")
     sub.add_parser("image", help="build or import the host image only")
@@ -24,7 +26,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     if args.command == "up":
-        hosts.up(count=args.hosts, airgapped=args.airgapped)
+        hosts.up(count=args.hosts, airgapped=args.airgapped, proxmox=args.proxmox)
         args.command = "status"
     if args.command == "status":
         for row in hosts.status():

@@ -7,6 +7,8 @@ import secrets
 import time
 from pathlib import Path
 
+from operations.nvidia_driver import DEFAULTS as DRIVER_DEFAULTS
+from tests.fixtures import proxmox_double
 from tests.fixtures.nvidia_toolkit_double import build as toolkit_double
 
 from . import bundle as lab_bundle
@@ -68,6 +70,9 @@ def save_state(state):
             "  StrictHostKeyChecking no",
             "  UserKnownHostsFile /dev/null",
             "  LogLevel ERROR",
+            "  ControlMaster auto",  # one connection per host for testinfra and the tests' ssh calls
+            "  ControlPath /tmp/gpufleet-ssh-%C",
+            "  ControlPersist 60",
             "",
         ]
     SSH_CONFIG.write_text("\n".join(lines))
@@ -155,8 +160,11 @@ def _api_key(path):
         path.chmod(0o600)
 
 
-def up(count=3, airgapped=1, fresh=False, log=print):
-    """Bring the lab to `count` connected hosts and `airgapped` air-gapped hosts (new ones if `fresh`)."""
+def up(count=3, airgapped=1, proxmox=1, fresh=False, log=print):
+    """
+    Bring the lab to `count` connected hosts, `airgapped` air-gapped hosts and `proxmox` pairs of a
+    Proxmox VE host double (lab-pve-N) with its LXC guest (lab-ct-N, VMID 101) (new ones if `fresh`).
+    """
     started = time.time()
     tag = image.ensure_image(log=log)
     pubkey = ensure_key()
@@ -167,6 +175,8 @@ def up(count=3, airgapped=1, fresh=False, log=print):
     state = load_state()
     wanted = [(f"lab-{i}", False) for i in range(1, count + 1)]
     wanted += [(f"lab-gap-{i}", True) for i in range(1, airgapped + 1)]
+    for i in range(1, proxmox + 1):
+        wanted += [(f"lab-pve-{i}", False), (f"lab-ct-{i}", False)]
     running = set(docker("ps", "--filter", f"label={LABEL}", "--format", "{{.Names}}").split())
     known = {h["name"]: h for h in state["hosts"]}
     hosts = []
@@ -187,6 +197,8 @@ def up(count=3, airgapped=1, fresh=False, log=print):
     save_state(state)
     for host in hosts:
         wait_booted(host)
+        if host["name"].startswith("lab-pve-"):
+            proxmox_double.install(host["container"], DRIVER_DEFAULTS["nvidia_driver_version"])
     log(f"lab up: {len(hosts)} hosts in {time.time() - started:.1f}s")
     return state
 
