@@ -1,0 +1,1 @@
+"""gpufleet's benchmark: python -m bench (see bench/README.md)."""

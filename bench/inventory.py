@@ -1,0 +1,22 @@
+"""Benchmark inventory: the lab's first host runs the lab's llama.cpp service twice, once on the
+host network and once on a bridge with a published port, for the streaming latency comparison."""
+
+import json
+from pathlib import Path
+
+from tests.lab.llamacpp import image_tag
+
+_LAB = Path(__file__).resolve().parent.parent / ".lab"
+_HOST = json.loads((_LAB / "lab.json").read_text())["hosts"][0]
+_SERVICE = {"engine": "llamacpp", "image": image_tag(), "model": "tiny/tiny.gguf", "memory": "1g",
+            "args": ["--ctx-size", "256", "--threads", "1"], "api_key_file": str(_LAB / "secrets" / "chat-api-key")}
+
+_data = {
+    "ssh_hostname": "127.0.0.1", "ssh_port": _HOST["port"], "ssh_user": "root",
+    "ssh_key": str(_LAB / "id_ed25519"), "ssh_known_hosts_file": "/dev/null",
+    "ssh_strict_host_key_checking": "no",
+    "inference_services": [{**_SERVICE, "name": "chat-host", "port": 8080, "network": "host"},
+                           {**_SERVICE, "name": "chat-bridge", "port": 8081, "network": "bridge"}],
+}
+lab = [(_HOST["name"], _data)]  # group "lab": group_data/lab.py applies (bundle, toolkit source)
+gpu_hosts = [_HOST["name"]]

@@ -1,0 +1,118 @@
+"""Weight staging: gpufleet's staging against rsync -a over the same SSH, to 1 and to N hosts;
+no-op re-stage; bytes re-sent after a transfer killed half-way; hashing against sha256sum."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from operations.bundle import sha256_file
+from tests.lab import hosts as lab
+
+from . import procmem
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+WEIGHTS = REPO / "bench" / "out" / "weights"
+MANIFEST = REPO / "bench" / "out" / "weights-manifest.json"
+
+
+def make_weight_set(large=4, large_mib=500, small=256, small_kib=64, log=print):
+    """Several large files and many small ones (random bytes: nothing compresses), made once."""
+    wanted = {f"model-{i:02d}.safetensors": large_mib << 20 for i in range(large)}
+    wanted |= {f"tokenizer/shard-{i:03d}.json": small_kib << 10 for i in range(small)}
+    if MANIFEST.exists() and set(json.loads(MANIFEST.read_text())) == set(wanted) and all(
+            (WEIGHTS / p).exists() and (WEIGHTS / p).stat().st_size == s for p, s in wanted.items()):
+        return json.loads(MANIFEST.read_text())
+    for path, size in wanted.items():
+        target = WEIGHTS / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "wb") as fh:
+            for _ in range(0, size, 16 << 20):
+                fh.write(os.urandom(min(16 << 20, size)))
+            fh.truncate(size)
+    manifest = {path: {"size": size, "sha256": sha256_file(WEIGHTS / path)} for path, size in wanted.items()}
+    MANIFEST.write_text(json.dumps(manifest, indent=1))
+    log(f"weight set: {len(wanted)} files, {sum(wanted.values()) / 1e9:.2f} GB")
+    return manifest
+
+
+def gpufleet_stage(names, dest, background=False):
+    command = [str(BIN / "pyinfra"), "-y", "inventories/lab.py", "bench/stage_deploy.py"]
+    for name in names:
+        command += ["--limit", name]
+    env = {**os.environ, "BENCH_WEIGHTS": str(WEIGHTS), "BENCH_MANIFEST": str(MANIFEST), "BENCH_DEST": dest,
+           "PYTHONPATH": str(REPO)}
+    if background:
+        return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+    seconds, _, result = procmem.run(command, cwd=REPO, env=env)
+    if result.returncode:
+        raise RuntimeError(result.stdout[-3000:])
+    sent = sum(int(n) for n in re.findall(r"staged \d+ file\(s\), (\d+) bytes sent", result.stdout))
+    return seconds, sent
+
+
+def rsync(hosts, dest):
+    started = time.perf_counter()
+    procs = [subprocess.Popen(["rsync", "-a", "-e", f"ssh -F {lab.SSH_CONFIG}", f"{WEIGHTS}/", f"{h['name']}:{dest}/"])
+             for h in hosts]
+    if any(p.wait() for p in procs):
+        raise RuntimeError("rsync failed")
+    return time.perf_counter() - started
+
+
+def on_hosts(hosts, command):
+    for host in hosts:
+        lab.ssh(host, command)
+
+
+def measure(fan_out=4, log=print):
+    manifest = make_weight_set(log=log)
+    total = sum(entry["size"] for entry in manifest.values())
+    state = lab.up(count=fan_out, airgapped=0, proxmox=0, log=lambda *_: None)
+    hosts = state["hosts"][:fan_out]
+    on_hosts(hosts, "command -v rsync >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rsync >/dev/null")
+    on_hosts(hosts, "rm -rf /srv/bench")
+    result = {"bytes": total, "files": len(manifest)}
+
+    result["rsync_1_s"] = rsync(hosts[:1], "/srv/bench/rsync")
+    result["gpufleet_1_s"], sent = gpufleet_stage([hosts[0]["name"]], "/srv/bench/gpufleet")
+    assert sent == total, (sent, total)
+    result["gpufleet_noop_1_s"], sent = gpufleet_stage([hosts[0]["name"]], "/srv/bench/gpufleet")
+    assert sent == 0
+    result["rsync_noop_1_s"] = rsync(hosts[:1], "/srv/bench/rsync")
+    on_hosts(hosts, "rm -rf /srv/bench")
+    result[f"rsync_{fan_out}_s"] = rsync(hosts, "/srv/bench/rsync")
+    result[f"gpufleet_{fan_out}_s"], sent = gpufleet_stage([h["name"] for h in hosts], "/srv/bench/gpufleet")
+    result[f"gpufleet_noop_{fan_out}_s"], _ = gpufleet_stage([h["name"] for h in hosts], "/srv/bench/gpufleet")
+    result["fan_out"] = fan_out
+
+    # Kill a transfer once about half the bytes are on the host, then run again.
+    on_hosts(hosts[:1], "rm -rf /srv/bench/resume")
+    process = gpufleet_stage([hosts[0]["name"]], "/srv/bench/resume", background=True)
+    on_host = 0
+    while on_host < total // 2 and process.poll() is None:
+        time.sleep(0.2)
+        on_host = int(lab.ssh(hosts[0], "du -sb --apparent-size /srv/bench/resume 2>/dev/null | cut -f1 || echo 0",
+                              check=False).stdout.strip() or 0)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    on_host = int(lab.ssh(hosts[0], "du -sb --apparent-size /srv/bench/resume | cut -f1").stdout.strip())
+    result["resume_on_host_bytes"] = on_host
+    result["resume_s"], result["resume_sent_bytes"] = gpufleet_stage([hosts[0]["name"]], "/srv/bench/resume")
+
+    paths = [WEIGHTS / p for p in manifest]
+    started = time.perf_counter()
+    assert all(sha256_file(p) == manifest[str(p.relative_to(WEIGHTS))]["sha256"] for p in paths)
+    result["hash_gpufleet_s"] = time.perf_counter() - started
+    started = time.perf_counter()
+    subprocess.run(["sha256sum", *map(str, paths)], check=True, stdout=subprocess.DEVNULL)
+    result["hash_sha256sum_s"] = time.perf_counter() - started
+    on_hosts(hosts, "rm -rf /srv/bench")
+    log(f"staging: gpufleet {result['gpufleet_1_s']:.1f}s, rsync {result['rsync_1_s']:.1f}s")
+    return result
