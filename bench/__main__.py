@@ -42,6 +42,7 @@ def main(argv=None):
             results["latency"] = latency.measure(runs=args.runs)
     finally:
         lab.down(log=lambda *_: None)
+        report.write(results, OUT)  # what was measured, even when a later part failed
     results["seconds"] = round(time.time() - started)
     print(report.write(results, OUT))
     print(f"\n(written to {OUT}: results.json, table.md, results.png; {results['seconds']} s)")

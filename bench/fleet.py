@@ -58,7 +58,8 @@ def save_reference(state):
     host = state["hosts"][0]
     for remote, name in (("/etc/docker/daemon.json", "daemon.json"), ("/etc/gpufleet/secrets/chat.env", "chat.env"),
                          ("/etc/systemd/system/gpufleet-chat.service", "gpufleet-chat.service"),
-                         ("/etc/gpufleet/host.json", "host.json")):
+                         ("/etc/gpufleet/host.json", "host.json"),
+                         ("/srv/gpufleet/weights/tiny/.gpufleet-staged.json", "weights-record.json")):
         (REF / name).write_text(lab.ssh(host, f"cat {remote}").stdout)
     (REF / "chat.env").chmod(0o600)
 
@@ -77,6 +78,8 @@ def measure(sizes, log=print):
         state = lab.up(count=count, airgapped=0, proxmox=0, fresh=True, log=lambda *_: None)
         row["ansible_first_s"], row["ansible_first_mib"], first = ansible(state, forks=max(count, 5))
         row["ansible_noop_s"], row["ansible_noop_mib"], noop = ansible(state, forks=max(count, 5))
+        (OUT / f"ansible-{count}-first.log").write_text(first.stdout)
+        (OUT / f"ansible-{count}-noop.log").write_text(noop.stdout)
         row["ansible_noop_changes"], failed = ansible_changes(noop.stdout)
         if first.returncode or noop.returncode or failed:
             raise RuntimeError(f"ansible failed on {count} host(s):\n{(first.stdout + noop.stdout)[-3000:]}")

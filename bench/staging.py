@@ -58,6 +58,7 @@ def gpufleet_stage(names, dest, background=False):
 
 
 def rsync(hosts, dest):
+    on_hosts(hosts, f"mkdir -p {dest}")
     started = time.perf_counter()
     procs = [subprocess.Popen(["rsync", "-a", "-e", f"ssh -F {lab.SSH_CONFIG}", f"{WEIGHTS}/", f"{h['name']}:{dest}/"])
              for h in hosts]
@@ -76,7 +77,7 @@ def measure(fan_out=4, log=print):
     total = sum(entry["size"] for entry in manifest.values())
     state = lab.up(count=fan_out, airgapped=0, proxmox=0, log=lambda *_: None)
     hosts = state["hosts"][:fan_out]
-    on_hosts(hosts, "command -v rsync >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rsync >/dev/null")
+    on_hosts(hosts, "command -v rsync >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rsync >/dev/null)")
     on_hosts(hosts, "rm -rf /srv/bench")
     result = {"bytes": total, "files": len(manifest)}
 
