@@ -38,13 +38,15 @@ image_ops = []
 if "gpu_hosts" in host.groups:
     if lxc_guest:
         nvidia_driver.install_driver(version=guest_driver, kernel_module=False)
+        unprivileged = proxmox.guest_is_unprivileged()
         intent["lxc"] = {"proxmox_host": host.data.proxmox_host, "vmid": int(host.data.proxmox_vmid),
-                         "unprivileged": proxmox.guest_is_unprivileged()}
+                         "unprivileged": unprivileged}
     else:
         nvidia_driver.install_driver()
+        unprivileged = False
     intent["nvidia_driver_version"] = guest_driver or host.data.nvidia_driver_version
     daemon_json = docker_engine.install_docker()
-    nvidia_runtime = nvidia_toolkit.install_toolkit(no_cgroups=intent.get("lxc", {}).get("unprivileged", False))
+    nvidia_runtime = nvidia_toolkit.install_toolkit(no_cgroups=unprivileged)
     docker_engine.restart_on_change([daemon_json, nvidia_runtime])
     intent["nvidia_toolkit_version"] = host.data.nvidia_toolkit_version
     intent["docker"] = True

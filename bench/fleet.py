@@ -2,6 +2,7 @@
 re-run, on fresh lab hosts of each size."""
 
 import json
+import os
 import re
 import shutil
 import sys
@@ -43,7 +44,7 @@ def ansible(state, forks):
              "image_tag": image["name"], "image_file": image["file"]}
     return procmem.run([str(BIN / "ansible-playbook"), "-i", str(ansible_inventory(state)), "-f", str(forks),
                         "-e", json.dumps(extra), "bench/ansible/site.yml"], cwd=REPO,
-                       env={**__import__("os").environ, "ANSIBLE_CONFIG": str(REPO / "bench/ansible/ansible.cfg")})
+                       env={**os.environ, "ANSIBLE_CONFIG": str(REPO / "bench/ansible/ansible.cfg")})
 
 
 def ansible_changes(output):

@@ -318,7 +318,8 @@ def configure_guests():
             changed.append(guest_devices(
                 name=f"Pass {len(nodes)} NVIDIA device node(s) to container {vmid} ({syntax} entries)",
                 vmid=vmid, nodes=nodes, syntax=syntax, majors=majors,
-                record=f"{host.data.get('gpufleet_state_dir', '/var/lib/gpufleet')}/proxmox/{vmid}.lxc-lines"))
+                record=f"{host.data.get('gpufleet_state_dir') or base.DEFAULTS['gpufleet_state_dir']}"
+                       f"/proxmox/{vmid}.lxc-lines"))
         if guest.data.get("proxmox_docker_features", True):
             changed.append(guest_features(name=f"Enable nesting{', keyctl' if unprivileged else ''} "
                                                f"for container {vmid}", vmid=vmid, unprivileged=unprivileged))
