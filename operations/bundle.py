@@ -74,6 +74,8 @@ def _check_manifest(bundle, manifest):
     for path, entry in files.items():
         if Path(path).is_absolute() or ".." in Path(path).parts:
             _refuse(bundle, f"{MANIFEST}: {path}: paths must stay inside the bundle")
+        if path != path.strip() or any(ord(char) < 32 for char in path):
+            _refuse(bundle, f"{MANIFEST}: {path!r}: paths may not hold control characters or edge spaces")
         if (not isinstance(entry, dict) or not isinstance(entry.get("size"), int)
                 or not isinstance(entry.get("sha256"), str) or len(entry["sha256"]) != 64):
             _refuse(bundle, f"{MANIFEST}: {path}: needs an integer size and a 64-hex sha256")

@@ -1,6 +1,10 @@
 """
 Stage files from the control node onto hosts over pyinfra's own SSH connection: resumable,
-verified with SHA-256 on the host, and skipped in constant time when already there and intact.
+verified with SHA-256, and skipped in constant time when already there and intact.
+
+All files for a host go in one stream on one SSH channel (no round trip per file). A fresh copy
+is hashed by the sender as it reads it (SSH's MAC covers the way, the host checks the size); a
+resumed copy, or a file found at the right size without a record, is hashed whole on the host.
 
 On the host, each staged directory keeps ``.gpufleet-staged.json``: path -> [size, mtime, sha256]
 of the files verified there. A file whose size and mtime still match its record is intact
@@ -8,11 +12,12 @@ without being read; anything else is hashed again (or sent again). An interrupte
 ``<file>.gpufleet-part``; the next run appends to it instead of starting over.
 """
 
+import hashlib
 import json
 import posixpath
 import shlex
-from io import BytesIO
 
+import gevent
 from pyinfra import host, logger
 from pyinfra.api import FactBase, FunctionCommand, operation
 
@@ -77,6 +82,33 @@ def plan(wanted, staged, rehash=False):
     return intact, check, send
 
 
+# Runs on the host with stdin fed by ``_send``: per file a header line
+# "OFFSET COUNT TOTAL SHA256 PATH", COUNT bytes appended to PATH.gpufleet-part, then (for a fresh
+# copy) a verdict line from the sender. A resumed copy is hashed whole on the host. Prints
+# "ok PATH" or "bad PATH"; a copy cut short keeps its part file for the next run and stops.
+RECEIVE = r"""
+cd "$1" || exit 1
+while read -r offset count total digest path; do
+  part="$path.gpufleet-part"
+  case "$path" in */*) [ "${path%/*}" = "$made" ] || mkdir -p -- "${path%/*}" || exit 1; made=${path%/*};; esac
+  copy="bs=1M count=$count iflag=count_bytes,fullblock status=none"
+  if [ "$offset" -eq 0 ]; then
+    dd of="$part" $copy || exit 1
+    read -r verdict || exit 1
+  else
+    dd of="$part" oflag=append conv=notrunc $copy || exit 1
+    verdict=$(sha256sum < "$part")
+  fi
+  [ "$(stat -c %s -- "$part")" -eq "$total" ] || { echo "short $path"; exit 1; }
+  if [ "${verdict%% *}" = "$digest" ]; then
+    chmod "$2" -- "$part" && mv -f -- "$part" "$path" && echo "ok $path" || exit 1
+  else
+    rm -f -- "$part"; echo "bad $path"
+  fi
+done
+"""
+
+
 def run_checked(host, command):
     """Run ``command`` on the host's connection (inside a FunctionCommand); raise if it fails."""
     status, output = host.connector.run_shell_command(command)
@@ -85,8 +117,54 @@ def run_checked(host, command):
     return output.stdout_lines
 
 
+def _send(host, command, frames):
+    """Run ``command`` on the host with ``frames`` (an iterable of bytes) as its stdin; return stdout lines."""
+    channel = host.connector.client.get_transport().open_session()
+    try:
+        channel.exec_command(command)
+        for frame in frames:
+            try:
+                channel.sendall(frame)
+            except OSError:
+                break  # the command stopped reading: its exit status and output say why
+        else:
+            channel.shutdown_write()
+        stdout = channel.makefile("rb").read().decode()
+        stderr = channel.makefile_stderr("rb").read().decode()
+        status = channel.recv_exit_status()
+    finally:
+        channel.close()
+    return status, stdout.splitlines(), stderr
+
+
+def _frames(src, wanted, send, counter):
+    """Yield the receiver's stream; each fresh file is hashed here as it is read and sent."""
+    for path, offset in sorted(send.items()):
+        entry = wanted[path]
+        count = entry["size"] - offset
+        yield f"{offset} {count} {entry['size']} {entry['sha256']} {path}\n".encode()
+        digest, hashing = hashlib.sha256(), None
+        with open(f"{src}/{path}", "rb") as local:
+            local.seek(offset)
+            while count:
+                block = local.read(min(CHUNK, count))
+                if not block:
+                    raise OSError(f"{src}/{path}: shorter than the manifest says (the source changed)")
+                if hashing:
+                    hashing.get()
+                # hashlib lets go of the GIL: the block is hashed on another core while it is sent
+                hashing = gevent.get_hub().threadpool.spawn(digest.update, block)
+                counter[0] += len(block)
+                count -= len(block)
+                yield block
+        if hashing:
+            hashing.get()
+        if not offset:
+            yield f"{digest.hexdigest()}\n".encode()
+
+
 def _transfer(state, host, src, dest, wanted, check, send, mode):
-    """Run on the host's connection: hash what may be intact, append-send the rest, verify, record."""
+    """Run on the host's connection: hash what may be intact, stream the rest, verify, record."""
     hashes = {}
     if check:
         quoted = " ".join(shlex.quote(path) for path in check)
@@ -97,29 +175,25 @@ def _transfer(state, host, src, dest, wanted, check, send, mode):
         if hashes.get(path) != wanted[path]["sha256"]:
             logger.warning(f"[{host.name}] {dest}/{path}: SHA-256 differs from the manifest; sending it again")
             send[path] = 0
-    sftp = host.connector.get_file_transfer_connection()
-    sent = 0
-    for path, offset in sorted(send.items()):
-        target = posixpath.join(dest, path)
-        run_checked(host, f"mkdir -p {shlex.quote(posixpath.dirname(target))}")
-        with open(f"{src}/{path}", "rb") as local, sftp.open(target + PART, "ab" if offset else "wb") as remote:
-            remote.set_pipelined(True)
-            local.seek(offset)
-            for block in iter(lambda: local.read(CHUNK), b""):
-                remote.write(block)
-                sent += len(block)
-        part = shlex.quote(target + PART)
-        digest = run_checked(host, f"sha256sum -- {part}")[0].split()[0]
-        if digest != wanted[path]["sha256"]:
-            run_checked(host, f"rm -f -- {part}")
-            raise OSError(f"{host.name}: {target}: SHA-256 after transfer differs from the manifest "
+    sent = [0]
+    if send:
+        receive = f"sh -c {shlex.quote(RECEIVE)} gpufleet-receive {shlex.quote(dest)} {shlex.quote(mode)}"
+        status, lines, stderr = _send(host, receive, _frames(src, wanted, send, sent))
+        bad = [line[4:] for line in lines if line.startswith("bad ")]
+        if bad:
+            raise OSError(f"{host.name}: {dest}/{bad[0]}: SHA-256 after transfer differs from the manifest "
                           "(the source changed, or the copy was damaged); removed the partial copy")
-        run_checked(host, f"chmod {mode} {part} && mv -f -- {part} {shlex.quote(target)}")
+        if status or len(lines) != len(send):
+            raise OSError(f"{host.name}: staging into {dest} stopped ({sent[0]} bytes sent; the next run "
+                          f"resumes): {(lines or [''])[-1]} {stderr.strip()}")
     facts = StagedFiles()
     on_host = facts.process(run_checked(host, facts.command(dest)))["files"]
     record = {path: [*stat, wanted[path]["sha256"]] for path, stat in on_host.items() if path in wanted}
-    sftp.putfo(BytesIO(json.dumps(record, sort_keys=True).encode()), posixpath.join(dest, RECORD))
-    logger.info(f"[{host.name}] staged {len(send)} file(s), {sent} bytes sent, into {dest}")
+    status, _, stderr = _send(host, f"cat > {shlex.quote(posixpath.join(dest, RECORD))}",
+                              [json.dumps(record, sort_keys=True).encode()])
+    if status:
+        raise OSError(f"{host.name}: {dest}/{RECORD}: {stderr.strip()}")
+    logger.info(f"[{host.name}] staged {len(send)} file(s), {sent[0]} bytes sent, into {dest}")
 
 
 @operation()

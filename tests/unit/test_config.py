@@ -3,21 +3,23 @@ from pathlib import Path
 
 import pytest
 
-from operations import base, config, docker_engine, inference, nvidia_driver, nvidia_toolkit, offline, weights
+from operations import (base, config, docker_engine, inference, nvidia_driver, nvidia_toolkit, offline,
+                        proxmox, weights)
 from operations.errors import ConfigError
 
 ALL_PY = Path(__file__).resolve().parents[2] / "group_data" / "all.py"
 
 
 def documented_settings():
+    """gpufleet's own settings in group_data/all.py (pyinfra's ssh_ connector settings left out)."""
     tree = ast.parse(ALL_PY.read_text())
     return {t.id: ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
-            for t in node.targets}
+            for t in node.targets if t.id.startswith(config.PREFIXES)}
 
 
 def test_group_data_all_documents_every_default_with_the_same_value():
     documented = documented_settings()
-    for module in (base, docker_engine, nvidia_driver, nvidia_toolkit, offline, inference, weights):
+    for module in (base, docker_engine, nvidia_driver, nvidia_toolkit, offline, inference, weights, proxmox):
         for key, value in module.DEFAULTS.items():
             assert documented.get(key) == value, f"group_data/all.py: {key}"
 
