@@ -18,6 +18,7 @@ import glob
 import gzip
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -227,6 +228,39 @@ def _images(names, out, log):
     return images
 
 
+def hf_snapshot(cache, repo, revision="main", field="weights"):
+    """
+    The snapshot directory of model ``repo`` at ``revision`` (a branch, tag or commit) in a Hugging
+    Face hub cache (``models--ORG--NAME/refs/REV`` names the commit; ``snapshots/COMMIT/`` holds
+    links into ``blobs/``). A link whose blob is missing (an interrupted download) is refused.
+    """
+    root = Path(cache).expanduser() / ("models--" + repo.replace("/", "--"))
+    ref = root / "refs" / revision
+    if re.fullmatch(r"[0-9a-f]{40}", revision):
+        commit = revision
+    elif ref.is_file():
+        commit = ref.read_text().strip()
+    else:
+        raise ConfigError(field, f"{repo}@{revision}: not in the Hugging Face cache {cache} (no {ref})")
+    snapshot = root / "snapshots" / commit
+    if not snapshot.is_dir():
+        raise ConfigError(field, f"{repo}@{revision}: no snapshot {snapshot}")
+    for path in sorted(snapshot.rglob("*")):
+        if path.is_symlink() and not path.exists():
+            raise ConfigError(field, f"{repo}@{revision}: {path.relative_to(snapshot)}: its blob is missing "
+                                     "(an interrupted download): fetch it again")
+    return snapshot
+
+
+def _weights_source(base, volume, source):
+    """A volume's files: a directory (``from``) or a Hugging Face cache snapshot (``hf_cache``, ``repo``,
+    ``revision``); relative paths are taken from the spec's directory."""
+    if "hf_cache" in source:
+        return hf_snapshot(base / Path(source["hf_cache"]).expanduser(), source["repo"],
+                           str(source.get("revision", "main")), field=f"weights.{volume}")
+    return base / source["from"]
+
+
 def _weights(volumes, out, log):
     for volume, source in volumes.items():
         source = Path(source["from"])
@@ -259,7 +293,7 @@ def build(spec_path, out, log=print):
     if spec.get("images"):
         manifest["images"] = _images(spec["images"], out / "images", log)
     if spec.get("weights"):
-        volumes = {name: {"from": str(base / source["from"])} for name, source in spec["weights"].items()}
+        volumes = {name: {"from": str(_weights_source(base, name, source))} for name, source in spec["weights"].items()}
         _weights(volumes, out / "weights", log)
         manifest["weights"] = {name: f"weights/{name}" for name in volumes}
     record = _read_record(out)

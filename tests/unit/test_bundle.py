@@ -1,6 +1,7 @@
 """Bundle manifests: a bundle that differs from its manifest is refused, naming the file."""
 
 import json
+import os
 
 import pytest
 
@@ -50,3 +51,37 @@ def test_latest_image_in_manifest_is_refused(tmp_path):
 def test_missing_manifest_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="no manifest.json"):
         bundle.read_manifest(tmp_path)
+
+
+def hf_cache(root, commit="a" * 40):
+    """A Hugging Face hub cache laid out as huggingface_hub writes it: refs, snapshots of links, blobs."""
+    model = root / "models--tiny-org--tiny-model"
+    (model / "refs").mkdir(parents=True)
+    (model / "refs" / "main").write_text(commit)
+    (model / "blobs").mkdir()
+    (model / "snapshots" / commit / "tokenizer").mkdir(parents=True)
+    for name, data in {"model.gguf": b"g" * 4096, "tokenizer/vocab.json": b"{}"}.items():
+        blob = model / "blobs" / bundle.hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (model / "snapshots" / commit / name).symlink_to(os.path.relpath(blob, (model / "snapshots" / commit / name).parent))
+    return model
+
+
+def test_weights_from_a_hugging_face_cache_are_copied_whole(tmp_path):
+    hf_cache(tmp_path / "hub")
+    (tmp_path / "bundle.yaml").write_text("weights:\n  tiny:\n    hf_cache: hub\n    repo: tiny-org/tiny-model\n")
+    manifest = bundle.build(tmp_path / "bundle.yaml", tmp_path / "out", log=lambda *_: None)
+    assert manifest["weights"] == {"tiny": "weights/tiny"}
+    assert set(manifest["files"]) == {"weights/tiny/model.gguf", "weights/tiny/tokenizer/vocab.json"}
+    copied = tmp_path / "out" / "weights" / "tiny" / "model.gguf"
+    assert not copied.is_symlink() and copied.read_bytes() == b"g" * 4096
+    assert manifest["files"]["weights/tiny/model.gguf"]["sha256"] == bundle.hashlib.sha256(b"g" * 4096).hexdigest()
+
+
+def test_hugging_face_snapshot_with_a_missing_blob_or_revision_is_refused(tmp_path):
+    model = hf_cache(tmp_path / "hub")
+    with pytest.raises(ConfigError, match=r"^weights.tiny: tiny-org/tiny-model@v2: not in the Hugging Face cache"):
+        bundle.hf_snapshot(tmp_path / "hub", "tiny-org/tiny-model", "v2", field="weights.tiny")
+    next((model / "blobs").iterdir()).unlink()
+    with pytest.raises(ConfigError, match=r"its blob is missing \(an interrupted download\)"):
+        bundle.hf_snapshot(tmp_path / "hub", "tiny-org/tiny-model")
