@@ -11,15 +11,15 @@ LXC guests (lxc_guests) that name it; a guest's libraries follow its host's driv
 
 from pyinfra import host
 
-from operations import (base, config, docker_engine, inference, nvidia_driver, nvidia_toolkit, offline,
-                        proxmox)
+from operations import (base, config, containerd_engine, docker_engine, inference, nvidia_driver, nvidia_toolkit,
+                        offline, podman_engine, proxmox)
 
 config.validate(config.host_settings(host), host.name)
 lxc_guest = "lxc_guests" in host.groups
 guest_driver = proxmox.guest_driver_version() if lxc_guest else None  # refuses a mismatch up front
 
 intent = {"groups": sorted(host.groups), "gpus": len(base.gpus()), "docker": False, "services": []}
-skipped = ["driver module checks", "persistence daemon", "reboot", "GPU container run",
+skipped = ["driver module checks", "persistence daemon", "reboot", "/dev/char links", "GPU container run",
            "GPU-only inference services"]
 base.prepare()
 if host.data.get("gpufleet_bundle"):
@@ -37,24 +37,41 @@ if "proxmox_hosts" in host.groups:
 image_ops = []
 if "gpu_hosts" in host.groups:
     if lxc_guest:
-        nvidia_driver.install_driver(version=guest_driver, kernel_module=False)
+        driver = nvidia_driver.install_driver(version=guest_driver, kernel_module=False)
         unprivileged = proxmox.guest_is_unprivileged()
         intent["lxc"] = {"proxmox_host": host.data.proxmox_host, "vmid": int(host.data.proxmox_vmid),
                          "unprivileged": unprivileged}
     else:
-        nvidia_driver.install_driver()
+        driver = nvidia_driver.install_driver()
         unprivileged = False
     intent["nvidia_driver_version"] = guest_driver or host.data.nvidia_driver_version
-    daemon_json = docker_engine.install_docker()
-    nvidia_runtime = nvidia_toolkit.install_toolkit(no_cgroups=unprivileged)
-    docker_engine.restart_on_change([daemon_json, nvidia_runtime])
+    engine = intent["engine"] = host.data.nvidia_toolkit_engine
+    if engine == "docker":
+        daemon_json = docker_engine.install_docker()
+    elif engine == "containerd":
+        containerd_engine.install_containerd()
+    else:
+        podman_engine.install_podman()
+    runtime, toolkit = nvidia_toolkit.install_toolkit(
+        no_cgroups=unprivileged, dev_char_symlinks=False if lxc_guest else None, gpus=intent["gpus"],
+        driver_changed=driver.will_change)
+    if engine == "docker":
+        engine_ready = docker_engine.restart_on_change([daemon_json, runtime])
+    elif engine == "containerd":
+        engine_ready = containerd_engine.restart_on_change([runtime])
+    else:
+        engine_ready = runtime  # Podman has no daemon: the CDI spec (None without GPUs) is all
     intent["nvidia_toolkit_version"] = host.data.nvidia_toolkit_version
-    intent["docker"] = True
-    if host.data.get("gpufleet_bundle"):
+    intent["nvidia_toolkit_check_image"] = host.data.nvidia_toolkit_check_image
+    intent["docker"] = engine == "docker"
+    if intent["docker"] and host.data.get("gpufleet_bundle"):
         image_ops = offline.load_images()
-    results = inference.install_services(gpus=intent["gpus"], image_ops=image_ops)
-    inference.summary(results)
-    intent["services"] = [inference.intent(service, ready is not None) for service, ready in results]
+    if intent["gpus"]:
+        nvidia_toolkit.check_gpu_container(after=[op for op in (driver, toolkit, engine_ready) if op], engine=engine)
+    if intent["docker"]:
+        results = inference.install_services(gpus=intent["gpus"], image_ops=image_ops)
+        inference.summary(results)
+        intent["services"] = [inference.intent(service, ready is not None) for service, ready in results]
 
 if not intent["gpus"]:
     base.say_no_gpu(skipped)

@@ -54,10 +54,18 @@ nvidia_toolkit_source = "nvidia-repo"
 # Where the local repository lives on the host, and (optionally) a control-node directory to stage.
 nvidia_toolkit_local_repo = "/var/lib/gpufleet/toolkit-repo"
 nvidia_toolkit_local_repo_src = None
-# The engine to wire the runtime into (containerd and podman: not yet supported).
+# The engine GPU hosts run: "docker" (the inference services need it), "containerd" (Kubernetes
+# nodes, nerdctl: the nvidia runtime in its CRI config, containerd restarted on change) or "podman"
+# (a CDI spec /etc/cdi/nvidia.yaml, generated on hosts with GPUs).
 nvidia_toolkit_engine = "docker"
 # Make nvidia Docker's default runtime (otherwise containers ask for it with --gpus / --runtime).
 nvidia_toolkit_set_as_default = False
+# Link the GPU device nodes into /dev/char (udev rule + now): with systemd-managed cgroups runc
+# finds devices by these links; without them containers lose their GPUs after a daemon-reload.
+nvidia_toolkit_dev_char_symlinks = True
+# After the driver, toolkit or Docker changed on a host with a GPU, `docker run --gpus all` this
+# image with nvidia-smi. Pinned; an offline host never pulls it (put it in the bundle's images).
+nvidia_toolkit_check_image = "nvidia/cuda:12.2.2-base-ubuntu22.04"
 
 # --- offline bundle (python -m operations.bundle build SPEC --out DIR) ---------------------
 # A bundle directory on the control node: its manifest is verified before any host is touched,

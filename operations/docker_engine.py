@@ -63,8 +63,10 @@ def restart_on_change(config_ops):
     Keep Docker enabled and running, restarting it only when one of ``config_ops`` changed.
 
     + config_ops: operations that write Docker's configuration (daemon.json, runtimes)
+
+    Returns the service operation.
     """
-    systemd.service(
+    return systemd.service(
         name="Restart Docker if its configuration changed",
         service="docker",
         running=True,

@@ -1,5 +1,6 @@
 """Facts about NVIDIA hardware and the driver, parsed from what the host really prints."""
 
+import posixpath
 import re
 
 from pyinfra.api import FactBase
@@ -182,3 +183,54 @@ class AptHeldPackages(FactBase):
 
     def process(self, output):
         return {line.strip() for line in output if line.strip()}
+
+
+class NvidiaDeviceNodes(FactBase):
+    """
+    Returns the NVIDIA character device nodes under /dev with their major and minor numbers:
+
+    .. code:: python
+
+        {"/dev/nvidia0": (195, 0), "/dev/nvidiactl": (195, 255), "/dev/nvidia-uvm": (238, 0)}
+    """
+
+    default = dict
+
+    def command(self):
+        return ("for f in /dev/nvidia* /dev/nvidia-caps/*; do "
+                '[ -c "$f" ] && stat -c "%n %t %T" "$f"; done; true')
+
+    def process(self, output):
+        nodes = {}
+        for line in output:
+            path, major, minor = line.split()
+            nodes[path] = (int(major, 16), int(minor, 16))
+        return nodes
+
+
+class DevCharLinks(FactBase):
+    """
+    Returns the symlinks in /dev/char, by ``MAJOR:MINOR``, with their targets made absolute (runc
+    finds a device by them when systemd manages the container's cgroup):
+
+    .. code:: python
+
+        {"195:0": "/dev/nvidia0", "4:1": "/dev/tty1"}
+    """
+
+    default = dict
+
+    def command(self):
+        return "find /dev/char -maxdepth 1 -type l -printf '%f %l\\n' 2>/dev/null; true"
+
+    def process(self, output):
+        links = {}
+        for line in output:
+            name, _, target = line.partition(" ")
+            links[name] = posixpath.normpath(posixpath.join("/dev/char", target))
+        return links
+
+
+def missing_dev_char_links(nodes, links):
+    """The device nodes (path -> (major, minor)) that have no /dev/char/MAJOR:MINOR link to them."""
+    return sorted(path for path, (major, minor) in nodes.items() if links.get(f"{major}:{minor}") != path)

@@ -1,26 +1,36 @@
 """NVIDIA Container Toolkit: the four packages at one version, then ``nvidia-ctk runtime configure``
-only when the engine lacks the runtime; the engine restart is left to the caller's handler."""
+only when the engine lacks the runtime (the engine restart is left to the caller's handler), the
+/dev/char links runc needs under systemd cgroups, and a GPU container run to prove it works."""
 
 import os
-from io import StringIO
-
 import re
+import shlex
+from io import StringIO
+from pathlib import Path
 
-from pyinfra import host
-from pyinfra.api import FactBase, deploy, operation
+from pyinfra import host, logger
+from pyinfra.api import FactBase, OperationError, deploy, operation
+from pyinfra.facts.files import File
 from pyinfra.operations import apt, files
 
 from . import apt_pin, config, docker_engine, json_ops
+from .containerd_engine import ContainerdRuntimes
+from .errors import ConfigError
+from .docker_images import pinned
+from .gpu_facts import DevCharLinks, NvidiaDeviceNodes, missing_dev_char_links
 
 PACKAGES = ["libnvidia-container1", "libnvidia-container-tools",
             "nvidia-container-toolkit-base", "nvidia-container-toolkit"]
 SOURCES = ("nvidia-repo", "local-repo", "bundle")
-ENGINES = ("docker",)
+ENGINES = ("docker", "containerd", "podman")
+CDI_SPEC = "/etc/cdi/nvidia.yaml"
 NVIDIA_REPO = "https://nvidia.github.io/libnvidia-container/stable/deb/$(ARCH)"
 NVIDIA_KEY_URL = "https://nvidia.github.io/libnvidia-container/gpgkey"
 KEYRING = "/usr/share/keyrings/nvidia-container-toolkit-keyring.asc"  # apt reads armored .asc keys
 RUNTIME_BINARY = "nvidia-container-runtime"
 RUNTIME_CONFIG = "/etc/nvidia-container-runtime/config.toml"
+DEV_CHAR_RULE = "/lib/udev/rules.d/71-nvidia-dev-char.rules"
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
 DEFAULTS = {
     "nvidia_toolkit_version": "1.17.8",
@@ -29,7 +39,16 @@ DEFAULTS = {
     "nvidia_toolkit_local_repo_src": None,
     "nvidia_toolkit_engine": "docker",
     "nvidia_toolkit_set_as_default": False,
+    "nvidia_toolkit_dev_char_symlinks": True,
+    "nvidia_toolkit_check_image": "nvidia/cuda:12.2.2-base-ubuntu22.04",
 }
+
+def _check(data, host_name):
+    engine = data.get("nvidia_toolkit_engine", "docker")
+    if engine != "docker" and data.get("inference_services"):
+        raise ConfigError("nvidia_toolkit_engine", f"is {engine!r}, but the inference services run as Docker "
+                          "containers: use 'docker' on hosts with inference_services", host=host_name)
+
 
 config.register({
     "nvidia_toolkit_version": (lambda v: isinstance(v, str) and v.count(".") == 2 and v != "latest",
@@ -39,7 +58,10 @@ config.register({
     "nvidia_toolkit_local_repo_src": (config._is_str, "a directory on the control node to stage from"),
     "nvidia_toolkit_engine": (lambda v: v in ENGINES, f"one of {', '.join(ENGINES)}"),
     "nvidia_toolkit_set_as_default": (config._is_bool, "true or false"),
-})
+    "nvidia_toolkit_dev_char_symlinks": (config._is_bool, "true or false"),
+    "nvidia_toolkit_check_image": (lambda v: isinstance(v, str) and pinned(v),
+                                   "a CUDA image pinned by tag or digest (never 'latest')"),
+}, cross_check=_check)
 
 
 def has_nvidia_runtime(daemon):
@@ -48,8 +70,8 @@ def has_nvidia_runtime(daemon):
     return os.path.basename(str(runtime.get("path", ""))) == RUNTIME_BINARY
 
 
-def configure_command(set_as_default=False):
-    return "nvidia-ctk runtime configure --runtime=docker" + (" --set-as-default" if set_as_default else "")
+def configure_command(set_as_default=False, engine="docker"):
+    return f"nvidia-ctk runtime configure --runtime={engine}" + (" --set-as-default" if set_as_default else "")
 
 
 class NoCgroups(FactBase):
@@ -70,22 +92,33 @@ class NoCgroups(FactBase):
 
 
 @deploy("Install NVIDIA Container Toolkit", data_defaults=DEFAULTS)
-def install_toolkit(version=None, source=None, set_as_default=None, no_cgroups=False):
+def install_toolkit(version=None, source=None, engine=None, set_as_default=None, no_cgroups=False,
+                    dev_char_symlinks=None, gpus=0, driver_changed=False):
     """
-    Install the toolkit's four packages at one pinned version and configure Docker's runtime.
+    Install the toolkit's four packages at one pinned version and wire the engine to it.
 
     + version: toolkit version (``nvidia_toolkit_version``), packages at ``<version>-1``
     + source: ``nvidia-repo`` (NVIDIA's apt repository), ``local-repo`` (staged on the host) or
       ``bundle`` (the offline bundle's repository)
-    + set_as_default: make nvidia Docker's default runtime (``nvidia_toolkit_set_as_default``)
+    + engine: ``docker`` or ``containerd`` (the nvidia runtime in its config), or ``podman`` (a CDI
+      spec, generated only on a host with GPUs) (``nvidia_toolkit_engine``)
+    + set_as_default: make nvidia the engine's default runtime (``nvidia_toolkit_set_as_default``)
     + no_cgroups: leave device cgroups to the host (an unprivileged LXC guest, where the hook cannot
       write them): ``no-cgroups = true`` in config.toml
+    + dev_char_symlinks: keep /dev/char links to the GPU device nodes, now and whenever the driver
+      binds (``nvidia_toolkit_dev_char_symlinks``; off for an LXC guest, whose nodes its host makes)
+    + gpus: how many GPUs the host has; without any, no CDI spec can be generated
+    + driver_changed: the driver changes in this run (the CDI spec names its libraries: regenerate)
 
-    Returns the runtime operation: pass it to ``docker_engine.restart_on_change``.
+    Returns the engine's configuration operation (pass it to the engine's ``restart_on_change``;
+    None for Podman without GPUs) and the packages operation.
     """
     version = version or host.data.nvidia_toolkit_version
     source = source or host.data.nvidia_toolkit_source
+    engine = engine or host.data.nvidia_toolkit_engine
     set_as_default = host.data.nvidia_toolkit_set_as_default if set_as_default is None else set_as_default
+    if dev_char_symlinks is None:
+        dev_char_symlinks = host.data.nvidia_toolkit_dev_char_symlinks
 
     if source == "local-repo":
         repo_dir = host.data.nvidia_toolkit_local_repo
@@ -107,14 +140,26 @@ def install_toolkit(version=None, source=None, set_as_default=None, no_cgroups=F
         apt.update(name="Update apt lists after the toolkit source changed",
                    _if=lambda: any(op.did_change() for op in changed))
 
-    apt_pin.installed(name=f"Install NVIDIA Container Toolkit {version} and hold it", packages=PACKAGES,
-                      version=version, pin_name="gpufleet-nvidia-toolkit", pin_patterns=PACKAGES)
+    packages = apt_pin.installed(name=f"Install NVIDIA Container Toolkit {version} and hold it", packages=PACKAGES,
+                                 version=version, pin_name="gpufleet-nvidia-toolkit", pin_patterns=PACKAGES)
 
     if no_cgroups:
         cgroups_off(name="Leave device cgroups to the LXC host (nvidia-container-cli no-cgroups)")
+    if dev_char_symlinks:
+        files.put(name="Link NVIDIA device nodes into /dev/char whenever the driver binds (udev rule)",
+                  src=str(TEMPLATES / "71-nvidia-dev-char.rules"), dest=DEV_CHAR_RULE, mode="644")
+        dev_char_links(name="Link the NVIDIA device nodes into /dev/char now")
 
-    return docker_runtime(name="Configure Docker's nvidia runtime (nvidia-ctk runtime configure)",
-                          set_as_default=set_as_default)
+    if engine == "docker":
+        runtime = docker_runtime(name="Configure Docker's nvidia runtime (nvidia-ctk runtime configure)",
+                                 set_as_default=set_as_default)
+    elif engine == "containerd":
+        runtime = containerd_runtime(name="Configure containerd's nvidia runtime (nvidia-ctk runtime configure)",
+                                     set_as_default=set_as_default)
+    else:
+        runtime = cdi_spec(name=f"Generate the CDI specification {CDI_SPEC} (nvidia-ctk cdi generate)",
+                           regenerate=driver_changed) if gpus else None
+    return runtime, packages
 
 
 @operation()
@@ -135,9 +180,89 @@ def docker_runtime(set_as_default=False):
 
 
 @operation()
+def containerd_runtime(set_as_default=False):
+    """
+    Run ``nvidia-ctk runtime configure --runtime=containerd`` only when no containerd config file
+    (config.toml or a conf.d drop-in) has the nvidia runtime.
+
+    + set_as_default: also make nvidia the CRI plugin's default runtime
+    """
+    found = host.get_fact(ContainerdRuntimes)
+    if "__invalid__" in found:
+        raise OperationError(f"{host.name}: {found['__invalid__']}; fix or remove it, gpufleet left it as it is")
+    present = os.path.basename(found["runtimes"].get("nvidia") or "") == RUNTIME_BINARY
+    if present and (not set_as_default or found["default"] == "nvidia"):
+        host.noop("containerd already has the nvidia runtime")
+        return
+    yield configure_command(set_as_default, engine="containerd")
+
+
+@operation()
+def cdi_spec(regenerate=False):
+    """
+    Write the CDI specification of this host's GPUs with ``nvidia-ctk cdi generate`` when it is
+    missing, or when ``regenerate`` (the driver, whose libraries it lists, changed).
+    """
+    if host.get_fact(File, path=CDI_SPEC) and not regenerate:
+        host.noop(f"{CDI_SPEC} exists")
+        return
+    yield f"nvidia-ctk cdi generate --output={CDI_SPEC}"
+
+
+@operation()
 def cgroups_off():
     """Set ``no-cgroups = true`` with ``nvidia-ctk config --in-place`` unless it is already set."""
     if host.get_fact(NoCgroups):
         host.noop(f"{RUNTIME_CONFIG} already has no-cgroups = true")
         return
     yield "nvidia-ctk config --in-place --set nvidia-container-cli.no-cgroups"
+
+
+@operation()
+def dev_char_links():
+    """Run ``nvidia-ctk system create-dev-char-symlinks --create-all`` when a GPU node lacks its link."""
+    nodes = host.get_fact(NvidiaDeviceNodes)
+    missing = missing_dev_char_links(nodes, host.get_fact(DevCharLinks))
+    if not missing:
+        host.noop(f"/dev/char links all {len(nodes)} NVIDIA device nodes" if nodes else "no NVIDIA device nodes")
+        return
+    yield "nvidia-ctk system create-dev-char-symlinks --create-all"
+
+
+def check_command(image, offline=False, engine="docker"):
+    """Run nvidia-smi in ``image`` with every GPU (Docker's --gpus, or Podman's CDI devices); an
+    offline host never pulls."""
+    gpus = "--device nvidia.com/gpu=all" if engine == "podman" else "--gpus all"
+    return (f"{engine} run --rm --pull {'never' if offline else 'missing'} {gpus} {shlex.quote(image)} "
+            "nvidia-smi --query-gpu=index,name,driver_version --format=csv,noheader")
+
+
+@operation(is_idempotent=False)
+def gpu_container_run(image, offline=False, engine="docker"):
+    """
+    Prove the toolkit hands GPUs to containers: run nvidia-smi in ``image`` with every GPU.
+
+    + image: a pinned CUDA base image (offline hosts: loaded from the bundle beforehand)
+    + offline: never pull the image
+    + engine: ``docker`` or ``podman``
+    """
+    yield check_command(image, offline, engine)
+
+
+@deploy("Check GPUs in a container", data_defaults=DEFAULTS)
+def check_gpu_container(after, image=None, engine=None):
+    """
+    Run a CUDA container with every GPU when ``after`` (driver, toolkit, engine operations) changed.
+
+    + after: the operations whose change calls for the check; a converged host runs nothing
+    + image: the CUDA base image (``nvidia_toolkit_check_image``)
+    + engine: ``docker`` or ``podman``; containerd serves Kubernetes, whose own GPU pod checks it
+    """
+    image = image or host.data.nvidia_toolkit_check_image
+    engine = engine or host.data.nvidia_toolkit_engine
+    if engine == "containerd":
+        logger.warning(f"[{host.name}] containerd: gpufleet runs no GPU container here; check with a GPU pod")
+        return
+    gpu_container_run(name=f"Run nvidia-smi in {image} with every GPU ({engine})", image=image,
+                      offline=bool(host.data.get("gpufleet_offline")), engine=engine,
+                      _if=lambda: any(op.did_change() for op in after))

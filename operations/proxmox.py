@@ -16,8 +16,8 @@ from pyinfra.operations import apt, files, server, systemd
 
 from . import base, config
 from .errors import ConfigError, HostStateError
-from .gpu_facts import NvidiaKernelModule
-from .proxmox_facts import (GPU_DEVICE_NAMES, NvidiaDeviceNodes, PctConfig, PctStatus, ProcDevices,
+from .gpu_facts import NvidiaDeviceNodes, NvidiaKernelModule
+from .proxmox_facts import (GPU_DEVICE_NAMES, PctConfig, PctStatus, ProcDevices,
                             PveVersion, parse_property_string)
 
 SYNTAXES = ("auto", "dev", "lxc")

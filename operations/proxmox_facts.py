@@ -78,29 +78,6 @@ class ProcDevices(FactBase):
         return parse_proc_devices(output)
 
 
-class NvidiaDeviceNodes(FactBase):
-    """
-    Returns the NVIDIA character device nodes under /dev with their major and minor numbers:
-
-    .. code:: python
-
-        {"/dev/nvidia0": (195, 0), "/dev/nvidiactl": (195, 255), "/dev/nvidia-uvm": (238, 0)}
-    """
-
-    default = dict
-
-    def command(self):
-        return ("for f in /dev/nvidia* /dev/nvidia-caps/*; do "
-                '[ -c "$f" ] && stat -c "%n %t %T" "$f"; done; true')
-
-    def process(self, output):
-        nodes = {}
-        for line in output:
-            path, major, minor = line.split()
-            nodes[path] = (int(major, 16), int(minor, 16))
-        return nodes
-
-
 class PveVersion(FactBase):
     """
     Returns Proxmox VE's version from ``pveversion``, or None on a host that is not Proxmox VE:

@@ -20,9 +20,22 @@ def driver_host(host, intent):
 
 @pytest.fixture
 def gpu_host(driver_host, intent):
-    if not intent["docker"]:
+    if "engine" not in intent:
         pytest.skip(f"{driver_host.backend.get_hostname()}: no container engine here (a Proxmox host)")
     return driver_host
+
+
+def engine_host(engine):
+    @pytest.fixture
+    def fixture(gpu_host, intent):
+        if intent["engine"] != engine:
+            pytest.skip(f"{gpu_host.backend.get_hostname()}: its engine is {intent['engine']}, not {engine}")
+        return gpu_host
+    return fixture
+
+
+docker_host = engine_host("docker")
+containerd_host = engine_host("containerd")
 
 
 @pytest.fixture
@@ -55,14 +68,14 @@ def test_nouveau_blacklisted(kernel_host):
     assert "blacklist nouveau" in content and "options nouveau modeset=0" in content
 
 
-def test_daemon_json_has_nvidia_runtime_and_log_rotation(gpu_host):
-    daemon = json.loads(gpu_host.file("/etc/docker/daemon.json").content_string)
+def test_daemon_json_has_nvidia_runtime_and_log_rotation(docker_host):
+    daemon = json.loads(docker_host.file("/etc/docker/daemon.json").content_string)
     assert daemon["runtimes"]["nvidia"]["path"].endswith("nvidia-container-runtime")
     assert daemon["log-driver"] == "json-file"
 
 
-def test_docker_lists_the_nvidia_runtime(gpu_host):
-    runtimes = json.loads(gpu_host.check_output("docker info --format '{{json .Runtimes}}'"))
+def test_docker_lists_the_nvidia_runtime(docker_host):
+    runtimes = json.loads(docker_host.check_output("docker info --format '{{json .Runtimes}}'"))
     assert "nvidia" in runtimes
 
 
@@ -71,3 +84,25 @@ def test_nvidia_smi_reports_the_pinned_driver(gpu_host, intent):
         pytest.skip("no NVIDIA GPU on this host: nvidia-smi cannot reach a driver")
     version = gpu_host.check_output("nvidia-smi --query-gpu=driver_version --format=csv,noheader").splitlines()[0]
     assert version == intent["nvidia_driver_version"]
+
+
+def test_containerd_has_the_nvidia_runtime(containerd_host):
+    dump = containerd_host.check_output("containerd config dump")
+    assert 'runtimes.nvidia]' in dump and 'nvidia-container-runtime' in dump
+    assert containerd_host.service("containerd").is_running
+
+
+def test_gpus_reach_a_container(docker_host, intent):
+    if not intent["gpus"]:
+        pytest.skip("no NVIDIA GPU on this host: no container can be given one")
+    listed = docker_host.check_output(f"docker run --rm --gpus all {intent['nvidia_toolkit_check_image']} nvidia-smi -L")
+    assert len([line for line in listed.splitlines() if line.startswith("GPU ")]) == intent["gpus"], listed
+
+
+def test_gpu_nodes_are_linked_in_dev_char(gpu_host, intent):
+    if not intent["gpus"] or "lxc" in intent:
+        pytest.skip("no NVIDIA GPU on this host" if not intent["gpus"] else "an LXC guest: its host links the nodes")
+    nodes = gpu_host.check_output("stat -c '%n %t %T' /dev/nvidia[0-9]* /dev/nvidiactl /dev/nvidia-uvm").splitlines()
+    for node, major, minor in (line.split() for line in nodes):
+        link = f"/dev/char/{int(major, 16)}:{int(minor, 16)}"
+        assert gpu_host.file(link).linked_to == node, link

@@ -51,3 +51,46 @@ def test_nvidia_ctk_double_keeps_keys_and_is_byte_stable(second_deploy, lab):
     bad = sh(lab, "lab-1", "echo '{x' > /tmp/bad.json; nvidia-ctk runtime configure --config=/tmp/bad.json; "
                            "echo rc=$?; cat /tmp/bad.json", check=False).stdout
     assert "rc=1" in bad and "{x" in bad
+
+
+def test_udev_rule_links_dev_char_for_gpu_nodes(second_deploy, lab):
+    rule = sh(lab, "lab-1", "cat /lib/udev/rules.d/71-nvidia-dev-char.rules").stdout
+    assert ('ACTION=="add", DEVPATH=="/bus/pci/drivers/nvidia", '
+            'RUN+="/usr/bin/nvidia-ctk system create-dev-char-symlinks --create-all"') in rule
+    # No GPU in the lab: stand-in nodes with the driver's numbers get their links, once.
+    sh(lab, "lab-2", "mknod /dev/nvidia0 c 195 0 && mknod /dev/nvidiactl c 195 255")
+    try:
+        result = run_deploy("--limit", "lab-2")
+        assert result.rc == 0, result.output[-3000:]
+        assert list(result.changed()) == ["Install NVIDIA Container Toolkit | Link the NVIDIA device nodes into "
+                                          "/dev/char now"], result.changed()
+        links = sh(lab, "lab-2", "readlink /dev/char/195:0 /dev/char/195:255").stdout.split()
+        assert links == ["/dev/nvidia0", "/dev/nvidiactl"]
+        assert run_deploy("--limit", "lab-2").changed() == {}
+    finally:
+        sh(lab, "lab-2", "rm -f /dev/nvidia0 /dev/nvidiactl /dev/char/195:0 /dev/char/195:255")
+
+
+def test_lxc_guest_leaves_dev_char_to_its_host(second_deploy, lab):
+    assert sh(lab, "lab-ct-1", "test -e /lib/udev/rules.d/71-nvidia-dev-char.rules", check=False).returncode == 1
+
+
+def test_containerd_engine_gets_the_runtime_and_one_restart(second_deploy, lab):
+    containerd = ("--limit", "lab-2", "--data", "nvidia_toolkit_engine=containerd", "--data", "inference_services=[]")
+    started = sh(lab, "lab-2", "systemctl show -p ActiveEnterTimestampMonotonic containerd").stdout
+    try:
+        first = run_deploy(*containerd)
+        assert first.rc == 0, first.output[-3000:]
+        changed = first.changed()
+        assert "Install NVIDIA Container Toolkit | Configure containerd's nvidia runtime (nvidia-ctk runtime " \
+               "configure)" in changed, changed
+        assert "Apply containerd configuration | Restart containerd if its configuration changed" in changed
+        assert sh(lab, "lab-2", "systemctl show -p ActiveEnterTimestampMonotonic containerd").stdout != started
+        # containerd itself read the new config: its merged view has the runtime.
+        dump = sh(lab, "lab-2", "containerd config dump").stdout
+        assert 'runtimes.nvidia.options]' in dump and 'BinaryName = "/usr/bin/nvidia-container-runtime"' in dump
+        assert run_deploy(*containerd).changed() == {}
+    finally:
+        back = run_deploy("--limit", "lab-2")
+    assert back.rc == 0, back.output[-3000:]
+    assert list(back.changed()) == ["Record what gpufleet deployed | Write /etc/gpufleet/host.json"], back.changed()

@@ -42,6 +42,8 @@ def test_typo_is_named_with_a_suggestion():
     ("docker_log_max_file", 0),
     ("docker_packages", "docker.io"),
     ("gpufleet_offline", "yes"),
+    ("nvidia_toolkit_check_image", "nvidia/cuda:latest"),
+    ("nvidia_toolkit_check_image", "nvidia/cuda"),
 ])
 def test_malformed_value_names_the_field(field, value):
     with pytest.raises(ConfigError, match=rf"^{field}: must be"):

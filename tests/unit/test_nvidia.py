@@ -1,11 +1,18 @@
 """Driver and toolkit: packages per source and distro, commands yielded for given facts."""
 
 import hashlib
+from pathlib import Path
 
 import pytest
 
-from operations import apt_pin, nvidia_driver, nvidia_toolkit
+from operations import apt_pin, config, containerd_engine, nvidia_driver, nvidia_toolkit
+from operations.errors import ConfigError
+from operations.gpu_facts import DevCharLinks, missing_dev_char_links
 from operations.json_facts import JsonFile
+
+from .test_inference import SERVICE
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "nvidia"
 
 DEBIAN_535 = ["nvidia-kernel-dkms", "nvidia-smi", "libcuda1"]
 
@@ -90,3 +97,92 @@ def test_runtime_set_as_default(run_op):
 def test_runtime_refuses_malformed_daemon_json(run_op):
     with pytest.raises(Exception, match="daemon.json: not valid JSON"):
         run_op(nvidia_toolkit.docker_runtime, {"JsonFile": JsonFile().process(['{"a": '])})
+
+
+def test_dev_char_links_fact_makes_targets_absolute():
+    links = DevCharLinks().process(["195:0 /dev/nvidia0", "4:1 ../tty1", "195:255 ../nvidiactl"])
+    assert links == {"195:0": "/dev/nvidia0", "4:1": "/dev/tty1", "195:255": "/dev/nvidiactl"}
+
+
+def test_nodes_without_their_dev_char_link_are_missing():
+    nodes = {"/dev/nvidia0": (195, 0), "/dev/nvidiactl": (195, 255), "/dev/nvidia-uvm": (238, 0)}
+    links = {"195:0": "/dev/nvidia0", "195:255": "/dev/tty9", "4:1": "/dev/tty1"}
+    assert missing_dev_char_links(nodes, links) == ["/dev/nvidia-uvm", "/dev/nvidiactl"]
+
+
+def test_dev_char_links_run_nvidia_ctk_only_when_a_link_is_missing(run_op):
+    nodes = {"/dev/nvidia0": (195, 0), "/dev/nvidiactl": (195, 255)}
+    commands, _ = run_op(nvidia_toolkit.dev_char_links, {"NvidiaDeviceNodes": nodes,
+                                                         "DevCharLinks": {"195:0": "/dev/nvidia0"}})
+    assert commands == ["nvidia-ctk system create-dev-char-symlinks --create-all"]
+    linked = {"195:0": "/dev/nvidia0", "195:255": "/dev/nvidiactl"}
+    commands, noops = run_op(nvidia_toolkit.dev_char_links, {"NvidiaDeviceNodes": nodes, "DevCharLinks": linked})
+    assert commands == [] and noops == ["/dev/char links all 2 NVIDIA device nodes"]
+    commands, noops = run_op(nvidia_toolkit.dev_char_links, {})
+    assert commands == [] and noops == ["no NVIDIA device nodes"]
+
+
+def test_gpu_container_check_never_pulls_on_an_offline_host():
+    image = "nvidia/cuda:12.2.2-base-ubuntu22.04"
+    assert nvidia_toolkit.check_command(image) == (
+        "docker run --rm --pull missing --gpus all nvidia/cuda:12.2.2-base-ubuntu22.04 "
+        "nvidia-smi --query-gpu=index,name,driver_version --format=csv,noheader")
+    assert "--pull never --gpus all" in nvidia_toolkit.check_command(image, offline=True)
+
+
+DEBIAN_CONTAINERD = (DATA / "debian12-containerd-config.toml").read_text().splitlines()
+NVIDIA_V2 = ['[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.nvidia.options]',
+             '  BinaryName = "/usr/bin/nvidia-container-runtime"']
+NVIDIA_V3_DROP_IN = ['[plugins."io.containerd.cri.v1.runtime".containerd]', '  default_runtime_name = "nvidia"',
+                     '[plugins."io.containerd.cri.v1.runtime".containerd.runtimes.nvidia.options]',
+                     '  BinaryName = "/usr/bin/nvidia-container-runtime"']
+
+
+def containerd_files(**files):
+    lines = []
+    for path, content in files.items():
+        lines += [containerd_engine.FILE_MARK + path.replace("__", "/"), *content]
+    return lines
+
+
+def test_containerd_runtimes_from_debian_config_and_drop_ins():
+    fact = containerd_engine.ContainerdRuntimes()
+    assert fact.process(containerd_files(config=DEBIAN_CONTAINERD)) == {"runtimes": {}, "default": None}
+    assert fact.process(containerd_files(config=DEBIAN_CONTAINERD + NVIDIA_V2)) == {
+        "runtimes": {"nvidia": "/usr/bin/nvidia-container-runtime"}, "default": None}
+    assert fact.process(containerd_files(config=DEBIAN_CONTAINERD, drop_in=NVIDIA_V3_DROP_IN)) == {
+        "runtimes": {"nvidia": "/usr/bin/nvidia-container-runtime"}, "default": "nvidia"}
+    assert "not valid TOML" in fact.process(containerd_files(config=["[plugins"]))["__invalid__"]
+
+
+def test_containerd_runtime_configured_only_when_missing(run_op):
+    fact = containerd_engine.ContainerdRuntimes()
+    bare = fact.process(containerd_files(config=DEBIAN_CONTAINERD))
+    commands, _ = run_op(nvidia_toolkit.containerd_runtime, {"ContainerdRuntimes": bare})
+    assert commands == ["nvidia-ctk runtime configure --runtime=containerd"]
+    wired = fact.process(containerd_files(config=DEBIAN_CONTAINERD + NVIDIA_V2))
+    commands, noops = run_op(nvidia_toolkit.containerd_runtime, {"ContainerdRuntimes": wired})
+    assert commands == [] and noops == ["containerd already has the nvidia runtime"]
+    commands, _ = run_op(nvidia_toolkit.containerd_runtime, {"ContainerdRuntimes": wired}, set_as_default=True)
+    assert commands == ["nvidia-ctk runtime configure --runtime=containerd --set-as-default"]
+    with pytest.raises(Exception, match="config.toml: not valid TOML"):
+        run_op(nvidia_toolkit.containerd_runtime, {"ContainerdRuntimes": fact.process(
+            containerd_files(**{"__etc__containerd__config.toml": ["[x"]}))})
+
+
+def test_cdi_spec_generated_when_missing_or_the_driver_changes(run_op):
+    generate = ["nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml"]
+    assert run_op(nvidia_toolkit.cdi_spec, {})[0] == generate
+    assert run_op(nvidia_toolkit.cdi_spec, {"File": {"mode": 644}})[0] == []
+    assert run_op(nvidia_toolkit.cdi_spec, {"File": {"mode": 644}}, regenerate=True)[0] == generate
+
+
+def test_podman_check_uses_cdi_devices():
+    assert nvidia_toolkit.check_command("nvidia/cuda:12.2.2-base-ubuntu22.04", engine="podman").startswith(
+        "podman run --rm --pull missing --device nvidia.com/gpu=all nvidia/cuda:12.2.2-base-ubuntu22.04 nvidia-smi")
+
+
+def test_inference_services_need_the_docker_engine():
+    with pytest.raises(ConfigError, match=r"^gpu1: nvidia_toolkit_engine: is 'podman', but the inference services"):
+        config.validate({"nvidia_toolkit_engine": "podman", "inference_services": [SERVICE]}, host_name="gpu1")
+    config.validate({"nvidia_toolkit_engine": "containerd", "inference_services": []})

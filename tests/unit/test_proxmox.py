@@ -10,7 +10,8 @@ import pytest
 
 from operations import nvidia_driver, nvidia_toolkit, proxmox
 from operations.errors import ConfigError, HostStateError
-from operations.proxmox_facts import (NvidiaDeviceNodes, PctConfig, PctStatus, PveVersion, ProcDevices,
+from operations.gpu_facts import NvidiaDeviceNodes
+from operations.proxmox_facts import (PctConfig, PctStatus, PveVersion, ProcDevices,
                                       parse_pct_config, parse_property_string)
 
 DATA = Path(__file__).resolve().parents[1] / "data"
