@@ -12,7 +12,7 @@ LXC guests (lxc_guests) that name it; a guest's libraries follow its host's driv
 from pyinfra import host
 
 from operations import (base, config, containerd_engine, docker_engine, inference, nvidia_driver, nvidia_toolkit,
-                        offline, podman_engine, proxmox)
+                        offline, podman_engine, proxmox, staging)
 
 config.validate(config.host_settings(host), host.name)
 lxc_guest = "lxc_guests" in host.groups
@@ -22,6 +22,7 @@ intent = {"groups": sorted(host.groups), "gpus": len(base.gpus()), "docker": Fal
 skipped = ["driver module checks", "persistence daemon", "reboot", "/dev/char links", "GPU container run",
            "GPU-only inference services"]
 base.prepare()
+staging.serve_relays()
 if host.data.get("gpufleet_bundle"):
     offline.stage_packages()
 

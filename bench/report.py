@@ -42,6 +42,11 @@ def table(results):
                   f"({_mark(ratio >= 0.9)}) |",
                   f"| {n} hosts | {stage[f'gpufleet_{n}_s']:.1f} s ({fan:.2f}× one host) | {stage[f'rsync_{n}_s']:.1f} s "
                   f"({stage[f'rsync_{n}_s'] / stage['rsync_1_s']:.2f}×) | ≤ 1.5× one host: {_mark(fan <= 1.5)} |",
+                  *([f"| {n} hosts, fan-out inside the site (1 seed, {n - 1} pull from it) | "
+                     f"{stage[f'relay_{n}_s']:.1f} s ({stage[f'relay_{n}_s'] / stage['gpufleet_1_s']:.2f}× one host); "
+                     f"the control node sent {stage[f'relay_{n}_control_bytes'] / 1e6:.0f} MB (1 copy, not {n}) | — | "
+                     f"≤ 1.5× one host: {_mark(stage[f'relay_{n}_s'] / stage['gpufleet_1_s'] <= 1.5)} |"]
+                    if f"relay_{n}_s" in stage else []),
                   f"| no-op re-stage | {stage['gpufleet_noop_1_s']:.2f} s (1 host), {noop:.2f} s per host ({n} hosts) | "
                   f"{stage['rsync_noop_1_s']:.2f} s (1 host) | < 1 s per host: {_mark(noop < 1 and stage['gpufleet_noop_1_s'] < 1)} |",
                   f"| killed half-way, run again | {stage['resume_on_host_bytes'] / 1e6:.0f} MB were on the host; "

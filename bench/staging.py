@@ -41,10 +41,14 @@ def make_weight_set(large=4, large_mib=500, small=256, small_kib=64, log=print):
     return manifest
 
 
-def gpufleet_stage(names, dest, background=False):
+def gpufleet_stage(names, dest, background=False, via=None):
+    """Stage the set into ``dest`` on ``names``; returns seconds and the bytes the control node sent
+    (with ``via``: the other hosts pull from that host of the site)."""
     command = [str(BIN / "pyinfra"), "-y", "inventories/lab.py", "bench/stage_deploy.py"]
     for name in names:
         command += ["--limit", name]
+    if via:
+        command += ["--data", f"gpufleet_stage_via={via}"]
     env = {**os.environ, "BENCH_WEIGHTS": str(WEIGHTS), "BENCH_MANIFEST": str(MANIFEST), "BENCH_DEST": dest,
            "PYTHONPATH": str(REPO)}
     if background:
@@ -92,6 +96,10 @@ def measure(fan_out=4, log=print):
     result[f"gpufleet_{fan_out}_s"], sent = gpufleet_stage([h["name"] for h in hosts], "/srv/bench/gpufleet")
     result[f"gpufleet_noop_{fan_out}_s"], _ = gpufleet_stage([h["name"] for h in hosts], "/srv/bench/gpufleet")
     result["fan_out"] = fan_out
+    # Fan-out inside the site: the first host stages from the control node, the others pull from it.
+    on_hosts(hosts, "rm -rf /srv/bench/relay")
+    result[f"relay_{fan_out}_s"], result[f"relay_{fan_out}_control_bytes"] = gpufleet_stage(
+        [h["name"] for h in hosts], "/srv/bench/relay", via=hosts[0]["name"])
 
     # Kill a transfer once about half the bytes are on the host, then run again.
     on_hosts(hosts[:1], "rm -rf /srv/bench/resume")

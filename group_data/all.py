@@ -10,6 +10,14 @@ gpufleet_config_dir = "/etc/gpufleet"
 gpufleet_state_dir = "/var/lib/gpufleet"
 # True for hosts that can reach nothing: no apt update, packages only from a local repository.
 gpufleet_offline = False
+# Pull staged files (bundle, images, weight volumes) from this host of the site instead of the
+# control node: it stages them first, then serves them over a one-run SSH key limited to
+# gpufleet-relay-send (removed after, expiring within the hour). None, or the host's own name:
+# from the control node. Set it for a group to spare the control node's link.
+gpufleet_stage_via = None
+# How the other hosts of the site reach this one when it is a seed (default: its ssh_hostname).
+gpufleet_site_address = None
+gpufleet_site_port = 22
 
 # --- ssh_ (pyinfra's SSH connector, paramiko) -------------------------------------------
 # Use AES-GCM only: with paramiko, AES-CTR + HMAC-SHA2 streams at about 130 MB/s on the benchmark

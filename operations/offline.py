@@ -58,8 +58,8 @@ def stage_packages(bundle_path=None, bundle_dir=None, offline=None):
     if not packages:
         return
     repo = posixpath.join(bundle_dir, "apt")
-    staged = staging.staged(name="Stage the bundle's apt repository", src=f"{bundle_path}/apt", dest=repo,
-                            files=packages)
+    staged = staging.stage(name="Stage the bundle's apt repository", src=f"{bundle_path}/apt", dest=repo,
+                           files=packages)
     source = files.put(name="Add the bundle's apt repository", src=StringIO(f"deb [trusted=yes] file:{repo} ./\n"),
                        dest=SOURCE_LIST, mode="644", user="root", group="root")
     changed = lambda: staged.did_change() or source.did_change()  # noqa: E731
@@ -85,8 +85,8 @@ def load_images(bundle_path=None, bundle_dir=None):
     if not contents.get("images"):
         return []
     images_dir = posixpath.join(bundle_dir, "images")
-    staging.staged(name="Stage the bundle's image archives", src=f"{bundle_path}/images", dest=images_dir,
-                   files=bundle.part(contents, "images"))
+    staging.stage(name="Stage the bundle's image archives", src=f"{bundle_path}/images", dest=images_dir,
+                  files=bundle.part(contents, "images"))
     return [docker_images.loaded(name=f"Load image {image['name']}", image=image["name"], image_id=image["id"],
                                  archive=posixpath.join(bundle_dir, image["file"]))
             for image in contents["images"]]

@@ -15,16 +15,33 @@ without being read; anything else is hashed again (or sent again). An interrupte
 import hashlib
 import json
 import posixpath
+import secrets
 import shlex
+from pathlib import Path
 
 import gevent
-from pyinfra import host, logger
-from pyinfra.api import FactBase, FunctionCommand, operation
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
+from pyinfra import host, inventory, logger
+from pyinfra.api import FactBase, FunctionCommand, deploy, operation
+from pyinfra.operations import files
 
+from . import config
 from .bundle import CHUNK
+from .errors import ConfigError
 
 RECORD = ".gpufleet-staged.json"
 PART = ".gpufleet-part"
+RELAY_SENDER = "/usr/local/lib/gpufleet/gpufleet-relay-send"
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+
+DEFAULTS = {"gpufleet_stage_via": None, "gpufleet_site_address": None, "gpufleet_site_port": 22}
+
+config.register({
+    "gpufleet_stage_via": (config._is_str, "the name of another host in the run to pull staged files from"),
+    "gpufleet_site_address": (config._is_str, "the address other hosts of the site reach this one at"),
+    "gpufleet_site_port": (config._is_positive_int, "the SSH port other hosts of the site reach this one at"),
+})
 
 
 class StagedFiles(FactBase):
@@ -84,7 +101,8 @@ def plan(wanted, staged, rehash=False):
 
 # Runs on the host with stdin fed by ``_send``: per file a header line
 # "OFFSET COUNT TOTAL SHA256 PATH", COUNT bytes appended to PATH.gpufleet-part, then (for a fresh
-# copy) a verdict line from the sender. A resumed copy is hashed whole on the host. Prints
+# copy) a verdict line from the sender: its SHA-256, or "host" (a relay: hash it here). A resumed
+# copy is hashed whole on the host. Prints
 # "ok PATH" or "bad PATH"; a copy cut short keeps its part file for the next run and stops.
 RECEIVE = r"""
 cd "$1" || exit 1
@@ -95,6 +113,7 @@ while read -r offset count total digest path; do
   if [ "$offset" -eq 0 ]; then
     dd of="$part" $copy || exit 1
     read -r verdict || exit 1
+    [ "$verdict" != host ] || verdict=$(sha256sum < "$part")
   else
     dd of="$part" oflag=append conv=notrunc $copy || exit 1
     verdict=$(sha256sum < "$part")
@@ -163,6 +182,10 @@ def _frames(src, wanted, send, counter):
             yield f"{digest.hexdigest()}\n".encode()
 
 
+def _receive_command(dest, mode):
+    return f"sh -c {shlex.quote(RECEIVE)} gpufleet-receive {shlex.quote(dest)} {shlex.quote(mode)}"
+
+
 def _transfer(state, host, src, dest, wanted, check, send, mode):
     """Run on the host's connection: hash what may be intact, stream the rest, verify, record."""
     hashes = {}
@@ -177,15 +200,14 @@ def _transfer(state, host, src, dest, wanted, check, send, mode):
             send[path] = 0
     sent = [0]
     if send:
-        receive = f"sh -c {shlex.quote(RECEIVE)} gpufleet-receive {shlex.quote(dest)} {shlex.quote(mode)}"
-        status, lines, stderr = _send(host, receive, _frames(src, wanted, send, sent))
-        bad = [line[4:] for line in lines if line.startswith("bad ")]
-        if bad:
-            raise OSError(f"{host.name}: {dest}/{bad[0]}: SHA-256 after transfer differs from the manifest "
-                          "(the source changed, or the copy was damaged); removed the partial copy")
-        if status or len(lines) != len(send):
-            raise OSError(f"{host.name}: staging into {dest} stopped ({sent[0]} bytes sent; the next run "
-                          f"resumes): {(lines or [''])[-1]} {stderr.strip()}")
+        status, lines, stderr = _send(host, _receive_command(dest, mode), _frames(src, wanted, send, sent))
+        _check_stream(host, dest, status, lines, len(send), stderr, sent[0])
+    _write_record(host, dest, wanted)
+    logger.info(f"[{host.name}] staged {len(send)} file(s), {sent[0]} bytes sent, into {dest}")
+
+
+def _write_record(host, dest, wanted):
+    """Record size, mtime and SHA-256 of the wanted files now in ``dest``: the next run trusts them."""
     facts = StagedFiles()
     on_host = facts.process(run_checked(host, facts.command(dest)))["files"]
     record = {path: [*stat, wanted[path]["sha256"]] for path, stat in on_host.items() if path in wanted}
@@ -193,7 +215,17 @@ def _transfer(state, host, src, dest, wanted, check, send, mode):
                               [json.dumps(record, sort_keys=True).encode()])
     if status:
         raise OSError(f"{host.name}: {dest}/{RECORD}: {stderr.strip()}")
-    logger.info(f"[{host.name}] staged {len(send)} file(s), {sent[0]} bytes sent, into {dest}")
+
+
+def _check_stream(host, dest, status, lines, expected, stderr, sent):
+    """Raise, naming the file, when the receiver reported a damaged copy or stopped early."""
+    bad = [line[4:] for line in lines if line.startswith("bad ")]
+    if bad:
+        raise OSError(f"{host.name}: {dest}/{bad[0]}: SHA-256 after transfer differs from the manifest "
+                      "(the source changed, or the copy was damaged); removed the partial copy")
+    if status or len(lines) != expected:
+        raise OSError(f"{host.name}: staging into {dest} stopped ({sent} bytes sent; the next run "
+                      f"resumes): {(lines or [''])[-1]} {stderr.strip()}")
 
 
 @operation()
@@ -221,3 +253,116 @@ def staged(src, dest, files, mode="444", rehash=False):
     logger.info(f"[{host.name}] {dest}: {len(intact)} intact, {len(check)} to verify, {len(send)} to send "
                 f"({size} bytes{f', {resumed} resumed' if resumed else ''})")
     yield FunctionCommand(_transfer, [src, dest, files, check, dict(send), mode], {})
+
+
+def relay_seed(target=None):
+    """
+    The host ``target`` pulls its staged files from (``gpufleet_stage_via``), or None: from the
+    control node. A seed names itself, or nothing; one missing from the run is refused.
+    """
+    target = target or host
+    name = target.data.get("gpufleet_stage_via")
+    if not name or name == target.name:
+        return None
+    seed = inventory.get_host(name, default=None)
+    if seed is None:
+        raise ConfigError("gpufleet_stage_via", f"{name!r} is not a host of the inventory", host=target.name)
+    if not seed.connected:
+        raise ConfigError("gpufleet_stage_via", f"{name} is not in this run (--limit?): this host pulls its "
+                          "staged files from it, so both are deployed together", host=target.name)
+    if seed.data.get("gpufleet_stage_via") not in (None, seed.name):
+        raise ConfigError("gpufleet_stage_via", f"{name} pulls from {seed.data.gpufleet_stage_via} itself: "
+                          "name a seed that stages from the control node", host=target.name)
+    return seed
+
+
+@deploy("Serve staged files to the site", data_defaults=DEFAULTS)
+def serve_relays():
+    """On a seed (a host some other host names in ``gpufleet_stage_via``): install the relay sender."""
+    if any(other.data.get("gpufleet_stage_via") == host.name for other in inventory.iter_activated_hosts()
+           if other is not host):
+        files.put(name=f"Install the relay sender {RELAY_SENDER}", src=str(TEMPLATES / "gpufleet-relay-send"),
+                  dest=RELAY_SENDER, mode="755", user="root", group="root")
+
+
+def stage(name, src, dest, files, mode="444"):
+    """
+    Stage ``files`` into ``dest``: from the control node (``staged``), or from this host's seed
+    (``relayed``, a later operation: the seed has its copy by then). Returns the operation.
+    """
+    seed = relay_seed()
+    if seed is None:
+        return staged(name=name, src=src, dest=dest, files=files, mode=mode)
+    return relayed(name=f"{name} (from {seed.name})", seed=seed, dest=dest, files=files, mode=mode)
+
+
+def relay_key():
+    """A one-run Ed25519 key pair: (OpenSSH private key bytes, public key line)."""
+    key = Ed25519PrivateKey.generate()
+    private = key.private_bytes(Encoding.PEM, PrivateFormat.OpenSSH, NoEncryption())
+    return private, key.public_key().public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH).decode()
+
+
+def authorized_line(public, marker, expiry):
+    """The seed's authorized_keys line: only the relay sender, no forwarding or pty, until ``expiry``
+    (YYYYMMDDHHMM, the seed's local time: sshd reads it so)."""
+    return f'restrict,command="{RELAY_SENDER}",expiry-time="{expiry}" {public} {marker}'
+
+
+def _relay(state, host, seed, dest, wanted, send, mode):
+    """Run on the host's connection: pull ``send`` from the seed over a one-run key, verify, record."""
+    address = seed.data.get("gpufleet_site_address") or seed.data.get("ssh_hostname") or seed.name
+    port = seed.data.get("gpufleet_site_port") or 22
+    key_type, host_key = run_checked(seed, "cat /etc/ssh/ssh_host_ed25519_key.pub")[0].split()[:2]
+    marker = f"gpufleet-relay-{host.name}-{secrets.token_hex(6)}"
+    private, public = relay_key()
+    keys = f"/root/.ssh/{marker}"
+    expiry = run_checked(seed, "umask 077 && mkdir -p ~/.ssh && touch ~/.ssh/authorized_keys && "
+                               "date -d '+1 hour' +%Y%m%d%H%M")[0]
+    try:
+        _send_checked(seed, "cat >> ~/.ssh/authorized_keys", authorized_line(public, marker, expiry) + "\n")
+        _send_checked(host, f"umask 077 && mkdir -p /root/.ssh && cat > {keys}", private.decode())
+        known = address if port == 22 else f"[{address}]:{port}"
+        _send_checked(host, f"cat > {keys}.known", f"{known} {key_type} {host_key}\n")
+        plan = "".join(f"{offset} {wanted[path]['size']} {wanted[path]['sha256']} {path}\n"
+                       for path, offset in sorted(send.items()))
+        pull = (f"ssh -i {keys} -o BatchMode=yes -o IdentitiesOnly=yes -o UserKnownHostsFile={keys}.known "
+                f"-o StrictHostKeyChecking=yes -p {port} {shlex.quote(seed.data.get('ssh_user') or 'root')}@"
+                f"{shlex.quote(address)} {shlex.quote(dest)} | {_receive_command(dest, mode)}")
+        status, lines, stderr = _send(host, pull, [plan.encode()])
+    finally:
+        run_checked(seed, f"sed -i '/ {marker}$/d' ~/.ssh/authorized_keys")
+        run_checked(host, f"rm -f {keys} {keys}.known")
+    size = sum(wanted[path]["size"] - offset for path, offset in send.items())
+    _check_stream(host, dest, status, lines, len(send), stderr, f"up to {size}")
+    _write_record(host, dest, wanted)
+    logger.info(f"[{host.name}] relayed {len(send)} file(s), {size} bytes, from {seed.name} into {dest}")
+
+
+def _send_checked(host, command, text):
+    status, _, stderr = _send(host, command, [text.encode()])
+    if status:
+        raise OSError(f"{host.name}: {command}: {stderr.strip()}")
+
+
+@operation()
+def relayed(seed, dest, files, mode="444"):
+    """
+    Make ``dest`` on the host hold ``files``, pulled over the site's network from ``seed``, which
+    staged them from the control node in an earlier operation of this run.
+
+    + seed: the seed host (in this run); it serves ``dest`` through ``gpufleet-relay-send`` to a
+      key that exists for this transfer only (removed after, expiring within the hour regardless)
+    + dest: the directory on both hosts
+    + files: path -> ``{"size": int, "sha256": str}``; fresh copies are hashed on the host
+    + mode: file mode on the host
+    """
+    current = host.get_fact(StagedFiles, path=dest) or {"files": {}, "parts": {}, "record": {}}
+    intact, check, send = plan(files, current)
+    send.update(dict.fromkeys(check, 0))  # a right-sized file without a record is pulled again whole
+    if not send and not set(current["record"]) - set(files):
+        host.noop(f"{dest}: {len(intact)} files intact")
+        return
+    yield f"mkdir -p {shlex.quote(dest)}"
+    logger.info(f"[{host.name}] {dest}: {len(intact)} intact, {len(send)} to pull from {seed.name}")
+    yield FunctionCommand(_relay, [seed, dest, files, dict(send), mode], {})

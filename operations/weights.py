@@ -30,6 +30,7 @@ def stage_volumes(bundle_path=None, weights_root=None):
     if not bundle_path:
         return {}
     contents = bundle.load(bundle_path)
-    return {volume: staging.staged(name=f"Stage weight volume {volume}", src=f"{bundle_path}/{prefix}",
-                       dest=posixpath.join(weights_root, volume), files=bundle.part(contents, prefix), mode="444")
+    return {volume: staging.stage(name=f"Stage weight volume {volume}", src=f"{bundle_path}/{prefix}",
+                                  dest=posixpath.join(weights_root, volume), files=bundle.part(contents, prefix),
+                                  mode="444")
             for volume, prefix in sorted(contents.get("weights", {}).items())}

@@ -74,3 +74,32 @@ def test_malformed_manifest_is_refused(second_deploy, tmp_path):
     result = run_deploy("--data", f"gpufleet_bundle={tmp_path}")
     assert result.rc != 0
     assert "../etc/passwd: paths must stay inside the bundle" in result.output
+
+
+def test_host_pulls_from_a_seed_of_the_site_not_the_control_node(second_deploy):
+    relay = ("--limit", "lab-1", "--limit", "lab-2", "--data", "gpufleet_stage_via=lab-1")
+    sh("lab-2", "rm -rf /srv/gpufleet/weights/tiny /var/lib/gpufleet/bundle/images")
+    first = run_deploy(*relay)
+    assert first.rc == 0, first.output[-3000:]
+    pulled = re.findall(r"\[lab-2\] relayed \d+ file\(s\), (\d+) bytes, from lab-1 into (\S+)", first.output)
+    assert {dest for _, dest in pulled} == {"/srv/gpufleet/weights/tiny", "/var/lib/gpufleet/bundle/images"}
+    manifest = json.loads((BUNDLE / "manifest.json").read_text())
+    assert sum(int(size) for size, _ in pulled) == sum(
+        entry["size"] for path, entry in manifest["files"].items() if path.startswith(("weights/", "images/")))
+    assert "[lab-2] staged" not in first.output  # nothing came from the control node
+    for path, entry in manifest["files"].items():
+        if path.startswith("weights/tiny/"):
+            on_host = sh("lab-2", f"sha256sum /srv/gpufleet/weights/{path[len('weights/'):]}").stdout.split()[0]
+            assert on_host == entry["sha256"], path
+    # The one-run key is gone from both ends.
+    assert "gpufleet-relay" not in sh("lab-1", "cat /root/.ssh/authorized_keys").stdout
+    assert sh("lab-2", "ls /root/.ssh").stdout.count("gpufleet-relay") == 0
+    assert sh("lab-2", "systemctl is-active gpufleet-chat").stdout.strip() == "active"
+    again = run_deploy(*relay)
+    assert again.rc == 0 and again.changed() == {}, again.changed()
+
+
+def test_seed_outside_the_run_is_refused(second_deploy):
+    result = run_deploy("--limit", "lab-2", "--data", "gpufleet_stage_via=lab-1")
+    assert result.rc != 0
+    assert "lab-2: gpufleet_stage_via: lab-1 is not in this run (--limit?)" in result.output

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from operations import (base, config, docker_engine, inference, nvidia_driver, nvidia_toolkit, offline,
-                        proxmox, weights)
+                        proxmox, staging, weights)
 from operations.errors import ConfigError
 
 ALL_PY = Path(__file__).resolve().parents[2] / "group_data" / "all.py"
@@ -19,7 +19,8 @@ def documented_settings():
 
 def test_group_data_all_documents_every_default_with_the_same_value():
     documented = documented_settings()
-    for module in (base, docker_engine, nvidia_driver, nvidia_toolkit, offline, inference, weights, proxmox):
+    for module in (base, docker_engine, nvidia_driver, nvidia_toolkit, offline, inference, weights, proxmox,
+                   staging):
         for key, value in module.DEFAULTS.items():
             assert documented.get(key) == value, f"group_data/all.py: {key}"
 

@@ -4,6 +4,7 @@
 import hashlib
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -89,3 +90,63 @@ def test_source_shorter_than_its_manifest_stops_the_sender(src):
     wanted["tok/a b.json"]["size"] += 10
     with pytest.raises(OSError, match="shorter than the manifest says"):
         b"".join(staging._frames(str(src), wanted, {"tok/a b.json": 0}, [0]))
+
+
+SENDER = Path(__file__).resolve().parents[2] / "templates" / "gpufleet-relay-send"
+
+
+def relay(seed_dir, plan, dest):
+    """The seed's sender piped into the receiver, as ``ssh seed DIR | receiver`` does on a relay."""
+    sender = subprocess.run(["sh", str(SENDER)], input=plan.encode(), capture_output=True,
+                            env={"PATH": os.environ["PATH"], "SSH_ORIGINAL_COMMAND": str(seed_dir)})
+    return sender, receive(dest, sender.stdout)
+
+
+def test_relay_sender_streams_what_the_receiver_verifies_and_resumes(src):
+    wanted = manifest_of(src, ["model.bin", "tok/a b.json"])
+    (src / staging.RECORD).write_text("{}")
+    half = wanted["model.bin"]["size"] // 2
+    dest = src.parent / "dest"
+    (dest / ("model.bin" + staging.PART)).write_bytes((src / "model.bin").read_bytes()[:half])
+    plan = (f"{half} {wanted['model.bin']['size']} {wanted['model.bin']['sha256']} model.bin\n"
+            f"0 3 {wanted['tok/a b.json']['sha256']} tok/a b.json\n")
+    sender, result = relay(src, plan, dest)
+    assert sender.returncode == 0, sender.stderr
+    assert len(sender.stdout) < wanted["model.bin"]["size"]  # only the missing half travelled
+    assert sorted(result.stdout.decode().splitlines()) == ["ok model.bin", "ok tok/a b.json"]
+    assert (dest / "model.bin").read_bytes() == (src / "model.bin").read_bytes()
+
+
+def test_relay_receiver_hashes_a_fresh_copy_itself_and_refuses_a_bad_one(src):
+    (src / staging.RECORD).write_text("{}")
+    # The plan claims a digest the file does not have: the receiving host's own hash catches it.
+    _, result = relay(src, f"0 3 {'0' * 64} tok/a b.json\n", src.parent / "dest")
+    assert result.stdout.decode().splitlines() == ["bad tok/a b.json"]
+    assert not list((src.parent / "dest").rglob("*.json*"))
+
+
+@pytest.mark.parametrize("directory, path, message", [
+    ("relative", "model.bin", "not an absolute directory"),
+    (None, "../../etc/passwd", "not inside"),
+    (None, "/etc/passwd", "not inside"),
+    (None, "model.bin", "not here at 5 bytes"),
+])
+def test_relay_sender_serves_only_files_inside_a_staged_directory(src, directory, path, message):
+    (src / staging.RECORD).write_text("{}")
+    size = 5 if path == "model.bin" else 10
+    sender, _ = relay(directory or src, f"0 {size} {'0' * 64} {path}\n", src.parent / "dest")
+    assert sender.returncode != 0 and message in sender.stderr.decode()
+    assert sender.stdout == b""
+
+
+def test_relay_sender_refuses_a_directory_gpufleet_did_not_stage(src):
+    sender, _ = relay(src, "", src.parent / "dest")
+    assert sender.returncode == 2 and b"not a gpufleet staged directory" in sender.stderr
+
+
+def test_relay_key_is_restricted_to_the_sender_and_expires():
+    private, public = staging.relay_key()
+    assert private.startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----") and public.startswith("ssh-ed25519 ")
+    line = staging.authorized_line(public, "gpufleet-relay-lab-2-abc", "202611231500")
+    assert line == (f'restrict,command="{staging.RELAY_SENDER}",expiry-time="202611231500" {public} '
+                    "gpufleet-relay-lab-2-abc")
