@@ -33,6 +33,7 @@ from .errors import ConfigError
 RECORD = ".gpufleet-staged.json"
 PART = ".gpufleet-part"
 RELAY_SENDER = "/usr/local/lib/gpufleet/gpufleet-relay-send"
+RELAY_LOCK = "~/.ssh/.gpufleet-relay.lock"
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
 DEFAULTS = {"gpufleet_stage_via": None, "gpufleet_site_address": None, "gpufleet_site_port": 22}
@@ -229,7 +230,7 @@ def _check_stream(host, dest, status, lines, expected, stderr, sent):
 
 
 @operation()
-def staged(src, dest, files, mode="444", rehash=False):
+def staged(src, dest, files, mode="444", rehash=False, pulled_from=None):
     """
     Make ``dest`` on the host hold ``files`` from ``src`` on the control node, verified.
 
@@ -238,9 +239,13 @@ def staged(src, dest, files, mode="444", rehash=False):
     + files: path below ``src`` -> ``{"size": int, "sha256": str}`` (a manifest)
     + mode: file mode on the host (read-only by default)
     + rehash: hash every file on the host, even those whose record matches
+    + pulled_from: the seed this host pulls from instead (``relayed``, next): nothing to do here
 
     Extra files already in ``dest`` are left alone.
     """
+    if pulled_from:
+        host.noop(f"{dest}: pulled from {pulled_from} in the next operation")
+        return
     current = host.get_fact(StagedFiles, path=dest)
     intact, check, send = plan(files, current or {"files": {}, "parts": {}, "record": {}}, rehash)
     stale_record = current and set(current["record"]) - set(files)
@@ -288,11 +293,13 @@ def serve_relays():
 def stage(name, src, dest, files, mode="444"):
     """
     Stage ``files`` into ``dest``: from the control node (``staged``), or from this host's seed
-    (``relayed``, a later operation: the seed has its copy by then). Returns the operation.
+    (``relayed``). Every host passes through ``staged``, a no-op on a pulling host, so pyinfra
+    orders the seed's copy before any pull from it. Returns the operation that brings the files.
     """
     seed = relay_seed()
+    direct = staged(name=name, src=src, dest=dest, files=files, mode=mode, pulled_from=seed and seed.name)
     if seed is None:
-        return staged(name=name, src=src, dest=dest, files=files, mode=mode)
+        return direct
     return relayed(name=f"{name} (from {seed.name})", seed=seed, dest=dest, files=files, mode=mode)
 
 
@@ -320,7 +327,9 @@ def _relay(state, host, seed, dest, wanted, send, mode):
     expiry = run_checked(seed, "umask 077 && mkdir -p ~/.ssh && touch ~/.ssh/authorized_keys && "
                                "date -d '+1 hour' +%Y%m%d%H%M")[0]
     try:
-        _send_checked(seed, "cat >> ~/.ssh/authorized_keys", authorized_line(public, marker, expiry) + "\n")
+        # Hosts pulling at once edit the seed's authorized_keys under one lock: no line is lost.
+        _send_checked(seed, f"flock {RELAY_LOCK} sh -c 'cat >> ~/.ssh/authorized_keys'",
+                      authorized_line(public, marker, expiry) + "\n")
         _send_checked(host, f"umask 077 && mkdir -p /root/.ssh && cat > {keys}", private.decode())
         known = address if port == 22 else f"[{address}]:{port}"
         _send_checked(host, f"cat > {keys}.known", f"{known} {key_type} {host_key}\n")
@@ -331,7 +340,7 @@ def _relay(state, host, seed, dest, wanted, send, mode):
                 f"{shlex.quote(address)} {shlex.quote(dest)} | {_receive_command(dest, mode)}")
         status, lines, stderr = _send(host, pull, [plan.encode()])
     finally:
-        run_checked(seed, f"sed -i '/ {marker}$/d' ~/.ssh/authorized_keys")
+        run_checked(seed, f"flock {RELAY_LOCK} sed -i '/ {marker}$/d' ~/.ssh/authorized_keys")
         run_checked(host, f"rm -f {keys} {keys}.known")
     size = sum(wanted[path]["size"] - offset for path, offset in send.items())
     _check_stream(host, dest, status, lines, len(send), stderr, f"up to {size}")

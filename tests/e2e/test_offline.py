@@ -78,9 +78,13 @@ def test_malformed_manifest_is_refused(second_deploy, tmp_path):
 
 def test_host_pulls_from_a_seed_of_the_site_not_the_control_node(second_deploy):
     relay = ("--limit", "lab-1", "--limit", "lab-2", "--data", "gpufleet_stage_via=lab-1")
-    sh("lab-2", "rm -rf /srv/gpufleet/weights/tiny /var/lib/gpufleet/bundle/images")
+    # Neither host has the files: lab-1 stages them from the control node, then lab-2 pulls from it.
+    for name in ("lab-1", "lab-2"):
+        sh(name, "rm -rf /srv/gpufleet/weights/tiny /var/lib/gpufleet/bundle/images")
     first = run_deploy(*relay)
     assert first.rc == 0, first.output[-3000:]
+    seeded = re.findall(r"\[lab-1\] staged \d+ file\(s\), \d+ bytes sent, into (\S+)", first.output)
+    assert set(seeded) == {"/srv/gpufleet/weights/tiny", "/var/lib/gpufleet/bundle/images"}
     pulled = re.findall(r"\[lab-2\] relayed \d+ file\(s\), (\d+) bytes, from lab-1 into (\S+)", first.output)
     assert {dest for _, dest in pulled} == {"/srv/gpufleet/weights/tiny", "/var/lib/gpufleet/bundle/images"}
     manifest = json.loads((BUNDLE / "manifest.json").read_text())
