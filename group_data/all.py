@@ -81,6 +81,9 @@ nvidia_toolkit_check_image = "nvidia/cuda:12.2.2-base-ubuntu22.04"
 gpufleet_bundle = None
 # Where the bundle's packages and image archives are staged on the host.
 gpufleet_bundle_dir = "/var/lib/gpufleet/bundle"
+# An ssh-keygen allowed_signers file on the control node: when set, the bundle's manifest must
+# carry a signature (build --sign-key) by one of its keys, or the run stops before any host.
+gpufleet_bundle_signers = None
 
 # --- inference_ (model services as systemd-managed containers) ----------------------------
 # Services of the host. Each: name, engine (vllm | tgi | ollama | llamacpp), image (pinned tag or

@@ -4,11 +4,13 @@ described by one manifest (every file's path, size and SHA-256).
 
 Build one on a connected machine, carry it, deploy from it::
 
-    python -m operations.bundle build bundle.yaml --out /media/bundle
-    python -m operations.bundle verify /media/bundle
+    python -m operations.bundle build bundle.yaml --out /media/bundle [--sign-key ~/.ssh/id_ed25519]
+    python -m operations.bundle verify /media/bundle [--signers allowed_signers]
 
 ``load()`` is what deploy.py calls: a bundle whose manifest is malformed, or whose files are
-missing or differ from it, is refused before any host is touched.
+missing or differ from it, is refused before any host is touched. A signed bundle carries
+``manifest.json.sig``, an SSH signature (``ssh-keygen -Y sign``, namespace gpufleet-bundle) of the
+manifest, which lists every file's SHA-256: ``check_signature()`` refuses one no allowed signer made.
 """
 
 import argparse
@@ -32,6 +34,8 @@ from .errors import ConfigError
 
 FORMAT = 1
 MANIFEST = "manifest.json"
+SIGNATURE = MANIFEST + ".sig"
+NAMESPACE = "gpufleet-bundle"
 # Control-node record of files already hashed: path -> [size, mtime_ns, sha256]. Lets a bundle
 # be re-checked in constant time; a file whose size or mtime moved is hashed again.
 VERIFIED = ".gpufleet-verified.json"
@@ -132,6 +136,36 @@ def load(bundle):
     if not Path(bundle).is_dir():
         _refuse(bundle, "no such directory")
     return verify(bundle)
+
+
+def sign(bundle, key):
+    """Sign the bundle's manifest with the SSH private key ``key`` (writes manifest.json.sig)."""
+    (Path(bundle) / SIGNATURE).unlink(missing_ok=True)
+    subprocess.run(["ssh-keygen", "-q", "-Y", "sign", "-f", str(key), "-n", NAMESPACE, str(Path(bundle) / MANIFEST)],
+                   check=True, capture_output=True)
+
+
+@functools.lru_cache(maxsize=None)
+def check_signature(bundle, signers):
+    """
+    The principal of ``signers`` (an ssh-keygen allowed_signers file) whose key signed the bundle's
+    manifest; a missing, foreign or stale signature is refused.
+    """
+    bundle, signature = Path(bundle), Path(bundle) / SIGNATURE
+    if not signature.is_file():
+        _refuse(bundle, f"{SIGNATURE}: missing, and gpufleet_bundle_signers asks for a signed bundle "
+                        "(python -m operations.bundle build ... --sign-key KEY)")
+    found = subprocess.run(["ssh-keygen", "-Y", "find-principals", "-s", str(signature), "-f", str(signers)],
+                           capture_output=True, text=True)
+    for principal in found.stdout.split() if found.returncode == 0 else []:
+        with open(bundle / MANIFEST, "rb") as manifest:
+            checked = subprocess.run(["ssh-keygen", "-Y", "verify", "-f", str(signers), "-I", principal,
+                                      "-n", NAMESPACE, "-s", str(signature)], stdin=manifest, capture_output=True)
+        if checked.returncode == 0:
+            return principal
+        _refuse(bundle, f"{SIGNATURE}: made by {principal}'s key, but not over this {MANIFEST} "
+                        "(altered after signing?)")
+    _refuse(bundle, f"{SIGNATURE}: not made by any key in {signers}")
 
 
 def part(manifest, prefix):
@@ -275,8 +309,9 @@ def _weights(volumes, out, log):
             shutil.copy2(path, target)
 
 
-def build(spec_path, out, log=print):
-    """Build (or bring up to date) the bundle described by the YAML file ``spec_path`` in ``out``."""
+def build(spec_path, out, log=print, sign_key=None):
+    """Build (or bring up to date) the bundle described by the YAML file ``spec_path`` in ``out``;
+    sign its manifest with ``sign_key`` (an SSH private key) when given."""
     import yaml
 
     started = time.time()
@@ -299,15 +334,21 @@ def build(spec_path, out, log=print):
     record = _read_record(out)
     for path in sorted(p for p in out.rglob("*") if p.is_file()):
         relative = str(path.relative_to(out))
-        if relative in (MANIFEST, VERIFIED) or path.suffix in (".id", ".partial"):
+        if relative in (MANIFEST, VERIFIED, SIGNATURE) or path.suffix in (".id", ".partial"):
             continue
         stat = path.stat()
         digest = cached_sha256(path, stat, record.get(relative))
         manifest["files"][relative] = {"size": stat.st_size, "sha256": digest}
         record[relative] = [stat.st_size, stat.st_mtime_ns, digest]
     (out / VERIFIED).write_text(json.dumps({k: v for k, v in record.items() if k in manifest["files"]}))
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
+    if not (out / MANIFEST).exists() or (out / MANIFEST).read_text() != text:
+        (out / MANIFEST).write_text(text)
+        (out / SIGNATURE).unlink(missing_ok=True)  # a signature of the old manifest would only mislead
+    if sign_key:
+        sign(out, sign_key)
     load.cache_clear()
+    check_signature.cache_clear()
     total = sum(entry["size"] for entry in manifest["files"].values())
     log(f"bundle {out}: {len(manifest['files'])} files, {total / 1e6:.1f} MB, in {time.time() - started:.1f} s")
     return manifest
@@ -319,16 +360,20 @@ def main(argv=None):
     build_cmd = sub.add_parser("build", help="build or update a bundle from a YAML description")
     build_cmd.add_argument("spec")
     build_cmd.add_argument("--out", required=True)
+    build_cmd.add_argument("--sign-key", help="SSH private key to sign the manifest with")
     verify_cmd = sub.add_parser("verify", help="check a bundle's files against its manifest")
     verify_cmd.add_argument("bundle")
     verify_cmd.add_argument("--rehash", action="store_true", help="hash every file, not only changed ones")
+    verify_cmd.add_argument("--signers", help="an allowed_signers file: also check the manifest's signature")
     args = parser.parse_args(argv)
     try:
         if args.command == "build":
-            build(args.spec, args.out)
+            build(args.spec, args.out, sign_key=args.sign_key)
         else:
+            signer = check_signature(args.bundle, args.signers) if args.signers else None
             manifest = verify(args.bundle, rehash=args.rehash)
-            print(f"{args.bundle}: {len(manifest['files'])} files intact")
+            print(f"{args.bundle}: {len(manifest['files'])} files intact"
+                  + (f", manifest signed by {signer}" if signer else ""))
     except (ConfigError, subprocess.CalledProcessError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

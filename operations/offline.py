@@ -21,10 +21,13 @@ OFFLINE_UPDATE = (f"apt-get update -o Dir::Etc::SourceList={SOURCE_LIST} -o Dir:
 DEFAULTS = {
     "gpufleet_bundle": None,
     "gpufleet_bundle_dir": "/var/lib/gpufleet/bundle",
+    "gpufleet_bundle_signers": None,
 }
 
 
 def _check(data, host_name):
+    if data.get("gpufleet_bundle") and data.get("gpufleet_bundle_signers"):
+        bundle.check_signature(data["gpufleet_bundle"], data["gpufleet_bundle_signers"])
     if not data.get("gpufleet_offline"):
         return
     if not data.get("gpufleet_bundle"):
@@ -38,6 +41,7 @@ def _check(data, host_name):
 config.register({
     "gpufleet_bundle": (config._is_str, "a bundle directory on the control node"),
     "gpufleet_bundle_dir": (config._is_str, "an absolute path on the host"),
+    "gpufleet_bundle_signers": (config._is_str, "an ssh-keygen allowed_signers file on the control node"),
 }, cross_check=_check)
 
 

@@ -4,6 +4,7 @@ skips; a bundle that does not match its manifest is refused before any host is t
 import json
 import re
 import shutil
+import subprocess
 
 from tests.lab import hosts as lab_hosts
 
@@ -107,3 +108,24 @@ def test_seed_outside_the_run_is_refused(second_deploy):
     result = run_deploy("--limit", "lab-2", "--data", "gpufleet_stage_via=lab-1")
     assert result.rc != 0
     assert "lab-2: gpufleet_stage_via: lab-1 is not in this run (--limit?)" in result.output
+
+
+def test_bundle_signature_is_required_when_signers_are_named(second_deploy, tmp_path):
+    key = tmp_path / "ops"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    signers = tmp_path / "allowed_signers"
+    signers.write_text(f'ops@site namespaces="gpufleet-bundle" {(tmp_path / "ops.pub").read_text()}')
+    before = sh("lab-1", "stat -c %Y /etc/gpufleet/host.json").stdout
+    unsigned = run_deploy("--limit", "lab-1", "--data", f"gpufleet_bundle_signers={signers}")
+    assert unsigned.rc != 0
+    assert "manifest.json.sig: missing, and gpufleet_bundle_signers asks for a signed bundle" in unsigned.output
+    assert "Starting operation" not in unsigned.output
+    assert sh("lab-1", "stat -c %Y /etc/gpufleet/host.json").stdout == before
+    # The same bundle, signed by the named key: accepted, and the converged host stays as it is.
+    copy = tmp_path / "bundle"
+    shutil.copytree(BUNDLE, copy, symlinks=True)
+    subprocess.run(["ssh-keygen", "-q", "-Y", "sign", "-f", str(key), "-n", "gpufleet-bundle",
+                    str(copy / "manifest.json")], check=True)
+    signed = run_deploy("--limit", "lab-1", "--data", f"gpufleet_bundle={copy}",
+                        "--data", f"gpufleet_bundle_signers={signers}")
+    assert signed.rc == 0 and signed.changed() == {}, (signed.changed(), signed.output[-2000:])

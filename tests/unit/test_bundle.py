@@ -2,6 +2,7 @@
 
 import json
 import os
+import subprocess
 
 import pytest
 
@@ -85,3 +86,53 @@ def test_hugging_face_snapshot_with_a_missing_blob_or_revision_is_refused(tmp_pa
     next((model / "blobs").iterdir()).unlink()
     with pytest.raises(ConfigError, match=r"its blob is missing \(an interrupted download\)"):
         bundle.hf_snapshot(tmp_path / "hub", "tiny-org/tiny-model")
+
+
+def ssh_key(tmp_path, name):
+    key = tmp_path / name
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", str(key)], check=True)
+    return key
+
+
+@pytest.fixture
+def signed(tmp_path):
+    """A bundle signed by ops@site's key, and an allowed_signers file naming that key."""
+    key = ssh_key(tmp_path, "ops")
+    (tmp_path / "signers").write_text(f'ops@site namespaces="{bundle.NAMESPACE}" {(tmp_path / "ops.pub").read_text()}')
+    make(tmp_path / "b", {"weights/tiny/a.gguf": b"x" * 1000})
+    bundle.sign(tmp_path / "b", key)
+    return tmp_path
+
+
+def test_signed_manifest_names_its_signer(signed):
+    assert bundle.check_signature(signed / "b", signed / "signers") == "ops@site"
+
+
+def test_manifest_altered_after_signing_is_refused(signed):
+    manifest = json.loads((signed / "b" / "manifest.json").read_text())
+    manifest["files"]["weights/tiny/a.gguf"]["sha256"] = "0" * 64
+    (signed / "b" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match=r"made by ops@site's key, but not over this manifest.json"):
+        bundle.check_signature(signed / "b", signed / "signers")
+
+
+def test_signature_by_another_key_or_none_is_refused(signed):
+    bundle.sign(signed / "b", ssh_key(signed, "intruder"))
+    with pytest.raises(ConfigError, match=r"manifest.json.sig: not made by any key in .*signers"):
+        bundle.check_signature(signed / "b", signed / "signers")
+    (signed / "b" / bundle.SIGNATURE).unlink()
+    with pytest.raises(ConfigError, match=r"manifest.json.sig: missing, and gpufleet_bundle_signers asks"):
+        bundle.check_signature(signed / "b", signed / "signers")
+
+
+def test_build_signs_and_a_changed_unsigned_rebuild_drops_the_old_signature(signed):
+    hf_cache(signed / "hub")
+    spec = signed / "bundle.yaml"
+    spec.write_text("weights:\n  tiny:\n    hf_cache: hub\n    repo: tiny-org/tiny-model\n")
+    bundle.build(spec, signed / "out", log=lambda *_: None, sign_key=signed / "ops")
+    assert bundle.check_signature(signed / "out", signed / "signers") == "ops@site"
+    bundle.build(spec, signed / "out", log=lambda *_: None)  # same manifest: the signature still holds
+    assert (signed / "out" / bundle.SIGNATURE).exists()
+    spec.write_text("weights:\n  tiny:\n    from: hub/models--tiny-org--tiny-model/blobs\n")
+    bundle.build(spec, signed / "out", log=lambda *_: None)
+    assert not (signed / "out" / bundle.SIGNATURE).exists()
