@@ -55,6 +55,9 @@ class StagedFiles(FactBase):
          "record": {"apt/x.deb": [1204, 1700000000, "<sha256>"]}}
     """
 
+    def default(self):
+        return {"files": {}, "parts": {}, "record": {}}
+
     def command(self, path):
         path = shlex.quote(path)
         return (f"if [ -d {path} ]; then cd {path} && find . -type f ! -name {RECORD} -printf '%s %T@ %P\\n'; "
@@ -103,8 +106,8 @@ def plan(wanted, staged, rehash=False):
 # Runs on the host with stdin fed by ``_send``: per file a header line
 # "OFFSET COUNT TOTAL SHA256 PATH", COUNT bytes appended to PATH.gpufleet-part, then (for a fresh
 # copy) a verdict line from the sender: its SHA-256, or "host" (a relay: hash it here). A resumed
-# copy is hashed whole on the host. Prints
-# "ok PATH" or "bad PATH"; a copy cut short keeps its part file for the next run and stops.
+# copy is hashed whole on the host. Prints "ok PATH" or "bad PATH"; a copy cut short keeps its
+# part file for the next run and stops.
 RECEIVE = r"""
 cd "$1" || exit 1
 while read -r offset count total digest path; do
@@ -155,6 +158,13 @@ def _send(host, command, frames):
     finally:
         channel.close()
     return status, stdout.splitlines(), stderr
+
+
+def _send_checked(host, command, text):
+    """Run ``command`` on the host with ``text`` as its stdin; raise if it fails."""
+    status, _, stderr = _send(host, command, [text.encode()])
+    if status:
+        raise OSError(f"{host.name}: {command}: {stderr.strip()}")
 
 
 def _frames(src, wanted, send, counter):
@@ -212,10 +222,7 @@ def _write_record(host, dest, wanted):
     facts = StagedFiles()
     on_host = facts.process(run_checked(host, facts.command(dest)))["files"]
     record = {path: [*stat, wanted[path]["sha256"]] for path, stat in on_host.items() if path in wanted}
-    status, _, stderr = _send(host, f"cat > {shlex.quote(posixpath.join(dest, RECORD))}",
-                              [json.dumps(record, sort_keys=True).encode()])
-    if status:
-        raise OSError(f"{host.name}: {dest}/{RECORD}: {stderr.strip()}")
+    _send_checked(host, f"cat > {shlex.quote(posixpath.join(dest, RECORD))}", json.dumps(record, sort_keys=True))
 
 
 def _check_stream(host, dest, status, lines, expected, stderr, sent):
@@ -247,8 +254,8 @@ def staged(src, dest, files, mode="444", rehash=False, pulled_from=None):
         host.noop(f"{dest}: pulled from {pulled_from} in the next operation")
         return
     current = host.get_fact(StagedFiles, path=dest)
-    intact, check, send = plan(files, current or {"files": {}, "parts": {}, "record": {}}, rehash)
-    stale_record = current and set(current["record"]) - set(files)
+    intact, check, send = plan(files, current, rehash)
+    stale_record = set(current["record"]) - set(files)
     if not check and not send and not stale_record:
         host.noop(f"{dest}: {len(intact)} files intact")
         return
@@ -348,12 +355,6 @@ def _relay(state, host, seed, dest, wanted, send, mode):
     logger.info(f"[{host.name}] relayed {len(send)} file(s), {size} bytes, from {seed.name} into {dest}")
 
 
-def _send_checked(host, command, text):
-    status, _, stderr = _send(host, command, [text.encode()])
-    if status:
-        raise OSError(f"{host.name}: {command}: {stderr.strip()}")
-
-
 @operation()
 def relayed(seed, dest, files, mode="444"):
     """
@@ -366,7 +367,7 @@ def relayed(seed, dest, files, mode="444"):
     + files: path -> ``{"size": int, "sha256": str}``; fresh copies are hashed on the host
     + mode: file mode on the host
     """
-    current = host.get_fact(StagedFiles, path=dest) or {"files": {}, "parts": {}, "record": {}}
+    current = host.get_fact(StagedFiles, path=dest)
     intact, check, send = plan(files, current)
     send.update(dict.fromkeys(check, 0))  # a right-sized file without a record is pulled again whole
     if not send and not set(current["record"]) - set(files):
