@@ -72,7 +72,8 @@ nvidia_toolkit_set_as_default = False
 # finds devices by these links; without them containers lose their GPUs after a daemon-reload.
 nvidia_toolkit_dev_char_symlinks = True
 # After the driver, toolkit or Docker changed on a host with a GPU, `docker run --gpus all` this
-# image with nvidia-smi. Pinned; an offline host never pulls it (put it in the bundle's images).
+# image with nvidia-smi. Pinned; an offline host never pulls it: an offline GPU host whose bundle
+# lacks it is refused before any host changes (add it to the bundle's images).
 nvidia_toolkit_check_image = "nvidia/cuda:12.2.2-base-ubuntu22.04"
 
 # --- offline bundle (python -m operations.bundle build SPEC --out DIR) ---------------------

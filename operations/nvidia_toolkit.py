@@ -13,7 +13,7 @@ from pyinfra.api import FactBase, OperationError, deploy, operation
 from pyinfra.facts.files import File
 from pyinfra.operations import apt, files
 
-from . import apt_pin, config, docker_engine, json_ops
+from . import apt_pin, bundle, config, docker_engine, json_ops
 from .containerd_engine import ContainerdRuntimes
 from .errors import ConfigError
 from .docker_images import pinned
@@ -260,9 +260,18 @@ def check_gpu_container(after, image=None, engine=None):
     """
     image = image or host.data.nvidia_toolkit_check_image
     engine = engine or host.data.nvidia_toolkit_engine
+    offline = bool(host.data.get("gpufleet_offline"))
     if engine == "containerd":
         logger.warning(f"[{host.name}] containerd: gpufleet runs no GPU container here; check with a GPU pod")
         return
+    if offline:
+        require_bundled(image, bundle.load(host.data.gpufleet_bundle), host.name)
     gpu_container_run(name=f"Run nvidia-smi in {image} with every GPU ({engine})", image=image,
-                      offline=bool(host.data.get("gpufleet_offline")), engine=engine,
-                      _if=lambda: any(op.did_change() for op in after))
+                      offline=offline, engine=engine, _if=lambda: any(op.did_change() for op in after))
+
+
+def require_bundled(image, manifest, host_name=None):
+    """An offline host cannot pull: refuse, before any host changes, a check image the bundle lacks."""
+    if image not in {entry["name"] for entry in manifest.get("images", [])}:
+        raise ConfigError("nvidia_toolkit_check_image", f"{image} is not among the bundle's images, and this "
+                          "offline GPU host cannot pull it: add it to the bundle's images", host=host_name)

@@ -186,3 +186,11 @@ def test_inference_services_need_the_docker_engine():
     with pytest.raises(ConfigError, match=r"^gpu1: nvidia_toolkit_engine: is 'podman', but the inference services"):
         config.validate({"nvidia_toolkit_engine": "podman", "inference_services": [SERVICE]}, host_name="gpu1")
     config.validate({"nvidia_toolkit_engine": "containerd", "inference_services": []})
+
+
+def test_offline_gpu_host_needs_the_check_image_in_its_bundle():
+    manifest = {"images": [{"name": "nvidia/cuda:12.2.2-base-ubuntu22.04", "id": "sha256:" + "0" * 64}]}
+    nvidia_toolkit.require_bundled("nvidia/cuda:12.2.2-base-ubuntu22.04", manifest)
+    with pytest.raises(ConfigError, match=r"^gap1: nvidia_toolkit_check_image: nvidia/cuda:12.4.1-base-ubuntu22.04 "
+                                          r"is not among the bundle's images"):
+        nvidia_toolkit.require_bundled("nvidia/cuda:12.4.1-base-ubuntu22.04", manifest, "gap1")
