@@ -157,15 +157,16 @@ def check_signature(bundle, signers):
                         "(python -m operations.bundle build ... --sign-key KEY)")
     found = subprocess.run(["ssh-keygen", "-Y", "find-principals", "-s", str(signature), "-f", str(signers)],
                            capture_output=True, text=True)
-    for principal in found.stdout.split() if found.returncode == 0 else []:
-        with open(bundle / MANIFEST, "rb") as manifest:
-            checked = subprocess.run(["ssh-keygen", "-Y", "verify", "-f", str(signers), "-I", principal,
-                                      "-n", NAMESPACE, "-s", str(signature)], stdin=manifest, capture_output=True)
-        if checked.returncode == 0:
-            return principal
+    if found.returncode or not found.stdout.split():
+        _refuse(bundle, f"{SIGNATURE}: not made by any key in {signers}")
+    principal = found.stdout.split()[0]  # principals sharing the signing key all verify alike
+    with open(bundle / MANIFEST, "rb") as manifest:
+        checked = subprocess.run(["ssh-keygen", "-Y", "verify", "-f", str(signers), "-I", principal,
+                                  "-n", NAMESPACE, "-s", str(signature)], stdin=manifest, capture_output=True)
+    if checked.returncode:
         _refuse(bundle, f"{SIGNATURE}: made by {principal}'s key, but not over this {MANIFEST} "
                         "(altered after signing?)")
-    _refuse(bundle, f"{SIGNATURE}: not made by any key in {signers}")
+    return principal
 
 
 def part(manifest, prefix):

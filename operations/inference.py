@@ -14,12 +14,11 @@ from pyinfra import host, logger
 from pyinfra.api import FactBase, deploy
 from pyinfra.operations import files, systemd
 
-from . import bundle, config, cuda_gate, engines, secrets, weights
+from . import TEMPLATES, bundle, config, cuda_gate, engines, secrets, weights
 from .errors import ConfigError
 
 UNIT_DIR = "/etc/systemd/system"
 TOOLS_DIR = "/usr/local/lib/gpufleet"
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
 DEFAULTS = {
     "inference_services": [],

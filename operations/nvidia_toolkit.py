@@ -6,14 +6,13 @@ import os
 import re
 import shlex
 from io import StringIO
-from pathlib import Path
 
 from pyinfra import host, logger
 from pyinfra.api import FactBase, OperationError, deploy, operation
 from pyinfra.facts.files import File
 from pyinfra.operations import apt, files
 
-from . import apt_pin, bundle, config, docker_engine, json_ops
+from . import TEMPLATES, apt_pin, bundle, config, docker_engine, json_ops
 from .containerd_engine import ContainerdRuntimes
 from .errors import ConfigError
 from .docker_images import pinned
@@ -30,7 +29,6 @@ KEYRING = "/usr/share/keyrings/nvidia-container-toolkit-keyring.asc"  # apt read
 RUNTIME_BINARY = "nvidia-container-runtime"
 RUNTIME_CONFIG = "/etc/nvidia-container-runtime/config.toml"
 DEV_CHAR_RULE = "/lib/udev/rules.d/71-nvidia-dev-char.rules"
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
 DEFAULTS = {
     "nvidia_toolkit_version": "1.17.8",

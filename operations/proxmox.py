@@ -14,7 +14,7 @@ from pyinfra.api import deploy, operation
 from pyinfra.facts.files import FileContents
 from pyinfra.operations import apt, files, server, systemd
 
-from . import base, config
+from . import TEMPLATES, base, config
 from .errors import ConfigError, HostStateError
 from .gpu_facts import NvidiaDeviceNodes, NvidiaKernelModule
 from .proxmox_facts import (GPU_DEVICE_NAMES, PctConfig, PctStatus, ProcDevices,
@@ -24,7 +24,6 @@ SYNTAXES = ("auto", "dev", "lxc")
 CONF_DIR = "/etc/pve/lxc"
 MODULES_LOAD = "/etc/modules-load.d/gpufleet-nvidia.conf"
 NODES_UNIT = "gpufleet-nvidia-device-nodes"
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 # Nodes a guest needs: the GPUs, the control device, unified memory, modeset and MIG capabilities.
 GUEST_NODE = re.compile(r"^/dev/(nvidia\d+|nvidiactl|nvidia-uvm|nvidia-uvm-tools|nvidia-modeset|"
                         r"nvidia-caps/nvidia-cap\d+)$")

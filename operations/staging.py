@@ -17,7 +17,6 @@ import json
 import posixpath
 import secrets
 import shlex
-from pathlib import Path
 
 import gevent
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -26,7 +25,7 @@ from pyinfra import host, inventory, logger
 from pyinfra.api import FactBase, FunctionCommand, deploy, operation
 from pyinfra.operations import files
 
-from . import config
+from . import TEMPLATES, config
 from .bundle import CHUNK
 from .errors import ConfigError
 
@@ -34,7 +33,6 @@ RECORD = ".gpufleet-staged.json"
 PART = ".gpufleet-part"
 RELAY_SENDER = "/usr/local/lib/gpufleet/gpufleet-relay-send"
 RELAY_LOCK = "~/.ssh/.gpufleet-relay.lock"
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
 DEFAULTS = {"gpufleet_stage_via": None, "gpufleet_site_address": None, "gpufleet_site_port": 22}
 

@@ -14,3 +14,11 @@ def intent(host):
     record = host.file("/etc/gpufleet/host.json")
     assert record.exists, "no /etc/gpufleet/host.json: gpufleet has not deployed this host"
     return json.loads(record.content_string)
+
+
+@pytest.fixture
+def docker_host(host, intent):
+    """A host meant to run Docker (a GPU host whose engine is Docker)."""
+    if not intent["docker"]:
+        pytest.skip(f"{host.backend.get_hostname()}: not meant to run Docker (groups {intent['groups']})")
+    return host

@@ -2,15 +2,6 @@
 
 import json
 
-import pytest
-
-
-@pytest.fixture
-def docker_host(host, intent):
-    if not intent["docker"]:
-        pytest.skip(f"{host.backend.get_hostname()}: not meant to run Docker (groups {intent['groups']})")
-    return host
-
 
 def test_docker_is_enabled_and_running(docker_host):
     service = docker_host.service("docker")

@@ -25,17 +25,11 @@ def gpu_host(driver_host, intent):
     return driver_host
 
 
-def engine_host(engine):
-    @pytest.fixture
-    def fixture(gpu_host, intent):
-        if intent["engine"] != engine:
-            pytest.skip(f"{gpu_host.backend.get_hostname()}: its engine is {intent['engine']}, not {engine}")
-        return gpu_host
-    return fixture
-
-
-docker_host = engine_host("docker")
-containerd_host = engine_host("containerd")
+@pytest.fixture
+def containerd_host(gpu_host, intent):
+    if intent["engine"] != "containerd":
+        pytest.skip(f"{gpu_host.backend.get_hostname()}: its engine is {intent['engine']}, not containerd")
+    return gpu_host
 
 
 @pytest.fixture
