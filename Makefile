@@ -8,7 +8,7 @@ demo:
 	bash scripts/bootstrap.sh
 	$(PY) -m tests.lab up --hosts 2 --airgapped 1 --proxmox 1
 	.venv/bin/pyinfra -y inventories/lab.py deploy.py
-	$(PY) -m pytest -p no:cacheprovider tests/checks --hosts=$$($(PY) -m tests.lab hosts) --ssh-config=.lab/ssh_config -v
+	$(PY) -m pytest -p no:cacheprovider tests/checks --hosts=$$($(PY) -m tests.lab hosts) --ssh-config=.lab/ssh_config --sudo -v
 	$(PY) -m tests.lab summary
 
 # Unit tests, then the end-to-end tests on a fresh lab (removed at the end).

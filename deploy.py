@@ -12,9 +12,10 @@ LXC guests (lxc_guests) that name it; a guest's libraries follow its host's driv
 from pyinfra import host
 
 from operations import (base, config, containerd_engine, docker_engine, inference, nvidia_driver, nvidia_toolkit,
-                        offline, podman_engine, proxmox, staging)
+                        offline, podman_engine, proxmox, remote, staging)
 
 config.validate(config.host_settings(host), host.name)
+remote.require_root(host)  # a login that cannot become root is refused before any host changes
 lxc_guest = "lxc_guests" in host.groups
 guest_driver = proxmox.guest_driver_version() if lxc_guest else None  # refuses a mismatch up front
 

@@ -12,7 +12,8 @@ _SERVICE = {"engine": "llamacpp", "image": image_tag(), "model": "tiny/tiny.gguf
             "args": ["--ctx-size", "256", "--threads", "1"], "api_key_file": str(_LAB / "secrets" / "chat-api-key")}
 
 _data = {
-    "ssh_hostname": "127.0.0.1", "ssh_port": _HOST["port"], "ssh_user": "root",
+    "ssh_hostname": "127.0.0.1", "ssh_port": _HOST["port"], "ssh_user": _HOST["user"],
+    **({"_sudo": True} if _HOST["user"] != "root" else {}),
     "ssh_key": str(_LAB / "id_ed25519"), "ssh_known_hosts_file": "/dev/null",
     "ssh_strict_host_key_checking": "no",
     "inference_services": [{**_SERVICE, "name": "chat-host", "port": 8080, "network": "host"},

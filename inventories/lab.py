@@ -8,10 +8,14 @@ _STATE = json.loads((_LAB / "lab.json").read_text()) if (_LAB / "lab.json").exis
 
 
 def _ssh(host):
+    """How the control node reaches a lab host: lab-1 and lab-gap-1 as the sudo user ``gpufleet``
+    (root's SSH login is off there, as on Ubuntu's images), the others as root."""
+    sudo = {"_sudo": True} if host["user"] != "root" else {}
     return {
+        **sudo,
         "ssh_hostname": "127.0.0.1",
         "ssh_port": host["port"],
-        "ssh_user": "root",
+        "ssh_user": host["user"],
         "ssh_key": str(_LAB / "id_ed25519"),
         "ssh_known_hosts_file": "/dev/null",
         "ssh_strict_host_key_checking": "no",

@@ -3,20 +3,17 @@
 import hashlib
 import posixpath
 import shlex
-from io import BytesIO
 
 from pyinfra import host
-from pyinfra.api import FunctionCommand, operation
+from pyinfra.api import operation
 from pyinfra.facts.files import File, Sha256File
 
-from .staging import run_checked
+from .remote import HostFunction, write_file_command
 
 
-def _write(state, host, dest, content):
-    tmp = f"{dest}.gpufleet-new"
-    run_checked(host, f"umask 077 && install -m 600 -o root -g root /dev/null {shlex.quote(tmp)}")
-    host.connector.get_file_transfer_connection().putfo(BytesIO(content), tmp)
-    run_checked(host, f"mv -f {shlex.quote(tmp)} {shlex.quote(dest)}")
+def _write(state, host, shell, dest, content):
+    """The secret goes on the channel's stdin into a file that is 0600 from its first byte."""
+    shell.send(write_file_command(dest, mode="600"), content)
 
 
 @operation()
@@ -38,4 +35,4 @@ def secret_file(dest, content):
             yield f"chmod 600 {shlex.quote(dest)} && chown root:root {shlex.quote(dest)}"
         return
     host.log(f"Will write secret {posixpath.basename(dest)} (content not shown)")
-    yield FunctionCommand(_write, [dest, content], {})
+    yield HostFunction(_write, [dest, content], {})

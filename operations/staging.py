@@ -22,12 +22,13 @@ import gevent
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 from pyinfra import host, inventory, logger
-from pyinfra.api import FactBase, FunctionCommand, deploy, operation
+from pyinfra.api import FactBase, deploy, operation
 from pyinfra.operations import files
 
 from . import TEMPLATES, config
 from .bundle import CHUNK
 from .errors import ConfigError
+from .remote import HostFunction, Shell
 
 RECORD = ".gpufleet-staged.json"
 PART = ".gpufleet-part"
@@ -101,7 +102,7 @@ def plan(wanted, staged, rehash=False):
     return intact, check, send
 
 
-# Runs on the host with stdin fed by ``_send``: per file a header line
+# Runs on the host with stdin fed by ``_frames``: per file a header line
 # "OFFSET COUNT TOTAL SHA256 PATH", COUNT bytes appended to PATH.gpufleet-part, then (for a fresh
 # copy) a verdict line from the sender: its SHA-256, or "host" (a relay: hash it here). A resumed
 # copy is hashed whole on the host. Prints "ok PATH" or "bad PATH"; a copy cut short keeps its
@@ -128,41 +129,6 @@ while read -r offset count total digest path; do
   fi
 done
 """
-
-
-def run_checked(host, command):
-    """Run ``command`` on the host's connection (inside a FunctionCommand); raise if it fails."""
-    status, output = host.connector.run_shell_command(command)
-    if not status:
-        raise OSError(f"{host.name}: {command}: {output.stderr}")
-    return output.stdout_lines
-
-
-def _send(host, command, frames):
-    """Run ``command`` on the host with ``frames`` (an iterable of bytes) as its stdin; return stdout lines."""
-    channel = host.connector.client.get_transport().open_session()
-    try:
-        channel.exec_command(command)
-        for frame in frames:
-            try:
-                channel.sendall(frame)
-            except OSError:
-                break  # the command stopped reading: its exit status and output say why
-        else:
-            channel.shutdown_write()
-        stdout = channel.makefile("rb").read().decode()
-        stderr = channel.makefile_stderr("rb").read().decode()
-        status = channel.recv_exit_status()
-    finally:
-        channel.close()
-    return status, stdout.splitlines(), stderr
-
-
-def _send_checked(host, command, text):
-    """Run ``command`` on the host with ``text`` as its stdin; raise if it fails."""
-    status, _, stderr = _send(host, command, [text.encode()])
-    if status:
-        raise OSError(f"{host.name}: {command}: {stderr.strip()}")
 
 
 def _frames(src, wanted, send, counter):
@@ -195,12 +161,12 @@ def _receive_command(dest, mode):
     return f"sh -c {shlex.quote(RECEIVE)} gpufleet-receive {shlex.quote(dest)} {shlex.quote(mode)}"
 
 
-def _transfer(state, host, src, dest, wanted, check, send, mode):
+def _transfer(state, host, shell, src, dest, wanted, check, send, mode):
     """Run on the host's connection: hash what may be intact, stream the rest, verify, record."""
     hashes = {}
     if check:
         quoted = " ".join(shlex.quote(path) for path in check)
-        for line in run_checked(host, f"cd {shlex.quote(dest)} && sha256sum -- {quoted}"):
+        for line in shell.run(f"cd {shlex.quote(dest)} && sha256sum -- {quoted}"):
             digest, path = line.split(None, 1)
             hashes[path.lstrip("*")] = digest
     for path in check:
@@ -209,18 +175,18 @@ def _transfer(state, host, src, dest, wanted, check, send, mode):
             send[path] = 0
     sent = [0]
     if send:
-        status, lines, stderr = _send(host, _receive_command(dest, mode), _frames(src, wanted, send, sent))
+        status, lines, stderr = shell.stream(_receive_command(dest, mode), _frames(src, wanted, send, sent))
         _check_stream(host, dest, status, lines, len(send), stderr, sent[0])
-    _write_record(host, dest, wanted)
+    _write_record(shell, dest, wanted)
     logger.info(f"[{host.name}] staged {len(send)} file(s), {sent[0]} bytes sent, into {dest}")
 
 
-def _write_record(host, dest, wanted):
+def _write_record(shell, dest, wanted):
     """Record size, mtime and SHA-256 of the wanted files now in ``dest``: the next run trusts them."""
     facts = StagedFiles()
-    on_host = facts.process(run_checked(host, facts.command(dest)))["files"]
+    on_host = facts.process(shell.run(facts.command(dest)))["files"]
     record = {path: [*stat, wanted[path]["sha256"]] for path, stat in on_host.items() if path in wanted}
-    _send_checked(host, f"cat > {shlex.quote(posixpath.join(dest, RECORD))}", json.dumps(record, sort_keys=True))
+    shell.send(f"cat > {shlex.quote(posixpath.join(dest, RECORD))}", json.dumps(record, sort_keys=True))
 
 
 def _check_stream(host, dest, status, lines, expected, stderr, sent):
@@ -262,7 +228,7 @@ def staged(src, dest, files, mode="444", rehash=False, pulled_from=None):
     size = sum(files[path]["size"] - offset for path, offset in send.items())
     logger.info(f"[{host.name}] {dest}: {len(intact)} intact, {len(check)} to verify, {len(send)} to send "
                 f"({size} bytes{f', {resumed} resumed' if resumed else ''})")
-    yield FunctionCommand(_transfer, [src, dest, files, check, dict(send), mode], {})
+    yield HostFunction(_transfer, [src, dest, files, check, dict(send), mode], {})
 
 
 def relay_seed(target=None):
@@ -321,35 +287,42 @@ def authorized_line(public, marker, expiry):
     return f'restrict,command="{RELAY_SENDER}",expiry-time="{expiry}" {public} {marker}'
 
 
-def _relay(state, host, seed, dest, wanted, send, mode):
-    """Run on the host's connection: pull ``send`` from the seed over a one-run key, verify, record."""
+def _relay(state, host, shell, seed, keys_dir, dest, wanted, send, mode):
+    """Run on the host's connection: pull ``send`` from the seed over a one-run key, verify, record.
+
+    The key's public half goes into the seed's login user's own ``authorized_keys`` (edited as that
+    user: the account gpufleet already reaches the seed with); the private half and the seed's host
+    key live in ``keys_dir`` on the pulling host (root only, written through its privilege wrapper).
+    """
+    seed_shell = Shell.of(state, seed)
+    seed_login = seed_shell.login()
     address = seed.data.get("gpufleet_site_address") or seed.data.get("ssh_hostname") or seed.name
     port = seed.data.get("gpufleet_site_port") or 22
-    key_type, host_key = run_checked(seed, "cat /etc/ssh/ssh_host_ed25519_key.pub")[0].split()[:2]
+    key_type, host_key = seed_shell.run("cat /etc/ssh/ssh_host_ed25519_key.pub")[0].split()[:2]
     marker = f"gpufleet-relay-{host.name}-{secrets.token_hex(6)}"
     private, public = relay_key()
-    keys = f"/root/.ssh/{marker}"
-    expiry = run_checked(seed, "umask 077 && mkdir -p ~/.ssh && touch ~/.ssh/authorized_keys && "
-                               "date -d '+1 hour' +%Y%m%d%H%M")[0]
+    keys = posixpath.join(keys_dir, marker)
+    expiry = seed_login.run("umask 077 && mkdir -p ~/.ssh && touch ~/.ssh/authorized_keys && "
+                            "date -d '+1 hour' +%Y%m%d%H%M")[0]
     try:
         # Hosts pulling at once edit the seed's authorized_keys under one lock: no line is lost.
-        _send_checked(seed, f"flock {RELAY_LOCK} sh -c 'cat >> ~/.ssh/authorized_keys'",
-                      authorized_line(public, marker, expiry) + "\n")
-        _send_checked(host, f"umask 077 && mkdir -p /root/.ssh && cat > {keys}", private.decode())
+        seed_login.send(f"flock {RELAY_LOCK} sh -c 'cat >> ~/.ssh/authorized_keys'",
+                        authorized_line(public, marker, expiry) + "\n")
+        shell.send(f"umask 077 && mkdir -p {shlex.quote(keys_dir)} && cat > {keys}", private)
         known = address if port == 22 else f"[{address}]:{port}"
-        _send_checked(host, f"cat > {keys}.known", f"{known} {key_type} {host_key}\n")
+        shell.send(f"umask 077 && cat > {keys}.known", f"{known} {key_type} {host_key}\n")
         plan = "".join(f"{offset} {wanted[path]['size']} {wanted[path]['sha256']} {path}\n"
                        for path, offset in sorted(send.items()))
         pull = (f"ssh -i {keys} -o BatchMode=yes -o IdentitiesOnly=yes -o UserKnownHostsFile={keys}.known "
                 f"-o StrictHostKeyChecking=yes -p {port} {shlex.quote(seed.data.get('ssh_user') or 'root')}@"
                 f"{shlex.quote(address)} {shlex.quote(dest)} | {_receive_command(dest, mode)}")
-        status, lines, stderr = _send(host, pull, [plan.encode()])
+        status, lines, stderr = shell.stream(pull, [plan.encode()])
     finally:
-        run_checked(seed, f"flock {RELAY_LOCK} sed -i '/ {marker}$/d' ~/.ssh/authorized_keys")
-        run_checked(host, f"rm -f {keys} {keys}.known")
+        seed_login.run(f"flock {RELAY_LOCK} sed -i '/ {marker}$/d' ~/.ssh/authorized_keys")
+        shell.run(f"rm -f {keys} {keys}.known")
     size = sum(wanted[path]["size"] - offset for path, offset in send.items())
     _check_stream(host, dest, status, lines, len(send), stderr, f"up to {size}")
-    _write_record(host, dest, wanted)
+    _write_record(shell, dest, wanted)
     logger.info(f"[{host.name}] relayed {len(send)} file(s), {size} bytes, from {seed.name} into {dest}")
 
 
@@ -373,4 +346,5 @@ def relayed(seed, dest, files, mode="444"):
         return
     yield f"mkdir -p {shlex.quote(dest)}"
     logger.info(f"[{host.name}] {dest}: {len(intact)} intact, {len(send)} to pull from {seed.name}")
-    yield FunctionCommand(_relay, [seed, dest, files, dict(send), mode], {})
+    keys_dir = posixpath.join(host.data.gpufleet_state_dir, "relay")
+    yield HostFunction(_relay, [seed, keys_dir, dest, files, dict(send), mode], {})

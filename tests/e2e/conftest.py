@@ -28,14 +28,26 @@ class Deploy:
         self.rc = completed.returncode
         self.output = completed.stdout + completed.stderr
 
-    def results(self):
-        """{operation name: (hosts, success, error, no_change)} from pyinfra's results table."""
-        table = {}
+    def _rows(self):
         for line in self.output.split("--> Results:")[-1].splitlines():
             match = re.match(r"^\s+(.+?)\s{2,}(\d+)\s+(\d+|-)\s+(\d+|-)\s+(\d+|-)\s*$", line)
-            if match and match.group(1) != "Grand total":
-                table[match.group(1)] = tuple(0 if v == "-" else int(v) for v in match.groups()[1:])
-        return table
+            if match:
+                yield match.group(1), tuple(0 if v == "-" else int(v) for v in match.groups()[1:])
+
+    def results(self):
+        """{operation name: (hosts, success, error, no_change)} from pyinfra's results table (two
+        operations of one name, on different hosts, share a row here: use ``grand_total`` to count)."""
+        return {name: row for name, row in self._rows() if name != "Grand total"}
+
+    def grand_total(self):
+        """pyinfra's own Grand total row: (host-operations, changed, errors, unchanged)."""
+        totals = [row for name, row in self._rows() if name == "Grand total"]
+        assert totals, f"no Grand total in pyinfra's output: {self.output[-2000:]}"
+        return totals[-1]
+
+    def total_changed(self):
+        """Host-operations that changed something, by pyinfra's Grand total (every host, every operation)."""
+        return self.grand_total()[1]
 
     def changed(self):
         return {name: row for name, row in self.results().items() if row[1]}
@@ -69,7 +81,7 @@ def second_deploy(first_deploy):
 
 @pytest.fixture(scope="session")
 def lab_host(lab):
-    """testinfra host for a lab host name, over real SSH."""
+    """testinfra host for a lab host name, over real SSH, through sudo (some logins are not root)."""
     def connect(name):
-        return testinfra.get_host(f"ssh://{name}", ssh_config=str(lab_hosts.SSH_CONFIG))
+        return testinfra.get_host(f"ssh://{name}", ssh_config=str(lab_hosts.SSH_CONFIG), sudo=True)
     return connect

@@ -6,6 +6,8 @@ import re
 import shutil
 import subprocess
 
+import pytest
+
 from tests.lab import hosts as lab_hosts
 
 from .conftest import REPO, run_deploy
@@ -29,21 +31,23 @@ def test_airgapped_host_installed_everything_from_the_bundle(second_deploy):
     assert sh("lab-gap-1", "systemctl is-active gpufleet-chat").stdout.strip() == "active"
 
 
-def test_interrupted_transfer_resumes_with_only_the_rest_sent(second_deploy):
+@pytest.mark.parametrize("name", ["lab-1", "lab-2"])  # through the sudo login, and as root
+def test_interrupted_transfer_resumes_with_only_the_rest_sent(second_deploy, name):
     manifest = json.loads((BUNDLE / "manifest.json").read_text())
     image = manifest["images"][0]["file"]
     size = manifest["files"][image]["size"]
     remote = f"/var/lib/gpufleet/bundle/{image}"
     half = size // 2
     # What a copy killed half-way leaves: the first half in the partial file, no final file.
-    sh("lab-2", f"head -c {half} {remote} > {remote}.gpufleet-part && rm -f {remote}")
-    resumed = run_deploy("--limit", "lab-2")
+    sh(name, f"head -c {half} {remote} > {remote}.gpufleet-part && rm -f {remote}")
+    resumed = run_deploy("--limit", name)
     assert resumed.rc == 0, resumed.output[-3000:]
     sent = re.search(r"staged 1 file\(s\), (\d+) bytes sent, into /var/lib/gpufleet/bundle/images", resumed.output)
     assert sent and int(sent.group(1)) == size - half
-    assert sh("lab-2", f"sha256sum {remote}").stdout.split()[0] == manifest["files"][image]["sha256"]
-    again = run_deploy("--limit", "lab-2")
-    assert again.rc == 0 and not again.changed(), again.changed()
+    assert sh(name, f"sha256sum {remote}").stdout.split()[0] == manifest["files"][image]["sha256"]
+    assert sh(name, f"stat -c '%U %a' {remote}").stdout.strip() == "root 444"
+    again = run_deploy("--limit", name)
+    assert again.rc == 0 and again.total_changed() == 0, again.changed()
 
 
 def test_second_run_sends_and_hashes_nothing(second_deploy):
@@ -77,31 +81,37 @@ def test_malformed_manifest_is_refused(second_deploy, tmp_path):
     assert "../etc/passwd: paths must stay inside the bundle" in result.output
 
 
-def test_host_pulls_from_a_seed_of_the_site_not_the_control_node(second_deploy):
-    relay = ("--limit", "lab-1", "--limit", "lab-2", "--data", "gpufleet_stage_via=lab-1")
-    # Neither host has the files: lab-1 stages them from the control node, then lab-2 pulls from it.
-    for name in ("lab-1", "lab-2"):
+# lab-1 logs in as the sudo user gpufleet, lab-2 as root: each direction once.
+@pytest.mark.parametrize("seed, puller", [("lab-1", "lab-2"), ("lab-2", "lab-1")])
+def test_host_pulls_from_a_seed_of_the_site_not_the_control_node(second_deploy, lab, seed, puller):
+    relay = ("--limit", seed, "--limit", puller, "--data", f"gpufleet_stage_via={seed}")
+    # Neither host has the files: the seed stages them from the control node, then the other pulls from it.
+    for name in (seed, puller):
         sh(name, "rm -rf /srv/gpufleet/weights/tiny /var/lib/gpufleet/bundle/images")
     first = run_deploy(*relay)
     assert first.rc == 0, first.output[-3000:]
-    seeded = re.findall(r"\[lab-1\] staged \d+ file\(s\), \d+ bytes sent, into (\S+)", first.output)
+    seeded = re.findall(rf"\[{seed}\] staged \d+ file\(s\), \d+ bytes sent, into (\S+)", first.output)
     assert set(seeded) == {"/srv/gpufleet/weights/tiny", "/var/lib/gpufleet/bundle/images"}
-    pulled = re.findall(r"\[lab-2\] relayed \d+ file\(s\), (\d+) bytes, from lab-1 into (\S+)", first.output)
+    pulled = re.findall(rf"\[{puller}\] relayed \d+ file\(s\), (\d+) bytes, from {seed} into (\S+)",
+                        first.output)
     assert {dest for _, dest in pulled} == {"/srv/gpufleet/weights/tiny", "/var/lib/gpufleet/bundle/images"}
     manifest = json.loads((BUNDLE / "manifest.json").read_text())
     assert sum(int(size) for size, _ in pulled) == sum(
         entry["size"] for path, entry in manifest["files"].items() if path.startswith(("weights/", "images/")))
-    assert "[lab-2] staged" not in first.output  # nothing came from the control node
+    assert f"[{puller}] staged" not in first.output  # nothing came from the control node
     for path, entry in manifest["files"].items():
         if path.startswith("weights/tiny/"):
-            on_host = sh("lab-2", f"sha256sum /srv/gpufleet/weights/{path[len('weights/'):]}").stdout.split()[0]
+            on_host = sh(puller, f"sha256sum /srv/gpufleet/weights/{path[len('weights/'):]}").stdout.split()[0]
             assert on_host == entry["sha256"], path
-    # The one-run key is gone from both ends.
-    assert "gpufleet-relay" not in sh("lab-1", "cat /root/.ssh/authorized_keys").stdout
-    assert sh("lab-2", "ls /root/.ssh").stdout.count("gpufleet-relay") == 0
-    assert sh("lab-2", "systemctl is-active gpufleet-chat").stdout.strip() == "active"
+    # The one-run key is gone from both ends: the seed login's authorized_keys, the puller's key directory.
+    login = lab[seed]["user"]
+    home = "/root" if login == "root" else f"/home/{login}"
+    assert "gpufleet-relay" not in sh(seed, f"cat {home}/.ssh/authorized_keys").stdout
+    assert sh(puller, "ls -A /var/lib/gpufleet/relay").stdout.strip() == ""
+    assert sh(puller, "stat -c '%U %a' /var/lib/gpufleet/relay").stdout.strip() == "root 700"
+    assert sh(puller, "systemctl is-active gpufleet-chat").stdout.strip() == "active"
     again = run_deploy(*relay)
-    assert again.rc == 0 and again.changed() == {}, again.changed()
+    assert again.rc == 0 and again.total_changed() == 0, again.changed()
 
 
 def test_seed_outside_the_run_is_refused(second_deploy):
@@ -128,4 +138,4 @@ def test_bundle_signature_is_required_when_signers_are_named(second_deploy, tmp_
                     str(copy / "manifest.json")], check=True)
     signed = run_deploy("--limit", "lab-1", "--data", f"gpufleet_bundle={copy}",
                         "--data", f"gpufleet_bundle_signers={signers}")
-    assert signed.rc == 0 and signed.changed() == {}, (signed.changed(), signed.output[-2000:])
+    assert signed.rc == 0 and signed.total_changed() == 0, (signed.changed(), signed.output[-2000:])

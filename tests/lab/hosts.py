@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import subprocess
 import secrets
 import time
@@ -15,6 +16,13 @@ from . import bundle as lab_bundle
 from . import image
 
 LABEL = "gpufleet.lab"
+# Lab hosts reached the way most real fleets are: as a sudo user, root's SSH login disabled.
+SUDO_HOSTS = ("lab-1", "lab-gap-1")
+SUDO_USER = "gpufleet"
+# Also on every host, for the tests of logins: a user whose sudo asks for a password (kept in
+# .lab/secrets/sudo-password) and one with no sudo at all.
+PASSWORD_SUDO_USER = "gpufleet-pw"
+NO_SUDO_USER = "nosudo"
 LAB_NETWORK = "gpufleet-lab"
 GAP_NETWORK = "gpufleet-gap"
 GAP_BRIDGE = "gfl-gap0"
@@ -23,6 +31,33 @@ STATE_DIR = Path(os.environ.get("GPUFLEET_LAB_DIR", REPO / ".lab"))
 STATE_FILE = STATE_DIR / "lab.json"
 KEY_FILE = STATE_DIR / "id_ed25519"
 SSH_CONFIG = STATE_DIR / "ssh_config"
+SUDO_PASSWORD_FILE = STATE_DIR / "secrets" / "sudo-password"
+
+# Run in each host at start (as root, through docker exec): the lab's login users, and for a
+# sudo host, root's SSH login turned off as Ubuntu cloud images and hardened servers have it.
+LOGINS = r"""
+set -eu
+key=$(cat)
+add() {{  # user, sudoers line or nothing
+  id "$1" >/dev/null 2>&1 || useradd -m -s /bin/bash "$1"
+  install -d -m 700 -o "$1" -g "$1" "/home/$1/.ssh"
+  printf '%s\n' "$key" > "/home/$1/.ssh/authorized_keys"
+  chown "$1:$1" "/home/$1/.ssh/authorized_keys"; chmod 600 "/home/$1/.ssh/authorized_keys"
+  [ -z "$2" ] || {{ printf '%s\n' "$2" > "/etc/sudoers.d/$1"; chmod 440 "/etc/sudoers.d/$1"; }}
+}}
+add {sudo_user} '{sudo_user} ALL=(ALL) NOPASSWD:ALL'
+add {password_user} '{password_user} ALL=(ALL) ALL'
+printf '%s:%s\n' {password_user} '{password}' | chpasswd
+add {no_sudo_user} ''
+if [ "{root_login}" = yes ]; then
+  install -d -m 700 /root/.ssh; printf '%s\n' "$key" > /root/.ssh/authorized_keys; chmod 600 /root/.ssh/authorized_keys
+  rm -f /etc/ssh/sshd_config.d/gpufleet-lab.conf
+else
+  rm -f /root/.ssh/authorized_keys
+  printf 'PermitRootLogin no\n' > /etc/ssh/sshd_config.d/gpufleet-lab.conf
+fi
+systemctl reload ssh 2>/dev/null || true
+"""
 
 # The flags measured to boot systemd here (shared/LAB.md); --privileged fails on this engine.
 BOOT_FLAGS = [
@@ -64,7 +99,7 @@ def save_state(state):
             f"Host {host['name']}",
             "  HostName 127.0.0.1",
             f"  Port {host['port']}",
-            "  User root",
+            f"  User {host['user']}",
             f"  IdentityFile {KEY_FILE}",
             "  IdentitiesOnly yes",
             "  StrictHostKeyChecking no",
@@ -110,6 +145,20 @@ def remove_gap_rules():
             subprocess.run(["iptables", "-D", *rule], check=True)
 
 
+def sudo_password():
+    """The lab's password for the password-sudo user (made once, root-only on the control node)."""
+    _secret(SUDO_PASSWORD_FILE)
+    return SUDO_PASSWORD_FILE.read_text().strip()
+
+
+def provision_logins(host, pubkey):
+    """Give a started host the lab's login users; a sudo host gets root's SSH login turned off."""
+    script = LOGINS.format(sudo_user=SUDO_USER, password_user=PASSWORD_SUDO_USER, no_sudo_user=NO_SUDO_USER,
+                           password=sudo_password(), root_login="no" if host["user"] != "root" else "yes")
+    subprocess.run(["docker", "exec", "-i", host["container"], "sh", "-c", script], input=pubkey, text=True,
+                   check=True, capture_output=True)
+
+
 def start_host(name, tag, pubkey, airgapped=False):
     container = f"gpufleet-{name}"
     docker("rm", "-f", container, check=False)
@@ -121,39 +170,42 @@ def start_host(name, tag, pubkey, airgapped=False):
         "-p", "127.0.0.1::22",
         tag, "/sbin/init",
     )
-    subprocess.run(
-        ["docker", "exec", "-i", container, "sh", "-c",
-         "umask 077; mkdir -p /root/.ssh; cat > /root/.ssh/authorized_keys"],
-        input=pubkey, text=True, check=True,
-    )
     port = int(docker("port", container, "22/tcp").splitlines()[0].rsplit(":", 1)[1])
     network = GAP_NETWORK if airgapped else LAB_NETWORK
     address = docker("inspect", "-f", f'{{{{(index .NetworkSettings.Networks "{network}").IPAddress}}}}', container)
     return {"name": name, "container": container, "port": port, "address": address,
-            "airgapped": airgapped}
+            "airgapped": airgapped, "user": SUDO_USER if name in SUDO_HOSTS else "root"}
 
 
-def wait_booted(host, timeout=120):
-    """Wait until systemd says running (or degraded) and sshd answers."""
+def wait_booted(host, pubkey, timeout=120):
+    """Wait until systemd says running (or degraded), give the host its logins, and wait for sshd."""
     deadline = time.time() + timeout
-    state = ""
+    state, provisioned = "", False
     while time.time() < deadline:
         state = docker("exec", host["container"], "systemctl", "is-system-running", check=False)
-        if state in ("running", "degraded") and ssh(host, "true", check=False).returncode == 0:
-            return state
+        if state in ("running", "degraded"):
+            if not provisioned:
+                provision_logins(host, pubkey)
+                provisioned = True
+            if ssh(host, "true", check=False).returncode == 0:
+                return state
         time.sleep(0.5)
     raise RuntimeError(f"{host['name']}: not booted after {timeout}s (systemd says {state!r})")
 
 
-def ssh(host, command, check=True, **kwargs):
+def ssh(host, command, check=True, user=None, **kwargs):
+    """Run ``command`` as root on a lab host over SSH: through sudo, since the login may be a sudo
+    user (a root login's sudo asks nothing). ``user`` logs in as another lab user, without sudo."""
+    target = [host["name"], command] if user else [host["name"], "sudo -n sh -c " + shlex.quote(command)]
+    login = ["-l", user] if user else []
     return subprocess.run(
-        ["ssh", "-F", str(SSH_CONFIG), "-o", "ConnectTimeout=5", "-o", "BatchMode=yes", host["name"], command],
+        ["ssh", "-F", str(SSH_CONFIG), "-o", "ConnectTimeout=5", "-o", "BatchMode=yes", *login, *target],
         check=check, text=True, capture_output=True, **kwargs,
     )
 
 
-def _api_key(path):
-    """A random API key for the lab's service, root-only on the control node too."""
+def _secret(path):
+    """A random secret for the lab (an API key, a sudo password), root-only on the control node too."""
     if not path.exists():
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         path.write_text(secrets.token_urlsafe(24) + "\n")
@@ -170,7 +222,7 @@ def up(count=3, airgapped=1, proxmox=1, fresh=False, log=print):
     pubkey = ensure_key()
     toolkit_double.build(STATE_DIR / "toolkit-repo")
     lab_bundle.build(log=log)
-    _api_key(STATE_DIR / "secrets" / "chat-api-key")
+    _secret(STATE_DIR / "secrets" / "chat-api-key")
     ensure_networks(airgapped > 0)
     state = load_state()
     wanted = [(f"lab-{i}", False) for i in range(1, count + 1)]
@@ -182,7 +234,7 @@ def up(count=3, airgapped=1, proxmox=1, fresh=False, log=print):
     hosts = []
     for name, gapped in wanted:
         host = known.get(name)
-        if host and not fresh and host["container"] in running and host.get("image") == tag:
+        if host and not fresh and host["container"] in running and host.get("image") == tag and "user" in host:
             hosts.append(host)
             continue
         if host:
@@ -196,7 +248,7 @@ def up(count=3, airgapped=1, proxmox=1, fresh=False, log=print):
     state["hosts"] = hosts
     save_state(state)
     for host in hosts:
-        wait_booted(host)
+        wait_booted(host, pubkey)
         if host["name"].startswith("lab-pve-"):
             proxmox_double.install(host["container"], DRIVER_DEFAULTS["nvidia_driver_version"])
     log(f"lab up: {len(hosts)} hosts in {time.time() - started:.1f}s")

@@ -1,0 +1,154 @@
+"""
+Commands gpufleet runs on a host outside pyinfra's command runner: byte streams on their own SSH
+channel (staging, secrets, relay keys). Each goes through the same privilege wrapper pyinfra puts
+around its own commands (``_sudo``, ``_sudo_user``, ``_sudo_password``, ``_su_user``, ``_doas`` ...),
+so a sudo login works like a root one; commands that act for the login user itself (its own
+``authorized_keys``) run without it.
+"""
+
+import shlex
+
+from pyinfra.api import FactBase, FunctionCommand, StringCommand
+from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS, pop_global_arguments
+from pyinfra.connectors.util import make_unix_command_for_host
+
+from .errors import ConfigError
+
+# Connector arguments that say how a command runs (not what runs): kept out of the command line.
+_RUN_ONLY = ("_get_pty", "_timeout", "_stdin", "_success_exit_codes", "_retries", "_retry_delay",
+             "_retry_until", "_temp_dir")
+
+
+class Shell:
+    """A host's shell with one set of privilege arguments (an operation's, or none: the login user)."""
+
+    def __init__(self, state, host, arguments):
+        self.state, self.host = state, host
+        self.arguments = {key: value for key, value in arguments.items() if key in CONNECTOR_ARGUMENT_KEYS}
+
+    @classmethod
+    def of(cls, state, host):
+        """``host``'s shell with the privilege its own data asks for (a seed serving another host)."""
+        arguments, _ = pop_global_arguments(state, host, {})
+        return cls(state, host, arguments)
+
+    def login(self):
+        """The same host as its login user, with no sudo/su/doas around the commands."""
+        return Shell(self.state, self.host, {})
+
+    def wrap(self, command):
+        """``command`` as the host will run it (``sudo -H -n sh -c '...'`` for a sudo login)."""
+        arguments = {key: value for key, value in self.arguments.items() if key not in _RUN_ONLY}
+        return make_unix_command_for_host(self.state, self.host, StringCommand(command), **arguments).get_raw_value()
+
+    def run(self, command):
+        """Run ``command``; return its stdout lines, or raise naming the host, command and error."""
+        status, output = self.host.connector.run_shell_command(StringCommand(command), **self.arguments)
+        if not status:
+            raise OSError(f"{self.host.name}: {command}: {output.stderr}")
+        return output.stdout_lines
+
+    def stream(self, command, frames):
+        """Run ``command`` with ``frames`` (an iterable of bytes) as its stdin, on a channel of its own.
+
+        Returns ``(exit status, stdout lines, stderr)``; a command that stops reading ends the stream.
+        """
+        channel = self.host.connector.client.get_transport().open_session()
+        try:
+            channel.exec_command(self.wrap(command))
+            for frame in frames:
+                try:
+                    channel.sendall(frame)
+                except OSError:
+                    break  # the command stopped reading: its exit status and output say why
+            else:
+                channel.shutdown_write()
+            stdout = channel.makefile("rb").read().decode()
+            stderr = channel.makefile_stderr("rb").read().decode()
+            status = channel.recv_exit_status()
+        finally:
+            channel.close()
+        return status, stdout.splitlines(), stderr
+
+    def send(self, command, data):
+        """Run ``command`` with ``data`` (bytes or text) as its stdin; raise if it fails. The data
+        never appears in a command line, so a secret sent this way shows in no process list."""
+        status, _, stderr = self.stream(command, [data if isinstance(data, bytes) else data.encode()])
+        if status:
+            raise OSError(f"{self.host.name}: {command}: {stderr.strip()}")
+
+
+class HostFunction(FunctionCommand):
+    """A FunctionCommand called as ``function(state, host, shell, *args)``, where ``shell`` runs
+    commands with the operation's own privilege arguments (pyinfra's FunctionCommand drops them)."""
+
+    def execute(self, state, host, connector_arguments):
+        return self.function(state, host, Shell(state, host, connector_arguments), *self.args, **self.kwargs)
+
+
+def write_file_command(dest, mode="600"):
+    """A command that writes its stdin to ``dest`` atomically, created with ``mode`` from the first byte."""
+    tmp = shlex.quote(f"{dest}.gpufleet-new")
+    return (f"umask 077 && cat > {tmp} && chmod {mode} {tmp} && chown root:root {tmp} && "
+            f"mv -f {tmp} {shlex.quote(dest)}")
+
+
+class LoginPrivilege(FactBase):
+    """
+    Returns who the SSH login is and whether it can become root without a prompt (``sudo -n true``),
+    read without any privilege wrapper (call with ``_sudo=False``):
+
+    .. code:: python
+
+        {"uid": 1000, "user": "gpufleet", "sudo_ok": False,
+         "sudo_message": "sudo: a password is required"}
+    """
+
+    def command(self):
+        return ('echo "uid=$(id -u) user=$(id -un)"; '
+                'if command -v sudo >/dev/null 2>&1; then sudo -n true 2>&1; echo "sudo_rc=$?"; '
+                'else echo "sudo: command not found"; echo sudo_rc=127; fi')
+
+    def process(self, output):
+        head = dict(part.split("=", 1) for part in output[0].split())
+        rc = int(output[-1].split("=", 1)[1])
+        return {"uid": int(head["uid"]), "user": head["user"], "sudo_ok": rc == 0,
+                "sudo_message": " ".join(line.strip() for line in output[1:-1]) or f"exit {rc}"}
+
+
+class PrivilegeWorks(FactBase):
+    """Returns the login's user id after the operation's privilege wrapper: 0 when it became root."""
+
+    def command(self):
+        return "id -u"
+
+    def process(self, output):
+        return int(output[0])
+
+
+def require_root(host):
+    """
+    Refuse, before any host changes, a login that cannot act as root: not root and no privilege
+    wrapper set, or a wrapper that fails (``sudo -n true`` without ``_sudo_password``; the wrapper
+    itself with one). Names the host, the login and what was tried.
+    """
+    login = host.get_fact(LoginPrivilege, _sudo=False, _su_user=None, _doas=False, _dzdo=False)
+    if login["uid"] == 0:
+        return
+    arguments, _ = pop_global_arguments(host.state, host, {})
+    who = f"logs in as {login['user']} (uid {login['uid']})"
+    wrappers = [key for key in ("_sudo", "_su_user", "_doas", "_dzdo") if arguments.get(key)]
+    if not wrappers:
+        raise ConfigError("_sudo", f"{who}, not root, and no privilege wrapper is set: set `_sudo = True` "
+                          "in its data (or pass --sudo), or log in as root", host=host.name)
+    if wrappers == ["_sudo"] and not arguments.get("_sudo_password") and not arguments.get("_sudo_user"):
+        if not login["sudo_ok"]:
+            raise ConfigError("_sudo", f"{who}; tried `sudo -n true`: {login['sudo_message']}. Give "
+                              f"{login['user']} passwordless sudo, or set `_sudo_password`", host=host.name)
+        return
+    became = host.get_fact(PrivilegeWorks, _ignore_errors=True)
+    if became != 0:
+        tried = ", ".join(f"{key}={'***' if key.endswith('password') else arguments[key]!r}"
+                          for key in (*wrappers, "_sudo_password", "_sudo_user") if arguments.get(key))
+        raise ConfigError(wrappers[0], f"{who}; tried `id -u` through {tried}: it did not run as root "
+                          f"({'failed' if became is None else f'uid {became}'})", host=host.name)
