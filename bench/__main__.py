@@ -1,4 +1,4 @@
-"""python -m bench [--fleet 1,4,8] [--fan-out 4] [--runs 40] [--only fleet,staging,latency]
+"""python -m bench [--fleet 1,4,8] [--fan-out 4] [--runs 40] [--only fleet,staging,sudo,latency]
 
 Brings up lab hosts (replacing the lab), measures gpufleet against its baselines side by side in
 this run, prints the table and writes bench/out/results.json, table.md and results.png."""
@@ -28,7 +28,8 @@ def main(argv=None):
     parser.add_argument("--fleet", default="1,4,8", help="host counts for the fleet runs")
     parser.add_argument("--fan-out", type=int, default=4, help="hosts for the staging fan-out")
     parser.add_argument("--runs", type=int, default=40, help="streamed completions per network mode")
-    parser.add_argument("--only", default="fleet,staging,latency")
+    parser.add_argument("--sudo-runs", type=int, default=3, help="staging runs per login, root and sudo")
+    parser.add_argument("--only", default="fleet,staging,sudo,latency")
     args = parser.parse_args(argv)
     parts = args.only.split(",")
     results = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
@@ -38,6 +39,8 @@ def main(argv=None):
             results["fleet"] = fleet.measure([int(n) for n in args.fleet.split(",")])
         if "staging" in parts:
             results["staging"] = staging.measure(fan_out=args.fan_out)
+        if "sudo" in parts:
+            results["sudo"] = staging.sudo_vs_root(runs=args.sudo_runs)
         if "latency" in parts:
             results["latency"] = latency.measure(runs=args.runs)
     finally:

@@ -1,6 +1,7 @@
 """The benchmark's table (Markdown), JSON and PNG, with each target marked met or missed."""
 
 import json
+from statistics import median
 
 
 def _mark(ok):
@@ -54,6 +55,18 @@ def table(results):
                   f"{_mark(stage['resume_sent_bytes'] <= stage['bytes'] - stage['resume_on_host_bytes'] + (1 << 20))} |",
                   f"| SHA-256 of the set | {mb / stage['hash_gpufleet_s']:.0f} MB/s (hashlib) | "
                   f"{mb / stage['hash_sha256sum_s']:.0f} MB/s (sha256sum) | — |", ""]
+    sudo = results.get("sudo")
+    if sudo:
+        mb = sudo["bytes"] / 1e6
+        root, through = median(sudo["root_s"]), median(sudo["sudo_s"])
+        ratio = root / through
+        lines += [f"Staging {sudo['files']} files, {mb / 1e3:.2f} GB to {sudo['host']}, logged in as root and as a "
+                  f"sudo user, {sudo['runs']} runs each, interleaved (median, min–max):", "",
+                  "| login | seconds | MB/s |", "|---|---|---|",
+                  f"| root | {root:.1f} ({min(sudo['root_s']):.1f}–{max(sudo['root_s']):.1f}) | {mb / root:.0f} |",
+                  f"| sudo user (`sudo -H -n sh -c`) | {through:.1f} ({min(sudo['sudo_s']):.1f}–{max(sudo['sudo_s']):.1f}) "
+                  f"| {mb / through:.0f} |", "",
+                  f"Through sudo: {ratio:.2f}× root's throughput (target ≥ 0.90: {_mark(ratio >= 0.9)})", ""]
     latency = results.get("latency")
     if latency:
         lines += [f"Streaming latency, llama.cpp tiny model, {latency['runs']} completions × {latency['max_tokens']} "

@@ -41,14 +41,17 @@ def make_weight_set(large=4, large_mib=500, small=256, small_kib=64, log=print):
     return manifest
 
 
-def gpufleet_stage(names, dest, background=False, via=None):
+def gpufleet_stage(names, dest, background=False, via=None, login=()):
     """Stage the set into ``dest`` on ``names``; returns seconds and the bytes the control node sent
-    (with ``via``: the other hosts pull from that host of the site)."""
+    (with ``via``: the other hosts pull from that host of the site; ``login``: ``--data`` items that
+    change how pyinfra logs in, e.g. a sudo user)."""
     command = [str(BIN / "pyinfra"), "-y", "inventories/lab.py", "bench/stage_deploy.py"]
     for name in names:
         command += ["--limit", name]
     if via:
         command += ["--data", f"gpufleet_stage_via={via}"]
+    for item in login:
+        command += ["--data", item]
     env = {**os.environ, "BENCH_WEIGHTS": str(WEIGHTS), "BENCH_MANIFEST": str(MANIFEST), "BENCH_DEST": dest,
            "PYTHONPATH": str(REPO)}
     if background:
@@ -69,6 +72,27 @@ def rsync(hosts, dest):
     if any(p.wait() for p in procs):
         raise RuntimeError("rsync failed")
     return time.perf_counter() - started
+
+
+def sudo_vs_root(runs=3, log=print):
+    """Staging to one host logged in as root and as a sudo user (the stream goes through
+    ``sudo sh -c``), interleaved, ``runs`` times each, on the same lab host."""
+    manifest = make_weight_set(log=log)
+    total = sum(entry["size"] for entry in manifest.values())
+    state = lab.up(count=2, airgapped=0, proxmox=0, log=lambda *_: None)
+    host = next(h for h in state["hosts"] if h["user"] == "root")
+    logins = {"root": (), "sudo": (f"ssh_user={lab.SUDO_USER}", "_sudo=True")}
+    seconds = {name: [] for name in logins}
+    for run in range(runs):
+        for name in (logins if run % 2 == 0 else reversed(list(logins))):
+            on_hosts([host], "rm -rf /srv/bench")
+            took, sent = gpufleet_stage([host["name"]], "/srv/bench/gpufleet", login=logins[name])
+            assert sent == total, (name, sent, total)
+            seconds[name].append(took)
+    on_hosts([host], "rm -rf /srv/bench")
+    log(f"staging as root {sorted(seconds['root'])}, through sudo {sorted(seconds['sudo'])}")
+    return {"bytes": total, "files": len(manifest), "runs": runs, "host": host["name"],
+            "root_s": seconds["root"], "sudo_s": seconds["sudo"]}
 
 
 def on_hosts(hosts, command):
