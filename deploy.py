@@ -36,7 +36,7 @@ if "proxmox_hosts" in host.groups:
     intent["lxc_guests"] = sorted(int(guest.data.proxmox_vmid) for guest, _ in guest_changes)
     skipped.append("device node service start")
 
-image_ops = []
+image_ops = {}
 if "gpu_hosts" in host.groups:
     if lxc_guest:
         driver = nvidia_driver.install_driver(version=guest_driver, kernel_module=False)
@@ -59,6 +59,7 @@ if "gpu_hosts" in host.groups:
         driver_changed=driver.will_change)
     if engine == "docker":
         engine_ready = docker_engine.restart_on_change([daemon_json, runtime])
+        docker_engine.registry_access()
     elif engine == "containerd":
         engine_ready = containerd_engine.restart_on_change([runtime])
     else:
@@ -66,8 +67,12 @@ if "gpu_hosts" in host.groups:
     intent["nvidia_toolkit_version"] = host.data.nvidia_toolkit_version
     intent["nvidia_toolkit_check_image"] = host.data.nvidia_toolkit_check_image
     intent["docker"] = engine == "docker"
-    if intent["docker"] and host.data.get("gpufleet_bundle"):
-        image_ops = offline.load_images()
+    if intent["docker"]:
+        check_image = host.data.nvidia_toolkit_check_image
+        images = [service["image"] for service in host.data.inference_services]
+        if intent["gpus"] and offline.carries(host.data.get("gpufleet_bundle"), check_image):
+            images.append(check_image)  # otherwise the check's `docker run --pull missing` fetches it
+        image_ops = inference.install_images(images)
     if intent["gpus"]:
         nvidia_toolkit.check_gpu_container(after=[op for op in (driver, toolkit, engine_ready) if op], engine=engine)
     if intent["docker"]:

@@ -34,6 +34,16 @@ docker_log_max_size = "50m"
 docker_log_max_file = 3
 # More daemon.json keys to merge; keys already in the file and not named here are kept.
 docker_daemon_settings = {}
+# Pull-through caches for Docker Hub images ("registry-mirrors" in daemon.json), e.g.
+# ["https://mirror.example.internal:5000"].
+docker_registry_mirrors = []
+# Private registries signed by your own CA: "host:port" -> CA certificate file on the control node,
+# installed as /etc/docker/certs.d/<host:port>/ca.crt (Docker reads it per connection: no restart).
+docker_registry_ca_files = {}
+# Registries that need a login: "host:port" -> a file on the control node, readable by its owner
+# only, whose first line is USERNAME:PASSWORD. `docker login --password-stdin` on the host: the
+# password reaches it on stdin only, never in a command line or a log.
+docker_registry_logins = {}
 
 # --- nvidia_driver_ (NVIDIA driver) ------------------------------------------------------
 # Where the driver comes from: "distro" (Debian non-free; Ubuntu's server branch with Canonical's
@@ -97,8 +107,25 @@ gpufleet_bundle_signers = None
 inference_services = []
 # Seconds a service may take to answer its readiness endpoints after a (re)start.
 inference_start_timeout = 300
+# Images: one the offline bundle carries is loaded from it; any other is pulled from its registry by
+# the deploy (never at unit start). A tag is checked against its registry on each run: when the
+# registry moved it, the deploy says so and keeps the image the host has, unless this is True.
+inference_image_follow_tag = False
 # Weight volumes live here (one directory per volume, files 0444 root), mounted :ro at /models.
 inference_weights_root = "/srv/gpufleet/weights"
+# Weight volumes besides the bundle's, by name (a service's model "NAME/path" uses volume NAME):
+#   {"qwen": {"from": "/models/qwen"}}  staged from a directory on the control node (resumable,
+#                                       SHA-256 verified, skipped when intact)
+#   {"qwen": {"hf": "Qwen/Qwen2.5-0.5B-Instruct", "revision": "<40-hex commit>",
+#             "token_file": "/root/.config/gpufleet/hf-token"}}   fetched on the host from the hub
+#                                       (token_file optional, root-only on the control node)
+# A host gets only the volumes its services use.
+inference_weight_volumes = {}
+# The hub hf volumes come from (HF_ENDPOINT): None for huggingface.co, or a site mirror's URL.
+inference_hf_endpoint = None
+# Allow a branch or tag as an hf volume's revision: the commit it names is asked on each run and a
+# move is fetched (and the services using it restarted). Off: only a pinned commit is accepted.
+inference_weights_follow_branch = False
 
 # --- proxmox_ (Proxmox VE LXC GPU passthrough: groups proxmox_hosts and lxc_guests) ---------
 # A guest (host data): the inventory name of its Proxmox VE host and its VMID. The guest's driver

@@ -4,7 +4,10 @@ import json
 from pathlib import Path
 
 _LAB = Path(__file__).resolve().parent.parent / ".lab"
-_STATE = json.loads((_LAB / "lab.json").read_text()) if (_LAB / "lab.json").exists() else {"hosts": []}
+_ALL = json.loads((_LAB / "lab.json").read_text())["hosts"] if (_LAB / "lab.json").exists() else []
+# lab-svc-1 is not deployed: it runs the site's registry and hub (tests/lab/site.py).
+_SITE = next((h for h in _ALL if h.get("role") == "site"), None)
+_STATE = {"hosts": [h for h in _ALL if h.get("role", "deploy") == "deploy"]}
 
 
 def _ssh(host):
@@ -24,6 +27,46 @@ def _ssh(host):
     }
 
 
+def _connected(host):
+    """A lab-net-N host: deployed with no bundle, as a connected site's host is. Docker and the driver
+    from Debian's archive over the network, the toolkit from the double repository staged from here,
+    the llama.cpp image pulled from the site registry (TLS with the lab CA, a login), one weight
+    volume fetched from the site's hub (a pinned commit, a token) and one staged from a directory
+    here. Imported here, not in group_data: it needs the site's address."""
+    from tests.lab import site
+
+    address = _SITE["address"]
+    image = site.image(address)
+    service = {"engine": "llamacpp", "image": image, "memory": "1g", "args": ["--ctx-size", "256", "--threads", "1"],
+               "api_key_file": str(_LAB / "secrets" / "chat-api-key")}
+    return {
+        **_ssh(host),
+        "gpufleet_bundle": None,
+        "nvidia_toolkit_source": "local-repo",
+        "nvidia_toolkit_local_repo_src": str(_LAB / "toolkit-repo"),
+        "docker_registry_ca_files": {site.registry(address): str(site.CA_CERT)},
+        "docker_registry_logins": {site.registry(address): str(site.LOGIN_FILE)},
+        "docker_registry_mirrors": [f"https://{site.registry(address)}"],
+        "inference_hf_endpoint": site.hub_endpoint(address),
+        "inference_weight_volumes": {
+            "hub-tiny": {"hf": site.HUB_REPO, "revision": site.hub_commit(), "token_file": str(site.HUB_TOKEN_FILE)},
+            "dir-tiny": {"from": str(_LAB / "models" / "tiny")},
+        },
+        "inference_services": [
+            {**service, "name": "chat", "model": "hub-tiny/tiny.gguf", "port": 8080},
+            {**service, "name": "chat-dir", "model": "dir-tiny/tiny.gguf", "port": 8081},
+        ],
+    }
+
+
+def _data(host):
+    if host["name"].startswith("lab-ct-"):
+        return _guest(host)
+    if host["name"].startswith("lab-net-"):
+        return _connected(host)
+    return _ssh(host)
+
+
 def _guest(host):
     """A lab-ct-N host plays the LXC guest 101 of lab-pve-N (restarts allowed: the double records them)."""
     number = host["name"].rsplit("-", 1)[1]
@@ -35,8 +78,7 @@ def _guest(host):
 # module's /proc/devices and device nodes); it owns the kernel module and passes devices on.
 proxmox_hosts = [(h["name"], _ssh(h)) for h in _STATE["hosts"] if h["name"].startswith("lab-pve-")]
 # Every other lab host plays a GPU host (none has a GPU: the deploy says so and skips GPU steps).
-gpu_hosts = [(h["name"], _guest(h) if h["name"].startswith("lab-ct-") else _ssh(h))
-             for h in _STATE["hosts"] if not h["name"].startswith("lab-pve-")]
+gpu_hosts = [(h["name"], _data(h)) for h in _STATE["hosts"] if not h["name"].startswith("lab-pve-")]
 # lab-ct-N: LXC guests of lab-pve-N: user-space driver at the host's version, toolkit without cgroups.
 lxc_guests = [h["name"] for h in _STATE["hosts"] if h["name"].startswith("lab-ct-")]
 # Air-gapped lab hosts: no route out; group_data/airgapped.py sends them to the bundle.

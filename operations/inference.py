@@ -14,16 +14,16 @@ from pyinfra import host, logger
 from pyinfra.api import FactBase, deploy
 from pyinfra.operations import files, systemd
 
-from . import TEMPLATES, bundle, config, cuda_gate, engines, secrets, weights
+from . import TEMPLATES, TOOLS_DIR, config, cuda_gate, docker_images, engines, offline, secrets, weights
 from .errors import ConfigError
 
 UNIT_DIR = "/etc/systemd/system"
-TOOLS_DIR = "/usr/local/lib/gpufleet"
 
 DEFAULTS = {
     "inference_services": [],
     "inference_start_timeout": 300,
     "inference_weights_root": "/srv/gpufleet/weights",
+    "inference_image_follow_tag": False,
 }
 
 
@@ -48,22 +48,39 @@ def _check(data, host_name):
         if service.get("cuda") and data.get("nvidia_driver_version"):
             cuda_gate.check(service["cuda"], data["nvidia_driver_version"],
                             field=f"inference_services[{index}].image", host_name=host_name)
-        if data.get("gpufleet_bundle"):
-            contents = bundle.load(data["gpufleet_bundle"])
-            volume = service["model"].split("/")[0]
-            prefix = contents.get("weights", {}).get(volume)
-            inside = service["model"][len(volume) + 1:]
-            wanted = bundle.part(contents, prefix) if prefix else {}
-            if not prefix or not any(p == inside or p.startswith(inside.rstrip("/") + "/") for p in wanted):
-                raise ConfigError(f"inference_services[{index}].model",
-                                  f"{service['model']} is not in the bundle's weight volumes "
-                                  f"({', '.join(sorted(contents.get('weights', {}))) or 'none'})", host=host_name)
+        weights.check_model(index, service["model"], data, host_name)
+        if data.get("gpufleet_offline") and not offline.carries(data.get("gpufleet_bundle"), service["image"]):
+            raise ConfigError(f"inference_services[{index}].image", f"{service['image']} is not among the bundle's "
+                              "images, and this offline host cannot pull it: add it to the bundle", host=host_name)
 
 
 config.register({
     "inference_services": (lambda v: isinstance(v, list), "a list of services (see group_data/all.py)"),
     "inference_start_timeout": (config._is_positive_int, "seconds, above 0"),
+    "inference_image_follow_tag": (config._is_bool, "true or false"),
 }, cross_check=_check)
+
+
+@deploy("Provide the services' container images", data_defaults=DEFAULTS)
+def install_images(images, follow_tag=None):
+    """
+    Give Docker each of ``images``: loaded from the offline bundle when it carries the image (only
+    those archives are sent), otherwise pulled from its registry by the deploy (never at unit start).
+
+    + images: the images this host runs (its services', and the GPU check image on a GPU host)
+    + follow_tag: follow a tag its registry moved (``inference_image_follow_tag``); otherwise the
+      move is reported and the host keeps what it has
+
+    Returns the operation that provides each image, by name.
+    """
+    follow_tag = host.data.inference_image_follow_tag if follow_tag is None else follow_tag
+    bundle_path = host.data.get("gpufleet_bundle")
+    bundled = [image for image in sorted(set(images)) if offline.carries(bundle_path, image)]
+    operations = offline.load_images(bundled) if bundled else {}
+    for image in sorted(set(images) - set(bundled)):
+        operations[image] = docker_images.pulled(name=f"Pull image {image}", image=image, follow_tag=follow_tag,
+                                                 state_dir=host.data.gpufleet_state_dir)
+    return operations
 
 
 class ServiceReady(FactBase):
@@ -114,7 +131,7 @@ def env_content(service, profile):
 
 
 @deploy("Deploy inference services", data_defaults=DEFAULTS)
-def install_services(services=None, gpus=0, weights_root=None, start_timeout=None, image_ops=()):
+def install_services(services=None, gpus=0, weights_root=None, start_timeout=None, image_ops=None):
     """
     Install, start and check every inference service of the host.
 
@@ -122,7 +139,8 @@ def install_services(services=None, gpus=0, weights_root=None, start_timeout=Non
     + gpus: how many NVIDIA GPUs the host really has (0: CPU engines run without ``--gpus``)
     + weights_root: where weight volumes live (``inference_weights_root``)
     + start_timeout: seconds a service may take to become ready (``inference_start_timeout``)
-    + image_ops: image load operations; a service restarts when one of them changed
+    + image_ops: image -> the operation that provides it (``install_images``); a service restarts
+      when its own image changed
 
     Returns ``(service, ready fact or None)`` pairs for the summary.
     """
@@ -137,7 +155,8 @@ def install_services(services=None, gpus=0, weights_root=None, start_timeout=Non
         return []
     files.put(name="Install the weight check", src=str(TEMPLATES / "gpufleet-verify-weights"),
               dest=f"{TOOLS_DIR}/gpufleet-verify-weights", mode="755")
-    volumes = weights.stage_volumes(weights_root=weights_root) or {}
+    volumes = weights.stage_volumes(volumes={weights.volume_of(s["model"]) for s in services},
+                                    weights_root=weights_root)
 
     results = []
     for service in services:
@@ -164,8 +183,8 @@ def install_services(services=None, gpus=0, weights_root=None, start_timeout=Non
             continue
         ready = host.get_fact(ServiceReady, urls=engines.ready_urls(service), env_file=env_file,
                               key_var=profile["api_key_env"])
-        volume_op = volumes.get(service["model"].split("/")[0])
-        changed = [op for op in (unit, env_op, volume_op) if op is not None] + list(image_ops)
+        changed = [op for op in (unit, env_op, volumes[weights.volume_of(service["model"])],
+                                 (image_ops or {}).get(service["image"])) if op is not None]
         systemd.service(
             name=f"Run gpufleet-{name} ({engine}, {service['model']}) and wait until ready",
             service=f"gpufleet-{name}", running=True, enabled=True,

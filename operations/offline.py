@@ -1,6 +1,6 @@
 """
 Hosts fed from an offline bundle (operations/bundle.py): its apt repository staged and used as a
-source, its images loaded into Docker. Air-gapped hosts need nothing else.
+source, the images the host runs loaded into Docker. Air-gapped hosts need nothing else.
 """
 
 import posixpath
@@ -74,23 +74,32 @@ def stage_packages(bundle_path=None, bundle_dir=None, offline=None):
 
 
 @deploy("Load the bundle's container images", data_defaults=DEFAULTS)
-def load_images(bundle_path=None, bundle_dir=None):
+def load_images(images, bundle_path=None, bundle_dir=None):
     """
-    Stage the bundle's image archives and ``docker load`` each image Docker does not hold yet.
+    Stage the archives of ``images`` from the bundle and ``docker load`` each one Docker does not hold yet.
 
+    + images: names of images the bundle carries (only these archives are sent)
     + bundle_path: the bundle on the control node (``gpufleet_bundle``)
     + bundle_dir: where bundles are staged on the host (``gpufleet_bundle_dir``)
 
-    Returns the load operation of each image.
+    Returns the load operation of each image, by name.
     """
     bundle_path = bundle_path or host.data.gpufleet_bundle
     bundle_dir = bundle_dir or host.data.gpufleet_bundle_dir
-    contents = bundle.load(bundle_path)
-    if not contents.get("images"):
-        return []
-    images_dir = posixpath.join(bundle_dir, "images")
-    staging.stage(name="Stage the bundle's image archives", src=f"{bundle_path}/images", dest=images_dir,
-                  files=bundle.part(contents, "images"))
-    return [docker_images.loaded(name=f"Load image {image['name']}", image=image["name"], image_id=image["id"],
-                                 archive=posixpath.join(bundle_dir, image["file"]))
-            for image in contents["images"]]
+    carried = {image["name"]: image for image in bundle.load(bundle_path).get("images", [])}
+    chosen = [carried[name] for name in sorted(set(images))]
+    if not chosen:
+        return {}
+    archives = bundle.part(bundle.load(bundle_path), "images")
+    staging.stage(name="Stage the bundle's image archives", src=f"{bundle_path}/images",
+                  dest=posixpath.join(bundle_dir, "images"),
+                  files={path: entry for path, entry in archives.items()
+                         if f"images/{path}" in {image["file"] for image in chosen}})
+    return {image["name"]: docker_images.loaded(name=f"Load image {image['name']}", image=image["name"],
+                                                image_id=image["id"], archive=posixpath.join(bundle_dir, image["file"]))
+            for image in chosen}
+
+
+def carries(bundle_path, image):
+    """True when the bundle at ``bundle_path`` (None: no bundle) holds ``image``."""
+    return bool(bundle_path) and image in {entry["name"] for entry in bundle.load(bundle_path).get("images", [])}

@@ -14,7 +14,7 @@ from pyinfra.api import deploy, operation
 from pyinfra.facts.files import FileContents
 from pyinfra.operations import apt, files, server, systemd
 
-from . import TEMPLATES, base, config
+from . import TEMPLATES, TOOLS_DIR, base, config
 from .errors import ConfigError, HostStateError
 from .gpu_facts import NvidiaDeviceNodes, NvidiaKernelModule
 from .proxmox_facts import (GPU_DEVICE_NAMES, PctConfig, PctStatus, ProcDevices,
@@ -272,13 +272,13 @@ def prepare_host(kernel_headers=None):
     files.put(name="Load nvidia and nvidia_uvm at boot", src=StringIO("nvidia\nnvidia_uvm\n"),
               dest=MODULES_LOAD, mode="644")
     script = files.put(name="Install the device node script", src=str(TEMPLATES / NODES_UNIT),
-                       dest=f"/usr/local/lib/gpufleet/{NODES_UNIT}", mode="755")
+                       dest=f"{TOOLS_DIR}/{NODES_UNIT}", mode="755")
     unit = files.put(
         name=f"Install {NODES_UNIT}.service",
         src=StringIO("[Unit]\nDescription=gpufleet: NVIDIA device nodes for LXC passthrough\n"
                      "After=systemd-modules-load.service\nBefore=pve-guests.service\n\n"
                      "[Service]\nType=oneshot\nRemainAfterExit=yes\n"
-                     f"ExecStart=/usr/local/lib/gpufleet/{NODES_UNIT}\n\n"
+                     f"ExecStart={TOOLS_DIR}/{NODES_UNIT}\n\n"
                      "[Install]\nWantedBy=multi-user.target\n"),
         dest=f"/etc/systemd/system/{NODES_UNIT}.service", mode="644")
     systemd.daemon_reload(name="Reload systemd after the device node unit changed", _if=unit.did_change)

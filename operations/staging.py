@@ -25,14 +25,14 @@ from pyinfra import host, inventory, logger
 from pyinfra.api import FactBase, deploy, operation
 from pyinfra.operations import files
 
-from . import TEMPLATES, config
+from . import TEMPLATES, TOOLS_DIR, config
 from .bundle import CHUNK
 from .errors import ConfigError
 from .remote import HostFunction, Shell
 
 RECORD = ".gpufleet-staged.json"
 PART = ".gpufleet-part"
-RELAY_SENDER = "/usr/local/lib/gpufleet/gpufleet-relay-send"
+RELAY_SENDER = f"{TOOLS_DIR}/gpufleet-relay-send"
 RELAY_LOCK = "~/.ssh/.gpufleet-relay.lock"
 
 DEFAULTS = {"gpufleet_stage_via": None, "gpufleet_site_address": None, "gpufleet_site_port": 22}

@@ -12,7 +12,7 @@ def test_first_deploy_changes_every_host(first_deploy):
     changed = first_deploy.changed()
     assert changed, first_deploy.output[-3000:]
     hosts, success, error, _ = changed["Prepare gpufleet host | Ensure /etc/gpufleet exists"]
-    assert (hosts, success, error) == (5, 5, 0)
+    assert (hosts, success, error) == (6, 6, 0)
 
 
 def test_second_deploy_reports_zero_changes(second_deploy, lab):
@@ -20,21 +20,21 @@ def test_second_deploy_reports_zero_changes(second_deploy, lab):
     operations, changed, errors, unchanged = second_deploy.grand_total()
     assert (changed, errors) == (0, 0), second_deploy.changed()
     assert operations == unchanged > 0
-    # Every lab host took part: connected and planned, so the Grand total counts its operations.
-    for name in lab:
+    # Every deployed lab host took part: connected and planned, so the Grand total counts its operations.
+    for name in (host["name"] for host in lab_hosts.deployed()):
         assert re.search(rf"\[{name}\]\s+Connected", second_deploy.output), name
         assert re.search(rf"\[{name}\]\s+Ready: deploy.py", second_deploy.output), name
 
 
 def test_no_gpu_is_said_plainly(first_deploy):
-    for name in ("lab-1", "lab-2", "lab-gap-1", "lab-pve-1", "lab-ct-1"):
+    for name in ("lab-1", "lab-2", "lab-gap-1", "lab-pve-1", "lab-ct-1", "lab-net-1"):
         said = re.search(rf"\[{name}\] no NVIDIA GPU on this host .*: skipped (.*)", first_deploy.output)
         assert said and "GPU container run" in said.group(1), name
     assert "Run nvidia-smi in" not in first_deploy.output  # the GPU container check never ran
 
 
 def test_testinfra_checks_pass_on_every_host(second_deploy, lab):
-    hosts = ",".join(f"ssh://{name}" for name in lab)
+    hosts = ",".join(f"ssh://{host['name']}" for host in lab_hosts.deployed())
     checks = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/checks",
          f"--hosts={hosts}", f"--ssh-config={lab_hosts.SSH_CONFIG}", "--sudo"],

@@ -9,6 +9,7 @@ import subprocess
 import pytest
 
 from tests.lab import hosts as lab_hosts
+from tests.lab import llamacpp
 
 from .conftest import REPO, run_deploy
 
@@ -96,8 +97,9 @@ def test_host_pulls_from_a_seed_of_the_site_not_the_control_node(second_deploy, 
                         first.output)
     assert {dest for _, dest in pulled} == {"/srv/gpufleet/weights/tiny", "/var/lib/gpufleet/bundle/images"}
     manifest = json.loads((BUNDLE / "manifest.json").read_text())
+    used = {image["file"] for image in manifest["images"] if image["name"] == llamacpp.image_tag()}
     assert sum(int(size) for size, _ in pulled) == sum(
-        entry["size"] for path, entry in manifest["files"].items() if path.startswith(("weights/", "images/")))
+        entry["size"] for path, entry in manifest["files"].items() if path.startswith("weights/tiny/") or path in used)
     assert f"[{puller}] staged" not in first.output  # nothing came from the control node
     for path, entry in manifest["files"].items():
         if path.startswith("weights/tiny/"):

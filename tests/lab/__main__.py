@@ -15,6 +15,8 @@ def main(argv=None):
     up.add_argument("--airgapped", type=int, default=1, help="air-gapped hosts (default 1)")
     up.add_argument("--proxmox", type=int, default=1,
                     help="Proxmox VE host doubles, each with one LXC guest host (default 1)")
+    up.add_argument("--connected", type=int, default=1,
+                    help="hosts deployed with no bundle from the site's registry and hub on lab-svc-1 (default 1)")
     sub.add_parser("down", help="remove all lab hosts, volumes, networks and firewall rules")
     sub.add_parser("status", help="list lab hosts")
     sub.add_parser("image", help="build or import the host image only")
@@ -26,16 +28,16 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     if args.command == "up":
-        hosts.up(count=args.hosts, airgapped=args.airgapped, proxmox=args.proxmox)
+        hosts.up(count=args.hosts, airgapped=args.airgapped, proxmox=args.proxmox, connected=args.connected)
         args.command = "status"
     if args.command == "status":
         for row in hosts.status():
             gap = "air-gapped" if row["airgapped"] else "connected"
             print(f"{row['name']:<12} 127.0.0.1:{row['port']:<6} {row['address']:<15} {gap:<10} {row['state']}")
     elif args.command == "hosts":
-        print(",".join(f"ssh://{row['name']}" for row in hosts.load_state()["hosts"]))
+        print(",".join(f"ssh://{row['name']}" for row in hosts.deployed()))
     elif args.command == "summary":
-        print(summary.table(hosts.load_state()["hosts"]))
+        print(summary.table(hosts.deployed()))
     elif args.command == "down":
         hosts.down()
     elif args.command == "image":

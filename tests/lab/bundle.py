@@ -1,6 +1,7 @@
 """The lab's offline bundle: Debian's Docker and NVIDIA driver packages with their dependencies,
 the toolkit test doubles, the llama.cpp server image and a tiny GGUF, built with
-``python -m operations.bundle``'s builder into .lab/bundle (reused when intact)."""
+``python -m operations.bundle``'s builder into .lab/bundle (reused when intact). It also carries a
+weight volume and an image that no lab service uses: a host gets only what its services use."""
 
 import subprocess
 from pathlib import Path
@@ -15,6 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 LAB = ROOT / ".lab"
 BUNDLE = LAB / "bundle"
 DRIVER_VERSION = nvidia_driver.DEFAULTS["nvidia_driver_version"]
+UNUSED_IMAGE = "gpufleet-lab/unused:1"
 TOOLKIT_VERSION = nvidia_toolkit.DEFAULTS["nvidia_toolkit_version"]
 
 
@@ -44,9 +46,21 @@ def spec(image_tag):
             "debs": ["toolkit-repo/*.deb"],
             "baseline_status": str(_baseline_status()),
         },
-        "images": [image_tag],
-        "weights": {"tiny": {"from": "models/tiny"}},
+        "images": [image_tag, UNUSED_IMAGE],
+        "weights": {"tiny": {"from": "models/tiny"}, "unused": {"from": "models/unused"}},
     }
+
+
+def _unused():
+    """A one-file image and a one-file volume that no lab service uses (byte-stable)."""
+    unused = LAB / "models" / "unused" / "unused.bin"
+    if not unused.exists():
+        unused.parent.mkdir(parents=True, exist_ok=True)
+        unused.write_bytes(b"gpufleet lab: a weight volume no service uses\n")
+    if not image.docker_has_image(UNUSED_IMAGE):
+        tar = subprocess.run(["tar", "-C", str(unused.parent), "--mtime=@0", "--owner=0", "--group=0",
+                              "-c", "unused.bin"], check=True, capture_output=True).stdout
+        subprocess.run(["docker", "import", "-", UNUSED_IMAGE], input=tar, check=True, capture_output=True)
 
 
 def build(log=print):
@@ -55,6 +69,7 @@ def build(log=print):
     model = LAB / "models" / "tiny" / "tiny.gguf"
     if not model.exists():
         models.write_tiny_gguf(model)
+    _unused()
     spec_path = LAB / "bundle.yaml"
     spec_path.write_text(yaml.safe_dump(spec(tag), sort_keys=False))
     bundle.build(spec_path, BUNDLE, log=log)

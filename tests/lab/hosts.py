@@ -173,8 +173,9 @@ def start_host(name, tag, pubkey, airgapped=False):
     port = int(docker("port", container, "22/tcp").splitlines()[0].rsplit(":", 1)[1])
     network = GAP_NETWORK if airgapped else LAB_NETWORK
     address = docker("inspect", "-f", f'{{{{(index .NetworkSettings.Networks "{network}").IPAddress}}}}', container)
-    return {"name": name, "container": container, "port": port, "address": address,
-            "airgapped": airgapped, "user": SUDO_USER if name in SUDO_HOSTS else "root"}
+    return {"name": name, "container": container, "port": port, "address": address, "airgapped": airgapped,
+            "user": SUDO_USER if name in SUDO_HOSTS else "root",
+            "role": "site" if name.startswith("lab-svc-") else "deploy"}
 
 
 def wait_booted(host, pubkey, timeout=120):
@@ -212,11 +213,15 @@ def _secret(path):
         path.chmod(0o600)
 
 
-def up(count=3, airgapped=1, proxmox=1, fresh=False, log=print):
+def up(count=3, airgapped=1, proxmox=1, connected=0, fresh=False, log=print):
     """
-    Bring the lab to `count` connected hosts, `airgapped` air-gapped hosts and `proxmox` pairs of a
-    Proxmox VE host double (lab-pve-N) with its LXC guest (lab-ct-N, VMID 101) (new ones if `fresh`).
+    Bring the lab to `count` connected hosts, `airgapped` air-gapped hosts, `proxmox` pairs of a
+    Proxmox VE host double (lab-pve-N) with its LXC guest (lab-ct-N, VMID 101), and `connected`
+    hosts deployed with no bundle (lab-net-N) from the site services on lab-svc-1 (a registry and a
+    hub, tests/lab/site.py) (new ones if `fresh`).
     """
+    from . import site  # it reads this module's paths
+
     started = time.time()
     tag = image.ensure_image(log=log)
     pubkey = ensure_key()
@@ -229,12 +234,14 @@ def up(count=3, airgapped=1, proxmox=1, fresh=False, log=print):
     wanted += [(f"lab-gap-{i}", True) for i in range(1, airgapped + 1)]
     for i in range(1, proxmox + 1):
         wanted += [(f"lab-pve-{i}", False), (f"lab-ct-{i}", False)]
+    if connected:
+        wanted += [("lab-svc-1", False)] + [(f"lab-net-{i}", False) for i in range(1, connected + 1)]
     running = set(docker("ps", "--filter", f"label={LABEL}", "--format", "{{.Names}}").split())
     known = {h["name"]: h for h in state["hosts"]}
     hosts = []
     for name, gapped in wanted:
         host = known.get(name)
-        if host and not fresh and host["container"] in running and host.get("image") == tag and "user" in host:
+        if host and not fresh and host["container"] in running and host.get("image") == tag and "role" in host:
             hosts.append(host)
             continue
         if host:
@@ -251,6 +258,8 @@ def up(count=3, airgapped=1, proxmox=1, fresh=False, log=print):
         wait_booted(host, pubkey)
         if host["name"].startswith("lab-pve-"):
             proxmox_double.install(host["container"], DRIVER_DEFAULTS["nvidia_driver_version"])
+        if host["role"] == "site":
+            site.install(host, log=log)
     log(f"lab up: {len(hosts)} hosts in {time.time() - started:.1f}s")
     return state
 
@@ -261,15 +270,23 @@ def remove_host(host):
 
 
 def down(log=print):
-    """Remove every lab container, volume, network and firewall rule."""
+    """Remove every lab container, volume, network and firewall rule, and the control node's trust in
+    the lab registry's CA."""
+    from . import site
     for container in docker("ps", "-a", "--filter", f"label={LABEL}", "--format", "{{.Names}}").split():
         remove_host({"container": container})
     for network in docker("network", "ls", "--filter", f"label={LABEL}", "--format", "{{.Name}}").split():
         docker("network", "rm", network, check=False)
     remove_gap_rules()
+    site.remove_control_node_trust()
     if STATE_FILE.exists():
         STATE_FILE.unlink()
     log("lab down")
+
+
+def deployed(state=None):
+    """The lab hosts gpufleet deploys (not the site services host)."""
+    return [host for host in (state or load_state())["hosts"] if host.get("role", "deploy") == "deploy"]
 
 
 def status():

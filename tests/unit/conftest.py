@@ -34,6 +34,9 @@ class FakeHost:
     def noop(self, description):
         self.noops.append(description)
 
+    def log(self, message, *args, **kwargs):
+        pass
+
 
 def describe(command):
     if isinstance(command, FileUploadCommand):

@@ -182,9 +182,12 @@ def test_podman_check_uses_cdi_devices():
         "podman run --rm --pull missing --device nvidia.com/gpu=all nvidia/cuda:12.2.2-base-ubuntu22.04 nvidia-smi")
 
 
-def test_inference_services_need_the_docker_engine():
+def test_inference_services_need_the_docker_engine(tmp_path):
+    (tmp_path / "tiny.gguf").write_bytes(b"GGUF")
+    volumes = {"tiny": {"from": str(tmp_path)}}
     with pytest.raises(ConfigError, match=r"^gpu1: nvidia_toolkit_engine: is 'podman', but the inference services"):
-        config.validate({"nvidia_toolkit_engine": "podman", "inference_services": [SERVICE]}, host_name="gpu1")
+        config.validate({"nvidia_toolkit_engine": "podman", "inference_services": [SERVICE],
+                         "inference_weight_volumes": volumes}, host_name="gpu1")
     config.validate({"nvidia_toolkit_engine": "containerd", "inference_services": []})
 
 

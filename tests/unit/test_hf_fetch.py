@@ -1,0 +1,130 @@
+"""gpufleet-hf-fetch with huggingface_hub's real client (the pinned version) against the hub double
+on loopback: a fresh fetch, a damaged file fetched again, a resumed download, the named errors."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.hub_double import hub as hub_double
+
+FETCH = Path(__file__).resolve().parents[2] / "templates" / "gpufleet-hf-fetch"
+TOKEN = "hf_lab_token_0123456789"
+
+
+@pytest.fixture
+def hub(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "sub").mkdir(parents=True)
+    (repo / "model.gguf").write_bytes(os.urandom(3 << 20))
+    (repo / "config.json").write_text('{"arch": "llama"}\n')
+    (repo / "sub" / "tokenizer.json").write_text('{"vocab": []}\n')
+    hub, server, cdn = hub_double.serve({"lab/tiny": repo}, TOKEN)
+    yield hub, f"http://127.0.0.1:{server.server_address[1]}", repo
+    server.shutdown()
+    cdn.shutdown()
+
+
+def fetch(endpoint, dest, *args, token=TOKEN, tmp=None):
+    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HOME": str(dest.parent / "hf-home")}
+    token_args = []
+    if token:
+        token_file = dest.parent / "token"
+        token_file.write_text(token + "\n")
+        token_args = ["--token-file", str(token_file)]
+    return subprocess.run([sys.executable, str(FETCH), *args, *token_args], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def commit(hub):
+    return hub.repos["lab/tiny"].commit
+
+
+def test_fresh_fetch_lands_every_file_read_only_with_its_record(hub, tmp_path):
+    hub, endpoint, repo = hub
+    dest = tmp_path / "vol"
+    result = fetch(endpoint, dest, "fetch", "lab/tiny", commit(hub), str(dest))
+    assert result.returncode == 0, result.stderr
+    record = json.loads((dest / ".gpufleet-staged.json").read_text())
+    assert sorted(record) == ["config.json", "model.gguf", "sub/tokenizer.json"]
+    for path, (size, mtime, sha256) in record.items():
+        assert (dest / path).read_bytes() == (repo / path).read_bytes()
+        assert sha256 == hashlib.sha256((repo / path).read_bytes()).hexdigest()
+        assert oct((dest / path).stat().st_mode & 0o777) == "0o444"
+    assert json.loads((dest / ".gpufleet-hf.json").read_text()) == {"repo": "lab/tiny", "commit": commit(hub)}
+    # The LFS file came from the "CDN" origin, not from the hub's own port.
+    assert any(path.startswith("/lfs/") for _, path, _ in hub.requests)
+
+
+def test_branch_resolves_to_its_commit(hub, tmp_path):
+    hub, endpoint, _ = hub
+    result = fetch(endpoint, tmp_path / "x", "resolve", "lab/tiny", "main")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == commit(hub)
+
+
+def test_damaged_file_is_fetched_again_and_intact_ones_are_kept(hub, tmp_path):
+    hub, endpoint, repo = hub
+    dest = tmp_path / "vol"
+    assert fetch(endpoint, dest, "fetch", "lab/tiny", commit(hub), str(dest)).returncode == 0
+    model = dest / "model.gguf"
+    model.chmod(0o644)
+    with open(model, "r+b") as handle:
+        handle.seek(1000)
+        handle.write(b"XXXX")
+    hub.requests.clear()
+    result = fetch(endpoint, dest, "fetch", "lab/tiny", commit(hub), str(dest))
+    assert result.returncode == 0, result.stderr
+    assert "model.gguf: SHA-256 differs from the hub's (LFS); fetching it again" in result.stderr
+    assert model.read_bytes() == (repo / "model.gguf").read_bytes()
+    fetched = {path for method, path, _ in hub.requests if method == "GET" and "/resolve/" in path}
+    assert not any("config.json" in path for path in fetched)  # intact: not downloaded again
+
+
+def test_interrupted_download_resumes_with_a_range_request(hub, tmp_path):
+    hub, endpoint, repo = hub
+    dest = tmp_path / "vol"
+    sha256 = hashlib.sha256((repo / "model.gguf").read_bytes()).hexdigest()
+    # What a run cut off half-way leaves: the part file of the file's current version (its ETag).
+    part = dest / ".cache" / "gpufleet" / f"model.gguf.{sha256}.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes((repo / "model.gguf").read_bytes()[: 1 << 20])
+    result = fetch(endpoint, dest, "fetch", "lab/tiny", commit(hub), str(dest))
+    assert result.returncode == 0, result.stderr
+    assert f"model.gguf: resumed at byte {1 << 20}" in result.stderr
+    assert (dest / "model.gguf").read_bytes() == (repo / "model.gguf").read_bytes()
+    assert ("GET", f"/lfs/lab/tiny/{sha256}", f"bytes={1 << 20}-") in hub.requests
+    assert not part.exists()
+
+
+def test_token_never_reaches_the_storage_origin(hub, tmp_path):
+    hub, endpoint, _ = hub
+    dest = tmp_path / "vol"
+    assert fetch(endpoint, dest, "fetch", "lab/tiny", commit(hub), str(dest)).returncode == 0
+    assert hub.cdn_authorizations == [None]
+
+
+@pytest.mark.parametrize("args, token, message", [
+    (["fetch", "lab/tiny", "f" * 40], TOKEN, "lab/tiny@" + "f" * 40 + " at {endpoint}: no such revision"),
+    (["fetch", "lab/nothere", "main"], TOKEN, "lab/nothere@main at {endpoint}: no such repository, or not readable"),
+    (["fetch", "lab/tiny", "main"], "hf_wrong", "lab/tiny@main at {endpoint}: no such repository, or not readable"),
+    (["fetch", "lab/tiny", "main"], None, "lab/tiny@main at {endpoint}: no such repository, or not readable"),
+])
+def test_errors_name_the_repository_and_revision(hub, tmp_path, args, token, message):
+    _, endpoint, _ = hub
+    dest = tmp_path / "vol"
+    result = fetch(endpoint, dest, *args, str(dest), token=token)
+    assert result.returncode == 1
+    assert f"gpufleet-hf-fetch: {message.format(endpoint=endpoint)}" in result.stderr, result.stderr
+    assert not (dest / ".gpufleet-staged.json").exists()
+
+
+def test_unreachable_hub_is_named(tmp_path):
+    dest = tmp_path / "vol"
+    result = fetch("http://127.0.0.1:9", dest, "fetch", "lab/tiny", "a" * 40, str(dest))
+    assert result.returncode == 1 and "lab/tiny@" in result.stderr and "http://127.0.0.1:9" in result.stderr, \
+        result.stderr
