@@ -6,7 +6,7 @@ PY := .venv/bin/python
 # Bring up the lab, deploy the full stack to it, check it host by host and show a summary.
 demo:
 	bash scripts/bootstrap.sh
-	$(PY) -m tests.lab up --hosts 2 --airgapped 1 --proxmox 1 --connected 1
+	$(PY) -m tests.lab up --hosts 2 --airgapped 1 --proxmox 1 --connected 1 --ubuntu 1
 	.venv/bin/pyinfra -y inventories/lab.py deploy.py
 	$(PY) -m pytest -p no:cacheprovider tests/checks --hosts=$$($(PY) -m tests.lab hosts) --ssh-config=.lab/ssh_config --sudo -v
 	$(PY) -m tests.lab summary

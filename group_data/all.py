@@ -49,8 +49,15 @@ docker_registry_logins = {}
 # Where the driver comes from: "distro" (Debian non-free; Ubuntu's server branch with Canonical's
 # signed precompiled modules), "cuda-repo" (NVIDIA's CUDA apt repository) or "local-repo".
 nvidia_driver_source = "distro"
-# The pinned upstream version; any Debian revision of it. Packages are held and pinned to it.
+# The driver: a branch ("580": the newest version apt offers of it when first installed, then held
+# there) or an exact upstream version ("580.173.02", any distro revision of it). An exact version
+# the host's apt sources no longer offer (Ubuntu keeps only a release's and the latest update's) is
+# refused, naming the versions they have. Ubuntu's -server packages of an ended branch are
+# transitional to another branch (570-server -> 580-server): pinning such a branch is refused.
 nvidia_driver_version = "535.261.03"
+# NVIDIA's open kernel modules (Ubuntu's -open flavours, Debian's nvidia-open-kernel-dkms): needed
+# by Blackwell GPUs, refused on GPUs older than Turing (PCI device ids, from pci.ids).
+nvidia_driver_open = False
 # Debian mirrors used to enable contrib, non-free and non-free-firmware.
 nvidia_driver_debian_mirror = "http://deb.debian.org/debian"
 nvidia_driver_debian_security_mirror = "http://deb.debian.org/debian-security"
@@ -141,5 +148,6 @@ proxmox_passthrough = "auto"
 proxmox_guest_restart = False
 # Turn on nesting (and keyctl for unprivileged guests), which Docker inside LXC needs.
 proxmox_docker_features = True
-# A Proxmox host: the kernel headers package DKMS builds the module against.
-proxmox_kernel_headers = "proxmox-default-headers"
+# A Proxmox host: the kernel headers package DKMS builds the module against (None: the running
+# kernel's, proxmox-headers-<uname -r> on Proxmox VE 8, pve-headers-<uname -r> before).
+proxmox_kernel_headers = None

@@ -24,6 +24,3 @@ inference_services = [
         "api_key_file": str(_LAB / "secrets" / "chat-api-key"),
     },
 ]
-
-# The Proxmox host double runs Debian's kernel, not Proxmox's: no proxmox-default-headers to install.
-proxmox_kernel_headers = None

@@ -59,11 +59,23 @@ def _connected(host):
     }
 
 
+def _ubuntu(host):
+    """A lab-ubu-N host: Ubuntu 24.04 to what gpufleet reads (os-release, a noble archive of test doubles
+    carrying real package records, the generic kernel meta packages, a running 6.8.0-136-generic):
+    Ubuntu's server driver of branch 580, as ubuntu-drivers picks it. No bundle: Docker from Debian's
+    archive, the toolkit doubles staged from here. No inference service: it is here for its driver."""
+    return {**_ssh(host), "gpufleet_bundle": None, "nvidia_driver_version": "580",
+            "nvidia_toolkit_source": "local-repo", "nvidia_toolkit_local_repo_src": str(_LAB / "toolkit-repo"),
+            "inference_services": []}
+
+
 def _data(host):
     if host["name"].startswith("lab-ct-"):
         return _guest(host)
     if host["name"].startswith("lab-net-"):
         return _connected(host)
+    if host["name"].startswith("lab-ubu-"):
+        return _ubuntu(host)
     return _ssh(host)
 
 

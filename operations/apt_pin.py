@@ -26,7 +26,7 @@ def matches(installed_versions, version):
 
 
 @operation()
-def installed(packages, version, pin_name, pin_patterns=None):
+def installed(packages, version, pin_name, pin_patterns=None, unversioned=(), remove=()):
     """
     Install ``packages`` at upstream ``version``, hold them, and pin their kin to that version.
 
@@ -34,6 +34,9 @@ def installed(packages, version, pin_name, pin_patterns=None):
     + version: upstream version, e.g. ``535.261.03`` (any Debian revision of it)
     + pin_name: file name under /etc/apt/preferences.d
     + pin_patterns: apt_preferences globs pinned with them (default: the packages)
+    + unversioned: packages installed with them at whatever version apt picks, never held (Ubuntu's
+      precompiled NVIDIA modules carry the kernel's version and must follow kernel upgrades)
+    + remove: packages to take away (unheld first) when installed: a superseded way of doing the same
 
     A package installed at another version (a silent upgrade, a downgrade by hand) is moved back.
     """
@@ -43,10 +46,17 @@ def installed(packages, version, pin_name, pin_patterns=None):
     )
     current = host.get_fact(DebPackages)
     wrong = [name for name in packages if not matches(current.get(name), version)]
-    if wrong:
-        yield f"{APT_INSTALL} {' '.join(shlex.quote(name) for name in packages)}"
-    unheld = sorted(set(packages) - host.get_fact(AptHeldPackages))
+    absent = [name for name in unversioned if not current.get(name)]
+    if wrong or absent:
+        yield f"{APT_INSTALL} {' '.join(shlex.quote(name) for name in [*packages, *unversioned])}"
+    held = host.get_fact(AptHeldPackages)
+    unheld = sorted(set(packages) - held)
     if unheld:
         yield f"apt-mark hold {' '.join(shlex.quote(name) for name in unheld)}"
-    if not wrong and not unheld:
-        host.noop(f"{', '.join(packages)} at {version} and held")
+    stale = [name for name in remove if current.get(name)]
+    if stale:
+        quoted = " ".join(shlex.quote(name) for name in stale)
+        yield f"apt-mark unhold {quoted} && DEBIAN_FRONTEND=noninteractive apt-get remove -y {quoted}"
+    if not wrong and not absent and not unheld and not stale:
+        with_modules = f"; {', '.join(unversioned)} installed" if unversioned else ""
+        host.noop(f"{', '.join(packages)} at {version} and held{with_modules}")

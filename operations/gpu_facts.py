@@ -101,7 +101,8 @@ class SecureBoot(FactBase):
     """
     Returns True/False for the Secure Boot state, or None on a machine without EFI.
 
-    Reads ``mokutil --sb-state`` ("SecureBoot enabled"), falling back to the EFI variable.
+    Reads ``mokutil --sb-state`` ("SecureBoot enabled"; off when it adds "SecureBoot validation is
+    disabled in shim"), falling back to the EFI variable.
     """
 
     def command(self):
@@ -115,6 +116,8 @@ class SecureBoot(FactBase):
 
     def process(self, output):
         text = " ".join(output)
+        if "validation is disabled in shim" in text:
+            return False  # shim in insecure mode: Linux boots with Secure Boot off (module signatures unchecked)
         if "SecureBoot enabled" in text or text.strip() == "efivar 1":
             return True
         if "SecureBoot disabled" in text or text.strip() == "efivar 0":

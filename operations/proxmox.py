@@ -12,7 +12,7 @@ from pathlib import Path
 from pyinfra import host, inventory, logger
 from pyinfra.api import deploy, operation
 from pyinfra.facts.files import FileContents
-from pyinfra.operations import apt, files, server, systemd
+from pyinfra.operations import files, server, systemd
 
 from . import TEMPLATES, TOOLS_DIR, base, config
 from .errors import ConfigError, HostStateError
@@ -34,7 +34,7 @@ DEFAULTS = {
     "proxmox_passthrough": "auto",
     "proxmox_guest_restart": False,
     "proxmox_docker_features": True,
-    "proxmox_kernel_headers": "proxmox-default-headers",
+    "proxmox_kernel_headers": None,
 }
 
 config.register({
@@ -43,7 +43,7 @@ config.register({
     "proxmox_passthrough": (lambda v: v in SYNTAXES, f"one of {', '.join(SYNTAXES)}"),
     "proxmox_guest_restart": (config._is_bool, "true or false"),
     "proxmox_docker_features": (config._is_bool, "true or false"),
-    "proxmox_kernel_headers": (config._is_str, "the apt package of the Proxmox kernel's headers"),
+    "proxmox_kernel_headers": (config._is_str, "the apt package of the running Proxmox kernel's headers"),
 })
 
 
@@ -189,7 +189,7 @@ def guest_driver_version(guest=None):
     pve = proxmox_host_of(guest)
     version, what = host_driver_version(pve)
     pinned = guest.data.nvidia_driver_version
-    if pinned != version:
+    if pinned != version and pinned != version.split(".")[0]:
         raise ConfigError(
             "nvidia_driver_version",
             f"pins {pinned} but its Proxmox host {pve.name} has {what} {version}; an LXC guest's "
@@ -257,18 +257,14 @@ def guest_features(vmid, unprivileged):
 
 
 @deploy("Prepare Proxmox VE host for GPU passthrough", data_defaults=DEFAULTS)
-def prepare_host(kernel_headers=None):
+def prepare_host():
     """
     Load ``nvidia`` and ``nvidia_uvm`` at boot and create every device node before guests start
-    (``gpufleet-nvidia-device-nodes.service``, ordered before ``pve-guests.service``).
-
-    + kernel_headers: the Proxmox kernel headers package DKMS builds against (``proxmox_kernel_headers``)
+    (``gpufleet-nvidia-device-nodes.service``, ordered before ``pve-guests.service``). The headers
+    DKMS builds against come with the driver (``proxmox-headers-<running kernel>``).
     """
-    kernel_headers = kernel_headers if kernel_headers is not None else host.data.proxmox_kernel_headers
     if host.get_fact(PveVersion) is None:
         raise HostStateError(f"{host.name}: in group proxmox_hosts but pveversion is missing: not a Proxmox VE host")
-    if kernel_headers:
-        apt.packages(name=f"Install {kernel_headers} for DKMS", packages=[kernel_headers], no_recommends=True)
     files.put(name="Load nvidia and nvidia_uvm at boot", src=StringIO("nvidia\nnvidia_uvm\n"),
               dest=MODULES_LOAD, mode="644")
     script = files.put(name="Install the device node script", src=str(TEMPLATES / NODES_UNIT),

@@ -3,10 +3,13 @@ the nvidia runtime in daemon.json (earlier keys kept) and listed by Docker; the 
 there is one."""
 
 import json
+import re
 
 import pytest
 
-DRIVER_PACKAGES = ["nvidia-smi", "libcuda1"]
+PIN = "/etc/apt/preferences.d/gpufleet-nvidia-driver"
+# The package each distro's driver version is read from: Debian's nvidia-smi, Ubuntu's nvidia-utils-<branch>-server.
+UTILS = re.compile(r"^(nvidia-smi|nvidia-utils-\d+-server)$")
 TOOLKIT_PACKAGES = ["libnvidia-container1", "libnvidia-container-tools",
                     "nvidia-container-toolkit-base", "nvidia-container-toolkit"]
 
@@ -43,12 +46,44 @@ def held(host):
     return set(host.check_output("apt-mark showhold").split())
 
 
-def test_driver_packages_pinned_and_held(driver_host, intent):
-    for name in DRIVER_PACKAGES:
-        package = driver_host.package(name)
-        assert package.is_installed, name
-        assert package.version.startswith(intent["nvidia_driver_version"] + "-"), (name, package.version)
-    assert set(DRIVER_PACKAGES) <= held(driver_host)
+def pinned_version(host):
+    match = re.search(r"^Pin: version (\S+)-\*$", host.file(PIN).content_string, re.M)
+    assert match, f"{PIN} pins no version"
+    return match.group(1)
+
+
+def test_driver_pin_is_the_configured_version_or_of_its_branch(driver_host, intent):
+    pinned, wanted = pinned_version(driver_host), intent["nvidia_driver_version"]
+    assert pinned == wanted or (re.fullmatch(r"\d{3}", wanted) and pinned.startswith(wanted + ".")), (pinned, wanted)
+
+
+def test_driver_packages_at_the_pinned_version_and_held(driver_host):
+    pinned = pinned_version(driver_host)
+    listing = driver_host.check_output("dpkg-query -W -f '${db:Status-Abbrev}${Package} ${Version}\\n' "
+                                       "'*nvidia*' 'libcuda*'").splitlines()
+    # ${db:Status-Abbrev} is three characters: wanted state ("i" install, "h" hold), then "i" when installed.
+    installed = dict(line[3:].split(" ", 1) for line in listing if line[1:2] == "i")
+    utils = [name for name in installed if UTILS.match(name)]
+    assert utils, f"no nvidia-smi or nvidia-utils-*-server installed: {sorted(installed)}"
+    assert all(installed[name].split(":")[-1].startswith(pinned + "-") for name in utils), (utils, pinned)
+    held_here = held(driver_host)
+    assert set(utils) <= held_here
+    # What is held is at the pinned version; module packages (kernel's version) are never held.
+    for name in held_here & set(installed):
+        if "nvidia-container" not in name:
+            assert installed[name].split(":")[-1].startswith(pinned + "-"), (name, installed[name])
+    assert not any(name.startswith(("linux-modules-nvidia-", "linux-objects-nvidia-")) for name in held_here)
+
+
+def test_the_running_kernel_has_the_nvidia_module_of_the_pinned_version(kernel_host, intent):
+    kernel = kernel_host.check_output("uname -r")
+    # Ubuntu's and NVIDIA's packages name the module nvidia; Debian's DKMS package nvidia-current.
+    found = kernel_host.run(f"for m in nvidia nvidia-current nvidia-current-open; do "
+                            f"modinfo -k {kernel} -F version $m 2>/dev/null && exit 0; done; exit 1")
+    if found.rc != 0 and not intent["gpus"] and not kernel_host.file(f"/lib/modules/{kernel}/build").exists:
+        pytest.skip(f"no headers for {kernel} and no GPU: the deploy said so and left the module unbuilt")
+    assert found.rc == 0, f"no NVIDIA module for the running kernel {kernel}"
+    assert found.stdout.strip() == pinned_version(kernel_host)
 
 
 def test_toolkit_packages_pinned_and_held(gpu_host, intent):
@@ -77,7 +112,7 @@ def test_nvidia_smi_reports_the_pinned_driver(gpu_host, intent):
     if not intent["gpus"]:
         pytest.skip("no NVIDIA GPU on this host: nvidia-smi cannot reach a driver")
     version = gpu_host.check_output("nvidia-smi --query-gpu=driver_version --format=csv,noheader").splitlines()[0]
-    assert version == intent["nvidia_driver_version"]
+    assert version == pinned_version(gpu_host)
 
 
 def test_containerd_has_the_nvidia_runtime(containerd_host):

@@ -61,7 +61,7 @@ def run_deploy(*args, deploy="deploy.py", inventory="inventories/lab.py"):
 
 @pytest.fixture(scope="session")
 def lab():
-    state = lab_hosts.up(count=2, airgapped=1, proxmox=1, connected=1, fresh=not os.environ.get("GPUFLEET_LAB_REUSE"))
+    state = lab_hosts.up(count=2, airgapped=1, proxmox=1, connected=1, ubuntu=1, fresh=not os.environ.get("GPUFLEET_LAB_REUSE"))
     yield {host["name"]: host for host in state["hosts"]}
     if not os.environ.get("GPUFLEET_LAB_KEEP"):
         lab_hosts.down()

@@ -12,7 +12,8 @@ def test_first_deploy_changes_every_host(first_deploy):
     changed = first_deploy.changed()
     assert changed, first_deploy.output[-3000:]
     hosts, success, error, _ = changed["Prepare gpufleet host | Ensure /etc/gpufleet exists"]
-    assert (hosts, success, error) == (6, 6, 0)
+    deployed = len(lab_hosts.deployed())
+    assert deployed == 7 and (hosts, success, error) == (deployed, deployed, 0)
 
 
 def test_second_deploy_reports_zero_changes(second_deploy, lab):
@@ -27,7 +28,7 @@ def test_second_deploy_reports_zero_changes(second_deploy, lab):
 
 
 def test_no_gpu_is_said_plainly(first_deploy):
-    for name in ("lab-1", "lab-2", "lab-gap-1", "lab-pve-1", "lab-ct-1", "lab-net-1"):
+    for name in (host["name"] for host in lab_hosts.deployed()):
         said = re.search(rf"\[{name}\] no NVIDIA GPU on this host .*: skipped (.*)", first_deploy.output)
         assert said and "GPU container run" in said.group(1), name
     assert "Run nvidia-smi in" not in first_deploy.output  # the GPU container check never ran

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from operations import bundle, nvidia_driver, nvidia_toolkit
+from operations import bundle, driver_plan, nvidia_driver, nvidia_toolkit
 
 from . import image, llamacpp, models
 
@@ -39,7 +39,7 @@ def spec(image_tag):
             "target": {"distro": "debian", "release": image.SUITE, "arch": "amd64", "mirror": image.MIRROR,
                        "security_mirror": image.SECURITY_MIRROR,
                        "components": ["main", "contrib", "non-free", "non-free-firmware"]},
-            "packages": ["docker.io", *nvidia_driver.driver_packages("bundle", "Debian", DRIVER_VERSION),
+            "packages": ["docker.io", *driver_plan.debian(DRIVER_VERSION, "unused").packages,
                          "nvidia-persistenced", *nvidia_toolkit.PACKAGES],
             "pins": [{"packages": nvidia_driver.PIN_PATTERNS, "version": DRIVER_VERSION},
                      {"packages": nvidia_toolkit.PACKAGES, "version": TOOLKIT_VERSION}],

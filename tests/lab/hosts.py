@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from operations.nvidia_driver import DEFAULTS as DRIVER_DEFAULTS
-from tests.fixtures import proxmox_double
+from tests.fixtures import proxmox_double, running_kernel, ubuntu_double
 from tests.fixtures.nvidia_toolkit_double import build as toolkit_double
 
 from . import bundle as lab_bundle
@@ -23,6 +23,9 @@ SUDO_USER = "gpufleet"
 # .lab/secrets/sudo-password) and one with no sudo at all.
 PASSWORD_SUDO_USER = "gpufleet-pw"
 NO_SUDO_USER = "nosudo"
+# Lab hosts that run a Debian kernel (the uname double names the kernel Debian's archive ships now),
+# so DKMS builds the NVIDIA module for real against that kernel's real headers.
+DEBIAN_KERNEL_HOSTS = ("lab-2",)
 LAB_NETWORK = "gpufleet-lab"
 GAP_NETWORK = "gpufleet-gap"
 GAP_BRIDGE = "gfl-gap0"
@@ -213,12 +216,13 @@ def _secret(path):
         path.chmod(0o600)
 
 
-def up(count=3, airgapped=1, proxmox=1, connected=0, fresh=False, log=print):
+def up(count=3, airgapped=1, proxmox=1, connected=0, ubuntu=0, fresh=False, log=print):
     """
     Bring the lab to `count` connected hosts, `airgapped` air-gapped hosts, `proxmox` pairs of a
     Proxmox VE host double (lab-pve-N) with its LXC guest (lab-ct-N, VMID 101), and `connected`
     hosts deployed with no bundle (lab-net-N) from the site services on lab-svc-1 (a registry and a
-    hub, tests/lab/site.py) (new ones if `fresh`).
+    hub, tests/lab/site.py), and `ubuntu` Ubuntu-shaped hosts (lab-ubu-N, tests/fixtures/ubuntu_double)
+    (new ones if `fresh`).
     """
     from . import site  # it reads this module's paths
 
@@ -236,6 +240,7 @@ def up(count=3, airgapped=1, proxmox=1, connected=0, fresh=False, log=print):
         wanted += [(f"lab-pve-{i}", False), (f"lab-ct-{i}", False)]
     if connected:
         wanted += [("lab-svc-1", False)] + [(f"lab-net-{i}", False) for i in range(1, connected + 1)]
+    wanted += [(f"lab-ubu-{i}", False) for i in range(1, ubuntu + 1)]
     running = set(docker("ps", "--filter", f"label={LABEL}", "--format", "{{.Names}}").split())
     known = {h["name"]: h for h in state["hosts"]}
     hosts = []
@@ -260,6 +265,10 @@ def up(count=3, airgapped=1, proxmox=1, connected=0, fresh=False, log=print):
             proxmox_double.install(host["container"], DRIVER_DEFAULTS["nvidia_driver_version"])
         if host["role"] == "site":
             site.install(host, log=log)
+        if host["name"] in DEBIAN_KERNEL_HOSTS:
+            running_kernel.install(host["container"], running_kernel.debian_abi(host["container"]))
+        if host["name"].startswith("lab-ubu-"):
+            ubuntu_double.install(host["container"])
     log(f"lab up: {len(hosts)} hosts in {time.time() - started:.1f}s")
     return state
 

@@ -1,6 +1,9 @@
-"""Facts parse real output: the H100 samples were read on a lent GPU machine (tests/data/nvidia)."""
+"""Facts parse real output: the H100 samples were read on a lent GPU machine (tests/data/nvidia);
+mokutil's outputs are its source's (tests/data/mokutil)."""
 
 from pathlib import Path
+
+import pytest
 
 from operations import gpu_facts
 
@@ -49,10 +52,15 @@ def test_kernel_module_absent():
     assert gpu_facts.NvidiaKernelModule().process([]) is None
 
 
+@pytest.mark.parametrize("capture, state", [("enabled", True), ("shim-validation-off", False), ("disabled", False),
+                                            ("setup-mode", False)])
+def test_secure_boot_from_mokutil(capture, state):
+    lines = (DATA.parent / "mokutil" / f"sb-state-{capture}.txt").read_text().splitlines()
+    assert gpu_facts.SecureBoot().process(lines) is state
+
+
 def test_secure_boot_states():
     fact = gpu_facts.SecureBoot()
-    assert fact.process(["SecureBoot enabled"]) is True
-    assert fact.process(["SecureBoot disabled", "Platform is in Setup Mode"]) is False
     assert fact.process(["EFI variables are not supported on this system"]) is None
     assert fact.process(["efivar 1"]) is True
     assert fact.process(["no efi"]) is None

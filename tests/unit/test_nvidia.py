@@ -17,27 +17,6 @@ DATA = Path(__file__).resolve().parents[1] / "data" / "nvidia"
 DEBIAN_535 = ["nvidia-kernel-dkms", "nvidia-smi", "libcuda1"]
 
 
-def test_debian_packages():
-    assert nvidia_driver.driver_packages("distro", "Debian", "535.261.03") == DEBIAN_535
-
-
-def test_ubuntu_prefers_signed_precompiled_modules():
-    packages = nvidia_driver.driver_packages("distro", "Ubuntu", "535.183.01", "6.8.0-45-generic", precompiled=True)
-    assert packages == ["nvidia-headless-535-server", "nvidia-utils-535-server",
-                        "linux-modules-nvidia-535-server-6.8.0-45-generic"]
-    assert not nvidia_driver.uses_dkms(packages)
-
-
-def test_ubuntu_falls_back_to_dkms():
-    packages = nvidia_driver.driver_packages("distro", "Ubuntu", "535.183.01", "6.8.0-45-generic")
-    assert "nvidia-dkms-535-server" in packages and nvidia_driver.uses_dkms(packages)
-
-
-def test_cuda_repo_and_fabric_manager_on_nvswitch_systems():
-    assert nvidia_driver.driver_packages("cuda-repo", "Ubuntu", "550.127.08", nvswitch=True) == [
-        "cuda-drivers-550", "nvidia-fabricmanager-550"]
-
-
 def test_debian_nonfree_sources():
     assert nvidia_driver.debian_nonfree_lines("http://m/debian", "http://m/debian-security", "bookworm") == [
         "deb http://m/debian bookworm contrib non-free non-free-firmware",

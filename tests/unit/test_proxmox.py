@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from operations import nvidia_driver, nvidia_toolkit, proxmox
+from operations import driver_plan, nvidia_driver, nvidia_toolkit, proxmox
 from operations.errors import ConfigError, HostStateError
 from operations.gpu_facts import NvidiaDeviceNodes
 from operations.proxmox_facts import (PctConfig, PctStatus, PveVersion, ProcDevices,
@@ -167,11 +167,12 @@ def test_guest_devices_converged_is_a_noop(run_op):
 
 
 def test_guest_user_space_packages_have_no_kernel_module():
-    assert nvidia_driver.driver_packages("distro", "Debian", "535.261.03", kernel_module=False) == ["nvidia-smi", "libcuda1"]
-    assert nvidia_driver.driver_packages("distro", "Ubuntu", "550.127.05", kernel_module=False) == [
+    assert driver_plan.userspace("Debian", "535", "535.261.03").packages == ["nvidia-smi", "libcuda1"]
+    assert driver_plan.userspace("Ubuntu", "550", "550.127.05").packages == [
         "nvidia-utils-550-server", "libnvidia-compute-550-server"]
-    with pytest.raises(ConfigError, match="nvidia_driver_source"):
-        nvidia_driver.driver_packages("cuda-repo", "Ubuntu", "550.127.05", kernel_module=False)
+    with pytest.raises(driver_plan.PlanError) as refused:
+        driver_plan.plan("cuda-repo", "Ubuntu", "550.127.05", "k", None, {}, {}, kernel_module=False)
+    assert refused.value.field == "nvidia_driver_source"
 
 
 def test_no_cgroups_fact_and_operation(run_op):
