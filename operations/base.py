@@ -6,14 +6,9 @@ from pyinfra import host, logger
 from pyinfra.api import deploy
 from pyinfra.operations import files
 
-from . import json_ops
+from . import json_ops, settings
 from .gpu_facts import NvidiaPciDevices
 
-DEFAULTS = {
-    "gpufleet_config_dir": "/etc/gpufleet",
-    "gpufleet_state_dir": "/var/lib/gpufleet",
-    "gpufleet_offline": False,
-}
 
 
 def gpus():
@@ -27,7 +22,7 @@ def say_no_gpu(skipped):
                    f"skipped {', '.join(skipped)}")
 
 
-@deploy("Prepare gpufleet host", data_defaults=DEFAULTS)
+@deploy("Prepare gpufleet host", data_defaults=settings.DEFAULTS)
 def prepare(config_dir=None, state_dir=None):
     """
     Create gpufleet's configuration (root-only secrets within) and state directories.

@@ -3,8 +3,7 @@
 import difflib
 
 from .errors import ConfigError
-
-PREFIXES = ("gpufleet_", "docker_", "nvidia_", "inference_", "proxmox_")
+from .settings import PREFIXES
 
 
 def _is_str(value):
@@ -31,7 +30,7 @@ def _is_size(value):
     return isinstance(value, str) and value[:-1].isdigit() and value[-1] in "kmg"
 
 
-# field: (check, what it must be). Every tunable in group_data/all.py appears here.
+# field: (check, what it must be). Every setting of group_data/all.py (settings.DEFAULTS) appears here.
 CHECKS = {
     "gpufleet_config_dir": (_is_str, "an absolute path"),
     "gpufleet_state_dir": (_is_str, "an absolute path"),

@@ -6,6 +6,7 @@ import tomllib
 from pyinfra import host
 from pyinfra.api import FactBase, deploy
 from pyinfra.operations import apt, systemd
+from pyinfra.operations.util import any_changed
 
 CONFIG = "/etc/containerd/config.toml"
 DROP_IN_DIR = "/etc/containerd/conf.d"
@@ -63,7 +64,9 @@ def restart_on_change(config_ops):
 
     + config_ops: operations that write containerd's configuration (the nvidia runtime)
 
-    Returns the service operation.
+    Returns the restart (a handler: it runs only after a change).
     """
-    return systemd.service(name="Restart containerd if its configuration changed", service="containerd",
-                           running=True, enabled=True, restarted=any(op.will_change for op in config_ops))
+    restart = systemd.service(name="Restart containerd if its configuration changed", service="containerd",
+                              restarted=True, _if=any_changed(*config_ops))
+    systemd.service(name="Keep containerd enabled and running", service="containerd", running=True, enabled=True)
+    return restart

@@ -8,22 +8,14 @@ from pathlib import Path
 from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.operations import apt, files, systemd
+from pyinfra.operations.util import any_changed
 
-from . import TEMPLATES, TOOLS_DIR, config, docker_images, json_ops
+from . import TEMPLATES, TOOLS_DIR, config, docker_images, json_ops, settings
 from .errors import ConfigError
 
 DAEMON_JSON = "/etc/docker/daemon.json"
 CERTS_DIR = "/etc/docker/certs.d"
 
-DEFAULTS = {
-    "docker_packages": ["docker.io"],
-    "docker_log_max_size": "50m",
-    "docker_log_max_file": 3,
-    "docker_daemon_settings": {},
-    "docker_registry_mirrors": [],
-    "docker_registry_ca_files": {},
-    "docker_registry_logins": {},
-}
 
 
 def _is_registry_map(value):
@@ -77,7 +69,7 @@ def daemon_settings(log_max_size, log_max_file, extra, mirrors=()):
     }
 
 
-@deploy("Install Docker engine", data_defaults=DEFAULTS)
+@deploy("Install Docker engine", data_defaults=settings.DEFAULTS)
 def install_docker(packages=None, log_max_size=None, log_max_file=None, extra_settings=None, mirrors=None):
     """
     Install Docker from the distro and merge log rotation into daemon.json (other keys kept).
@@ -111,7 +103,7 @@ def install_docker(packages=None, log_max_size=None, log_max_file=None, extra_se
     )
 
 
-@deploy("Reach the site's container registries", data_defaults=DEFAULTS)
+@deploy("Reach the site's container registries", data_defaults=settings.DEFAULTS)
 def registry_access(ca_files=None, logins=None):
     """
     Trust each private registry's CA (``/etc/docker/certs.d/REGISTRY/ca.crt``, read by Docker at
@@ -144,12 +136,9 @@ def restart_on_change(config_ops):
 
     + config_ops: operations that write Docker's configuration (daemon.json, runtimes)
 
-    Returns the service operation.
+    Returns the restart (a handler: it runs only after a change).
     """
-    return systemd.service(
-        name="Restart Docker if its configuration changed",
-        service="docker",
-        running=True,
-        enabled=True,
-        restarted=any(op.will_change for op in config_ops),
-    )
+    restart = systemd.service(name="Restart Docker if its configuration changed", service="docker",
+                              restarted=True, _if=any_changed(*config_ops))
+    systemd.service(name="Keep Docker enabled and running", service="docker", running=True, enabled=True)
+    return restart

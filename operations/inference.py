@@ -14,17 +14,12 @@ from pyinfra import host, logger
 from pyinfra.api import FactBase, deploy
 from pyinfra.operations import files, systemd
 
-from . import TEMPLATES, TOOLS_DIR, config, cuda_gate, docker_images, engines, offline, secrets, weights
+from . import (TEMPLATES, TOOLS_DIR, config, cuda_gate, docker_images, engines, offline, secrets, settings,
+               weights)
 from .errors import ConfigError
 
 UNIT_DIR = "/etc/systemd/system"
 
-DEFAULTS = {
-    "inference_services": [],
-    "inference_start_timeout": 300,
-    "inference_weights_root": "/srv/gpufleet/weights",
-    "inference_image_follow_tag": False,
-}
 
 
 def _check(data, host_name):
@@ -61,7 +56,7 @@ config.register({
 }, cross_check=_check)
 
 
-@deploy("Provide the services' container images", data_defaults=DEFAULTS)
+@deploy("Provide the services' container images", data_defaults=settings.DEFAULTS)
 def install_images(images, follow_tag=None):
     """
     Give Docker each of ``images``: loaded from the offline bundle when it carries the image (only
@@ -130,7 +125,7 @@ def env_content(service, profile):
     return ("\n".join(lines) + "\n").encode() if lines else None
 
 
-@deploy("Deploy inference services", data_defaults=DEFAULTS)
+@deploy("Deploy inference services", data_defaults=settings.DEFAULTS)
 def install_services(services=None, gpus=0, weights_root=None, start_timeout=None, image_ops=None):
     """
     Install, start and check every inference service of the host.
@@ -186,10 +181,12 @@ def install_services(services=None, gpus=0, weights_root=None, start_timeout=Non
         changed = [op for op in (unit, env_op, volumes[weights.volume_of(service["model"])],
                                  (image_ops or {}).get(service["image"])) if op is not None]
         systemd.service(
-            name=f"Run gpufleet-{name} ({engine}, {service['model']}) and wait until ready",
-            service=f"gpufleet-{name}", running=True, enabled=True,
-            restarted=any(op.will_change for op in changed) or not ready["ready"],
+            name=f"Restart gpufleet-{name} after its unit, secrets, weights or image changed, or it was not ready",
+            service=f"gpufleet-{name}", restarted=True,
+            _if=lambda ready=ready, changed=changed: not ready["ready"] or any(op.did_change() for op in changed),
         )
+        systemd.service(name=f"Run gpufleet-{name} ({engine}, {service['model']}) and wait until ready",
+                        service=f"gpufleet-{name}", running=True, enabled=True)
         results.append((service, ready))
     return results
 

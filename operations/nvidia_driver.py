@@ -18,7 +18,7 @@ from pyinfra.facts.files import File
 from pyinfra.facts.server import LinuxDistribution
 from pyinfra.operations import apt, files, server, systemd
 
-from . import apt_pin, base, config, driver_plan
+from . import apt_pin, base, config, driver_plan, settings
 from .driver_facts import AptPackages, KernelImages, NvidiaModuleFor, PersistencedUser, image_meta
 from .errors import ConfigError, HostStateError
 from .gpu_facts import KernelHeaders, NvidiaKernelModule, NvidiaPciDevices, SecureBoot
@@ -39,18 +39,6 @@ PERSISTENCED_DROPIN = "/etc/systemd/system/nvidia-persistenced.service.d/gpuflee
 PERSISTENCED_USERS = {"Debian": "nvpd", "Ubuntu": "nvidia-persistenced"}
 VERSION = re.compile(r"\d{3}(\.\d+){0,2}")
 
-DEFAULTS = {
-    "nvidia_driver_source": "distro",
-    "nvidia_driver_version": "535.261.03",
-    "nvidia_driver_open": False,
-    "nvidia_driver_debian_mirror": "http://deb.debian.org/debian",
-    "nvidia_driver_debian_security_mirror": "http://deb.debian.org/debian-security",
-    "nvidia_driver_cuda_repo_url": None,
-    "nvidia_driver_local_repo": "/var/lib/gpufleet/repo",
-    "nvidia_driver_secure_boot_signed": False,
-    "nvidia_driver_reboot": False,
-    "nvidia_driver_reboot_timeout": 600,
-}
 
 
 def _check(data, host_name):
@@ -233,7 +221,7 @@ def module_built(source, requested, open_modules=False, log_glob="/var/lib/dkms/
            f"echo 'none under /var/lib/dkms')\" >&2; dkms status >&2; exit 1; }}")
 
 
-@deploy("Install NVIDIA driver", data_defaults=DEFAULTS)
+@deploy("Install NVIDIA driver", data_defaults=settings.DEFAULTS)
 def install_driver(source=None, version=None, reboot=None, kernel_module=True, open_modules=None):
     """
     Install the pinned NVIDIA driver, hold it, blacklist nouveau, and reboot only if needed and allowed.
@@ -335,20 +323,23 @@ def install_driver(source=None, version=None, reboot=None, kernel_module=True, o
         return driver
     if distro["name"] == "Debian" and source != "cuda-repo":
         apt.packages(name="Install nvidia-persistenced", packages=["nvidia-persistenced"], no_recommends=True)
-    systemd.service(name="Enable nvidia-persistenced", service="nvidia-persistenced", running=True,
-                    enabled=True, restarted=dropin.will_change)
+    systemd.service(name="Restart nvidia-persistenced after its drop-in changed", service="nvidia-persistenced",
+                    restarted=True, _if=dropin.did_change)
+    systemd.service(name="Enable nvidia-persistenced", service="nvidia-persistenced", running=True, enabled=True)
     if nvswitch:
+        systemd.service(name="Restart NVIDIA Fabric Manager after the driver changed", service="nvidia-fabricmanager",
+                        restarted=True, _if=driver.did_change)
         systemd.service(name="Run NVIDIA Fabric Manager (NVSwitch)", service="nvidia-fabricmanager", running=True,
-                        enabled=True, restarted=driver.will_change)
+                        enabled=True)
     loaded = host.get_fact(NvidiaKernelModule)
     wanted = plan.version if plan else version
     stale = loaded is not None and loaded["version"] != wanted
-    if driver.will_change or blacklist.will_change or stale:
-        why = f"loaded module {loaded['version']} is not {wanted}" if stale else "driver or nouveau blacklist changed"
-        if reboot and host.connector_cls.__name__ != "LocalConnector":
-            server.reboot(name=f"Reboot to load NVIDIA driver {wanted} ({why})",
-                          reboot_timeout=host.data.nvidia_driver_reboot_timeout)
-        else:
-            logger.warning(f"[{host.name}] reboot needed to load NVIDIA driver {wanted} ({why}); "
-                           "not rebooting: set nvidia_driver_reboot = True to allow it")
+    why = f"loaded module {loaded['version']} is not {wanted}" if stale else "driver or nouveau blacklist changed"
+    if reboot and host.connector_cls.__name__ != "LocalConnector":
+        server.reboot(name=f"Reboot to load NVIDIA driver {wanted} ({why})",
+                      reboot_timeout=host.data.nvidia_driver_reboot_timeout,
+                      _if=lambda: stale or driver.did_change() or blacklist.did_change())
+    elif stale or driver.will_change or blacklist.will_change:  # a message, not an operation: said up front
+        logger.warning(f"[{host.name}] reboot needed to load NVIDIA driver {wanted} ({why}); "
+                       "not rebooting: set nvidia_driver_reboot = True to allow it")
     return driver

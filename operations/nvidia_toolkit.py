@@ -3,8 +3,8 @@ only when the engine lacks the runtime (the engine restart is left to the caller
 /dev/char links runc needs under systemd cgroups, and a GPU container run to prove it works."""
 
 import os
-import re
 import shlex
+import tomllib
 from io import StringIO
 
 from pyinfra import host, logger
@@ -12,7 +12,7 @@ from pyinfra.api import FactBase, OperationError, deploy, operation
 from pyinfra.facts.files import File
 from pyinfra.operations import apt, files
 
-from . import TEMPLATES, apt_pin, bundle, config, docker_engine, json_ops
+from . import TEMPLATES, apt_pin, bundle, config, docker_engine, json_ops, settings
 from .containerd_engine import ContainerdRuntimes
 from .errors import ConfigError
 from .docker_images import pinned
@@ -30,16 +30,6 @@ RUNTIME_BINARY = "nvidia-container-runtime"
 RUNTIME_CONFIG = "/etc/nvidia-container-runtime/config.toml"
 DEV_CHAR_RULE = "/lib/udev/rules.d/71-nvidia-dev-char.rules"
 
-DEFAULTS = {
-    "nvidia_toolkit_version": "1.17.8",
-    "nvidia_toolkit_source": "nvidia-repo",
-    "nvidia_toolkit_local_repo": "/var/lib/gpufleet/toolkit-repo",
-    "nvidia_toolkit_local_repo_src": None,
-    "nvidia_toolkit_engine": "docker",
-    "nvidia_toolkit_set_as_default": False,
-    "nvidia_toolkit_dev_char_symlinks": True,
-    "nvidia_toolkit_check_image": "nvidia/cuda:12.2.2-base-ubuntu22.04",
-}
 
 def _check(data, host_name):
     engine = data.get("nvidia_toolkit_engine", "docker")
@@ -79,19 +69,16 @@ class NoCgroups(FactBase):
         return f"cat {RUNTIME_CONFIG} 2>/dev/null; true"
 
     def process(self, output):
-        section = None
-        for line in output:
-            line = line.strip()
-            if line.startswith("["):
-                section = line.strip("[]")
-            elif section == "nvidia-container-cli" and re.fullmatch(r"no-cgroups\s*=\s*true", line):
-                return True
-        return False
+        try:
+            config = tomllib.loads("\n".join(output))
+        except tomllib.TOMLDecodeError:
+            return False  # not set as far as anyone can read: nvidia-ctk config names the file's fault
+        return config.get("nvidia-container-cli", {}).get("no-cgroups") is True
 
 
-@deploy("Install NVIDIA Container Toolkit", data_defaults=DEFAULTS)
+@deploy("Install NVIDIA Container Toolkit", data_defaults=settings.DEFAULTS)
 def install_toolkit(version=None, source=None, engine=None, set_as_default=None, no_cgroups=False,
-                    dev_char_symlinks=None, gpus=0, driver_changed=False):
+                    dev_char_symlinks=None, gpus=0, driver=None):
     """
     Install the toolkit's four packages at one pinned version and wire the engine to it.
 
@@ -106,7 +93,8 @@ def install_toolkit(version=None, source=None, engine=None, set_as_default=None,
     + dev_char_symlinks: keep /dev/char links to the GPU device nodes, now and whenever the driver
       binds (``nvidia_toolkit_dev_char_symlinks``; off for an LXC guest, whose nodes its host makes)
     + gpus: how many GPUs the host has; without any, no CDI spec can be generated
-    + driver_changed: the driver changes in this run (the CDI spec names its libraries: regenerate)
+    + driver: the driver's package operation: when it changed, the CDI spec (which names the
+      driver's libraries) is generated again
 
     Returns the engine's configuration operation (pass it to the engine's ``restart_on_change``;
     None for Podman without GPUs) and the packages operation.
@@ -155,8 +143,12 @@ def install_toolkit(version=None, source=None, engine=None, set_as_default=None,
         runtime = containerd_runtime(name="Configure containerd's nvidia runtime (nvidia-ctk runtime configure)",
                                      set_as_default=set_as_default)
     else:
-        runtime = cdi_spec(name=f"Generate the CDI specification {CDI_SPEC} (nvidia-ctk cdi generate)",
-                           regenerate=driver_changed) if gpus else None
+        runtime = None
+        if gpus:
+            runtime = cdi_spec(name=f"Generate the CDI specification {CDI_SPEC} (nvidia-ctk cdi generate)")
+            if driver is not None:  # the spec lists the driver's libraries
+                cdi_spec(name=f"Regenerate {CDI_SPEC} after the driver changed", regenerate=True,
+                         _if=driver.did_change)
     return runtime, packages
 
 
@@ -247,7 +239,7 @@ def gpu_container_run(image, offline=False, engine="docker"):
     yield check_command(image, offline, engine)
 
 
-@deploy("Check GPUs in a container", data_defaults=DEFAULTS)
+@deploy("Check GPUs in a container", data_defaults=settings.DEFAULTS)
 def check_gpu_container(after, image=None, engine=None):
     """
     Run a CUDA container with every GPU when ``after`` (driver, toolkit, engine operations) changed.

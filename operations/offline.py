@@ -1,5 +1,5 @@
 """
-Hosts fed from an offline bundle (operations/bundle.py): its apt repository staged and used as a
+Hosts fed from an offline bundle (operations/bundle/): its apt repository staged and used as a
 source, the images the host runs loaded into Docker. Air-gapped hosts need nothing else.
 """
 
@@ -10,7 +10,7 @@ from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.operations import apt, files, server
 
-from . import bundle, config, docker_images, staging
+from . import bundle, config, docker_images, settings, staging
 from .errors import ConfigError
 
 SOURCE_LIST = "/etc/apt/sources.list.d/gpufleet-bundle.list"
@@ -18,11 +18,6 @@ SOURCE_LIST = "/etc/apt/sources.list.d/gpufleet-bundle.list"
 OFFLINE_UPDATE = (f"apt-get update -o Dir::Etc::SourceList={SOURCE_LIST} -o Dir::Etc::SourceParts=- "
                   "-o APT::Get::List-Cleanup=0")
 
-DEFAULTS = {
-    "gpufleet_bundle": None,
-    "gpufleet_bundle_dir": "/var/lib/gpufleet/bundle",
-    "gpufleet_bundle_signers": None,
-}
 
 
 def _check(data, host_name):
@@ -45,7 +40,7 @@ config.register({
 }, cross_check=_check)
 
 
-@deploy("Stage the bundle's packages", data_defaults=DEFAULTS)
+@deploy("Stage the bundle's packages", data_defaults=settings.DEFAULTS)
 def stage_packages(bundle_path=None, bundle_dir=None, offline=None):
     """
     Stage the bundle's apt repository on the host and make it an apt source.
@@ -73,7 +68,7 @@ def stage_packages(bundle_path=None, bundle_dir=None, offline=None):
         apt.update(name="Update apt lists after the bundle changed", _if=changed)
 
 
-@deploy("Load the bundle's container images", data_defaults=DEFAULTS)
+@deploy("Load the bundle's container images", data_defaults=settings.DEFAULTS)
 def load_images(images, bundle_path=None, bundle_dir=None):
     """
     Stage the archives of ``images`` from the bundle and ``docker load`` each one Docker does not hold yet.

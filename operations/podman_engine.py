@@ -11,3 +11,12 @@ def install_podman():
     """Install Podman from the distro (daemonless: nothing to restart when the CDI spec changes)."""
     apt.packages(name="Install Podman", packages=["podman"], no_recommends=True,
                  update=not host.data.get("gpufleet_offline"), cache_time=3600)
+
+
+def restart_on_change(config_ops):
+    """
+    Podman has no daemon: nothing restarts. Its containers read the CDI spec as it is, so the
+    operation that writes it (the last of ``config_ops``, None on a host without GPUs) is the one
+    after which they see GPUs.
+    """
+    return config_ops[-1] if config_ops else None

@@ -13,8 +13,9 @@ from pyinfra import host, inventory, logger
 from pyinfra.api import deploy, operation
 from pyinfra.facts.files import FileContents
 from pyinfra.operations import files, server, systemd
+from pyinfra.operations.util import any_changed
 
-from . import TEMPLATES, TOOLS_DIR, base, config
+from . import TEMPLATES, TOOLS_DIR, base, config, settings
 from .errors import ConfigError, HostStateError
 from .gpu_facts import NvidiaDeviceNodes, NvidiaKernelModule
 from .proxmox_facts import (GPU_DEVICE_NAMES, PctConfig, PctStatus, ProcDevices,
@@ -28,14 +29,6 @@ NODES_UNIT = "gpufleet-nvidia-device-nodes"
 GUEST_NODE = re.compile(r"^/dev/(nvidia\d+|nvidiactl|nvidia-uvm|nvidia-uvm-tools|nvidia-modeset|"
                         r"nvidia-caps/nvidia-cap\d+)$")
 
-DEFAULTS = {
-    "proxmox_host": None,
-    "proxmox_vmid": None,
-    "proxmox_passthrough": "auto",
-    "proxmox_guest_restart": False,
-    "proxmox_docker_features": True,
-    "proxmox_kernel_headers": None,
-}
 
 config.register({
     "proxmox_host": (config._is_str, "the inventory name of the guest's Proxmox VE host"),
@@ -256,7 +249,7 @@ def guest_features(vmid, unprivileged):
     yield f"pct set {vmid} --features {value}"
 
 
-@deploy("Prepare Proxmox VE host for GPU passthrough", data_defaults=DEFAULTS)
+@deploy("Prepare Proxmox VE host for GPU passthrough", data_defaults=settings.DEFAULTS)
 def prepare_host():
     """
     Load ``nvidia`` and ``nvidia_uvm`` at boot and create every device node before guests start
@@ -279,9 +272,11 @@ def prepare_host():
         dest=f"/etc/systemd/system/{NODES_UNIT}.service", mode="644")
     systemd.daemon_reload(name="Reload systemd after the device node unit changed", _if=unit.did_change)
     has_gpu = bool(base.gpus())
+    if has_gpu:
+        systemd.service(name=f"Restart {NODES_UNIT} after it changed", service=f"{NODES_UNIT}.service",
+                        restarted=True, _if=any_changed(script, unit))
     systemd.service(name=f"Enable {NODES_UNIT}", service=f"{NODES_UNIT}.service", enabled=True,
-                    running=True if has_gpu else None,
-                    restarted=has_gpu and (script.will_change or unit.will_change))
+                    running=True if has_gpu else None)
 
 
 @deploy("Pass NVIDIA devices to LXC guests")
@@ -313,7 +308,7 @@ def configure_guests():
             changed.append(guest_devices(
                 name=f"Pass {len(nodes)} NVIDIA device node(s) to container {vmid} ({syntax} entries)",
                 vmid=vmid, nodes=nodes, syntax=syntax, majors=majors,
-                record=f"{host.data.get('gpufleet_state_dir') or base.DEFAULTS['gpufleet_state_dir']}"
+                record=f"{host.data.get('gpufleet_state_dir') or settings.DEFAULTS['gpufleet_state_dir']}"
                        f"/proxmox/{vmid}.lxc-lines"))
         if guest.data.get("proxmox_docker_features", True):
             changed.append(guest_features(name=f"Enable nesting{', keyctl' if unprivileged else ''} "
@@ -330,13 +325,16 @@ def restart_guests(results):
     """
     for guest, changed in results:
         vmid = int(guest.data.proxmox_vmid)
+        running = host.get_fact(PctStatus, vmid=vmid) == "running"
+        if running and guest.data.get("proxmox_guest_restart"):
+            server.shell(name=f"Restart container {vmid} ({guest.name}) to apply its new devices",
+                         commands=[f"pct reboot {vmid}"], _if=any_changed(*changed))
+            continue
+        # What follows is said, not done: up front, from what the operations above will change.
         if not any(op.will_change for op in changed):
             continue
-        if host.get_fact(PctStatus, vmid=vmid) != "running":
+        if not running:
             logger.info(f"[{host.name}] container {vmid} is not running: its new config applies at its next start")
-        elif guest.data.get("proxmox_guest_restart"):
-            server.shell(name=f"Restart container {vmid} ({guest.name}) to apply its new devices",
-                         commands=[f"pct reboot {vmid}"])
         else:
             logger.warning(f"[{host.name}] container {vmid} ({guest.name}) needs a restart to see its new "
                            f"devices: run 'pct reboot {vmid}', or set proxmox_guest_restart = True for it")

@@ -18,15 +18,9 @@ from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.operations import files
 
-from . import bundle, config, hf_hub, secrets, staging
+from . import bundle, config, hf_hub, secrets, settings, staging
 from .errors import ConfigError
 
-DEFAULTS = {
-    "inference_weights_root": "/srv/gpufleet/weights",
-    "inference_weight_volumes": {},
-    "inference_hf_endpoint": None,
-    "inference_weights_follow_branch": False,
-}
 HASH_CACHE = Path(os.environ.get("GPUFLEET_CACHE", Path.home() / ".cache" / "gpufleet")) / "hashes"
 
 
@@ -155,7 +149,7 @@ def directory_manifest(path):
     return manifest
 
 
-@deploy("Stage weight volumes", data_defaults=DEFAULTS)
+@deploy("Stage weight volumes", data_defaults=settings.DEFAULTS)
 def stage_volumes(volumes, weights_root=None, endpoint=None):
     """
     Bring the named weight volumes under ``weights_root`` (files 0444, owned by root), each from its

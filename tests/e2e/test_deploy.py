@@ -4,14 +4,14 @@ import re
 import subprocess
 import sys
 
-from tests.e2e.conftest import REPO, run_deploy
+from tests.e2e.conftest import PYINFRA, REPO, run_deploy
 from tests.lab import hosts as lab_hosts
 
 
 def test_first_deploy_changes_every_host(first_deploy):
     changed = first_deploy.changed()
     assert changed, first_deploy.output[-3000:]
-    hosts, success, error, _ = changed["Prepare gpufleet host | Ensure /etc/gpufleet exists"]
+    hosts, success, error, _ = changed["Every host | Prepare gpufleet host | Ensure /etc/gpufleet exists"]
     deployed = len(lab_hosts.deployed())
     assert deployed == 7 and (hosts, success, error) == (deployed, deployed, 0)
 
@@ -69,3 +69,22 @@ def test_dry_run_changes_nothing(second_deploy, lab):
     finally:
         assert run_deploy("--limit", "lab-2").rc == 0
     assert lab_hosts.ssh(lab["lab-2"], "stat -c %a /etc/gpufleet/secrets").stdout.strip() == "700"
+
+
+def test_dry_run_of_a_converged_host_predicts_no_change_and_lists_handlers_as_conditional(second_deploy):
+    # Without -y pyinfra detects changes before it would ask; --dry stops there (stdin closed).
+    dry = subprocess.run([PYINFRA, "inventories/lab.py", "deploy.py", "--dry", "--limit", "lab-2"], cwd=REPO,
+                         capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    output = dry.stdout + dry.stderr
+    assert dry.returncode == 0 and "--> Detected changes:" in output, output[-2000:]
+    table = output.split("--> Detected changes:")[1].splitlines()[2:]
+    rows = {}
+    for line in table:
+        cells = re.split(r"\s{2,}", line.strip())
+        if len(cells) != 3:
+            break
+        rows[cells[0]] = cells[1:]
+    assert len(rows) >= 30, table[:5]
+    assert {change for change, _ in rows.values()} == {"-"}, {name: row for name, row in rows.items() if row[0] != "-"}
+    # Reactions to a change are handlers (_if=): pyinfra says they run only if their trigger changes.
+    assert rows["GPU host | Apply Docker configuration | Restart Docker if its configuration changed"] == ["-", "1 (lab-2)"]

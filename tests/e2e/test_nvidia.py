@@ -36,8 +36,9 @@ def test_removed_runtime_is_configured_again_and_docker_restarted(second_deploy,
     started = sh(lab, "lab-2", "systemctl show -p ActiveEnterTimestampMonotonic docker").stdout
     result = run_deploy("--limit", "lab-2")
     changed = result.changed()
-    assert "Install NVIDIA Container Toolkit | Configure Docker's nvidia runtime (nvidia-ctk runtime configure)" in changed
-    assert "Apply Docker configuration | Restart Docker if its configuration changed" in changed
+    assert ("GPU host | Install NVIDIA Container Toolkit | Configure Docker's nvidia runtime "
+            "(nvidia-ctk runtime configure)") in changed
+    assert "GPU host | Apply Docker configuration | Restart Docker if its configuration changed" in changed
     assert sh(lab, "lab-2", "systemctl show -p ActiveEnterTimestampMonotonic docker").stdout != started
     assert "nvidia" in sh(lab, "lab-2", "docker info --format '{{json .Runtimes}}'").stdout
 
@@ -63,8 +64,8 @@ def test_udev_rule_links_dev_char_for_gpu_nodes(second_deploy, lab):
     try:
         result = run_deploy("--limit", "lab-2")
         assert result.rc == 0, result.output[-3000:]
-        assert list(result.changed()) == ["Install NVIDIA Container Toolkit | Link the NVIDIA device nodes into "
-                                          "/dev/char now"], result.changed()
+        assert list(result.changed()) == ["GPU host | Install NVIDIA Container Toolkit | "
+                                          "Link the NVIDIA device nodes into /dev/char now"], result.changed()
         links = sh(lab, "lab-2", "readlink /dev/char/195:0 /dev/char/195:255").stdout.split()
         assert links == ["/dev/nvidia0", "/dev/nvidiactl"]
         again = run_deploy("--limit", "lab-2")
@@ -84,9 +85,9 @@ def test_containerd_engine_gets_the_runtime_and_one_restart(second_deploy, lab):
         first = run_deploy(*containerd)
         assert first.rc == 0, first.output[-3000:]
         changed = first.changed()
-        assert "Install NVIDIA Container Toolkit | Configure containerd's nvidia runtime (nvidia-ctk runtime " \
+        assert "GPU host | Install NVIDIA Container Toolkit | Configure containerd's nvidia runtime (nvidia-ctk runtime " \
                "configure)" in changed, changed
-        assert "Apply containerd configuration | Restart containerd if its configuration changed" in changed
+        assert "GPU host | Apply containerd configuration | Restart containerd if its configuration changed" in changed
         assert sh(lab, "lab-2", "systemctl show -p ActiveEnterTimestampMonotonic containerd").stdout != started
         # containerd itself read the new config: its merged view has the runtime.
         dump = sh(lab, "lab-2", "containerd config dump").stdout

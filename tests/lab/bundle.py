@@ -8,16 +8,17 @@ from pathlib import Path
 
 import yaml
 
-from operations import bundle, driver_plan, nvidia_driver, nvidia_toolkit
+from operations import driver_plan, nvidia_driver, nvidia_toolkit, settings
+from operations.bundle import builder
 
 from . import image, llamacpp, models
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 LAB = ROOT / ".lab"
 BUNDLE = LAB / "bundle"
-DRIVER_VERSION = nvidia_driver.DEFAULTS["nvidia_driver_version"]
+DRIVER_VERSION = settings.DEFAULTS["nvidia_driver_version"]
 UNUSED_IMAGE = "gpufleet-lab/unused:1"
-TOOLKIT_VERSION = nvidia_toolkit.DEFAULTS["nvidia_toolkit_version"]
+TOOLKIT_VERSION = settings.DEFAULTS["nvidia_toolkit_version"]
 
 
 def _baseline_status():
@@ -72,5 +73,5 @@ def build(log=print):
     _unused()
     spec_path = LAB / "bundle.yaml"
     spec_path.write_text(yaml.safe_dump(spec(tag), sort_keys=False))
-    bundle.build(spec_path, BUNDLE, log=log)
+    builder.build(spec_path, BUNDLE, log=log)
     return BUNDLE

@@ -8,7 +8,7 @@ import secrets
 import time
 from pathlib import Path
 
-from operations.nvidia_driver import DEFAULTS as DRIVER_DEFAULTS
+from operations.settings import DEFAULTS
 from tests.fixtures import proxmox_double, running_kernel, ubuntu_double
 from tests.fixtures.nvidia_toolkit_double import build as toolkit_double
 
@@ -262,7 +262,7 @@ def up(count=3, airgapped=1, proxmox=1, connected=0, ubuntu=0, fresh=False, log=
     for host in hosts:
         wait_booted(host, pubkey)
         if host["name"].startswith("lab-pve-"):
-            proxmox_double.install(host["container"], DRIVER_DEFAULTS["nvidia_driver_version"])
+            proxmox_double.install(host["container"], DEFAULTS["nvidia_driver_version"])
         if host["role"] == "site":
             site.install(host, log=log)
         if host["name"] in DEBIAN_KERNEL_HOSTS:

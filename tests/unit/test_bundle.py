@@ -1,5 +1,6 @@
 """Bundle manifests: a bundle that differs from its manifest is refused, naming the file."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -7,6 +8,7 @@ import subprocess
 import pytest
 
 from operations import bundle
+from operations.bundle import builder
 from operations.errors import ConfigError
 
 
@@ -24,7 +26,7 @@ def make(tmp_path, files):
 def test_intact_bundle_verifies_and_records(tmp_path):
     make(tmp_path, {"weights/tiny/a.gguf": b"x" * 1000, "apt/Packages": b"P"})
     assert len(bundle.verify(tmp_path)["files"]) == 2
-    assert set(json.loads((tmp_path / bundle.VERIFIED).read_text())) == {"weights/tiny/a.gguf", "apt/Packages"}
+    assert set(json.loads((tmp_path / bundle.manifest.VERIFIED).read_text())) == {"weights/tiny/a.gguf", "apt/Packages"}
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -62,7 +64,7 @@ def hf_cache(root, commit="a" * 40):
     (model / "blobs").mkdir()
     (model / "snapshots" / commit / "tokenizer").mkdir(parents=True)
     for name, data in {"model.gguf": b"g" * 4096, "tokenizer/vocab.json": b"{}"}.items():
-        blob = model / "blobs" / bundle.hashlib.sha256(data).hexdigest()
+        blob = model / "blobs" / hashlib.sha256(data).hexdigest()
         blob.write_bytes(data)
         (model / "snapshots" / commit / name).symlink_to(os.path.relpath(blob, (model / "snapshots" / commit / name).parent))
     return model
@@ -71,21 +73,21 @@ def hf_cache(root, commit="a" * 40):
 def test_weights_from_a_hugging_face_cache_are_copied_whole(tmp_path):
     hf_cache(tmp_path / "hub")
     (tmp_path / "bundle.yaml").write_text("weights:\n  tiny:\n    hf_cache: hub\n    repo: tiny-org/tiny-model\n")
-    manifest = bundle.build(tmp_path / "bundle.yaml", tmp_path / "out", log=lambda *_: None)
+    manifest = builder.build(tmp_path / "bundle.yaml", tmp_path / "out", log=lambda *_: None)
     assert manifest["weights"] == {"tiny": "weights/tiny"}
     assert set(manifest["files"]) == {"weights/tiny/model.gguf", "weights/tiny/tokenizer/vocab.json"}
     copied = tmp_path / "out" / "weights" / "tiny" / "model.gguf"
     assert not copied.is_symlink() and copied.read_bytes() == b"g" * 4096
-    assert manifest["files"]["weights/tiny/model.gguf"]["sha256"] == bundle.hashlib.sha256(b"g" * 4096).hexdigest()
+    assert manifest["files"]["weights/tiny/model.gguf"]["sha256"] == hashlib.sha256(b"g" * 4096).hexdigest()
 
 
 def test_hugging_face_snapshot_with_a_missing_blob_or_revision_is_refused(tmp_path):
     model = hf_cache(tmp_path / "hub")
     with pytest.raises(ConfigError, match=r"^weights.tiny: tiny-org/tiny-model@v2: not in the Hugging Face cache"):
-        bundle.hf_snapshot(tmp_path / "hub", "tiny-org/tiny-model", "v2", field="weights.tiny")
+        builder.hf_snapshot(tmp_path / "hub", "tiny-org/tiny-model", "v2", field="weights.tiny")
     next((model / "blobs").iterdir()).unlink()
     with pytest.raises(ConfigError, match=r"its blob is missing \(an interrupted download\)"):
-        bundle.hf_snapshot(tmp_path / "hub", "tiny-org/tiny-model")
+        builder.hf_snapshot(tmp_path / "hub", "tiny-org/tiny-model")
 
 
 def ssh_key(tmp_path, name):
@@ -98,9 +100,9 @@ def ssh_key(tmp_path, name):
 def signed(tmp_path):
     """A bundle signed by ops@site's key, and an allowed_signers file naming that key."""
     key = ssh_key(tmp_path, "ops")
-    (tmp_path / "signers").write_text(f'ops@site namespaces="{bundle.NAMESPACE}" {(tmp_path / "ops.pub").read_text()}')
+    (tmp_path / "signers").write_text(f'ops@site namespaces="{bundle.manifest.NAMESPACE}" {(tmp_path / "ops.pub").read_text()}')
     make(tmp_path / "b", {"weights/tiny/a.gguf": b"x" * 1000})
-    bundle.sign(tmp_path / "b", key)
+    builder.sign(tmp_path / "b", key)
     return tmp_path
 
 
@@ -117,7 +119,7 @@ def test_manifest_altered_after_signing_is_refused(signed):
 
 
 def test_signature_by_another_key_or_none_is_refused(signed):
-    bundle.sign(signed / "b", ssh_key(signed, "intruder"))
+    builder.sign(signed / "b", ssh_key(signed, "intruder"))
     with pytest.raises(ConfigError, match=r"manifest.json.sig: not made by any key in .*signers"):
         bundle.check_signature(signed / "b", signed / "signers")
     (signed / "b" / bundle.SIGNATURE).unlink()
@@ -129,10 +131,10 @@ def test_build_signs_and_a_changed_unsigned_rebuild_drops_the_old_signature(sign
     hf_cache(signed / "hub")
     spec = signed / "bundle.yaml"
     spec.write_text("weights:\n  tiny:\n    hf_cache: hub\n    repo: tiny-org/tiny-model\n")
-    bundle.build(spec, signed / "out", log=lambda *_: None, sign_key=signed / "ops")
+    builder.build(spec, signed / "out", log=lambda *_: None, sign_key=signed / "ops")
     assert bundle.check_signature(signed / "out", signed / "signers") == "ops@site"
-    bundle.build(spec, signed / "out", log=lambda *_: None)  # same manifest: the signature still holds
+    builder.build(spec, signed / "out", log=lambda *_: None)  # same manifest: the signature still holds
     assert (signed / "out" / bundle.SIGNATURE).exists()
     spec.write_text("weights:\n  tiny:\n    from: hub/models--tiny-org--tiny-model/blobs\n")
-    bundle.build(spec, signed / "out", log=lambda *_: None)
+    builder.build(spec, signed / "out", log=lambda *_: None)
     assert not (signed / "out" / bundle.SIGNATURE).exists()

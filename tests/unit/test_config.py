@@ -1,28 +1,31 @@
-import ast
+import re
 from pathlib import Path
 
 import pytest
 
-from operations import (base, config, docker_engine, inference, nvidia_driver, nvidia_toolkit, offline,
-                        proxmox, staging, weights)
+from operations import config, settings
 from operations.errors import ConfigError
+import operations.roles  # noqa: F401  (imports every concern module: each registers its checks)
 
-ALL_PY = Path(__file__).resolve().parents[2] / "group_data" / "all.py"
+OPERATIONS_DIR = Path(config.__file__).resolve().parent
 
 
 def documented_settings():
-    """gpufleet's own settings in group_data/all.py (pyinfra's ssh_ connector settings left out)."""
-    tree = ast.parse(ALL_PY.read_text())
-    return {t.id: ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
-            for t in node.targets if t.id.startswith(config.PREFIXES)}
+    """gpufleet's own settings as group_data/all.py writes them (pyinfra's ssh_ settings left out)."""
+    return settings.read(settings.GROUP_DATA_ALL)
 
 
-def test_group_data_all_documents_every_default_with_the_same_value():
-    documented = documented_settings()
-    for module in (base, docker_engine, nvidia_driver, nvidia_toolkit, offline, inference, weights, proxmox,
-                   staging):
-        for key, value in module.DEFAULTS.items():
-            assert documented.get(key) == value, f"group_data/all.py: {key}"
+def test_defaults_are_read_from_group_data_all():
+    assert settings.DEFAULTS == documented_settings()
+    assert settings.DEFAULTS["nvidia_driver_version"] and "ssh_paramiko_connect_kwargs" not in settings.DEFAULTS
+
+
+def test_every_setting_the_code_reads_is_documented():
+    read = set()
+    for source in OPERATIONS_DIR.rglob("*.py"):
+        read |= set(re.findall(rf"data(?:\.get\(['\"]|\.)((?:{'|'.join(settings.PREFIXES)})\w+)", source.read_text()))
+    assert read, "no settings found: the pattern no longer matches the code"
+    assert read <= set(settings.DEFAULTS), sorted(read - set(settings.DEFAULTS))
 
 
 def test_every_documented_setting_is_checked():

@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 
 from operations import staging
+from operations.staging import wire
+from operations.staging.relay import RELAY_SENDER, authorized_line, relay_key
 
 
 def receive(dest, stream, mode="444"):
-    return subprocess.run(["sh", "-c", staging.RECEIVE, "gpufleet-receive", str(dest), mode],
+    return subprocess.run(["sh", "-c", wire.RECEIVER, "gpufleet-receive", str(dest), mode],
                           input=stream, capture_output=True)
 
 
@@ -34,7 +36,7 @@ def src(tmp_path):
 def test_fresh_copies_land_whole_with_their_mode_and_bytes_are_counted(src):
     wanted = manifest_of(src, ["model.bin", "tok/a b.json", "empty"])
     counter = [0]
-    stream = b"".join(staging._frames(str(src), wanted, dict.fromkeys(wanted, 0), counter))
+    stream = b"".join(wire.frames(str(src), wanted, dict.fromkeys(wanted, 0), counter))
     result = receive(src.parent / "dest", stream)
     assert result.returncode == 0, result.stderr
     assert sorted(result.stdout.decode().splitlines()) == ["ok empty", "ok model.bin", "ok tok/a b.json"]
@@ -51,7 +53,7 @@ def test_resumed_copy_sends_only_the_rest_and_is_hashed_whole_on_the_host(src):
     half = wanted["model.bin"]["size"] // 2
     (src.parent / "dest" / ("model.bin" + staging.PART)).write_bytes((src / "model.bin").read_bytes()[:half])
     counter = [0]
-    result = receive(src.parent / "dest", b"".join(staging._frames(str(src), wanted, {"model.bin": half}, counter)))
+    result = receive(src.parent / "dest", b"".join(wire.frames(str(src), wanted, {"model.bin": half}, counter)))
     assert result.stdout.decode().splitlines() == ["ok model.bin"]
     assert counter[0] == wanted["model.bin"]["size"] - half
     assert (src.parent / "dest" / "model.bin").read_bytes() == (src / "model.bin").read_bytes()
@@ -60,7 +62,7 @@ def test_resumed_copy_sends_only_the_rest_and_is_hashed_whole_on_the_host(src):
 def test_resumed_part_from_other_content_is_removed_and_reported(src):
     wanted = manifest_of(src, ["model.bin"])
     (src.parent / "dest" / ("model.bin" + staging.PART)).write_bytes(b"x" * 1000)
-    result = receive(src.parent / "dest", b"".join(staging._frames(str(src), wanted, {"model.bin": 1000}, [0])))
+    result = receive(src.parent / "dest", b"".join(wire.frames(str(src), wanted, {"model.bin": 1000}, [0])))
     assert result.stdout.decode().splitlines() == ["bad model.bin"]
     assert not list((src.parent / "dest").iterdir())
 
@@ -68,14 +70,14 @@ def test_resumed_part_from_other_content_is_removed_and_reported(src):
 def test_source_differing_from_the_manifest_is_not_renamed_into_place(src):
     wanted = manifest_of(src, ["model.bin"])
     wanted["model.bin"]["sha256"] = "0" * 64
-    result = receive(src.parent / "dest", b"".join(staging._frames(str(src), wanted, {"model.bin": 0}, [0])))
+    result = receive(src.parent / "dest", b"".join(wire.frames(str(src), wanted, {"model.bin": 0}, [0])))
     assert result.stdout.decode().splitlines() == ["bad model.bin"]
     assert not (src.parent / "dest" / "model.bin").exists()
 
 
 def test_stream_cut_short_keeps_the_part_for_the_next_run(src):
     wanted = manifest_of(src, ["empty", "model.bin", "tok/a b.json"])
-    stream = b"".join(staging._frames(str(src), wanted, dict.fromkeys(wanted, 0), [0]))
+    stream = b"".join(wire.frames(str(src), wanted, dict.fromkeys(wanted, 0), [0]))
     result = receive(src.parent / "dest", stream[: len(stream) // 2])
     assert result.returncode != 0
     assert result.stdout.decode().splitlines() == ["ok empty"]
@@ -89,7 +91,7 @@ def test_source_shorter_than_its_manifest_stops_the_sender(src):
     wanted = manifest_of(src, ["tok/a b.json"])
     wanted["tok/a b.json"]["size"] += 10
     with pytest.raises(OSError, match="shorter than the manifest says"):
-        b"".join(staging._frames(str(src), wanted, {"tok/a b.json": 0}, [0]))
+        b"".join(wire.frames(str(src), wanted, {"tok/a b.json": 0}, [0]))
 
 
 SENDER = Path(__file__).resolve().parents[2] / "templates" / "gpufleet-relay-send"
@@ -145,8 +147,8 @@ def test_relay_sender_refuses_a_directory_gpufleet_did_not_stage(src):
 
 
 def test_relay_key_is_restricted_to_the_sender_and_expires():
-    private, public = staging.relay_key()
+    private, public = relay_key()
     assert private.startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----") and public.startswith("ssh-ed25519 ")
-    line = staging.authorized_line(public, "gpufleet-relay-lab-2-abc", "202611231500")
-    assert line == (f'restrict,command="{staging.RELAY_SENDER}",expiry-time="202611231500" {public} '
+    line = authorized_line(public, "gpufleet-relay-lab-2-abc", "202611231500")
+    assert line == (f'restrict,command="{RELAY_SENDER}",expiry-time="202611231500" {public} '
                     "gpufleet-relay-lab-2-abc")

@@ -1,21 +1,10 @@
 """
-Offline bundles: apt packages with their dependency closure, container images and model weights,
-described by one manifest (every file's path, size and SHA-256).
-
-Build one on a connected machine, carry it, deploy from it::
-
-    python -m operations.bundle build bundle.yaml --out /media/bundle [--sign-key ~/.ssh/id_ed25519]
-    python -m operations.bundle verify /media/bundle [--signers allowed_signers]
-
-``load()`` is what deploy.py calls: a bundle whose manifest is malformed, or whose files are
-missing or differ from it, is refused before any host is touched. A signed bundle carries
-``manifest.json.sig``, an SSH signature (``ssh-keygen -Y sign``, namespace gpufleet-bundle) of the
-manifest, which lists every file's SHA-256: ``check_signature()`` refuses one no allowed signer made.
+Building a bundle on a connected machine: the apt packages with their dependency closure, the
+container images (docker save), the weight volumes (directories or a Hugging Face cache), then
+the manifest (every file's path, size and SHA-256) and, with a key, its signature.
 """
 
-import argparse
 import email.utils
-import functools
 import glob
 import gzip
 import hashlib
@@ -23,119 +12,14 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from .apt_pin import pin_file
-from .docker_images import pinned
-from .errors import ConfigError
-
-FORMAT = 1
-MANIFEST = "manifest.json"
-SIGNATURE = MANIFEST + ".sig"
-NAMESPACE = "gpufleet-bundle"
-# Control-node record of files already hashed: path -> [size, mtime_ns, sha256]. Lets a bundle
-# be re-checked in constant time; a file whose size or mtime moved is hashed again.
-VERIFIED = ".gpufleet-verified.json"
-CHUNK = 1 << 20
-
-
-def sha256_file(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _read_record(bundle):
-    try:
-        return json.loads((Path(bundle) / VERIFIED).read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def cached_sha256(path, stat, known):
-    """``path``'s SHA-256: taken from ``known`` ([size, mtime_ns, sha256]) while size and mtime match."""
-    if known and known[:2] == [stat.st_size, stat.st_mtime_ns]:
-        return known[2]
-    return sha256_file(path)
-
-
-# --- reading and verifying ----------------------------------------------------------------
-
-def _refuse(bundle, message):
-    raise ConfigError("gpufleet_bundle", f"{bundle}: {message}")
-
-
-def _check_manifest(bundle, manifest):
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        _refuse(bundle, f"{MANIFEST}: not a gpufleet bundle manifest of format {FORMAT}")
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not files:
-        _refuse(bundle, f"{MANIFEST}: 'files' must map each path to its size and sha256")
-    for path, entry in files.items():
-        if Path(path).is_absolute() or ".." in Path(path).parts:
-            _refuse(bundle, f"{MANIFEST}: {path}: paths must stay inside the bundle")
-        if path != path.strip() or any(ord(char) < 32 for char in path):
-            _refuse(bundle, f"{MANIFEST}: {path!r}: paths may not hold control characters or edge spaces")
-        if (not isinstance(entry, dict) or not isinstance(entry.get("size"), int)
-                or not isinstance(entry.get("sha256"), str) or len(entry["sha256"]) != 64):
-            _refuse(bundle, f"{MANIFEST}: {path}: needs an integer size and a 64-hex sha256")
-    for image in manifest.get("images", []):
-        if image.get("file") not in files:
-            _refuse(bundle, f"{MANIFEST}: image {image.get('name')}: archive {image.get('file')} is not listed")
-        if not pinned(image["name"]):
-            _refuse(bundle, f"{MANIFEST}: image {image['name']}: must be pinned by tag or digest, not latest")
-    for volume, prefix in manifest.get("weights", {}).items():
-        if not any(path.startswith(prefix + "/") for path in files):
-            _refuse(bundle, f"{MANIFEST}: weight volume {volume}: no files under {prefix}/")
-
-
-def verify(bundle, rehash=False):
-    """Check every file against the manifest; hash only what changed since the last check (or all)."""
-    bundle = Path(bundle)
-    record = {} if rehash else _read_record(bundle)
-    manifest = read_manifest(bundle)
-    fresh = {}
-    for path, entry in sorted(manifest["files"].items()):
-        full = bundle / path
-        try:
-            stat = full.stat()
-        except FileNotFoundError:
-            _refuse(bundle, f"{path}: missing (listed in {MANIFEST})")
-        if stat.st_size != entry["size"]:
-            _refuse(bundle, f"{path}: {stat.st_size} bytes, the manifest says {entry['size']} (truncated or replaced)")
-        if cached_sha256(full, stat, record.get(path)) != entry["sha256"]:
-            _refuse(bundle, f"{path}: SHA-256 differs from the manifest (corrupt)")
-        fresh[path] = [stat.st_size, stat.st_mtime_ns, entry["sha256"]]
-    try:
-        (bundle / VERIFIED).write_text(json.dumps(fresh))
-    except OSError:
-        pass  # a read-only medium: verified, but hashed again next time
-    return manifest
-
-
-def read_manifest(bundle):
-    bundle = Path(bundle)
-    try:
-        manifest = json.loads((bundle / MANIFEST).read_text())
-    except FileNotFoundError:
-        _refuse(bundle, f"no {MANIFEST} (not a bundle, or not built yet)")
-    except ValueError as error:
-        _refuse(bundle, f"{MANIFEST}: not valid JSON ({error})")
-    _check_manifest(bundle, manifest)
-    return manifest
-
-
-@functools.lru_cache(maxsize=None)
-def load(bundle):
-    """The verified manifest of the bundle at ``bundle`` (checked once per run, for every host)."""
-    if not Path(bundle).is_dir():
-        _refuse(bundle, "no such directory")
-    return verify(bundle)
+from ..apt_pin import pin_file
+from ..docker_images import pinned
+from ..errors import ConfigError
+from .manifest import FORMAT, MANIFEST, SIGNATURE, NAMESPACE, VERIFIED, cached_sha256, check_signature, load, read_record
 
 
 def sign(bundle, key):
@@ -144,38 +28,6 @@ def sign(bundle, key):
     subprocess.run(["ssh-keygen", "-q", "-Y", "sign", "-f", str(key), "-n", NAMESPACE, str(Path(bundle) / MANIFEST)],
                    check=True, capture_output=True)
 
-
-@functools.lru_cache(maxsize=None)
-def check_signature(bundle, signers):
-    """
-    The principal of ``signers`` (an ssh-keygen allowed_signers file) whose key signed the bundle's
-    manifest; a missing, foreign or stale signature is refused.
-    """
-    bundle, signature = Path(bundle), Path(bundle) / SIGNATURE
-    if not signature.is_file():
-        _refuse(bundle, f"{SIGNATURE}: missing, and gpufleet_bundle_signers asks for a signed bundle "
-                        "(python -m operations.bundle build ... --sign-key KEY)")
-    found = subprocess.run(["ssh-keygen", "-Y", "find-principals", "-s", str(signature), "-f", str(signers)],
-                           capture_output=True, text=True)
-    if found.returncode or not found.stdout.split():
-        _refuse(bundle, f"{SIGNATURE}: not made by any key in {signers}")
-    principal = found.stdout.split()[0]  # principals sharing the signing key all verify alike
-    with open(bundle / MANIFEST, "rb") as manifest:
-        checked = subprocess.run(["ssh-keygen", "-Y", "verify", "-f", str(signers), "-I", principal,
-                                  "-n", NAMESPACE, "-s", str(signature)], stdin=manifest, capture_output=True)
-    if checked.returncode:
-        _refuse(bundle, f"{SIGNATURE}: made by {principal}'s key, but not over this {MANIFEST} "
-                        "(altered after signing?)")
-    return principal
-
-
-def part(manifest, prefix):
-    """The manifest's files under ``prefix``/, keyed by their path below it."""
-    return {path[len(prefix) + 1:]: entry for path, entry in manifest["files"].items()
-            if path.startswith(prefix + "/")}
-
-
-# --- building -----------------------------------------------------------------------------
 
 def _apt_closure(spec, out, log):
     """Download ``spec['packages']`` and every dependency into ``out`` with a private apt state."""
@@ -332,7 +184,7 @@ def build(spec_path, out, log=print, sign_key=None):
         volumes = {name: {"from": str(_weights_source(base, name, source))} for name, source in spec["weights"].items()}
         _weights(volumes, out / "weights", log)
         manifest["weights"] = {name: f"weights/{name}" for name in volumes}
-    record = _read_record(out)
+    record = read_record(out)
     for path in sorted(p for p in out.rglob("*") if p.is_file()):
         relative = str(path.relative_to(out))
         if relative in (MANIFEST, VERIFIED, SIGNATURE) or path.suffix in (".id", ".partial"):
@@ -353,33 +205,3 @@ def build(spec_path, out, log=print, sign_key=None):
     total = sum(entry["size"] for entry in manifest["files"].values())
     log(f"bundle {out}: {len(manifest['files'])} files, {total / 1e6:.1f} MB, in {time.time() - started:.1f} s")
     return manifest
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m operations.bundle", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    build_cmd = sub.add_parser("build", help="build or update a bundle from a YAML description")
-    build_cmd.add_argument("spec")
-    build_cmd.add_argument("--out", required=True)
-    build_cmd.add_argument("--sign-key", help="SSH private key to sign the manifest with")
-    verify_cmd = sub.add_parser("verify", help="check a bundle's files against its manifest")
-    verify_cmd.add_argument("bundle")
-    verify_cmd.add_argument("--rehash", action="store_true", help="hash every file, not only changed ones")
-    verify_cmd.add_argument("--signers", help="an allowed_signers file: also check the manifest's signature")
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "build":
-            build(args.spec, args.out, sign_key=args.sign_key)
-        else:
-            signer = check_signature(args.bundle, args.signers) if args.signers else None
-            manifest = verify(args.bundle, rehash=args.rehash)
-            print(f"{args.bundle}: {len(manifest['files'])} files intact"
-                  + (f", manifest signed by {signer}" if signer else ""))
-    except (ConfigError, subprocess.CalledProcessError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

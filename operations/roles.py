@@ -1,0 +1,129 @@
+"""
+The roles a host of the inventory plays, each a ``@deploy`` composed of the concern deploys:
+
+- ``every_host``: settings checked, gpufleet's directories, relays served, the bundle's packages
+- ``proxmox_host`` (group proxmox_hosts): driver with its kernel module, device nodes, guests' config
+- ``gpu_host`` (group gpu_hosts): driver, container engine, toolkit, images, inference services
+- ``lxc_guest`` (groups gpu_hosts and lxc_guests): the same, with its Proxmox host's driver version
+- ``finish``: what the roles returned, written to host.json for the checks; guests restarted last
+
+Each role returns the part of the host's summary (host.json) it is responsible for. pyinfra
+prefixes an operation's name with its role's: "GPU host | Install NVIDIA driver | ...".
+"""
+
+from pyinfra import host
+from pyinfra.api import deploy
+
+from . import (base, config, containerd_engine, docker_engine, inference, nvidia_driver, nvidia_toolkit,
+               offline, podman_engine, proxmox, remote, staging)
+
+# nvidia_toolkit_engine -> (its install deploy, returning its configuration operation or None;
+#                           the deploy that restarts it after any of the given operations changed)
+ENGINES = {
+    "docker": (docker_engine.install_docker, docker_engine.restart_on_change),
+    "containerd": (containerd_engine.install_containerd, containerd_engine.restart_on_change),
+    "podman": (podman_engine.install_podman, podman_engine.restart_on_change),
+}
+# What a host without a GPU skips, said plainly at the end of its run.
+GPU_ONLY_STEPS = ["driver module checks", "persistence daemon", "reboot", "/dev/char links", "GPU container run",
+                  "GPU-only inference services"]
+
+
+def check_settings():
+    """Refuse bad settings and a login that cannot become root, before any host changes."""
+    config.validate(config.host_settings(host), host.name)
+    remote.require_root(host)
+
+
+@deploy("Every host")
+def every_host():
+    """gpufleet's directories, the relay sender on a seed, the bundle's packages on a bundle host."""
+    base.prepare()
+    staging.serve_relays()
+    if host.data.get("gpufleet_bundle"):
+        offline.stage_packages()
+    return {"groups": sorted(host.groups), "gpus": len(base.gpus()), "docker": False, "services": []}
+
+
+@deploy("Proxmox host")
+def proxmox_host():
+    """
+    The driver with its kernel module, the device nodes at boot, and every guest naming this host
+    configured. Returns the summary part and the guests whose configuration changes (for ``finish``).
+    """
+    nvidia_driver.install_driver()
+    proxmox.prepare_host()
+    guest_changes = proxmox.configure_guests()
+    return ({"nvidia_driver_version": host.data.nvidia_driver_version,
+             "lxc_guests": sorted(int(guest.data.proxmox_vmid) for guest, _ in guest_changes)},
+            guest_changes)
+
+
+@deploy("GPU host")
+def gpu_host():
+    """The pinned driver with its kernel module, then the serving stack."""
+    driver = nvidia_driver.install_driver()
+    return {"nvidia_driver_version": host.data.nvidia_driver_version, **_serving_stack(driver)}
+
+
+@deploy("LXC guest")
+def lxc_guest(driver_version):
+    """
+    The driver's user-space libraries at ``driver_version`` (its Proxmox host's loaded module, from
+    ``proxmox.guest_driver_version``), then the serving stack, device cgroups left to the host when
+    the guest is unprivileged and /dev/char links to the host.
+    """
+    driver = nvidia_driver.install_driver(version=driver_version, kernel_module=False)
+    unprivileged = proxmox.guest_is_unprivileged()
+    lxc = {"proxmox_host": host.data.proxmox_host, "vmid": int(host.data.proxmox_vmid), "unprivileged": unprivileged}
+    return {"nvidia_driver_version": driver_version, "lxc": lxc,
+            **_serving_stack(driver, no_cgroups=unprivileged, dev_char_symlinks=False)}
+
+
+def _serving_stack(driver, no_cgroups=False, dev_char_symlinks=None):
+    """
+    Container engine, NVIDIA Container Toolkit, the GPU container check, images and inference services.
+
+    + driver: the driver's package operation (the toolkit and the GPU check react to its change)
+    + no_cgroups: leave device cgroups to the host (an unprivileged LXC guest)
+    + dev_char_symlinks: keep /dev/char links (None: ``nvidia_toolkit_dev_char_symlinks``)
+    """
+    gpus = len(base.gpus())
+    engine = host.data.nvidia_toolkit_engine
+    install_engine, restart_engine = ENGINES[engine]
+    engine_config = install_engine()
+    runtime, toolkit = nvidia_toolkit.install_toolkit(no_cgroups=no_cgroups, dev_char_symlinks=dev_char_symlinks,
+                                                      gpus=gpus, driver=driver)
+    engine_ready = restart_engine([op for op in (engine_config, runtime) if op])
+    docker = engine == "docker"
+    image_ops = {}
+    if docker:
+        docker_engine.registry_access()
+        check_image = host.data.nvidia_toolkit_check_image
+        images = [service["image"] for service in host.data.inference_services]
+        if gpus and offline.carries(host.data.get("gpufleet_bundle"), check_image):
+            images.append(check_image)  # otherwise the check's `docker run --pull missing` fetches it
+        image_ops = inference.install_images(images)
+    if gpus:
+        nvidia_toolkit.check_gpu_container(after=[op for op in (driver, toolkit, engine_ready) if op], engine=engine)
+    services = []
+    if docker:
+        results = inference.install_services(gpus=gpus, image_ops=image_ops)
+        inference.summary(results)
+        services = [inference.intent(service, ready is not None) for service, ready in results]
+    return {"engine": engine, "docker": docker, "services": services,
+            "nvidia_toolkit_version": host.data.nvidia_toolkit_version,
+            "nvidia_toolkit_check_image": host.data.nvidia_toolkit_check_image}
+
+
+def finish(summary, guest_changes=()):
+    """
+    Say plainly what a host without GPUs skipped, write ``summary`` to host.json, then restart the
+    Proxmox guests whose configuration changed (last: the guests' own steps have run).
+    """
+    if not summary["gpus"]:
+        skipped = GPU_ONLY_STEPS + (["device node service start"] if "lxc_guests" in summary else [])
+        base.say_no_gpu(skipped)
+    base.record(summary)
+    if guest_changes:
+        proxmox.restart_guests(guest_changes)

@@ -1,0 +1,36 @@
+"""
+Stage files from the control node onto hosts over pyinfra's own SSH connection: resumable,
+verified with SHA-256, and skipped in constant time when already there and intact.
+
+All files for a host go in one stream on one SSH channel (no round trip per file). A fresh copy
+is hashed by the sender as it reads it (SSH's MAC covers the way, the host checks the size); a
+resumed copy, or a file found at the right size without a record, is hashed whole on the host.
+
+On the host, each staged directory keeps ``.gpufleet-staged.json``: path -> [size, mtime, sha256]
+of the files verified there. A file whose size and mtime still match its record is intact
+without being read; anything else is hashed again (or sent again). An interrupted copy leaves
+``<file>.gpufleet-part``; the next run appends to it instead of starting over.
+
+Parts: ``facts`` (what a staged directory holds, and the plan), ``wire`` (the stream and its
+receiver, templates/gpufleet-receive), ``push`` (the operation from the control node), ``relay``
+(hosts pulling from a seed of their site over one-run keys).
+"""
+
+from .facts import PART, RECORD, StagedFiles, plan
+from .push import staged
+from .relay import relay_seed, relayed, serve_relays
+
+__all__ = ["PART", "RECORD", "StagedFiles", "plan", "relay_seed", "relayed", "serve_relays", "stage", "staged"]
+
+
+def stage(name, src, dest, files, mode="444"):
+    """
+    Stage ``files`` into ``dest``: from the control node (``staged``), or from this host's seed
+    (``relayed``). Every host passes through ``staged``, a no-op on a pulling host, so pyinfra
+    orders the seed's copy before any pull from it. Returns the operation that brings the files.
+    """
+    seed = relay_seed()
+    direct = staged(name=name, src=src, dest=dest, files=files, mode=mode, pulled_from=seed and seed.name)
+    if seed is None:
+        return direct
+    return relayed(name=f"{name} (from {seed.name})", seed=seed, dest=dest, files=files, mode=mode)

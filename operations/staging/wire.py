@@ -1,0 +1,94 @@
+"""
+The staging wire protocol: one framed stream per host on one SSH channel, read on the host by
+templates/gpufleet-receive (sent inline with the command; nothing is installed for it).
+
+Per file the sender writes a header line ``OFFSET COUNT TOTAL SHA256 PATH``, COUNT bytes, and for
+a fresh copy a verdict line: its SHA-256 (hashed here as it is read), or ``host`` (a relay: hash it
+there). The receiver appends to ``PATH.gpufleet-part``, checks size and digest, moves the file into
+place and prints ``ok PATH`` or ``bad PATH``. Afterwards the directory's record is rewritten.
+"""
+
+import hashlib
+import json
+import posixpath
+import shlex
+
+import gevent
+from pyinfra import logger
+
+from .. import TEMPLATES
+from ..bundle import CHUNK
+from .facts import RECORD, StagedFiles
+
+# The receiver's script without its comment lines: that is what travels in each staging command.
+RECEIVER = "".join(line for line in (TEMPLATES / "gpufleet-receive").read_text().splitlines(True)
+                   if not line.startswith("#"))
+
+
+def frames(src, wanted, send, counter):
+    """Yield the receiver's stream; each fresh file is hashed here as it is read and sent."""
+    for path, offset in sorted(send.items()):
+        entry = wanted[path]
+        count = entry["size"] - offset
+        yield f"{offset} {count} {entry['size']} {entry['sha256']} {path}\n".encode()
+        digest, hashing = hashlib.sha256(), None
+        with open(f"{src}/{path}", "rb") as local:
+            local.seek(offset)
+            while count:
+                block = local.read(min(CHUNK, count))
+                if not block:
+                    raise OSError(f"{src}/{path}: shorter than the manifest says (the source changed)")
+                if hashing:
+                    hashing.get()
+                # hashlib lets go of the GIL: the block is hashed on another core while it is sent
+                hashing = gevent.get_hub().threadpool.spawn(digest.update, block)
+                counter[0] += len(block)
+                count -= len(block)
+                yield block
+        if hashing:
+            hashing.get()
+        if not offset:
+            yield f"{digest.hexdigest()}\n".encode()
+
+
+def receive_command(dest, mode):
+    return f"sh -c {shlex.quote(RECEIVER)} gpufleet-receive {shlex.quote(dest)} {shlex.quote(mode)}"
+
+
+def transfer(state, host, shell, src, dest, wanted, check, send, mode):
+    """Run on the host's connection: hash what may be intact, stream the rest, verify, record."""
+    hashes = {}
+    if check:
+        quoted = " ".join(shlex.quote(path) for path in check)
+        for line in shell.run(f"cd {shlex.quote(dest)} && sha256sum -- {quoted}"):
+            digest, path = line.split(None, 1)
+            hashes[path.lstrip("*")] = digest
+    for path in check:
+        if hashes.get(path) != wanted[path]["sha256"]:
+            logger.warning(f"[{host.name}] {dest}/{path}: SHA-256 differs from the manifest; sending it again")
+            send[path] = 0
+    sent = [0]
+    if send:
+        status, lines, stderr = shell.stream(receive_command(dest, mode), frames(src, wanted, send, sent))
+        check_stream(host, dest, status, lines, len(send), stderr, sent[0])
+    write_record(shell, dest, wanted)
+    logger.info(f"[{host.name}] staged {len(send)} file(s), {sent[0]} bytes sent, into {dest}")
+
+
+def write_record(shell, dest, wanted):
+    """Record size, mtime and SHA-256 of the wanted files now in ``dest``: the next run trusts them."""
+    facts = StagedFiles()
+    on_host = facts.process(shell.run(facts.command(dest)))["files"]
+    record = {path: [*stat, wanted[path]["sha256"]] for path, stat in on_host.items() if path in wanted}
+    shell.send(f"cat > {shlex.quote(posixpath.join(dest, RECORD))}", json.dumps(record, sort_keys=True))
+
+
+def check_stream(host, dest, status, lines, expected, stderr, sent):
+    """Raise, naming the file, when the receiver reported a damaged copy or stopped early."""
+    bad = [line[4:] for line in lines if line.startswith("bad ")]
+    if bad:
+        raise OSError(f"{host.name}: {dest}/{bad[0]}: SHA-256 after transfer differs from the manifest "
+                      "(the source changed, or the copy was damaged); removed the partial copy")
+    if status or len(lines) != expected:
+        raise OSError(f"{host.name}: staging into {dest} stopped ({sent} bytes sent; the next run "
+                      f"resumes): {(lines or [''])[-1]} {stderr.strip()}")
