@@ -164,7 +164,9 @@ def provision_logins(host, pubkey):
 
 def start_host(name, tag, pubkey, airgapped=False):
     container = f"gpufleet-{name}"
-    docker("rm", "-f", container, check=False)
+    # A new host starts bare: no container and no Docker volume of that name left by another lab
+    # (another checkout's, whose state file this one does not know).
+    remove_host({"container": container})
     docker(
         "run", "-d", "--name", container, "--hostname", name, "--label", LABEL,
         *BOOT_FLAGS,
