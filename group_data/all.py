@@ -18,6 +18,10 @@ gpufleet_stage_via = None
 # How the other hosts of the site reach this one when it is a seed (default: its ssh_hostname).
 gpufleet_site_address = None
 gpufleet_site_port = 22
+# Every key of the inventory's data is checked: a key gpufleet and pyinfra do not know stops the run
+# (naming it, with the closest known key). Data your own deploys read from the same inventory: list
+# its keys here, and gpufleet leaves them alone.
+gpufleet_other_data = []
 
 # --- ssh_ (pyinfra's SSH connector, paramiko) -------------------------------------------
 # Use AES-GCM only: with paramiko, AES-CTR + HMAC-SHA2 streams at about 130 MB/s on the benchmark
@@ -106,11 +110,17 @@ gpufleet_bundle_signers = None
 # --- inference_ (model services as systemd-managed containers) ----------------------------
 # Services of the host. Each: name, engine (vllm | tgi | ollama | llamacpp), image (pinned tag or
 # digest, never latest), model (path under the weights root, e.g. "tiny/tiny.gguf"), and optional
-# port (engine default: vLLM 8000, TGI 80, Ollama 11434, llama.cpp 8080), gpus ("all", "none" or
+# port (engine default: vLLM 8000, TGI 3000, Ollama 11434, llama.cpp 8080), gpus ("all", "none" or
 # indices), memory ("16g"), shm_size (default 1g per GPU for vLLM/TGI), args (engine flags, checked),
-# api_key_file / hf_token_file (files on the control node; stored root-only on the host),
-# network ("host", the default for streaming latency, or "bridge"), cuda (the image's CUDA
-# version, checked against nvidia_driver_version), served_name, user, start_timeout.
+# api_key_file / hf_token_file (files on the control node), network ("host", the default for
+# streaming latency, or "bridge"), cuda (the image's CUDA version, checked against
+# nvidia_driver_version), served_name, user (numeric "UID:GID"; default: the service's own account
+# gpufleet-NAME, its own UID), start_timeout.
+# Secrets on the host: llama.cpp reads its API key from a file only the service's account can read,
+# mounted read-only (--api-key-file): it is in no environment and not in `docker inspect`. vLLM and
+# TGI take theirs from the environment (VLLM_API_KEY, API_KEY; no file option), and the hub token
+# goes there too: a root-only --env-file, which puts them in the container's Config.Env, readable
+# through `docker inspect` by root and by members of the docker group (who are root-equivalent).
 inference_services = []
 # Seconds a service may take to answer its readiness endpoints after a (re)start.
 inference_start_timeout = 300

@@ -22,7 +22,6 @@ def _ssh(host):
         "ssh_key": str(_LAB / "id_ed25519"),
         "ssh_known_hosts_file": "/dev/null",
         "ssh_strict_host_key_checking": "no",
-        "lab_address": host["address"],
         "gpufleet_site_address": host["address"],  # lab hosts reach each other on the lab network
     }
 

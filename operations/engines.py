@@ -3,55 +3,97 @@ What gpufleet knows of each inference engine's container: its port, readiness en
 variable, the arguments it takes, and how its command line is made. Pure data and functions.
 """
 
+import difflib
 import re
+from pathlib import Path
 
+from . import systemd_syntax
 from .config import _is_size
 from .docker_images import pinned
 from .errors import ConfigError
 
+CLI_DIR = Path(__file__).resolve().parent / "engine_cli"
 WEIGHTS_MOUNT = "/models"
+# Where an engine that reads its API key from a file finds it (mounted read-only).
+KEY_MOUNT = "/run/secrets/gpufleet-api-key"
+# A container's user when none is given (the deploy gives each service its own account).
+DEFAULT_USER = "65534:65534"
 
 ENGINES = {
     "vllm": {
         "port": 8000,
         "ready": ["/health", "/v1/models"],
         "api_key_env": "VLLM_API_KEY",
+        "api_key_file_flag": None,
         "needs_gpu": True,
-        "flags": {"--max-model-len", "--gpu-memory-utilization", "--tensor-parallel-size", "--dtype",
-                  "--quantization", "--max-num-seqs", "--enable-prefix-caching", "--kv-cache-dtype",
-                  "--trust-remote-code", "--enforce-eager", "--chat-template", "--tool-call-parser",
-                  "--enable-auto-tool-choice", "--seed", "--swap-space"},
+        # No capture of `vllm serve --help` yet (vLLM builds its options from its config classes at run
+        # time and cannot run here): any flag but those gpufleet sets passes; vLLM refuses a wrong
+        # one at start, and the deploy reports the service not ready, naming it.
+        "flags": None,
+        "managed": {"--model": "model", "--served-model-name": "served_name", "--host": "port", "--port": "port",
+                    "--api-key": "api_key_file"},
         "env": {"HOME": "/tmp", "HF_HOME": "/tmp/hf", "HF_HUB_OFFLINE": "1"},
     },
     "tgi": {
-        "port": 80,
+        "port": 3000,  # not the image's 80: the container runs as an unprivileged account
         "ready": ["/health"],
         "api_key_env": "API_KEY",
+        "api_key_file_flag": None,
         "needs_gpu": True,
-        "flags": {"--max-input-tokens", "--max-total-tokens", "--max-batch-prefill-tokens", "--quantize",
-                  "--num-shard", "--dtype", "--max-concurrent-requests", "--trust-remote-code",
-                  "--sharded", "--max-batch-total-tokens"},
+        "flags": "tgi-launcher.flags",
+        # set by gpufleet from the service's fields: refused in args, naming the field
+        "managed": {"--model-id": "model", "--hostname": "port", "--port": "port", "-p": "port",
+                    "--api-key": "api_key_file", "--ngrok": None, "--ngrok-authtoken": None, "--ngrok-edge": None},
         "env": {"HOME": "/tmp", "HF_HOME": "/tmp/hf", "HF_HUB_OFFLINE": "1"},
     },
     "ollama": {
         "port": 11434,
         "ready": ["/api/tags"],
         "api_key_env": None,  # Ollama has no API key: put an authenticating proxy in front of it
+        "api_key_file_flag": None,
         "needs_gpu": False,
-        "flags": set(),
+        "flags": set(),  # `ollama serve` takes no flags: OLLAMA_* variables configure it
+        "managed": {},
         "env": {"HOME": "/tmp"},
     },
     "llamacpp": {
         "port": 8080,
         "ready": ["/health", "/v1/models"],
         "api_key_env": "LLAMA_API_KEY",
+        "api_key_file_flag": "--api-key-file",
         "needs_gpu": False,
-        "flags": {"-c", "--ctx-size", "-ngl", "--n-gpu-layers", "-t", "--threads", "-np", "--parallel",
-                  "-b", "--batch-size", "--flash-attn", "-fa", "--mlock", "--no-mmap", "--cont-batching",
-                  "--jinja", "--chat-template", "-ub", "--ubatch-size", "--temp", "--n-predict", "-n"},
+        "flags": "llama-server.help",
+        "managed": {"-m": "model", "--model": "model", "-a": "served_name", "--alias": "served_name",
+                    "--host": "port", "--port": "port", "--api-key": "api_key_file", "--api-key-file": "api_key_file"},
         "env": {},
     },
 }
+def flags_from_help(text):
+    """The flags a ``--help`` text lists: every ``-x``/``--long`` in the option column of lines that
+    start with a dash (``-c,    --ctx-size N   description`` gives -c and --ctx-size)."""
+    flags = set()
+    for line in text.splitlines():
+        if not line.startswith("-") or line.startswith("---"):
+            continue
+        options = re.split(r"\s{2,}(?=[^-\s])", line, maxsplit=1)[0]
+        for alternative in re.split(r",\s*", options):
+            word = alternative.strip().split(" ")[0]
+            if word.startswith("-"):
+                flags.add(word)
+    return flags
+
+
+def accepted_flags(engine):
+    """What ``engine`` takes: its captured CLI (engine_cli/), the set in its profile, or None (not known)."""
+    flags = ENGINES[engine]["flags"]
+    if flags is None or isinstance(flags, set):
+        return flags
+    text = (CLI_DIR / flags).read_text()
+    if flags.endswith(".help"):
+        return flags_from_help(text)
+    return {line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")}
+
+
 NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,40}")
 FIELDS = {"name", "engine", "image", "model", "port", "gpus", "memory", "shm_size", "args", "api_key_file",
           "hf_token_file", "network", "cuda", "user", "served_name", "start_timeout"}
@@ -99,11 +141,27 @@ def check_service(index, service, host_name=None):
     args = service.get("args", [])
     if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
         _fail(index, "args", "a list of strings", host_name)
+    for field in ("args", "served_name", "model"):
+        values = args if field == "args" else [service.get(field) or ""]
+        if any(isinstance(value, str) and systemd_syntax.has_control_characters(value) for value in values):
+            _fail(index, field, "may not hold control characters (a newline, a tab...): systemd cannot pass them "
+                                "to the engine", host_name)
+    accepted = accepted_flags(service["engine"])
     for arg in args:
         flag = arg.split("=", 1)[0]
-        if flag.startswith("-") and flag not in profile["flags"]:
-            _fail(index, "args", f"{service['engine']} does not take {flag} here (taken: "
-                                 f"{', '.join(sorted(profile['flags'])) or 'none'})", host_name)
+        if not flag.startswith("-") or flag.lstrip("-").replace(".", "").isdigit():
+            continue  # a value (a negative number included)
+        if flag in profile["managed"]:
+            field = profile["managed"][flag]
+            _fail(index, "args", f"{flag} is set by gpufleet" + (f" from the service's {field}" if field else
+                                 ", never from args"), host_name)
+        if accepted is not None and flag not in accepted:
+            close = difflib.get_close_matches(flag, sorted(accepted), n=1)
+            _fail(index, "args", f"{service['engine']} does not take {flag}"
+                                 + (f" (did you mean {close[0]}?)" if close else
+                                    f" (it takes: {', '.join(sorted(accepted)) or 'no flags'})"), host_name)
+    if service.get("user") is not None and not re.fullmatch(r"\d+(:\d+)?", str(service["user"])):
+        _fail(index, "user", "a numeric UID or UID:GID (default: the service's own account, gpufleet-NAME)", host_name)
     if service.get("cuda") is not None and not re.fullmatch(r"\d+\.\d+(\.\d+)?", str(service["cuda"])):
         _fail(index, "cuda", "the CUDA version the image was built for, such as '12.4'", host_name)
 
@@ -117,7 +175,7 @@ def gpu_count(gpus, available):
     return 0 if gpus == "none" else (available if gpus == "all" else len(gpus))
 
 
-def docker_args(service, weights_root, env_file, use_gpus):
+def docker_args(service, weights_root, env_file, use_gpus, user=DEFAULT_USER, key_file=None):
     """The ``docker run`` arguments for a service (pure: unit-tested)."""
     profile = ENGINES[service["engine"]]
     name = f"gpufleet-{service['name']}"
@@ -125,7 +183,7 @@ def docker_args(service, weights_root, env_file, use_gpus):
     gpus = service.get("gpus", "all")
     # Logs: json-file, rotated as daemon.json says (docker_log_max_size / docker_log_max_file).
     args = ["run", "--rm", "--name", name, "--init", "--pull", "never",
-            "--user", service.get("user", "65534:65534"), "--read-only", "--tmpfs", "/tmp:rw,size=1g",
+            "--user", user, "--read-only", "--tmpfs", "/tmp:rw,size=1g",
             "--security-opt", "no-new-privileges", "--cap-drop", "ALL",
             "-v", f"{weights_root}:{WEIGHTS_MOUNT}:ro"]
     if service.get("network", "host") == "host":
@@ -141,16 +199,18 @@ def docker_args(service, weights_root, env_file, use_gpus):
         args += ["--shm-size", shm]
     if env_file:
         args += ["--env-file", env_file]
+    if key_file:
+        args += ["-v", f"{key_file}:{KEY_MOUNT}:ro"]
     for key, value in sorted(profile["env"].items()):
         args += ["-e", f"{key}={value}"]
     if service["engine"] == "ollama":
         args += ["-e", f"OLLAMA_MODELS={WEIGHTS_MOUNT}/{service['model']}",
                  "-e", f"OLLAMA_HOST=0.0.0.0:{listen}"]
     args.append(service["image"])
-    return args + engine_args(service, listen, use_gpus)
+    return args + engine_args(service, listen, use_gpus, key_in_file=key_file is not None)
 
 
-def engine_args(service, listen_port, use_gpus):
+def engine_args(service, listen_port, use_gpus, key_in_file=False):
     model = f"{WEIGHTS_MOUNT}/{service['model']}"
     served = service.get("served_name") or service["name"]
     extra = list(service.get("args", []))
@@ -162,7 +222,9 @@ def engine_args(service, listen_port, use_gpus):
     if engine == "llamacpp":
         layers = [] if any(a.split("=")[0] in ("-ngl", "--n-gpu-layers") for a in extra) else \
             ["--n-gpu-layers", "999" if use_gpus else "0"]
-        return ["-m", model, "--alias", served, "--host", "0.0.0.0", "--port", str(listen_port), *layers, *extra]
+        keyed = ["--api-key-file", KEY_MOUNT] if key_in_file else []
+        return ["-m", model, "--alias", served, "--host", "0.0.0.0", "--port", str(listen_port), *layers, *keyed,
+                *extra]
     return ["serve"] if engine == "ollama" else []
 
 

@@ -12,13 +12,17 @@ from pathlib import Path
 from jinja2 import Template
 from pyinfra import host, logger
 from pyinfra.api import FactBase, deploy
-from pyinfra.operations import files, systemd
+from pyinfra.operations import files, server, systemd
 
 from . import (TEMPLATES, TOOLS_DIR, config, cuda_gate, docker_images, engines, offline, secrets, settings,
-               weights)
+               systemd_syntax, weights)
 from .errors import ConfigError
 
 UNIT_DIR = "/etc/systemd/system"
+# Ids of the services' own accounts (gpufleet-<name>): within Debian's 60000-64999, allocated on
+# demand (its packages' fixed ids sit at 64000 and above), below systemd's DynamicUser range
+# (61184-65519), above login users. The first id no account or group holds is taken, and kept.
+SERVICE_IDS = range(60600, 61184)
 
 
 
@@ -87,8 +91,8 @@ class ServiceReady(FactBase):
         {"ready": False, "reason": "http://127.0.0.1:8080/health not ready after 2 s (Connection refused)"}
     """
 
-    def command(self, urls, env_file, key_var):
-        return (f"GPUFLEET_KEY_FILE={shlex.quote(env_file or '')} GPUFLEET_KEY_VAR={shlex.quote(key_var or '')} "
+    def command(self, urls, key_file, key_var):
+        return (f"GPUFLEET_KEY_FILE={shlex.quote(key_file or '')} GPUFLEET_KEY_VAR={shlex.quote(key_var or '')} "
                 f"{TOOLS_DIR}/gpufleet-wait-ready 2 {' '.join(shlex.quote(u) for u in urls)} 2>&1 "
                 "|| echo __not_ready__")
 
@@ -100,26 +104,95 @@ class ServiceReady(FactBase):
         return {"ready": True, "reason": ""}
 
 
-def unit_text(service, weights_root, env_file, use_gpus, start_timeout):
-    """The systemd unit for ``service`` (pure: unit-tested). ``%`` is escaped for systemd."""
+class ServiceAccounts(FactBase):
+    """
+    Returns the host's accounts and groups by name, with their ids (``/etc/passwd``, ``/etc/group``).
+
+    .. code:: python
+
+        {"users": {"root": 0, "gpufleet-chat": 64100}, "groups": {"root": 0, "gpufleet-chat": 64100}}
+    """
+
+    def command(self):
+        return "cut -d: -f1,3 /etc/passwd; echo --; cut -d: -f1,3 /etc/group"
+
+    def process(self, output):
+        found, table = {"users": {}, "groups": {}}, "users"
+        for line in output:
+            if line == "--":
+                table = "groups"
+            elif ":" in line:
+                name, number = line.rsplit(":", 1)
+                found[table][name] = int(number)
+        return found
+
+
+def account(service):
+    """The host account a service's containers run as: ``gpufleet-<name>`` (own UID and group)."""
+    return f"gpufleet-{service['name']}"
+
+
+def service_ids(services, accounts):
+    """
+    Each service's ``UID:GID`` (pure: unit-tested): its ``user`` setting, or its own account's, which
+    keeps the UID it has; a new account gets the lowest id of SERVICE_IDS that no account or group
+    holds.
+    """
+    taken = set(accounts["users"].values()) | set(accounts["groups"].values())
+    ids = {}
+    for service in services:
+        if service.get("user"):
+            user = str(service["user"])
+            ids[service["name"]] = user if ":" in user else f"{user}:{user}"
+            continue
+        existing = accounts["users"].get(account(service))
+        if existing is None:
+            existing = next(number for number in SERVICE_IDS if number not in taken)
+            taken.add(existing)
+        ids[service["name"]] = f"{existing}:{accounts['groups'].get(account(service), existing)}"
+    return ids
+
+
+def placement(service, secrets_dir):
+    """
+    Where a service's secrets go (pure): the API key in a file only the service's account reads,
+    mounted read-only, when the engine reads its key from a file (llama.cpp ``--api-key-file``), so
+    it is in no environment and not in ``docker inspect``; otherwise in the root-only environment
+    file (``--env-file``), with the Hugging Face token. Readiness reads the key from where it is.
+    """
+    profile = engines.ENGINES[service["engine"]]
+    keyed = bool(service.get("api_key_file"))
+    key_file = posixpath.join(secrets_dir, f"{service['name']}.key") if keyed and profile["api_key_file_flag"] else None
+    in_env = (keyed and not key_file) or bool(service.get("hf_token_file"))
+    env_file = posixpath.join(secrets_dir, f"{service['name']}.env") if in_env else None
+    return {"key_file": key_file, "env_file": env_file,
+            "key_source": key_file or (env_file if keyed else None),
+            "key_var": "" if key_file or not keyed else profile["api_key_env"]}
+
+
+def unit_text(service, weights_root, env_file, use_gpus, start_timeout, user=engines.DEFAULT_USER, key_file=None):
+    """The systemd unit for ``service`` (pure: unit-tested); its words quoted for systemd, not a shell."""
     profile = engines.ENGINES[service["engine"]]
     container = f"gpufleet-{service['name']}"
-    args = engines.docker_args(service, weights_root, env_file, use_gpus)
-    quote = lambda words: " ".join(shlex.quote(w) for w in words).replace("%", "%%").replace("$", "$$")  # noqa: E731
+    args = engines.docker_args(service, weights_root, env_file, use_gpus, user=user, key_file=key_file)
     return Template((TEMPLATES / "inference.service.j2").read_text(), keep_trailing_newline=True).render(
         name=service["name"], engine=service["engine"], model=service["model"],
-        port=engines.port(service), container=container, tools_dir=TOOLS_DIR,
-        env_file=env_file or "", key_var=profile["api_key_env"] or "",
+        port=engines.port(service), container=container, tools_dir=TOOLS_DIR, user=user,
+        key_source=key_file or (env_file if service.get("api_key_file") else "") or "",
+        key_var="" if key_file else profile["api_key_env"] or "", env_file=env_file or "",
         volume_dir=posixpath.join(weights_root, service["model"].split("/")[0]),
-        docker_args=quote(args), ready_urls=quote(engines.ready_urls(service)),
+        docker_args=systemd_syntax.command_line(args),
+        ready_urls=systemd_syntax.command_line(engines.ready_urls(service)),
         start_timeout=int(service.get("start_timeout", start_timeout)),
     )
 
 
-def env_content(service, profile):
+def env_content(service, profile, key_in_file=False):
+    """The environment file's bytes: the API key (unless the engine reads it from its own file) and
+    the Hugging Face token; None when there is neither."""
     lines = []
     for field, variable in (("api_key_file", profile["api_key_env"]), ("hf_token_file", "HF_TOKEN")):
-        if service.get(field):
+        if service.get(field) and not (field == "api_key_file" and key_in_file):
             value = Path(service[field]).read_text().strip()
             lines.append(f"{variable}={value}")
     return ("\n".join(lines) + "\n").encode() if lines else None
@@ -137,7 +210,10 @@ def install_services(services=None, gpus=0, weights_root=None, start_timeout=Non
     + image_ops: image -> the operation that provides it (``install_images``); a service restarts
       when its own image changed
 
-    Returns ``(service, ready fact or None)`` pairs for the summary.
+    Each service's containers run as its own account (``gpufleet-<name>``, its own UID), unless its
+    ``user`` names one.
+
+    Returns ``(service, ready fact or None, where)`` for the summary (``where``: its user and secrets).
     """
     services = host.data.inference_services if services is None else services
     weights_root = weights_root or host.data.inference_weights_root
@@ -153,9 +229,17 @@ def install_services(services=None, gpus=0, weights_root=None, start_timeout=Non
     volumes = weights.stage_volumes(volumes={weights.volume_of(s["model"]) for s in services},
                                     weights_root=weights_root)
 
+    ids = service_ids(services, host.get_fact(ServiceAccounts))
     results = []
     for service in services:
         name, engine = service["name"], service["engine"]
+        user = ids[name]
+        uid, gid = (int(number) for number in user.split(":"))
+        if not service.get("user"):
+            server.group(name=f"Add group {account(service)}", group=account(service), gid=gid, system=True)
+            server.user(name=f"Add account {account(service)} (its containers run as it)", user=account(service),
+                        uid=uid, group=account(service), system=True, shell="/usr/sbin/nologin",
+                        home="/nonexistent", ensure_home=False)
         profile = engines.ENGINES[engine]
         use_gpus = bool(gpus) and service.get("gpus", "all") != "none"
         if profile["needs_gpu"] and not gpus:
@@ -164,21 +248,27 @@ def install_services(services=None, gpus=0, weights_root=None, start_timeout=Non
         elif not gpus and service.get("gpus", "all") != "none":
             logger.warning(f"[{host.name}] {name}: no NVIDIA GPU on this host: {engine} runs on the CPU "
                            "(no --gpus, no layers offloaded)")
-        content = env_content(service, profile)
-        env_file = posixpath.join(secrets_dir, f"{name}.env") if content else None
+        where = {**placement(service, secrets_dir), "user": user}
+        key_file, env_file = where["key_file"], where["env_file"]
+        key_op = secrets.secret_file(
+            name=f"Write {name}'s API key file (its account reads it, nobody else)", dest=key_file,
+            content=Path(service["api_key_file"]).read_text().strip().encode() + b"\n", mode="400",
+            uid=uid, gid=gid) if key_file else None
         env_op = secrets.secret_file(name=f"Write {name}'s secrets (root only)", dest=env_file,
-                                     content=content) if content else None
+                                     content=env_content(service, profile, key_in_file=bool(key_file))) \
+            if env_file else None
         unit_path = f"{UNIT_DIR}/gpufleet-{name}.service"
         unit = files.put(name=f"Install unit gpufleet-{name}.service",
-                         src=StringIO(unit_text(service, weights_root, env_file, use_gpus, start_timeout)),
+                         src=StringIO(unit_text(service, weights_root, env_file, use_gpus, start_timeout, user=user,
+                                                key_file=key_file)),
                          dest=unit_path, mode="644", user="root", group="root")
         systemd.daemon_reload(name=f"Reload systemd for gpufleet-{name}", _if=unit.did_change)
         if profile["needs_gpu"] and not gpus:
-            results.append((service, None))
+            results.append((service, None, where))
             continue
-        ready = host.get_fact(ServiceReady, urls=engines.ready_urls(service), env_file=env_file,
-                              key_var=profile["api_key_env"])
-        changed = [op for op in (unit, env_op, volumes[weights.volume_of(service["model"])],
+        ready = host.get_fact(ServiceReady, urls=engines.ready_urls(service), key_file=where["key_source"],
+                              key_var=where["key_var"])
+        changed = [op for op in (unit, env_op, key_op, volumes[weights.volume_of(service["model"])],
                                  (image_ops or {}).get(service["image"])) if op is not None]
         systemd.service(
             name=f"Restart gpufleet-{name} after its unit, secrets, weights or image changed, or it was not ready",
@@ -187,13 +277,13 @@ def install_services(services=None, gpus=0, weights_root=None, start_timeout=Non
         )
         systemd.service(name=f"Run gpufleet-{name} ({engine}, {service['model']}) and wait until ready",
                         service=f"gpufleet-{name}", running=True, enabled=True)
-        results.append((service, ready))
+        results.append((service, ready, where))
     return results
 
 
 def summary(results):
     """One line per service: what it serves, where, and whether it was ready when checked."""
-    for service, ready in results:
+    for service, ready, _ in results:
         if ready is None:
             state = "not started: needs a GPU"
         elif ready["ready"]:
@@ -204,10 +294,11 @@ def summary(results):
                     f"port {engines.port(service)}: {state}")
 
 
-def intent(service, started):
+def intent(service, started, where):
     """What the checks expect of a service on the host (written to host.json)."""
     profile = engines.ENGINES[service["engine"]]
     return {"name": service["name"], "engine": service["engine"], "model": service["model"],
             "port": engines.port(service), "network": service.get("network", "host"),
             "ready": profile["ready"], "api_key": bool(service.get("api_key_file")),
+            "api_key_at": where["key_source"], "api_key_var": where["key_var"], "user": where["user"],
             "served_name": service.get("served_name") or service["name"], "started": started}

@@ -86,10 +86,11 @@ class HostFunction(FunctionCommand):
         return self.function(state, host, Shell(state, host, connector_arguments), *self.args, **self.kwargs)
 
 
-def write_file_command(dest, mode="600"):
-    """A command that writes its stdin to ``dest`` atomically, created with ``mode`` from the first byte."""
+def write_file_command(dest, mode="600", owner="root:root"):
+    """A command that writes its stdin to ``dest`` atomically, created with ``mode`` from the first byte
+    (``owner``: ``USER:GROUP``, names or numbers)."""
     tmp = shlex.quote(f"{dest}.gpufleet-new")
-    return (f"umask 077 && cat > {tmp} && chmod {mode} {tmp} && chown root:root {tmp} && "
+    return (f"umask 077 && cat > {tmp} && chmod {mode} {tmp} && chown {shlex.quote(owner)} {tmp} && "
             f"mv -f {tmp} {shlex.quote(dest)}")
 
 

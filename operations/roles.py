@@ -11,7 +11,7 @@ Each role returns the part of the host's summary (host.json) it is responsible f
 prefixes an operation's name with its role's: "GPU host | Install NVIDIA driver | ...".
 """
 
-from pyinfra import host
+from pyinfra import host, logger
 from pyinfra.api import deploy
 
 from . import (base, config, containerd_engine, docker_engine, inference, nvidia_driver, nvidia_toolkit,
@@ -30,8 +30,11 @@ GPU_ONLY_STEPS = ["driver module checks", "persistence daemon", "reboot", "/dev/
 
 
 def check_settings():
-    """Refuse bad settings and a login that cannot become root, before any host changes."""
+    """Refuse bad data and a login that cannot become root, before any host changes; warn of unknown groups."""
     config.validate(config.host_settings(host), host.name)
+    for group in config.unknown_groups(host.groups):
+        logger.warning(f"[{host.name}] group {group!r}: gpufleet does not know it and no group_data/{group}.py "
+                       "names it, so it changes nothing for this host (a misspelt group?)")
     remote.require_root(host)
 
 
@@ -110,7 +113,7 @@ def _serving_stack(driver, no_cgroups=False, dev_char_symlinks=None):
     if docker:
         results = inference.install_services(gpus=gpus, image_ops=image_ops)
         inference.summary(results)
-        services = [inference.intent(service, ready is not None) for service, ready in results]
+        services = [inference.intent(service, ready is not None, where) for service, ready, where in results]
     return {"engine": engine, "docker": docker, "services": services,
             "nvidia_toolkit_version": host.data.nvidia_toolkit_version,
             "nvidia_toolkit_check_image": host.data.nvidia_toolkit_check_image}

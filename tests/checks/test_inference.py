@@ -1,5 +1,6 @@
 """Inference services: each unit enabled and running, its port listening, its readiness endpoints
-answering on the host (with the API key from the root-only env file), its secrets out of the unit."""
+answering on the host (with the API key from where host.json says it is), its secrets out of the unit
+(and, when the engine reads its key from a file, out of `docker inspect`)."""
 
 import pytest
 
@@ -10,6 +11,15 @@ def services(host, intent):
     if not started:
         pytest.skip(f"{host.backend.get_hostname()}: no inference service meant to run here")
     return started
+
+
+def read_key(service):
+    """Shell that sets $key to the service's API key, read where host.json says it is (empty without one)."""
+    if not service.get("api_key_at"):
+        return "key="
+    if service["api_key_var"]:
+        return f"key=$(sed -n 's/^{service['api_key_var']}=//p' {service['api_key_at']} 2>/dev/null | head -1)"
+    return f"key=$(head -1 {service['api_key_at']} 2>/dev/null)"
 
 
 def test_units_enabled_and_running(host, services):
@@ -27,8 +37,7 @@ def test_ports_listening(host, services):
 def test_readiness_endpoints_answer(host, services):
     for service in services:
         for path in service["ready"]:
-            env = f"/etc/gpufleet/secrets/{service['name']}.env"
-            check = host.run(f"key=$(cut -d= -f2- {env} 2>/dev/null | head -1); "
+            check = host.run(f"{read_key(service)}; "
                              f"curl -sf -o /dev/null -w '%{{http_code}}' ${{key:+-H \"Authorization: Bearer $key\"}} "
                              f"http://127.0.0.1:{service['port']}{path}")
             assert check.stdout == "200", f"{service['name']} {path}: {check.stdout or check.stderr}"
@@ -45,7 +54,12 @@ def test_secrets_root_only_and_not_in_units(host, services):
     for service in services:
         if not service["api_key"]:
             continue
-        env = host.file(f"/etc/gpufleet/secrets/{service['name']}.env")
-        assert (env.mode, env.user) == (0o600, "root")
-        secret = env.content_string.split("=", 1)[1].strip()
-        assert secret not in host.file(f"/etc/systemd/system/gpufleet-{service['name']}.service").content_string
+        stored = host.file(service["api_key_at"])
+        if service["api_key_var"]:  # the root-only environment file
+            assert (stored.mode, stored.user) == (0o600, "root")
+        else:  # a key file only the service's own account reads (mounted read-only)
+            assert stored.mode == 0o400 and stored.uid == int(service["user"].split(":")[0])
+        secret = host.run(f"{read_key(service)}; printf %s \"$key\"").stdout
+        assert secret and secret not in host.file(f"/etc/systemd/system/gpufleet-{service['name']}.service").content_string
+        if not service["api_key_var"]:  # in no environment: not in docker inspect either
+            assert secret not in host.run(f"docker inspect gpufleet-{service['name']}").stdout, service["name"]

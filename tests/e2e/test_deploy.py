@@ -54,6 +54,13 @@ def test_typo_in_settings_stops_before_any_host_changes(second_deploy, lab):
     assert lab_hosts.ssh(lab["lab-1"], "stat -c %Y /etc/gpufleet/host.json").stdout == before
 
 
+def test_a_misspelt_key_without_a_known_prefix_stops_the_run_too(second_deploy):
+    result = run_deploy("--data", "infrence_services=[]", "--limit", "lab-1")
+    assert result.rc != 0
+    assert "infrence_services: unknown setting (did you mean 'inference_services'?)" in result.output
+    assert "Starting operation" not in result.output
+
+
 def test_bad_value_names_the_field(second_deploy):
     result = run_deploy("--data", "docker_log_max_size=lots")
     assert result.rc != 0

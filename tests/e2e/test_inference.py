@@ -44,23 +44,26 @@ def test_request_without_or_with_wrong_key_is_refused(second_deploy):
                        "http://127.0.0.1:8080/v1/models").stdout == "401"
 
 
-def test_api_key_only_in_the_root_only_env_file(second_deploy, lab_host):
+def test_api_key_only_in_the_services_own_key_file(second_deploy, lab_host):
     key = KEY.read_text().strip()
     host = lab_host("lab-1")
-    env = host.file("/etc/gpufleet/secrets/chat.env")
-    assert (env.mode, env.user, env.group) == (0o600, "root", "root")
-    assert env.content_string == f"LLAMA_API_KEY={key}\n"
+    key_file = host.file("/etc/gpufleet/secrets/chat.key")
+    assert (key_file.mode, key_file.user, key_file.group) == (0o400, "gpufleet-chat", "gpufleet-chat")
+    assert key_file.content_string == f"{key}\n"
     assert host.file("/etc/gpufleet/secrets").mode == 0o700
+    assert not host.file("/etc/gpufleet/secrets/chat.env").exists  # llama.cpp reads its key from the file
     unit = host.file("/etc/systemd/system/gpufleet-chat.service").content_string
-    assert "--env-file /etc/gpufleet/secrets/chat.env" in unit and key not in unit
+    assert ("-v /etc/gpufleet/secrets/chat.key:/run/secrets/gpufleet-api-key:ro" in unit
+            and "--api-key-file /run/secrets/gpufleet-api-key" in unit and key not in unit)
     # The key goes in on stdin into a 0600 pattern file, so no command line (not even grep's) holds it.
     everywhere = sh("lab-1", "umask 077; p=$(mktemp); cat > $p; "
                              "for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $f 2>/dev/null; echo; done | grep -F -c -f $p; "
                              "journalctl --no-pager -u gpufleet-chat -u docker | grep -F -c -f $p; "
                              "docker logs gpufleet-chat 2>&1 | grep -F -c -f $p; "
-                             "grep -F -c -f $p /etc/gpufleet/secrets/chat.env; rm -f $p", input=key + "\n").stdout.split()
-    # No process's command line, no journal, no container log; only the env file.
-    assert everywhere == ["0", "0", "0", "1"]
+                             "docker inspect gpufleet-chat | grep -F -c -f $p; "
+                             "grep -F -c -f $p /etc/gpufleet/secrets/chat.key; rm -f $p", input=key + "\n").stdout.split()
+    # No process's command line, no journal, no container log, not in docker inspect; only the key file.
+    assert everywhere == ["0", "0", "0", "0", "1"]
 
 
 def test_weights_read_only_and_mounted_ro(second_deploy, lab_host):
@@ -68,9 +71,14 @@ def test_weights_read_only_and_mounted_ro(second_deploy, lab_host):
     model = host.file("/srv/gpufleet/weights/tiny/tiny.gguf")
     assert (model.mode, model.user) == (0o444, "root")
     mounts = json.loads(sh("lab-1", "docker inspect -f '{{json .Mounts}}' gpufleet-chat").stdout)
-    assert [(m["Source"], m["Destination"], m["RW"]) for m in mounts] == [("/srv/gpufleet/weights", "/models", False)]
+    assert sorted((m["Source"], m["Destination"], m["RW"]) for m in mounts) == [
+        ("/etc/gpufleet/secrets/chat.key", "/run/secrets/gpufleet-api-key", False),
+        ("/srv/gpufleet/weights", "/models", False)]
     config = json.loads(sh("lab-1", "docker inspect -f '{{json .Config}}' gpufleet-chat").stdout)
-    assert config["User"] == "65534:65534"
+    # The service's own account: its own UID, no login, no home; not root and not the shared nobody.
+    account = sh("lab-1", "getent passwd gpufleet-chat").stdout.strip().split(":")
+    assert config["User"] == f"{account[2]}:{account[3]}" and 60600 <= int(account[2]) < 61184
+    assert account[5:] == ["/nonexistent", "/usr/sbin/nologin"]
     host_config = json.loads(sh("lab-1", "docker inspect -f '{{json .HostConfig}}' gpufleet-chat").stdout)
     assert host_config["NetworkMode"] == "host"
     assert host_config["Memory"] == 1 << 30
@@ -122,4 +130,25 @@ def test_gpu_engine_units_verify_with_systemd(second_deploy, engine):
     sh("lab-1", f"cat > {path}", input=unit)
     verify = sh("lab-1", f"systemd-analyze verify {path} 2>&1; echo rc=$?")
     assert verify.stdout.strip().endswith("rc=0"), verify.stdout
-    assert "--gpus '\"device=0\"'" in unit and "--pull never" in unit
+    assert '--gpus "\\"device=0\\""' in unit and "--pull never" in unit
+
+
+def test_systemd_reads_back_exactly_the_words_gpufleet_writes(lab):
+    """The quoting of engine arguments, round-tripped through a real systemd: a oneshot unit written
+    with gpufleet's quoting runs a program that saves its argv, NUL-separated; it must be the words."""
+    from operations import systemd_syntax
+    from tests.unit.test_systemd_syntax import HARD
+
+    program = "import sys; open('/run/gpufleet-argv', 'wb').write(b'\\0'.join(a.encode() for a in sys.argv[1:]))"
+    unit = ("[Unit]\nDescription=gpufleet quoting round trip\n[Service]\nType=oneshot\n"
+            f"ExecStart={systemd_syntax.command_line(['/usr/bin/python3', '-c', program, *HARD])}\n")
+    path = "/etc/systemd/system/gpufleet-quoting.service"
+    try:
+        written = sh("lab-1", f"cat > {path} && systemd-analyze verify {path} && systemctl daemon-reload && "
+                              "systemctl start gpufleet-quoting.service && cat /run/gpufleet-argv", input=unit)
+        assert written.returncode == 0, written.stderr
+        assert written.stdout.split("\0") == HARD
+        shown = sh("lab-1", "systemctl show -p ExecStart --value gpufleet-quoting.service").stdout
+        assert "argv[]=/usr/bin/python3 -c" in shown
+    finally:
+        sh("lab-1", f"rm -f {path} /run/gpufleet-argv && systemctl daemon-reload")

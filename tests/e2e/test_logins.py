@@ -30,9 +30,9 @@ def test_root_cannot_log_in_and_the_sudo_user_deployed_everything(second_deploy,
     # The deploy went through sudo: the service it installed runs from what it staged as root-owned files.
     record = json.loads(sh(name, "cat /etc/gpufleet/host.json").stdout)
     assert [s["name"] for s in record["services"]] == ["chat"]
-    assert sh(name, "stat -c '%U %a' /etc/gpufleet/secrets/chat.env /srv/gpufleet/weights/tiny/tiny.gguf"
+    assert sh(name, "stat -c '%U %a' /etc/gpufleet/secrets/chat.key /srv/gpufleet/weights/tiny/tiny.gguf"
                     " /srv/gpufleet/weights/tiny/.gpufleet-staged.json").stdout.split("\n")[:3] == [
-        "root 600", "root 444", "root 644"]
+        "gpufleet-chat 400", "root 444", "root 644"]
     assert sh(name, "systemctl is-active gpufleet-chat").stdout.strip() == "active"
 
 
@@ -66,7 +66,7 @@ def test_password_sudo_restages_and_rewrites_secrets(second_deploy, lab):
     """A login whose sudo asks for its password: staging stream, record and secret go through it."""
     login = ("--limit", "lab-2", "--data", f"ssh_user={lab_hosts.PASSWORD_SUDO_USER}", "--data", "_sudo=True",
              "--data", f"_sudo_password={lab_hosts.sudo_password()}")
-    sh("lab-2", "rm -f /srv/gpufleet/weights/tiny/tiny.gguf /etc/gpufleet/secrets/chat.env")
+    sh("lab-2", "rm -f /srv/gpufleet/weights/tiny/tiny.gguf /etc/gpufleet/secrets/chat.key")
     repaired = run_deploy(*login)
     assert repaired.rc == 0, repaired.output[-3000:]
     assert re.search(r"\[lab-2\] staged 1 file\(s\), \d+ bytes sent, into /srv/gpufleet/weights/tiny", repaired.output)
@@ -74,6 +74,7 @@ def test_password_sudo_restages_and_rewrites_secrets(second_deploy, lab):
     manifest = json.loads((BUNDLE / "manifest.json").read_text())
     assert sh("lab-2", "sha256sum /srv/gpufleet/weights/tiny/tiny.gguf").stdout.split()[0] == \
         manifest["files"]["weights/tiny/tiny.gguf"]["sha256"]
-    assert sh("lab-2", "stat -c '%U %G %a' /etc/gpufleet/secrets/chat.env").stdout.strip() == "root root 600"
+    assert sh("lab-2", "stat -c '%U %G %a' /etc/gpufleet/secrets/chat.key").stdout.strip() == \
+        "gpufleet-chat gpufleet-chat 400"
     again = run_deploy(*login)
     assert again.rc == 0 and again.total_changed() == 0, again.changed()

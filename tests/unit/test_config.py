@@ -54,5 +54,36 @@ def test_malformed_value_names_the_field(field, value):
         config.validate({field: value})
 
 
-def test_unrelated_data_is_left_alone():
-    config.validate({"ssh_port": 22, "lab_address": "172.18.0.2"})
+def test_pyinfra_keys_are_known_and_a_key_nobody_knows_is_refused_whatever_its_prefix():
+    config.validate({"ssh_port": 22, "ssh_user": "ops", "_sudo": True, "_sudo_password": "x",
+                     "ssh_paramiko_connect_kwargs": {}, "docker_identifier": "abc"})
+    with pytest.raises(ConfigError, match=r"web1: infrence_services: unknown setting \(did you mean 'inference_services'\?\)"):
+        config.validate({"infrence_services": []}, host_name="web1")
+    with pytest.raises(ConfigError, match=r"^rack_position: unknown setting; data your own deploys read goes in "
+                                          "gpufleet_other_data"):
+        config.validate({"rack_position": "B4"})
+
+
+def test_data_of_your_own_deploys_is_left_alone_once_named():
+    config.validate({"rack_position": "B4", "gpufleet_other_data": ["rack_position"]})
+
+
+def test_private_helpers_of_group_data_files_pass_and_a_misspelt_pyinfra_argument_does_not():
+    config.validate({"_LAB": "/srv/lab", "_helper_path": "x"})
+    with pytest.raises(ConfigError, match=r"^_sudoo: unknown pyinfra argument \(did you mean '_sudo'\?\)"):
+        config.validate({"_sudoo": True})
+
+
+def test_none_is_refused_where_a_value_is_required_and_allowed_where_none_is_the_default():
+    with pytest.raises(ConfigError, match=r"^nvidia_driver_version: is required"):
+        config.validate({"nvidia_driver_version": None})
+    with pytest.raises(ConfigError, match=r"^inference_services: is required"):
+        config.validate({"inference_services": None})
+    config.validate({"proxmox_host": None, "gpufleet_bundle": None, "inference_hf_endpoint": None})
+
+
+def test_groups_gpufleet_does_not_know_and_no_group_data_names_are_listed(tmp_path):
+    (tmp_path / "airgapped.py").write_text("gpufleet_offline = True\n")
+    assert config.unknown_groups({"all", "gpu_hosts", "airgapped", "gpu_host", "rack_b"}, tmp_path) == \
+        ["gpu_host", "rack_b"]
+    assert config.unknown_groups({"gpu_hosts", "lxc_guests", "proxmox_hosts", "airgapped", "lab"}) == []

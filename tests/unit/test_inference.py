@@ -78,3 +78,49 @@ def test_staged_files_fact_parses_find_output():
                            "--record--", '{"tiny.gguf": [474656, 1795430738, "ab"]}'])
     assert parsed == {"files": {"tiny.gguf": [474656, 1795430738]}, "parts": {"x/y.tar": 4096},
                       "record": {"tiny.gguf": [474656, 1795430738, "ab"]}}
+
+
+def test_each_service_gets_its_own_account_id_kept_across_runs_and_user_overrides_it():
+    accounts = {"users": {"root": 0, "nobody": 65534, "gpufleet-old": 60600},
+                "groups": {"root": 0, "gpufleet-old": 60600, "ops": 60601}}
+    services = [{"name": "chat"}, {"name": "old"}, {"name": "embed"}, {"name": "mine", "user": "1000:1001"},
+                {"name": "bare", "user": 2000}]
+    ids = inference.service_ids(services, accounts)
+    assert ids == {"chat": "60602:60602", "old": "60600:60600", "embed": "60603:60603", "mine": "1000:1001",
+                   "bare": "2000:2000"}
+    created = {"users": {**accounts["users"], "gpufleet-chat": 60602, "gpufleet-embed": 60603},
+               "groups": {**accounts["groups"], "gpufleet-chat": 60602, "gpufleet-embed": 60603}}
+    assert inference.service_ids(services, created) == ids  # a second run keeps every id
+
+
+def test_llamacpp_key_goes_in_its_own_file_mounted_read_only_and_out_of_the_environment(tmp_path):
+    key = tmp_path / "key"
+    key.write_text("s3cret\n")
+    keyed = {**SERVICE, "api_key_file": str(key)}
+    where = inference.placement(keyed, "/etc/gpufleet/secrets")
+    assert where == {"key_file": "/etc/gpufleet/secrets/chat.key", "env_file": None,
+                     "key_source": "/etc/gpufleet/secrets/chat.key", "key_var": ""}
+    args = engines.docker_args(keyed, "/srv/w", None, False, user="60600:60600", key_file=where["key_file"])
+    assert args[args.index("--user") + 1] == "60600:60600"
+    assert "/etc/gpufleet/secrets/chat.key:/run/secrets/gpufleet-api-key:ro" in args
+    assert args[args.index("--api-key-file") + 1] == "/run/secrets/gpufleet-api-key"
+    assert "--env-file" not in args and not any("s3cret" in arg for arg in args)
+    assert inference.env_content(keyed, engines.ENGINES["llamacpp"], key_in_file=True) is None
+    # vLLM and TGI read their key from the environment only: the root-only env file.
+    vllm = inference.placement({**keyed, "engine": "vllm"}, "/etc/gpufleet/secrets")
+    assert vllm == {"key_file": None, "env_file": "/etc/gpufleet/secrets/chat.env",
+                    "key_source": "/etc/gpufleet/secrets/chat.env", "key_var": "VLLM_API_KEY"}
+    unit = inference.unit_text(keyed, "/srv/w", None, False, 300, user="60600:60600", key_file=where["key_file"])
+    assert "Environment=GPUFLEET_KEY_FILE=/etc/gpufleet/secrets/chat.key GPUFLEET_KEY_VAR=\n" in unit
+
+
+def test_service_user_must_be_numeric():
+    with pytest.raises(ConfigError, match=r"inference_services\[0\]\.user: a numeric UID"):
+        engines.check_service(0, {**SERVICE, "user": "nobody"})
+    engines.check_service(0, {**SERVICE, "user": "1000:1000"})
+
+
+def test_service_accounts_fact_reads_passwd_and_group():
+    fact = inference.ServiceAccounts()
+    assert fact.process(["root:0", "gpufleet-chat:60600", "--", "root:0", "gpufleet-chat:60600", "docker:998"]) == \
+        {"users": {"root": 0, "gpufleet-chat": 60600}, "groups": {"root": 0, "gpufleet-chat": 60600, "docker": 998}}
