@@ -16,6 +16,7 @@ _data = {
     **({"_sudo": True} if _HOST["user"] != "root" else {}),
     "ssh_key": str(_LAB / "id_ed25519"), "ssh_known_hosts_file": "/dev/null",
     "ssh_strict_host_key_checking": "no",
+    "inference_listen": "0.0.0.0",  # the latency bench reaches the services from the control node (keyed)
     "inference_services": [{**_SERVICE, "name": "chat-host", "port": 8080, "network": "host"},
                            {**_SERVICE, "name": "chat-bridge", "port": 8081, "network": "bridge"}],
 }

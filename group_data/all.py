@@ -122,6 +122,12 @@ gpufleet_bundle_signers = None
 # goes there too: a root-only --env-file, which puts them in the container's Config.Env, readable
 # through `docker inspect` by root and by members of the docker group (who are root-equivalent).
 inference_services = []
+# The address services listen on (a service's own "listen" wins): 127.0.0.1, this host only (put
+# a proxy or an SSH tunnel in front), an address of the host, or 0.0.0.0 for all of them. A service
+# without an API key (Ollama never has one) is refused on any address but loopback, unless
+# inference_expose_unauthenticated is True: your choice, named.
+inference_listen = "127.0.0.1"
+inference_expose_unauthenticated = False
 # Seconds a service may take to answer its readiness endpoints after a (re)start.
 inference_start_timeout = 300
 # Images: one the offline bundle carries is loaded from it; any other is pulled from its registry by

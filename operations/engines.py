@@ -4,6 +4,7 @@ variable, the arguments it takes, and how its command line is made. Pure data an
 """
 
 import difflib
+import ipaddress
 import re
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from .errors import ConfigError
 
 CLI_DIR = Path(__file__).resolve().parent / "engine_cli"
 WEIGHTS_MOUNT = "/models"
+# Where a service listens unless inference_listen (or its own listen) says otherwise: this host only.
+LOOPBACK = "127.0.0.1"
 # Where an engine that reads its API key from a file finds it (mounted read-only).
 KEY_MOUNT = "/run/secrets/gpufleet-api-key"
 # A container's user when none is given (the deploy gives each service its own account).
@@ -96,7 +99,19 @@ def accepted_flags(engine):
 
 NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,40}")
 FIELDS = {"name", "engine", "image", "model", "port", "gpus", "memory", "shm_size", "args", "api_key_file",
-          "hf_token_file", "network", "cuda", "user", "served_name", "start_timeout"}
+          "hf_token_file", "network", "cuda", "user", "served_name", "start_timeout", "listen"}
+
+
+def is_address(value):
+    try:
+        ipaddress.ip_address(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def is_loopback(address):
+    return ipaddress.ip_address(address).is_loopback
 
 
 def _fail(index, field, message, host_name):
@@ -132,6 +147,8 @@ def check_service(index, service, host_name=None):
     for field in ("memory", "shm_size"):
         if service.get(field) is not None and not _is_size(service[field]):
             _fail(index, field, "a size such as '16g' (k, m or g)", host_name)
+    if service.get("listen") is not None and not is_address(service["listen"]):
+        _fail(index, "listen", "an IP address of the host (127.0.0.1, 10.0.0.5, 0.0.0.0 for all)", host_name)
     if service.get("network", "host") not in ("host", "bridge"):
         _fail(index, "network", "'host' (default: lowest streaming latency) or 'bridge'", host_name)
     profile = ENGINES[service["engine"]]
@@ -171,6 +188,21 @@ def port(service):
     return service.get("port") or ENGINES[service["engine"]]["port"]
 
 
+def listen(service):
+    """The host address a service listens on (inference_listen, resolved into the service by the deploy)."""
+    return service.get("listen") or LOOPBACK
+
+
+def _url_host(address):
+    return f"[{address}]" if ":" in address else address
+
+
+def probe_address(service):
+    """Where the host itself reaches the service: its address, or loopback when it listens on all."""
+    address = listen(service)
+    return LOOPBACK if address in ("0.0.0.0", "::") else address
+
+
 def gpu_count(gpus, available):
     return 0 if gpus == "none" else (available if gpus == "all" else len(gpus))
 
@@ -179,17 +211,19 @@ def docker_args(service, weights_root, env_file, use_gpus, user=DEFAULT_USER, ke
     """The ``docker run`` arguments for a service (pure: unit-tested)."""
     profile = ENGINES[service["engine"]]
     name = f"gpufleet-{service['name']}"
-    listen = port(service)
+    listen_port = port(service)
+    bind = listen(service) if service.get("network", "host") == "host" else "0.0.0.0"
     gpus = service.get("gpus", "all")
     # Logs: json-file, rotated as daemon.json says (docker_log_max_size / docker_log_max_file).
     args = ["run", "--rm", "--name", name, "--init", "--pull", "never",
             "--user", user, "--read-only", "--tmpfs", "/tmp:rw,size=1g",
             "--security-opt", "no-new-privileges", "--cap-drop", "ALL",
             "-v", f"{weights_root}:{WEIGHTS_MOUNT}:ro"]
-    if service.get("network", "host") == "host":
+    host_network = service.get("network", "host") == "host"
+    if host_network:
         args += ["--network", "host"]
-    else:
-        args += ["-p", f"{listen}:{listen}"]
+    else:  # published on the listen address only; the engine listens on the container's own
+        args += ["-p", f"{_url_host(listen(service))}:{listen_port}:{listen_port}"]
     if use_gpus:
         args += ["--gpus", "all" if gpus == "all" else '"device=' + ",".join(str(g) for g in gpus) + '"']
     if service.get("memory"):
@@ -205,28 +239,29 @@ def docker_args(service, weights_root, env_file, use_gpus, user=DEFAULT_USER, ke
         args += ["-e", f"{key}={value}"]
     if service["engine"] == "ollama":
         args += ["-e", f"OLLAMA_MODELS={WEIGHTS_MOUNT}/{service['model']}",
-                 "-e", f"OLLAMA_HOST=0.0.0.0:{listen}"]
+                 "-e", f"OLLAMA_HOST={_url_host(bind)}:{listen_port}"]
     args.append(service["image"])
-    return args + engine_args(service, listen, use_gpus, key_in_file=key_file is not None)
+    return args + engine_args(service, listen_port, use_gpus, key_in_file=key_file is not None, bind=bind)
 
 
-def engine_args(service, listen_port, use_gpus, key_in_file=False):
+def engine_args(service, listen_port, use_gpus, key_in_file=False, bind=LOOPBACK):
     model = f"{WEIGHTS_MOUNT}/{service['model']}"
     served = service.get("served_name") or service["name"]
     extra = list(service.get("args", []))
     engine = service["engine"]
     if engine == "vllm":
-        return ["--model", model, "--served-model-name", served, "--host", "0.0.0.0", "--port", str(listen_port), *extra]
+        return ["--model", model, "--served-model-name", served, "--host", bind, "--port", str(listen_port), *extra]
     if engine == "tgi":
-        return ["--model-id", model, "--hostname", "0.0.0.0", "--port", str(listen_port), *extra]
+        return ["--model-id", model, "--hostname", bind, "--port", str(listen_port), *extra]
     if engine == "llamacpp":
         layers = [] if any(a.split("=")[0] in ("-ngl", "--n-gpu-layers") for a in extra) else \
             ["--n-gpu-layers", "999" if use_gpus else "0"]
         keyed = ["--api-key-file", KEY_MOUNT] if key_in_file else []
-        return ["-m", model, "--alias", served, "--host", "0.0.0.0", "--port", str(listen_port), *layers, *keyed,
+        return ["-m", model, "--alias", served, "--host", bind, "--port", str(listen_port), *layers, *keyed,
                 *extra]
     return ["serve"] if engine == "ollama" else []
 
 
 def ready_urls(service):
-    return [f"http://127.0.0.1:{port(service)}{path}" for path in ENGINES[service["engine"]]["ready"]]
+    return [f"http://{_url_host(probe_address(service))}:{port(service)}{path}"
+            for path in ENGINES[service["engine"]]["ready"]]

@@ -33,6 +33,16 @@ def _check(data, host_name):
     names, ports = set(), set()
     for index, service in enumerate(services):
         engines.check_service(index, service, host_name)
+        address = service.get("listen") or data.get("inference_listen") or engines.LOOPBACK
+        if (not engines.is_loopback(address) and not service.get("api_key_file")
+                and not data.get("inference_expose_unauthenticated")):
+            field = f"inference_services[{index}].listen" if service.get("listen") else "inference_listen"
+            unkeyed = ("has no API key (Ollama cannot have one)" if not engines.ENGINES[service["engine"]]["api_key_env"]
+                       else "has no api_key_file")
+            raise ConfigError(field, f"{address}: service {service['name']} {unkeyed}, so anyone reaching {address}:"
+                              f"{engines.port(service)} could use it. Keep it on 127.0.0.1 (put an authenticating "
+                              "proxy in front), give it an api_key_file, or set inference_expose_unauthenticated "
+                              "= True", host=host_name)
         port = engines.port(service)
         if service["name"] in names:
             raise ConfigError(f"inference_services[{index}].name", f"{service['name']!r} is used twice", host=host_name)
@@ -57,6 +67,8 @@ config.register({
     "inference_services": (lambda v: isinstance(v, list), "a list of services (see group_data/all.py)"),
     "inference_start_timeout": (config._is_positive_int, "seconds, above 0"),
     "inference_image_follow_tag": (config._is_bool, "true or false"),
+    "inference_listen": (engines.is_address, "an IP address of the host (127.0.0.1, 10.0.0.5, 0.0.0.0 for all)"),
+    "inference_expose_unauthenticated": (config._is_bool, "true or false"),
 }, cross_check=_check)
 
 
@@ -216,6 +228,7 @@ def install_services(services=None, gpus=0, weights_root=None, start_timeout=Non
     Returns ``(service, ready fact or None, where)`` for the summary (``where``: its user and secrets).
     """
     services = host.data.inference_services if services is None else services
+    services = [{**service, "listen": service.get("listen") or host.data.inference_listen} for service in services]
     weights_root = weights_root or host.data.inference_weights_root
     start_timeout = start_timeout or host.data.inference_start_timeout
     secrets_dir = posixpath.join(host.data.gpufleet_config_dir, "secrets")
@@ -291,14 +304,14 @@ def summary(results):
         else:
             state = f"not ready before this run ({ready['reason']}): started; its unit waits until ready"
         logger.info(f"[{host.name}] service {service['name']}: {service['engine']} {service['model']} "
-                    f"port {engines.port(service)}: {state}")
+                    f"on {engines.listen(service)}:{engines.port(service)}: {state}")
 
 
 def intent(service, started, where):
     """What the checks expect of a service on the host (written to host.json)."""
     profile = engines.ENGINES[service["engine"]]
     return {"name": service["name"], "engine": service["engine"], "model": service["model"],
-            "port": engines.port(service), "network": service.get("network", "host"),
+            "port": engines.port(service), "listen": engines.listen(service), "network": service.get("network", "host"),
             "ready": profile["ready"], "api_key": bool(service.get("api_key_file")),
             "api_key_at": where["key_source"], "api_key_var": where["key_var"], "user": where["user"],
             "served_name": service.get("served_name") or service["name"], "started": started}

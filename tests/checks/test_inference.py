@@ -13,6 +13,12 @@ def services(host, intent):
     return started
 
 
+def probe(service):
+    """Where the host reaches the service: the address it listens on, or loopback when that is all of them."""
+    address = service.get("listen", "0.0.0.0")
+    return "127.0.0.1" if address in ("0.0.0.0", "::") else address
+
+
 def read_key(service):
     """Shell that sets $key to the service's API key, read where host.json says it is (empty without one)."""
     if not service.get("api_key_at"):
@@ -31,7 +37,7 @@ def test_units_enabled_and_running(host, services):
 
 def test_ports_listening(host, services):
     for service in services:
-        assert host.socket(f"tcp://0.0.0.0:{service['port']}").is_listening, service["name"]
+        assert host.socket(f"tcp://{service.get('listen', '0.0.0.0')}:{service['port']}").is_listening, service["name"]
 
 
 def test_readiness_endpoints_answer(host, services):
@@ -39,14 +45,14 @@ def test_readiness_endpoints_answer(host, services):
         for path in service["ready"]:
             check = host.run(f"{read_key(service)}; "
                              f"curl -sf -o /dev/null -w '%{{http_code}}' ${{key:+-H \"Authorization: Bearer $key\"}} "
-                             f"http://127.0.0.1:{service['port']}{path}")
+                             f"http://{probe(service)}:{service['port']}{path}")
             assert check.stdout == "200", f"{service['name']} {path}: {check.stdout or check.stderr}"
 
 
 def test_keyed_services_refuse_requests_without_key(host, services):
     for service in services:
         if service["api_key"] and "/v1/models" in service["ready"]:
-            code = host.run(f"curl -s -o /dev/null -w '%{{http_code}}' http://127.0.0.1:{service['port']}/v1/models")
+            code = host.run(f"curl -s -o /dev/null -w '%{{http_code}}' http://{probe(service)}:{service['port']}/v1/models")
             assert code.stdout == "401", service["name"]
 
 

@@ -23,7 +23,8 @@ def test_service_enabled_active_and_listening(second_deploy, lab_host, name):
     host = lab_host(name)
     assert host.service("gpufleet-chat").is_enabled
     assert host.service("gpufleet-chat").is_running
-    assert host.socket("tcp://0.0.0.0:8080").is_listening
+    # inference_listen's default: this host only
+    assert host.socket("tcp://127.0.0.1:8080").is_listening and not host.socket("tcp://0.0.0.0:8080").is_listening
 
 
 @pytest.mark.parametrize("name", HOSTS)
@@ -152,3 +153,11 @@ def test_systemd_reads_back_exactly_the_words_gpufleet_writes(lab):
         assert "argv[]=/usr/bin/python3 -c" in shown
     finally:
         sh("lab-1", f"rm -f {path} /run/gpufleet-argv && systemctl daemon-reload")
+
+
+def test_a_service_on_loopback_does_not_answer_another_host(second_deploy, lab):
+    """The default inference_listen (127.0.0.1): lab-2 cannot reach lab-1's service; lab-1 itself can."""
+    address = lab["lab-1"]["address"]
+    from_lab_2 = sh("lab-2", f"curl -s -o /dev/null -m 5 -w '%{{http_code}}' http://{address}:8080/health; echo \" rc=$?\"")
+    assert from_lab_2.stdout.strip() == "000 rc=7", from_lab_2.stdout  # 7: connection refused
+    assert sh("lab-1", "curl -s -o /dev/null -m 5 -w '%{http_code}' http://127.0.0.1:8080/health").stdout == "200"

@@ -43,7 +43,8 @@ def test_docker_args_host_network_gpu_selection_no_secret():
     assert "/srv/w:/models:ro" in args and "--user" in args and "--memory" in args
     assert args[args.index("--n-gpu-layers") + 1] == "999"
     cpu = engines.docker_args({**SERVICE, "network": "bridge", "port": 9000}, "/srv/w", None, False)
-    assert "--gpus" not in cpu and "--env-file" not in cpu and "9000:9000" in cpu
+    assert "--gpus" not in cpu and "--env-file" not in cpu and "127.0.0.1:9000:9000" in cpu
+    assert cpu[cpu.index("--host") + 1] == "0.0.0.0"  # inside its own network namespace, published on loopback
     assert cpu[cpu.index("--n-gpu-layers") + 1] == "0"
 
 
@@ -124,3 +125,30 @@ def test_service_accounts_fact_reads_passwd_and_group():
     fact = inference.ServiceAccounts()
     assert fact.process(["root:0", "gpufleet-chat:60600", "--", "root:0", "gpufleet-chat:60600", "docker:998"]) == \
         {"users": {"root": 0, "gpufleet-chat": 60600}, "groups": {"root": 0, "gpufleet-chat": 60600, "docker": 998}}
+
+
+def test_services_listen_on_loopback_unless_told_and_are_probed_where_they_listen():
+    args = engines.docker_args(SERVICE, "/srv/w", None, False)
+    assert args[args.index("--host") + 1] == "127.0.0.1"
+    assert engines.ready_urls(SERVICE) == ["http://127.0.0.1:8080/health", "http://127.0.0.1:8080/v1/models"]
+    lan = {**SERVICE, "listen": "10.0.0.5"}
+    assert engines.docker_args(lan, "/srv/w", None, False)[-len(engines.engine_args(lan, 8080, False, bind="10.0.0.5")):] \
+        == engines.engine_args(lan, 8080, False, bind="10.0.0.5")
+    assert engines.ready_urls(lan)[0] == "http://10.0.0.5:8080/health"
+    assert engines.ready_urls({**SERVICE, "listen": "0.0.0.0"})[0] == "http://127.0.0.1:8080/health"
+    ollama = engines.docker_args({**SERVICE, "engine": "ollama", "listen": "::1", "network": "bridge"}, "/w", None, False)
+    assert "[::1]:11434:11434" in ollama and "OLLAMA_HOST=0.0.0.0:11434" in ollama
+
+
+@pytest.mark.parametrize("service, data, field", [
+    ({**SERVICE, "engine": "ollama", "args": []}, {"inference_listen": "0.0.0.0"}, "inference_listen"),
+    ({**SERVICE, "listen": "10.0.0.5"}, {}, r"inference_services\[0\]\.listen"),
+])
+def test_a_service_without_a_key_is_not_exposed_beyond_loopback_unless_asked(service, data, field, tmp_path):
+    (tmp_path / "tiny.gguf").write_bytes(b"GGUF")
+    data = {**data, "inference_services": [service], "inference_weight_volumes": {"tiny": {"from": str(tmp_path)}}}
+    with pytest.raises(ConfigError, match=rf"^{field}: .*no (API key|api_key_file).*inference_expose_unauthenticated"):
+        inference._check(data, None)
+    inference._check({**data, "inference_expose_unauthenticated": True}, None)
+    inference._check({**data, "inference_listen": "127.0.0.1", "inference_services": [
+        {key: value for key, value in service.items() if key != "listen"}]}, None)  # loopback: fine
