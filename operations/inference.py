@@ -15,7 +15,7 @@ from pyinfra.api import FactBase, deploy
 from pyinfra.operations import files, server, systemd
 
 from . import (TEMPLATES, TOOLS_DIR, config, cuda_gate, docker_images, engines, offline, secrets, settings,
-               systemd_syntax, weights)
+               staging, systemd_syntax, weights)
 from .errors import ConfigError
 
 UNIT_DIR = "/etc/systemd/system"
@@ -281,17 +281,29 @@ def install_services(services=None, gpus=0, weights_root=None, start_timeout=Non
             continue
         ready = host.get_fact(ServiceReady, urls=engines.ready_urls(service), key_file=where["key_source"],
                               key_var=where["key_var"])
-        changed = [op for op in (unit, env_op, key_op, volumes[weights.volume_of(service["model"])],
-                                 (image_ops or {}).get(service["image"])) if op is not None]
+        changed = [op for op in (unit, env_op, key_op, (image_ops or {}).get(service["image"])) if op is not None]
+        volume = weights.volume_of(service["model"])
+        volume_dir = posixpath.join(weights_root, volume)
         systemd.service(
             name=f"Restart gpufleet-{name} after its unit, secrets, weights or image changed, or it was not ready",
             service=f"gpufleet-{name}", restarted=True,
-            _if=lambda ready=ready, changed=changed: not ready["ready"] or any(op.did_change() for op in changed),
+            _if=lambda ready=ready, changed=changed, volume_op=volumes[volume], volume_dir=volume_dir: (
+                not ready["ready"] or any(op.did_change() for op in changed)
+                or content_changed(volume_op, volume_dir)),
         )
         systemd.service(name=f"Run gpufleet-{name} ({engine}, {service['model']}) and wait until ready",
                         service=f"gpufleet-{name}", running=True, enabled=True)
         results.append((service, ready, where))
     return results
+
+
+def content_changed(volume_op, volume_dir):
+    """Whether a weight volume's bytes changed this run: staging knows (files only re-hashed and
+    re-recorded after their mtime moved change nothing); a hub fetch changes only what differs."""
+    if not volume_op.did_change():
+        return False
+    staged = staging.content_changed(host.name, volume_dir)
+    return True if staged is None else staged
 
 
 def summary(results):

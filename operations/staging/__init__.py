@@ -19,8 +19,10 @@ receiver, templates/gpufleet-receive), ``push`` (the operation from the control 
 from .facts import PART, RECORD, StagedFiles, plan
 from .push import staged
 from .relay import relay_seed, relayed, serve_relays
+from .wire import content_changed
 
-__all__ = ["PART", "RECORD", "StagedFiles", "plan", "relay_seed", "relayed", "serve_relays", "stage", "staged"]
+__all__ = ["PART", "RECORD", "StagedFiles", "content_changed", "plan", "relay_seed", "relayed", "serve_relays",
+           "stage", "staged"]
 
 
 def stage(name, src, dest, files, mode="444"):

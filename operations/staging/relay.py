@@ -17,7 +17,7 @@ from .. import TEMPLATES, TOOLS_DIR, config, settings
 from ..errors import ConfigError
 from ..remote import HostFunction, Shell
 from .facts import StagedFiles, plan
-from .wire import check_stream, receive_command, write_record
+from .wire import check_stream, mark_content, receive_command, write_record
 
 RELAY_SENDER = f"{TOOLS_DIR}/gpufleet-relay-send"
 RELAY_LOCK = "~/.ssh/.gpufleet-relay.lock"
@@ -109,6 +109,7 @@ def _relay(state, host, shell, seed, keys_dir, dest, wanted, send, mode):
     size = sum(wanted[path]["size"] - offset for path, offset in send.items())
     check_stream(host, dest, status, lines, len(send), stderr, f"up to {size}")
     write_record(shell, dest, wanted)
+    mark_content(host.name, dest, send)
     logger.info(f"[{host.name}] relayed {len(send)} file(s), {size} bytes, from {seed.name} into {dest}")
 
 

@@ -21,6 +21,22 @@ from ..bundle import CHUNK
 from .facts import RECORD, StagedFiles
 
 # The receiver's script without its comment lines: that is what travels in each staging command.
+# (host name, directory) -> whether this run changed a staged file's bytes there. A run that only
+# re-hashes files whose mtime moved and re-records them changes no byte: what uses them (a serving
+# container) has no reason to restart. See ``content_changed``.
+_CONTENT_CHANGED = {}
+
+
+def content_changed(host_name, dest):
+    """True when staging changed bytes in ``dest`` on the host this run, False when it only checked
+    and re-recorded files, None when no staging ran there."""
+    return _CONTENT_CHANGED.get((host_name, dest))
+
+
+def mark_content(host_name, dest, changed):
+    _CONTENT_CHANGED[(host_name, dest)] = _CONTENT_CHANGED.get((host_name, dest), False) or bool(changed)
+
+
 RECEIVER = "".join(line for line in (TEMPLATES / "gpufleet-receive").read_text().splitlines(True)
                    if not line.startswith("#"))
 
@@ -72,7 +88,9 @@ def transfer(state, host, shell, src, dest, wanted, check, send, mode):
         status, lines, stderr = shell.stream(receive_command(dest, mode), frames(src, wanted, send, sent))
         check_stream(host, dest, status, lines, len(send), stderr, sent[0])
     write_record(shell, dest, wanted)
-    logger.info(f"[{host.name}] staged {len(send)} file(s), {sent[0]} bytes sent, into {dest}")
+    mark_content(host.name, dest, send)
+    logger.info(f"[{host.name}] staged {len(send)} file(s), {sent[0]} bytes sent, into {dest}"
+                + ("" if send else f"; {len(check)} moved file(s) hashed intact and re-recorded"))
 
 
 def write_record(shell, dest, wanted):
