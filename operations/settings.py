@@ -17,7 +17,12 @@ PREFIXES = ("gpufleet_", "docker_", "nvidia_", "inference_", "proxmox_")
 
 def read(path=GROUP_DATA_ALL):
     """The gpufleet settings assigned in ``path`` (a group data file of literals), by name."""
-    tree = ast.parse(Path(path).read_text(), filename=str(path))
+    return read_source(Path(path).read_text(), filename=str(path))
+
+
+def read_source(source, filename="<group data>"):
+    """The gpufleet settings assigned in ``source`` (Python of literal assignments), by name."""
+    tree = ast.parse(source, filename=filename)
     return {target.id: ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
             for target in node.targets if target.id.startswith(PREFIXES)}
 

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from operations import config, settings
+from operations import config, engines, settings
 from operations.errors import ConfigError
 import operations.roles  # noqa: F401  (imports every concern module: each registers its checks)
 
@@ -87,3 +87,22 @@ def test_groups_gpufleet_does_not_know_and_no_group_data_names_are_listed(tmp_pa
     assert config.unknown_groups({"all", "gpu_hosts", "airgapped", "gpu_host", "rack_b"}, tmp_path) == \
         ["gpu_host", "rack_b"]
     assert config.unknown_groups({"gpu_hosts", "lxc_guests", "proxmox_hosts", "airgapped", "lab"}) == []
+
+
+def readme_group_data():
+    """The README's group_data examples (```python blocks opening with '# group_data/'), as data."""
+    text = (settings.GROUP_DATA_ALL.parent.parent / "README.md").read_text()
+    blocks = re.findall(r"```python\n(# group_data/[^\n]*\n.*?)```", text, re.S)
+    assert blocks, "README: no group_data example found"
+    return [settings.read_source(block) for block in blocks]
+
+
+def test_readme_group_data_examples_are_known_settings_of_the_right_type():
+    for data in readme_group_data():
+        assert data
+        for key, value in data.items():
+            assert key in config.CHECKS, key
+            check, expected = config.CHECKS[key]
+            assert check(value), f"{key}: must be {expected}, got {value!r}"
+        for index, service in enumerate(data.get("inference_services", [])):
+            engines.check_service(index, service)
