@@ -25,7 +25,6 @@ UNIT_DIR = "/etc/systemd/system"
 SERVICE_IDS = range(60600, 61184)
 
 
-
 def _check(data, host_name):
     services = data.get("inference_services") or []
     if not isinstance(services, list):
