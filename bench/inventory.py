@@ -1,6 +1,9 @@
 """Benchmark inventory: the lab's first host runs the lab's llama.cpp service twice, once on the
-host network and once on a bridge with a published port, for the streaming latency comparison."""
+host network and once on a bridge with a published port, for the streaming latency comparison.
+Deployed with it, lab-1 serves these two only (its lab service "chat" is removed until the lab
+inventory is deployed again)."""
 
+import ipaddress
 import json
 from pathlib import Path
 
@@ -17,6 +20,8 @@ _data = {
     "ssh_key": str(_LAB / "id_ed25519"), "ssh_known_hosts_file": "/dev/null",
     "ssh_strict_host_key_checking": "no",
     "inference_listen": "0.0.0.0",  # the latency bench reaches the services from the control node (keyed)
+    # ... through the lab network's gateway: the firewall admits the lab network (Docker gives it a /16)
+    "inference_allowed_sources": [str(ipaddress.ip_network(f"{_HOST['address']}/16", strict=False))],
     "inference_services": [{**_SERVICE, "name": "chat-host", "port": 8080, "network": "host"},
                            {**_SERVICE, "name": "chat-bridge", "port": 8081, "network": "bridge"}],
 }

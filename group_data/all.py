@@ -115,7 +115,16 @@ gpufleet_bundle_signers = None
 # api_key_file / hf_token_file (files on the control node), network ("host", the default for
 # streaming latency, or "bridge"), cuda (the image's CUDA version, checked against
 # nvidia_driver_version), served_name, user (numeric "UID:GID"; default: the service's own account
-# gpufleet-NAME, its own UID), start_timeout.
+# gpufleet-NAME, its own UID), start_timeout, listen (overrides inference_listen), proxy_port.
+# proxy_port puts gpufleet's authenticating proxy in front (gpufleet-NAME-proxy.service, needs
+# python3 on the host): the engine then listens on 127.0.0.1 with no key of its own, and the proxy
+# listens on the service's address and port proxy_port, admitting only requests that carry the
+# api_key_file's key as "Authorization: Bearer KEY" (401 otherwise). Ollama, which has no key, and
+# vLLM, whose --api-key leaves /invocations open (its --help says so), are served beyond loopback
+# only this way, unless inference_expose_unauthenticated is True.
+# A service removed from this list is removed from the host when the deploy runs: its units are
+# stopped and disabled, its unit files, secrets, container and account deleted (its port is free
+# before any new service starts). Its image and weights stay.
 # Secrets on the host: llama.cpp reads its API key from a file only the service's account can read,
 # mounted read-only (--api-key-file): it is in no environment and not in `docker inspect`. vLLM and
 # TGI take theirs from the environment (VLLM_API_KEY, API_KEY; no file option), and the hub token
@@ -124,10 +133,19 @@ gpufleet_bundle_signers = None
 inference_services = []
 # The address services listen on (a service's own "listen" wins): 127.0.0.1, this host only (put
 # a proxy or an SSH tunnel in front), an address of the host, or 0.0.0.0 for all of them. A service
-# without an API key (Ollama never has one) is refused on any address but loopback, unless
+# whose key does not guard every request (no api_key_file; Ollama, which has no key; vLLM, whose key
+# leaves /invocations open) is refused on any address but loopback, unless it has a proxy_port or
 # inference_expose_unauthenticated is True: your choice, named.
 inference_listen = "127.0.0.1"
 inference_expose_unauthenticated = False
+# The host firewall (nftables table "inet gpufleet", loaded at boot by gpufleet-firewall.service;
+# nftables is installed, and offline bundles carry it): the services' ports, and their proxies',
+# admit connections from the host itself and from these addresses or networks only; any other gets
+# a TCP reset. A service listening beyond loopback needs at least one ("10.0.0.0/8", "192.0.2.7",
+# "fd00::/8"). The table sits beside the host's other rules (Docker's, ufw's) and only narrows them.
+inference_allowed_sources = []
+# False: leave the host's firewall to you (ufw, firewalld, your own nftables); the table is not written.
+inference_firewall = True
 # Seconds a service may take to answer its readiness endpoints after a (re)start.
 inference_start_timeout = 300
 # Images: one the offline bundle carries is loaded from it; any other is pulled from its registry by

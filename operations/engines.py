@@ -29,10 +29,14 @@ ENGINES = {
         "api_key_env": "VLLM_API_KEY",
         "api_key_file_flag": None,
         "needs_gpu": True,
-        # No capture of `vllm serve --help` yet (vLLM builds its options from its config classes at run
-        # time and cannot run here): any flag but those gpufleet sets passes; vLLM refuses a wrong
-        # one at start, and the deploy reports the service not ready, naming it.
-        "flags": None,
+        # `vllm serve --help=all` of vLLM 0.32.0 (engine_cli/README.md). vLLM's parser also takes
+        # snake_case spellings and dotted keys of JSON options (--compilation-config.mode 3).
+        "flags": "vllm-serve.help",
+        "flag_spelling": lambda flag: flag.split(".", 1)[0].replace("_", "-"),
+        # Its --api-key "only authenticates endpoints under the /v1, /v2, and /inference path
+        # prefixes ... /invocations (which exposes the same inference capabilities as /v1) remain[s]
+        # unauthenticated" (its --help): beyond loopback it needs the proxy, like an unkeyed engine.
+        "key_guards_every_route": False,
         "managed": {"--model": "model", "--served-model-name": "served_name", "--host": "port", "--port": "port",
                     "--api-key": "api_key_file"},
         "env": {"HOME": "/tmp", "HF_HOME": "/tmp/hf", "HF_HUB_OFFLINE": "1"},
@@ -44,6 +48,7 @@ ENGINES = {
         "api_key_file_flag": None,
         "needs_gpu": True,
         "flags": "tgi-launcher.flags",
+        "key_guards_every_route": True,
         # set by gpufleet from the service's fields: refused in args, naming the field
         "managed": {"--model-id": "model", "--hostname": "port", "--port": "port", "-p": "port",
                     "--api-key": "api_key_file", "--ngrok": None, "--ngrok-authtoken": None, "--ngrok-edge": None},
@@ -56,6 +61,7 @@ ENGINES = {
         "api_key_file_flag": None,
         "needs_gpu": False,
         "flags": set(),  # `ollama serve` takes no flags: OLLAMA_* variables configure it
+        "key_guards_every_route": False,
         "managed": {},
         "env": {"HOME": "/tmp"},
     },
@@ -66,17 +72,23 @@ ENGINES = {
         "api_key_file_flag": "--api-key-file",
         "needs_gpu": False,
         "flags": "llama-server.help",
+        "key_guards_every_route": True,
         "managed": {"-m": "model", "--model": "model", "-a": "served_name", "--alias": "served_name",
                     "--host": "port", "--port": "port", "--api-key": "api_key_file", "--api-key-file": "api_key_file"},
         "env": {},
     },
 }
+
+
 def flags_from_help(text):
     """The flags a ``--help`` text lists: every ``-x``/``--long`` in the option column of lines that
-    start with a dash (``-c,    --ctx-size N   description`` gives -c and --ctx-size)."""
+    start with a dash, at most two spaces in (``-c,    --ctx-size N   description`` gives -c and
+    --ctx-size; argparse's ``  --api-server-count N, -asc N`` gives both)."""
     flags = set()
     for line in text.splitlines():
-        if not line.startswith("-") or line.startswith("---"):
+        indent = len(line) - len(line.lstrip(" "))
+        line = line.lstrip(" ")
+        if indent > 2 or not line.startswith("-") or line.startswith("---"):
             continue
         options = re.split(r"\s{2,}(?=[^-\s])", line, maxsplit=1)[0]
         for alternative in re.split(r",\s*", options):
@@ -99,7 +111,7 @@ def accepted_flags(engine):
 
 NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,40}")
 FIELDS = {"name", "engine", "image", "model", "port", "gpus", "memory", "shm_size", "args", "api_key_file",
-          "hf_token_file", "network", "cuda", "user", "served_name", "start_timeout", "listen"}
+          "hf_token_file", "network", "cuda", "user", "served_name", "start_timeout", "listen", "proxy_port"}
 
 
 def is_address(value):
@@ -152,9 +164,17 @@ def check_service(index, service, host_name=None):
     if service.get("network", "host") not in ("host", "bridge"):
         _fail(index, "network", "'host' (default: lowest streaming latency) or 'bridge'", host_name)
     profile = ENGINES[service["engine"]]
-    if service.get("api_key_file") and not profile["api_key_env"]:
-        _fail(index, "api_key_file", f"{service['engine']} has no API key support; put an authenticating "
-                                     "proxy in front of it", host_name)
+    proxy_port = service.get("proxy_port")
+    if proxy_port is not None:
+        if not (isinstance(proxy_port, int) and 0 < proxy_port < 65536) or proxy_port == port(service):
+            _fail(index, "proxy_port", "a TCP port number other than the service's own", host_name)
+        if not service.get("api_key_file"):
+            _fail(index, "proxy_port", "the proxy checks the service's key: give the service an api_key_file",
+                  host_name)
+    elif service.get("api_key_file") and not profile["api_key_env"]:
+        _fail(index, "api_key_file", f"{service['engine']} has no API key of its own: set proxy_port to put "
+                                     "gpufleet's authenticating proxy in front of it, which checks this key",
+              host_name)
     args = service.get("args", [])
     if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
         _fail(index, "args", "a list of strings", host_name)
@@ -164,8 +184,9 @@ def check_service(index, service, host_name=None):
             _fail(index, field, "may not hold control characters (a newline, a tab...): systemd cannot pass them "
                                 "to the engine", host_name)
     accepted = accepted_flags(service["engine"])
+    spelling = profile.get("flag_spelling") or (lambda flag: flag)
     for arg in args:
-        flag = arg.split("=", 1)[0]
+        flag = spelling(arg.split("=", 1)[0])
         if not flag.startswith("-") or flag.lstrip("-").replace(".", "").isdigit():
             continue  # a value (a negative number included)
         if flag in profile["managed"]:
@@ -181,6 +202,19 @@ def check_service(index, service, host_name=None):
         _fail(index, "user", "a numeric UID or UID:GID (default: the service's own account, gpufleet-NAME)", host_name)
     if service.get("cuda") is not None and not re.fullmatch(r"\d+\.\d+(\.\d+)?", str(service["cuda"])):
         _fail(index, "cuda", "the CUDA version the image was built for, such as '12.4'", host_name)
+
+
+def guarded(service):
+    """Whether every request to the service must carry its key: the authenticating proxy checks it,
+    or the engine's own key covers every route (not vLLM's, never Ollama, which has none)."""
+    if service.get("proxy_port"):
+        return True
+    return bool(service.get("api_key_file")) and ENGINES[service["engine"]]["key_guards_every_route"]
+
+
+def exposed_ports(service):
+    """The ports a service answers on beyond the host when it listens there: the proxy's, or its own."""
+    return [service["proxy_port"]] if service.get("proxy_port") else [port(service)]
 
 
 def port(service):

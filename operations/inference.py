@@ -5,6 +5,7 @@ and ready on its real endpoint before the deploy moves on.
 """
 
 import posixpath
+import re
 import shlex
 from io import StringIO
 from pathlib import Path
@@ -14,8 +15,8 @@ from pyinfra import host, logger
 from pyinfra.api import FactBase, deploy
 from pyinfra.operations import files, server, systemd
 
-from . import (TEMPLATES, TOOLS_DIR, config, cuda_gate, docker_images, engines, offline, secrets, settings,
-               staging, systemd_syntax, weights)
+from . import (TEMPLATES, TOOLS_DIR, auth_proxy, config, cuda_gate, docker_images, engines, offline, secrets,
+               settings, staging, systemd_syntax, weights)
 from .errors import ConfigError
 
 UNIT_DIR = "/etc/systemd/system"
@@ -33,22 +34,35 @@ def _check(data, host_name):
     for index, service in enumerate(services):
         engines.check_service(index, service, host_name)
         address = service.get("listen") or data.get("inference_listen") or engines.LOOPBACK
-        if (not engines.is_loopback(address) and not service.get("api_key_file")
+        field = f"inference_services[{index}].listen" if service.get("listen") else "inference_listen"
+        if (not engines.is_loopback(address) and not engines.guarded(service)
                 and not data.get("inference_expose_unauthenticated")):
-            field = f"inference_services[{index}].listen" if service.get("listen") else "inference_listen"
-            unkeyed = ("has no API key (Ollama cannot have one)" if not engines.ENGINES[service["engine"]]["api_key_env"]
-                       else "has no api_key_file")
+            profile = engines.ENGINES[service["engine"]]
+            if not profile["api_key_env"]:
+                unkeyed = f"has no API key ({service['engine']} has none)"
+            elif not service.get("api_key_file"):
+                unkeyed = "has no api_key_file"
+            else:
+                unkeyed = (f"is keyed, but {service['engine']}'s key leaves some routes open (vLLM: "
+                           "/invocations, its --help says)")
             raise ConfigError(field, f"{address}: service {service['name']} {unkeyed}, so anyone reaching {address}:"
-                              f"{engines.port(service)} could use it. Keep it on 127.0.0.1 (put an authenticating "
-                              "proxy in front), give it an api_key_file, or set inference_expose_unauthenticated "
-                              "= True", host=host_name)
-        port = engines.port(service)
+                              f"{engines.port(service)} could use it. Keep it on 127.0.0.1, set its proxy_port "
+                              "(gpufleet's authenticating proxy, which checks its api_key_file), or set "
+                              "inference_expose_unauthenticated = True", host=host_name)
+        if (not engines.is_loopback(address) and data.get("inference_firewall", True)
+                and not data.get("inference_allowed_sources")):
+            raise ConfigError(field, f"{address}: service {service['name']} listens beyond this host, but "
+                              "inference_allowed_sources is empty, so the firewall admits nobody: name the "
+                              "addresses or networks that may connect (e.g. ['10.0.0.0/8']), or set "
+                              "inference_firewall = False to keep your own firewall", host=host_name)
         if service["name"] in names:
             raise ConfigError(f"inference_services[{index}].name", f"{service['name']!r} is used twice", host=host_name)
-        if port in ports:
-            raise ConfigError(f"inference_services[{index}].port", f"port {port} is used twice", host=host_name)
+        for field, port in (("port", engines.port(service)), ("proxy_port", service.get("proxy_port"))):
+            if port in ports:
+                raise ConfigError(f"inference_services[{index}].{field}", f"port {port} is used twice", host=host_name)
+            if port:
+                ports.add(port)
         names.add(service["name"])
-        ports.add(port)
         for field in ("api_key_file", "hf_token_file"):
             if service.get(field) and not Path(service[field]).is_file():
                 raise ConfigError(f"inference_services[{index}].{field}",
@@ -136,6 +150,35 @@ class ServiceAccounts(FactBase):
                 name, number = line.rsplit(":", 1)
                 found[table][name] = int(number)
         return found
+
+
+class InstalledServices(FactBase):
+    """
+    Returns the units gpufleet installed for inference services, read from their first line, by unit.
+
+    .. code:: python
+
+        {"gpufleet-chat.service": {"service": "chat", "proxy": False},
+         "gpufleet-chat-proxy.service": {"service": "chat", "proxy": True}}
+    """
+
+    @staticmethod
+    def default():
+        return {}
+
+    def command(self):
+        return f"grep -m1 -H '^# Managed by gpufleet: ' {UNIT_DIR}/gpufleet-*.service 2>/dev/null || true"
+
+    def process(self, output):
+        units = {}
+        for line in output:
+            path, _, text = line.partition(":")
+            match = re.match(r"# Managed by gpufleet: (inference service|authenticating proxy of inference "
+                             r"service) ([a-z0-9-]+)[ .]", text)
+            if match:
+                units[posixpath.basename(path)] = {"service": match.group(2),
+                                                   "proxy": match.group(1).startswith("authenticating")}
+        return units
 
 
 def account(service):
@@ -234,17 +277,24 @@ def install_services(services=None, gpus=0, weights_root=None, start_timeout=Non
     files.directory(name=f"Ensure {TOOLS_DIR} exists", path=TOOLS_DIR, mode="755")
     files.put(name="Install the readiness check", src=str(TEMPLATES / "gpufleet-wait-ready"),
               dest=f"{TOOLS_DIR}/gpufleet-wait-ready", mode="755")
+    accounts = host.get_fact(ServiceAccounts)
     if not services:
+        remove_services(stale_units(services), accounts, secrets_dir=secrets_dir)
         return []
     files.put(name="Install the weight check", src=str(TEMPLATES / "gpufleet-verify-weights"),
               dest=f"{TOOLS_DIR}/gpufleet-verify-weights", mode="755")
     volumes = weights.stage_volumes(volumes={weights.volume_of(s["model"]) for s in services},
                                     weights_root=weights_root)
+    # What the inventory no longer names goes now: images and weights are in place, no new unit
+    # has started, and a renamed service's port is free for its successor.
+    remove_services(stale_units(services), accounts, secrets_dir=secrets_dir)
 
-    ids = service_ids(services, host.get_fact(ServiceAccounts))
+    ids = service_ids(services, accounts)
     results = []
     for service in services:
         name, engine = service["name"], service["engine"]
+        proxied = bool(service.get("proxy_port"))
+        engine_service = auth_proxy.engine_side(service) if proxied else service
         user = ids[name]
         uid, gid = (int(number) for number in user.split(":"))
         if not service.get("user"):
@@ -260,27 +310,36 @@ def install_services(services=None, gpus=0, weights_root=None, start_timeout=Non
         elif not gpus and service.get("gpus", "all") != "none":
             logger.warning(f"[{host.name}] {name}: no NVIDIA GPU on this host: {engine} runs on the CPU "
                            "(no --gpus, no layers offloaded)")
-        where = {**placement(service, secrets_dir), "user": user}
+        where = {**placement(engine_service, secrets_dir), "user": user}
         key_file, env_file = where["key_file"], where["env_file"]
-        key_op = secrets.secret_file(
-            name=f"Write {name}'s API key file (its account reads it, nobody else)", dest=key_file,
-            content=Path(service["api_key_file"]).read_text().strip().encode() + b"\n", mode="400",
-            uid=uid, gid=gid) if key_file else None
+        if proxied:
+            where["proxy"] = {"listen": engines.listen(service), "port": service["proxy_port"],
+                              "api_key_at": posixpath.join(secrets_dir, f"{name}.key")}
+        key_op = None
+        if key_file or proxied:  # the engine's own key file (its account reads it), or the proxy's (root's)
+            key_op = secrets.secret_file(
+                name=f"Write {name}'s API key file (" + ("root only: systemd hands it to the proxy)" if proxied
+                                                        else "its account reads it, nobody else)"),
+                dest=key_file or where["proxy"]["api_key_at"],
+                content=Path(service["api_key_file"]).read_text().strip().encode() + b"\n", mode="400",
+                uid=0 if proxied else uid, gid=0 if proxied else gid)
         env_op = secrets.secret_file(name=f"Write {name}'s secrets (root only)", dest=env_file,
-                                     content=env_content(service, profile, key_in_file=bool(key_file))) \
+                                     content=env_content(engine_service, profile, key_in_file=bool(key_file))) \
             if env_file else None
         unit_path = f"{UNIT_DIR}/gpufleet-{name}.service"
         unit = files.put(name=f"Install unit gpufleet-{name}.service",
-                         src=StringIO(unit_text(service, weights_root, env_file, use_gpus, start_timeout, user=user,
-                                                key_file=key_file)),
+                         src=StringIO(unit_text(engine_service, weights_root, env_file, use_gpus, start_timeout,
+                                                user=user, key_file=key_file)),
                          dest=unit_path, mode="644", user="root", group="root")
         systemd.daemon_reload(name=f"Reload systemd for gpufleet-{name}", _if=unit.did_change)
         if profile["needs_gpu"] and not gpus:
-            results.append((service, None, where))
+            results.append((engine_service, None, where))
             continue
-        ready = host.get_fact(ServiceReady, urls=engines.ready_urls(service), key_file=where["key_source"],
+        ready = host.get_fact(ServiceReady, urls=engines.ready_urls(engine_service), key_file=where["key_source"],
                               key_var=where["key_var"])
-        changed = [op for op in (unit, env_op, key_op, (image_ops or {}).get(service["image"])) if op is not None]
+        engine_key_op = key_op if key_file else None
+        changed = [op for op in (unit, env_op, engine_key_op, (image_ops or {}).get(service["image"]))
+                   if op is not None]
         volume = weights.volume_of(service["model"])
         volume_dir = posixpath.join(weights_root, volume)
         systemd.service(
@@ -292,8 +351,59 @@ def install_services(services=None, gpus=0, weights_root=None, start_timeout=Non
         )
         systemd.service(name=f"Run gpufleet-{name} ({engine}, {service['model']}) and wait until ready",
                         service=f"gpufleet-{name}", running=True, enabled=True)
-        results.append((service, ready, where))
+        if proxied:
+            proxy_ready = host.get_fact(ServiceReady, urls=auth_proxy.ready_urls(service),
+                                        key_file=where["proxy"]["api_key_at"], key_var="")
+            auth_proxy.install(service, user=user, key_file=where["proxy"]["api_key_at"], key_op=key_op,
+                               ready=proxy_ready, start_timeout=start_timeout)
+        results.append((engine_service, ready, where))
     return results
+
+
+def wanted_units(services):
+    """The unit of each service, and of its proxy when it has a proxy_port (pure)."""
+    units = {f"gpufleet-{service['name']}.service" for service in services}
+    return units | {auth_proxy.unit_name(service) for service in services if service.get("proxy_port")}
+
+
+def stale_units(services):
+    """The inference units on the host that ``services`` no longer name."""
+    installed = host.get_fact(InstalledServices)
+    wanted = wanted_units(services)
+    return {unit: found for unit, found in installed.items() if unit not in wanted}
+
+
+@deploy("Remove services the inventory no longer names", data_defaults=settings.DEFAULTS)
+def remove_services(stale, accounts, secrets_dir=None):
+    """
+    Stop, disable and delete what gpufleet installed for services that are gone: their units
+    (proxies first), and for a service gone entirely its container, secrets and account. Its image
+    and weight volumes stay (other services, or a later one, may use them).
+
+    + stale: unit -> ``{"service": name, "proxy": bool}`` (``stale_units``)
+    + accounts: the host's accounts (``ServiceAccounts``)
+    + secrets_dir: where the services' secret files are
+    """
+    secrets_dir = secrets_dir or posixpath.join(host.data.gpufleet_config_dir, "secrets")
+    removed = []
+    for unit, found in sorted(stale.items(), key=lambda item: not item[1]["proxy"]):
+        systemd.service(name=f"Stop and disable {unit} (no longer in inference_services)", service=unit,
+                        running=False, enabled=False)
+        removed.append(files.file(name=f"Remove unit {unit}", path=f"{UNIT_DIR}/{unit}", present=False))
+    for name in sorted({found["service"] for found in stale.values() if not found["proxy"]}):
+        server.shell(name=f"Remove container gpufleet-{name} if it is left",
+                     commands=[f"docker rm -f gpufleet-{name} >/dev/null 2>&1 || true"])
+        for suffix in ("env", "key"):
+            files.file(name=f"Remove {name}'s {suffix} file", path=posixpath.join(secrets_dir, f"{name}.{suffix}"),
+                       present=False)
+        who = f"gpufleet-{name}"
+        if who in accounts["users"] or who in accounts["groups"]:
+            server.shell(name=f"Remove account {who}",
+                         commands=[f"if getent passwd {who} >/dev/null; then userdel {who}; fi; "
+                                   f"if getent group {who} >/dev/null; then groupdel {who}; fi"])
+    if removed:
+        systemd.daemon_reload(name="Reload systemd without the removed units",
+                              _if=lambda: any(op.did_change() for op in removed))
 
 
 def content_changed(volume_op, volume_dir):
@@ -307,15 +417,17 @@ def content_changed(volume_op, volume_dir):
 
 def summary(results):
     """One line per service: what it serves, where, and whether it was ready when checked."""
-    for service, ready, _ in results:
+    for service, ready, where in results:
         if ready is None:
             state = "not started: needs a GPU"
         elif ready["ready"]:
             state = "ready"
         else:
             state = f"not ready before this run ({ready['reason']}): started; its unit waits until ready"
+        proxy = where.get("proxy")
+        behind = f" behind its proxy on {proxy['listen']}:{proxy['port']}" if proxy else ""
         logger.info(f"[{host.name}] service {service['name']}: {service['engine']} {service['model']} "
-                    f"on {engines.listen(service)}:{engines.port(service)}: {state}")
+                    f"on {engines.listen(service)}:{engines.port(service)}{behind}: {state}")
 
 
 def intent(service, started, where):
@@ -325,4 +437,5 @@ def intent(service, started, where):
             "port": engines.port(service), "listen": engines.listen(service), "network": service.get("network", "host"),
             "ready": profile["ready"], "api_key": bool(service.get("api_key_file")),
             "api_key_at": where["key_source"], "api_key_var": where["key_var"], "user": where["user"],
-            "served_name": service.get("served_name") or service["name"], "started": started}
+            "served_name": service.get("served_name") or service["name"], "started": started,
+            "proxy": where.get("proxy")}

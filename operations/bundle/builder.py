@@ -21,6 +21,10 @@ from ..docker_images import pinned
 from ..errors import ConfigError
 from .manifest import FORMAT, MANIFEST, SIGNATURE, NAMESPACE, VERIFIED, cached_sha256, check_signature, load, read_record
 
+# What gpufleet itself installs on hosts besides the spec's packages: every apt bundle carries them
+# (nftables for the inference firewall, python3 for the authenticating proxy and gpufleet's checks).
+HOST_PACKAGES = ["nftables", "python3"]
+
 
 def sign(bundle, key):
     """Sign the bundle's manifest with the SSH private key ``key`` (writes manifest.json.sig)."""
@@ -174,7 +178,9 @@ def build(spec_path, out, log=print, sign_key=None):
     out.mkdir(parents=True, exist_ok=True)
     manifest = {"format": FORMAT, "target": {}, "files": {}, "images": [], "weights": {}, "apt": {}}
     if spec.get("apt"):
-        apt = dict(spec["apt"], debs=[str(base / pattern) for pattern in spec["apt"].get("debs", [])])
+        apt = dict(spec["apt"], debs=[str(base / pattern) for pattern in spec["apt"].get("debs", [])],
+                   packages=[*spec["apt"]["packages"],
+                             *(package for package in HOST_PACKAGES if package not in spec["apt"]["packages"])])
         _apt_closure(apt, out / "apt", log)
         manifest["target"] = apt["target"]
         manifest["apt"] = {"dir": "apt", "packages": apt["packages"]}

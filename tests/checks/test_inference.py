@@ -69,3 +69,37 @@ def test_secrets_root_only_and_not_in_units(host, services):
         assert secret and secret not in host.file(f"/etc/systemd/system/gpufleet-{service['name']}.service").content_string
         if not service["api_key_var"]:  # in no environment: not in docker inspect either
             assert secret not in host.run(f"docker inspect gpufleet-{service['name']}").stdout, service["name"]
+
+
+def test_proxies_running_and_refusing_requests_without_the_key(host, services):
+    """A service behind gpufleet's authenticating proxy: the proxy unit runs, listens where host.json
+    says, refuses a keyless request and serves one with the key (read from its root-only file)."""
+    proxied = [service for service in services if service.get("proxy")]
+    if not proxied:
+        pytest.skip(f"{host.backend.get_hostname()}: no service behind a proxy here")
+    for service in proxied:
+        proxy = service["proxy"]
+        assert host.service(f"gpufleet-{service['name']}-proxy").is_running, service["name"]
+        assert host.socket(f"tcp://{proxy['listen']}:{proxy['port']}").is_listening, service["name"]
+        stored = host.file(proxy["api_key_at"])
+        assert (stored.mode, stored.user) == (0o400, "root"), service["name"]
+        url = f"http://{probe(proxy)}:{proxy['port']}{service['ready'][0]}"
+        keyless = host.run(f"curl -s -o /dev/null -w '%{{http_code}}' {url}")
+        keyed = host.run(f"key=$(head -1 {proxy['api_key_at']}); "
+                         f"curl -s -o /dev/null -w '%{{http_code}}' -H \"Authorization: Bearer $key\" {url}")
+        assert (keyless.stdout, keyed.stdout) == ("401", "200"), service["name"]
+
+
+def test_firewall_table_loaded_from_its_file_for_every_service_port(host, intent, services):
+    """gpufleet's nftables table is loaded, is the one its file describes (the digest it carries), and
+    lists every service port and proxy port of host.json."""
+    if not intent.get("firewall"):
+        pytest.skip(f"{host.backend.get_hostname()}: inference_firewall is off here")
+    rules = host.file("/etc/gpufleet/firewall.nft").content_string
+    digest = next(line.split('"')[1] for line in rules.splitlines() if line.strip().startswith("comment"))
+    loaded = host.run("nft list table inet gpufleet")
+    assert loaded.rc == 0 and f'comment "{digest}"' in loaded.stdout
+    assert host.service("gpufleet-firewall").is_enabled
+    ports = {service["port"] for service in services} | {s["proxy"]["port"] for s in services if s.get("proxy")}
+    listed = loaded.stdout.split("set inference_ports")[1].split("elements = {")[1].split("}")[0]
+    assert {int(port) for port in listed.split(",")} >= ports

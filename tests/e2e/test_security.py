@@ -3,12 +3,14 @@ the docker group) and as another host of the network: no secret is readable, no 
 from elsewhere, a request without the key is refused."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
 from tests.lab import hosts as lab_hosts
 
-from .conftest import REPO
+from .conftest import REPO, run_deploy
 
 KEY = REPO / ".lab" / "secrets" / "chat-api-key"
 HOSTS = ["lab-1", "lab-gap-1"]
@@ -70,3 +72,87 @@ def test_no_service_port_answers_from_another_host(second_deploy, lab):
     for service in record["services"]:
         probe = as_root("lab-2", f"curl -s -o /dev/null -m 5 http://{address}:{service['port']}/; echo $?")
         assert probe.stdout.strip() == "7", (service["name"], probe.stdout)  # 7: could not connect
+
+
+def _lab2_services(**change):
+    from tests.lab.llamacpp import image_tag
+
+    service = {"name": "chat", "engine": "llamacpp", "image": image_tag(), "model": "tiny/tiny.gguf", "port": 8080,
+               "memory": "1g", "args": ["--ctx-size", "256", "--threads", "1"], "api_key_file": str(KEY), **change}
+    return ["--data", f"inference_services={json.dumps([service])}"]
+
+
+def _probe(source, url, key=None, data=None):
+    """curl from ``source`` (as root): the HTTP code, or curl's exit code when nothing answered."""
+    header = f"-H 'Authorization: Bearer {key}' " if key else ""
+    body = f"-d '{data}' " if data else ""
+    return as_root(source, f"curl -s -o /dev/null -m 5 -w '%{{http_code}}' {header}{body}{url}; echo \" $?\"").stdout.strip()
+
+
+def test_behind_its_proxy_a_service_answers_the_key_from_allowed_sources_only(second_deploy, lab):
+    """lab-2's llama.cpp behind gpufleet's authenticating proxy on 0.0.0.0:8090, the firewall admitting
+    lab-1 only: from lab-1 the proxy wants the key and then serves (streaming too), the engine itself
+    is on loopback; from lab-ubu-1 (not allowed) the same port is refused; a re-run changes nothing;
+    the default inventory afterwards removes the proxy and its port."""
+    key, target = KEY.read_text().strip(), lab["lab-2"]["address"]
+    exposed = [*_lab2_services(proxy_port=8090), "--data", "inference_listen=0.0.0.0",
+               "--data", f"inference_allowed_sources={json.dumps([lab['lab-1']['address']])}"]
+    try:
+        first = run_deploy("--limit", "lab-2", *exposed)
+        assert first.rc == 0, first.output[-3000:]
+        proxy = f"http://{target}:8090"
+        assert _probe("lab-1", f"{proxy}/v1/models") == "401 0"
+        assert _probe("lab-1", f"{proxy}/v1/models", key="not-the-key") == "401 0"
+        assert _probe("lab-1", f"{proxy}/v1/models", key=key) == "200 0"
+        streamed = as_root("lab-1", f"curl -sN -m 30 -H 'Authorization: Bearer {key}' {proxy}/v1/completions "
+                                    "-d '{\"prompt\": \"hello\", \"max_tokens\": 4, \"stream\": true}'").stdout
+        assert streamed.count("data: {") >= 4 and "data: [DONE]" in streamed, streamed[-500:]
+        assert _probe("lab-1", f"http://{target}:8080/health").endswith(" 7")  # the engine: loopback only
+        assert _probe("lab-ubu-1", f"{proxy}/health").endswith(" 7")  # not an allowed source: reset
+        # The proxy runs as the service's account and gets the root-only key as a systemd credential;
+        # the engine has no key.
+        assert as_root("lab-2", "ps -o user:32= -C python3 | sort -u").stdout.split() == ["gpufleet-chat"]
+        assert as_root("lab-2", "stat -c '%a %U' /etc/gpufleet/secrets/chat.key").stdout.strip() == "400 root"
+        assert "--api-key-file" not in as_root("lab-2", "cat /etc/systemd/system/gpufleet-chat.service").stdout
+        record = json.loads(as_root("lab-2", "cat /etc/gpufleet/host.json").stdout)
+        assert record["services"][0]["proxy"]["port"] == 8090 and record["allowed_sources"] == [lab["lab-1"]["address"]]
+        # the host-by-host checks see the proxy and the firewall too (their proxy check runs here)
+        checks = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                                 "tests/checks/test_inference.py", "--hosts=ssh://lab-2",
+                                 f"--ssh-config={lab_hosts.SSH_CONFIG}", "--sudo"],
+                                cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert checks.returncode == 0 and " failed" not in checks.stdout, checks.stdout[-3000:]
+        assert "skipped" not in checks.stdout, checks.stdout[-3000:]
+        again = run_deploy("--limit", "lab-2", *exposed)
+        assert again.rc == 0 and again.total_changed() == 0, again.changed()
+    finally:
+        back = run_deploy("--limit", "lab-2")
+    assert back.rc == 0, back.output[-3000:]
+    assert "Stop and disable gpufleet-chat-proxy.service (no longer in inference_services)" in back.output
+    assert as_root("lab-2", "test -e /etc/systemd/system/gpufleet-chat-proxy.service").returncode == 1
+    assert _probe("lab-1", f"http://{target}:8090/health").endswith(" 7")
+    assert _probe("lab-2", "http://127.0.0.1:8080/v1/models", key=key) == "200 0"
+
+
+def test_the_loaded_firewall_is_the_deploys_and_comes_back_after_a_flush(second_deploy):
+    """The table carries the digest of the file it came from; flushed by hand, the next run reloads it."""
+    rules = as_root("lab-1", "cat /etc/gpufleet/firewall.nft").stdout
+    loaded = as_root("lab-1", "nft list table inet gpufleet").stdout
+    digest = next(line.split('"')[1] for line in rules.splitlines() if line.strip().startswith("comment"))
+    assert f'comment "{digest}"' in loaded and "elements = { 8080 }" in loaded
+    assert as_root("lab-1", "nft -c -f /etc/gpufleet/firewall.nft").returncode == 0
+    as_root("lab-1", "nft delete table inet gpufleet")
+    repaired = run_deploy("--limit", "lab-1")
+    assert repaired.rc == 0, repaired.output[-3000:]
+    assert list(repaired.changed()) == ["GPU host | Admit inference ports only from the allowed sources | Load the "
+                                        "rules (gpufleet-firewall.service) after they changed, or when the loaded "
+                                        "table is not theirs"], repaired.changed()
+    assert f'comment "{digest}"' in as_root("lab-1", "nft list table inet gpufleet").stdout
+
+
+def test_beyond_loopback_without_allowed_sources_is_refused_before_any_host(second_deploy):
+    result = run_deploy("--limit", "lab-2", "--data", "inference_listen=0.0.0.0")
+    assert result.rc != 0
+    assert ("lab-2: inference_listen: 0.0.0.0: service chat listens beyond this host, but inference_allowed_sources "
+            "is empty") in result.output, result.output[-2000:]
+    assert "Starting operation" not in result.output

@@ -22,6 +22,22 @@ def test_help_text_gives_every_alternative_of_each_option():
                                              "--spec-draft-threads", "-td", "--threads-draft", "-fa", "--flash-attn"}
 
 
+def test_argparse_help_gives_options_two_spaces_in_and_not_descriptions():
+    text = ("options:\n"
+            "  --api-server-count API_SERVER_COUNT, -asc API_SERVER_COUNT\n"
+            "                        How many API server processes to run.\n"
+            "  --enable-prefix-caching, --no-enable-prefix-caching\n"
+            "                        -- not an option: a description line\n"
+            "  -tp TENSOR_PARALLEL_SIZE, --tensor-parallel-size TENSOR_PARALLEL_SIZE\n")
+    assert engines.flags_from_help(text) == {"--api-server-count", "-asc", "--enable-prefix-caching",
+                                             "--no-enable-prefix-caching", "-tp", "--tensor-parallel-size"}
+
+
+def test_vllm_capture_is_a_whole_vllm_serve_help():
+    flags = engines.accepted_flags("vllm")
+    assert len(flags) > 400 and {"--model", "--port", "--api-key", "--max-model-len", "--config"} <= flags
+
+
 def test_captured_llama_server_help_is_the_lab_binarys():
     binary = llamacpp.CACHE_DIR / "llamacpp" / llamacpp.key() / "llama-server"
     if not binary.exists():
@@ -34,6 +50,8 @@ def test_captured_llama_server_help_is_the_lab_binarys():
     ("llamacpp", ["--ctx-size", "256", "--threads", "1", "-fa", "on", "--n-predict", "-1", "--jinja"]),
     ("tgi", ["--max-input-tokens", "1024", "--max-total-tokens", "2048", "--quantize", "awq"]),
     ("vllm", ["--max-model-len", "4096", "--gpu-memory-utilization", "0.9", "--enable-chunked-prefill"]),
+    # vLLM's parser takes snake_case and dotted keys of its JSON options, and short aliases
+    ("vllm", ["--max_model_len=4096", "--compilation-config.mode", "3", "-tp", "2", "--no-enable-prefix-caching"]),
 ])
 def test_flags_the_engine_takes_are_accepted(engine, args):
     engines.check_service(0, {**SERVICE, "engine": engine, "args": args})
@@ -48,6 +66,9 @@ def test_flags_the_engine_takes_are_accepted(engine, args):
     ("tgi", "--max-input-lenght", r"tgi does not take --max-input-lenght \(did you mean --max-input-length\?\)"),
     ("ollama", "--verbose", r"ollama does not take --verbose \(it takes: no flags\)"),
     ("vllm", "--served-model-name", r"--served-model-name is set by gpufleet from the service's served_name"),
+    ("vllm", "--served_model_name", r"--served-model-name is set by gpufleet from the service's served_name"),
+    ("vllm", "--max-modle-len", r"vllm does not take --max-modle-len \(did you mean --max-model-len\?\)"),
+    ("vllm", "--worker-use-ray", r"vllm does not take --worker-use-ray"),  # gone since vLLM 0.6
 ])
 def test_flags_the_engine_does_not_take_or_gpufleet_sets_are_refused(engine, arg, message):
     with pytest.raises(ConfigError, match=rf"inference_services\[0\]\.args: {message}"):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from operations import engines, inference, staging
+from operations import auth_proxy, engines, inference, staging
 from operations.errors import ConfigError
 
 SERVICE = {"name": "chat", "engine": "llamacpp", "image": "ghcr.io/ggml-org/llama.cpp:server-b4500",
@@ -14,7 +14,9 @@ SERVICE = {"name": "chat", "engine": "llamacpp", "image": "ghcr.io/ggml-org/llam
     ({"image": "vllm/vllm-openai:latest"}, "image", "must be pinned by tag or digest, never latest"),
     ({"image": "vllm/vllm-openai"}, "image", "must be pinned"),
     ({"args": ["--max-model-len", "4096"]}, "args", "llamacpp does not take --max-model-len"),
-    ({"engine": "ollama", "api_key_file": "/k"}, "api_key_file", "ollama has no API key support"),
+    ({"engine": "ollama", "api_key_file": "/k"}, "api_key_file", "ollama has no API key of its own: set proxy_port"),
+    ({"proxy_port": 8080}, "proxy_port", "a TCP port number other than the service's own"),
+    ({"proxy_port": "8090"}, "proxy_port", "a TCP port number"),
     ({"gpus": "two"}, "gpus", "'all', 'none' or a list of GPU indices"),
     ({"network": "macvlan"}, "network", "'host'"),
     ({"modle": "x"}, "modle", "unknown field"),
@@ -149,6 +151,66 @@ def test_a_service_without_a_key_is_not_exposed_beyond_loopback_unless_asked(ser
     data = {**data, "inference_services": [service], "inference_weight_volumes": {"tiny": {"from": str(tmp_path)}}}
     with pytest.raises(ConfigError, match=rf"^{field}: .*no (API key|api_key_file).*inference_expose_unauthenticated"):
         inference._check(data, None)
-    inference._check({**data, "inference_expose_unauthenticated": True}, None)
+    inference._check({**data, "inference_expose_unauthenticated": True, "inference_allowed_sources": ["10.0.0.0/8"]},
+                     None)
     inference._check({**data, "inference_listen": "127.0.0.1", "inference_services": [
         {key: value for key, value in service.items() if key != "listen"}]}, None)  # loopback: fine
+
+
+def _exposed(tmp_path, service, **data):
+    (tmp_path / "tiny.gguf").write_bytes(b"GGUF")
+    (tmp_path / "key").write_text("k\n")
+    return {"inference_listen": "0.0.0.0", "inference_allowed_sources": ["10.0.0.0/8"], **data,
+            "inference_services": [{**service, "api_key_file": str(tmp_path / "key")}],
+            "inference_weight_volumes": {"tiny": {"from": str(tmp_path)}}}
+
+
+def test_vllm_with_its_own_key_is_not_exposed_its_key_leaves_invocations_open(tmp_path):
+    vllm = {**SERVICE, "engine": "vllm", "args": []}
+    with pytest.raises(ConfigError, match=r"^inference_listen: 0\.0\.0\.0: service chat is keyed, but vllm's key "
+                                          r"leaves some routes open \(vLLM: /invocations"):
+        inference._check(_exposed(tmp_path, vllm), None)
+    inference._check(_exposed(tmp_path, {**vllm, "proxy_port": 8443}), None)  # the proxy guards every route
+
+
+def test_ollama_behind_the_proxy_may_listen_beyond_loopback(tmp_path):
+    ollama = {**SERVICE, "engine": "ollama", "args": [], "proxy_port": 11443}
+    inference._check(_exposed(tmp_path, ollama), None)
+    assert engines.guarded(ollama) and engines.exposed_ports(ollama) == [11443]
+
+
+def test_listening_beyond_loopback_needs_allowed_sources_unless_the_firewall_is_yours(tmp_path):
+    data = _exposed(tmp_path, SERVICE, inference_allowed_sources=[])
+    with pytest.raises(ConfigError, match=r"^inference_listen: 0\.0\.0\.0: service chat listens beyond this host, "
+                                          r"but inference_allowed_sources is empty"):
+        inference._check(data, None)
+    inference._check({**data, "inference_firewall": False}, None)
+
+
+def test_a_proxy_port_taken_by_another_service_is_named(tmp_path):
+    data = _exposed(tmp_path, {**SERVICE, "proxy_port": 9000})
+    data["inference_services"].append({**data["inference_services"][0], "name": "other", "port": 9000,
+                                       "proxy_port": 9001})
+    with pytest.raises(ConfigError, match=r"^inference_services\[1\]\.port: port 9000 is used twice"):
+        inference._check(data, None)
+
+
+def test_a_proxied_engine_listens_on_loopback_with_no_key_and_the_proxy_takes_the_key(tmp_path):
+    service = {**SERVICE, "listen": "0.0.0.0", "proxy_port": 8443, "api_key_file": "/k"}
+    engine = auth_proxy.engine_side(service)
+    assert engine["listen"] == "127.0.0.1" and "api_key_file" not in engine and "proxy_port" not in engine
+    assert inference.placement(engine, "/etc/gpufleet/secrets")["key_file"] is None
+    assert auth_proxy.ready_urls(service) == ["http://127.0.0.1:8443/health", "http://127.0.0.1:8443/v1/models"]
+    assert inference.wanted_units([service, {**SERVICE, "name": "plain"}]) == {
+        "gpufleet-chat.service", "gpufleet-chat-proxy.service", "gpufleet-plain.service"}
+
+
+def test_installed_services_are_read_from_the_units_first_lines():
+    output = ["/etc/systemd/system/gpufleet-chat.service:# Managed by gpufleet: inference service chat (llamacpp, "
+              "model tiny/tiny.gguf). Edits are overwritten.",
+              "/etc/systemd/system/gpufleet-chat-proxy.service:# Managed by gpufleet: authenticating proxy of "
+              "inference service chat. Edits are overwritten.",
+              "/etc/systemd/system/gpufleet-firewall.service:# Managed by gpufleet: loads its nftables table"]
+    assert inference.InstalledServices().process(output) == {
+        "gpufleet-chat.service": {"service": "chat", "proxy": False},
+        "gpufleet-chat-proxy.service": {"service": "chat", "proxy": True}}

@@ -1,0 +1,73 @@
+"""Declared state: what the inventory no longer names leaves the host. A renamed service's
+predecessor is stopped and removed (unit, container, secrets, account) before the new unit starts
+on the same port; a re-run changes nothing; the original inventory brings the original back."""
+
+import json
+
+from tests.lab import hosts as lab_hosts
+from tests.lab.llamacpp import image_tag
+
+from .conftest import REPO, run_deploy
+
+HOST = "lab-2"
+KEY = REPO / ".lab" / "secrets" / "chat-api-key"
+
+
+def sh(command):
+    return lab_hosts.ssh({"name": HOST}, command, check=False)
+
+
+def _renamed(name):
+    service = {"name": name, "engine": "llamacpp", "image": image_tag(), "model": "tiny/tiny.gguf", "port": 8080,
+               "memory": "1g", "args": ["--ctx-size", "256", "--threads", "1"], "api_key_file": str(KEY)}
+    return ["--data", f"inference_services={json.dumps([service])}"]
+
+
+def _answers():
+    key = KEY.read_text().strip()
+    answer = sh(f"curl -sf -m 30 -H 'Authorization: Bearer {key}' http://127.0.0.1:8080/v1/completions "
+                "-d '{\"prompt\": \"hello\", \"max_tokens\": 4}'")
+    return answer.returncode == 0 and json.loads(answer.stdout)["usage"]["completion_tokens"] == 4
+
+
+def _left_of(name):
+    """Whatever of service ``name`` is on the host: unit, container, secret files, account."""
+    return sh(f"ls /etc/systemd/system/gpufleet-{name}.service /etc/gpufleet/secrets/{name}.key "
+              f"/etc/gpufleet/secrets/{name}.env 2>/dev/null; docker ps -aq -f name=^gpufleet-{name}$; "
+              f"getent passwd gpufleet-{name}; getent group gpufleet-{name}; "
+              f"systemctl list-units --all --no-legend gpufleet-{name}.service | grep -v not-found").stdout.strip()
+
+
+def test_a_renamed_service_frees_its_port_and_leaves_nothing_behind(second_deploy):
+    assert _left_of("chat")
+    try:
+        renamed = run_deploy("--limit", HOST, *_renamed("assistant"))
+        assert renamed.rc == 0, renamed.output[-3000:]
+        out = renamed.output
+        assert out.index("Stop and disable gpufleet-chat.service") < out.index("Run gpufleet-assistant")
+        assert _left_of("chat") == ""
+        assert sh("systemctl is-active gpufleet-assistant").stdout.strip() == "active" and _answers()
+        again = run_deploy("--limit", HOST, *_renamed("assistant"))
+        assert again.rc == 0 and again.total_changed() == 0, again.changed()
+    finally:
+        back = run_deploy("--limit", HOST)
+    assert back.rc == 0, back.output[-3000:]
+    assert _left_of("assistant") == ""
+    assert sh("systemctl is-active gpufleet-chat").stdout.strip() == "active" and _answers()
+
+
+def test_an_empty_service_list_removes_every_service(second_deploy):
+    try:
+        emptied = run_deploy("--limit", HOST, "--data", "inference_services=[]")
+        assert emptied.rc == 0, emptied.output[-3000:]
+        assert _left_of("chat") == ""
+        assert sh("ss -Hltn 'sport = :8080'").stdout.strip() == ""
+        # nothing left to guard: gpufleet's firewall table and unit are gone too
+        assert sh("nft list table inet gpufleet").returncode != 0
+        assert sh("test -e /etc/systemd/system/gpufleet-firewall.service").returncode == 1
+        record = json.loads(sh("cat /etc/gpufleet/host.json").stdout)
+        assert record["services"] == [] and record["firewall"] is False
+    finally:
+        back = run_deploy("--limit", HOST)
+    assert back.rc == 0, back.output[-3000:]
+    assert _answers()
