@@ -10,6 +10,9 @@ gpufleet_config_dir = "/etc/gpufleet"
 gpufleet_state_dir = "/var/lib/gpufleet"
 # True for hosts that can reach nothing: no apt update, packages only from a local repository.
 gpufleet_offline = False
+# Room kept free on top of what a host receives: staging (bundle, weight volumes, relays) and hub
+# fetches are refused before any byte is sent when the destination's filesystem lacks it.
+gpufleet_free_space_margin = "1g"
 # Pull staged files (bundle, images, weight volumes) from this host of the site instead of the
 # control node: it stages them first, then serves them over a one-run SSH key limited to
 # gpufleet-relay-send (removed after, expiring within the hour). None, or the host's own name:

@@ -48,7 +48,7 @@ def unit_text(service, user, key_file, start_timeout):
 
 
 @deploy("Run the authenticating proxy", data_defaults=settings.DEFAULTS)
-def install(service, user, key_file, key_op, ready, start_timeout=None):
+def install(service, user, key_file, new_key, ready, start_timeout=None):
     """
     Install and run ``service``'s proxy, restarted when its unit, its script or its key changed,
     or when it did not answer with the key; it is ready when the engine's endpoints answer through it.
@@ -56,7 +56,7 @@ def install(service, user, key_file, key_op, ready, start_timeout=None):
     + service: the service (its ``listen`` is where the proxy listens, its ``proxy_port`` the port)
     + user: ``UID:GID`` the proxy runs as (the service's account)
     + key_file: the key file on the host (root only; the proxy reads it before dropping to ``user``)
-    + key_op: the operation that wrote it
+    + new_key: whether this run writes other bytes into it (a mode fix alone restarts nothing)
     + ready: whether it answered through the proxy with the key before this run (``ServiceReady``
       of ``ready_urls``)
     + start_timeout: seconds the proxy may take to answer (``inference_start_timeout``)
@@ -72,6 +72,6 @@ def install(service, user, key_file, key_op, ready, start_timeout=None):
     systemd.service(name=f"Restart {unit} after its unit, script or key changed, or it was not ready",
                     service=unit, restarted=True,
                     _if=lambda: (not ready["ready"] or unit_op.did_change() or script.did_change()
-                                 or bool(key_op and key_op.did_change())))
+                                 or new_key))
     systemd.service(name=f"Run {unit} on {engines.listen(service)}:{service['proxy_port']} and wait until ready",
                     service=unit, running=True, enabled=True)

@@ -33,11 +33,17 @@ def _is_size(value):
     return isinstance(value, str) and value[:-1].isdigit() and value[-1] in "kmg"
 
 
+def size_bytes(value):
+    """A size such as '50m' in bytes (k, m, g: powers of 1024)."""
+    return int(value[:-1]) * 1024 ** ("kmg".index(value[-1]) + 1)
+
+
 # field: (check, what it must be). Every setting of group_data/all.py (settings.DEFAULTS) appears here.
 CHECKS = {
     "gpufleet_config_dir": (_is_str, "an absolute path"),
     "gpufleet_state_dir": (_is_str, "an absolute path"),
     "gpufleet_offline": (_is_bool, "true or false"),
+    "gpufleet_free_space_margin": (_is_size, "a size such as '1g' (k, m or g)"),
     "gpufleet_other_data": (_is_str_list, "a list of data keys gpufleet leaves to your own deploys"),
     "docker_packages": (_is_str_list, "a list of package names"),
     "docker_log_max_size": (_is_size, "a size such as '50m' (k, m or g)"),

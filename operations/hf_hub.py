@@ -187,7 +187,7 @@ def fetch_env(endpoint, state_dir):
 
 
 @operation()
-def fetched(repo, revision, dest, endpoint=None, token_file=None, state_dir="/var/lib/gpufleet"):
+def fetched(repo, revision, dest, endpoint=None, token_file=None, state_dir="/var/lib/gpufleet", margin=0):
     """
     Make ``dest`` hold ``repo`` at ``revision`` from a hub, every file checked (``gpufleet-hf-fetch``).
 
@@ -198,6 +198,7 @@ def fetched(repo, revision, dest, endpoint=None, token_file=None, state_dir="/va
     + endpoint: the hub (``HF_ENDPOINT``; None: huggingface.co)
     + token_file: a root-only file on the host holding the token (read by the fetcher, never in argv)
     + state_dir: where the client keeps its own state (``HF_HOME``)
+    + margin: bytes to keep free beyond what is fetched (the fetcher refuses before downloading)
 
     A volume whose source matches and whose files still match the record is left alone without
     touching the network; anything else runs the fetcher, which hashes what is there and downloads
@@ -215,4 +216,4 @@ def fetched(repo, revision, dest, endpoint=None, token_file=None, state_dir="/va
            else f"{source.get('repo')}@{(source.get('commit') or '?')[:12]} there, {repo}@{(commit or revision)[:12]} wanted")
     host.log(f"{dest}: {why}: fetching {repo}@{revision} from {endpoint or 'huggingface.co'}")
     yield (f"{env} {FETCH} fetch {shlex.quote(repo)} {shlex.quote(commit or revision)} {shlex.quote(dest)}"
-           f"{f' --token-file {shlex.quote(token_file)}' if token_file else ''}")
+           f" --margin {int(margin)}{f' --token-file {shlex.quote(token_file)}' if token_file else ''}")

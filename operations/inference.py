@@ -15,9 +15,10 @@ from pyinfra import host, logger
 from pyinfra.api import FactBase, deploy
 from pyinfra.operations import files, server, systemd
 
-from . import (TEMPLATES, TOOLS_DIR, auth_proxy, config, cuda_gate, docker_images, engines, offline, secrets,
-               settings, staging, systemd_syntax, weights)
+from . import (TEMPLATES, TOOLS_DIR, auth_proxy, config, cuda_gate, docker_images, engines, firewall, offline,
+               secrets, settings, staging, systemd_syntax, weights)
 from .errors import ConfigError
+from .remote import Shell
 
 UNIT_DIR = "/etc/systemd/system"
 # Ids of the services' own accounts (gpufleet-<name>): within Debian's 60000-64999, allocated on
@@ -265,7 +266,8 @@ def install_services(services=None, gpus=0, weights_root=None, start_timeout=Non
       when its own image changed
 
     Each service's containers run as its own account (``gpufleet-<name>``, its own UID), unless its
-    ``user`` names one.
+    ``user`` names one. Services the inventory no longer names are removed, and the firewall set to
+    these services' ports, once images and weights are in place and before any unit (re)starts.
 
     Returns ``(service, ready fact or None, where)`` for the summary (``where``: its user and secrets).
     """
@@ -280,6 +282,7 @@ def install_services(services=None, gpus=0, weights_root=None, start_timeout=Non
     accounts = host.get_fact(ServiceAccounts)
     if not services:
         remove_services(stale_units(services), accounts, secrets_dir=secrets_dir)
+        firewall.admit_only_allowed(ports=[])
         return []
     files.put(name="Install the weight check", src=str(TEMPLATES / "gpufleet-verify-weights"),
               dest=f"{TOOLS_DIR}/gpufleet-verify-weights", mode="755")
@@ -288,6 +291,9 @@ def install_services(services=None, gpus=0, weights_root=None, start_timeout=Non
     # What the inventory no longer names goes now: images and weights are in place, no new unit
     # has started, and a renamed service's port is free for its successor.
     remove_services(stale_units(services), accounts, secrets_dir=secrets_dir)
+    # Before any new unit listens, its ports (and its proxy's) admit the allowed sources only; off,
+    # gpufleet's table is removed.
+    firewall.admit_only_allowed(ports=guarded_ports(services) if host.data.inference_firewall else [])
 
     ids = service_ids(services, accounts)
     results = []
@@ -315,17 +321,7 @@ def install_services(services=None, gpus=0, weights_root=None, start_timeout=Non
         if proxied:
             where["proxy"] = {"listen": engines.listen(service), "port": service["proxy_port"],
                               "api_key_at": posixpath.join(secrets_dir, f"{name}.key")}
-        key_op = None
-        if key_file or proxied:  # the engine's own key file (its account reads it), or the proxy's (root's)
-            key_op = secrets.secret_file(
-                name=f"Write {name}'s API key file (" + ("root only: systemd hands it to the proxy)" if proxied
-                                                        else "its account reads it, nobody else)"),
-                dest=key_file or where["proxy"]["api_key_at"],
-                content=Path(service["api_key_file"]).read_text().strip().encode() + b"\n", mode="400",
-                uid=0 if proxied else uid, gid=0 if proxied else gid)
-        env_op = secrets.secret_file(name=f"Write {name}'s secrets (root only)", dest=env_file,
-                                     content=env_content(engine_service, profile, key_in_file=bool(key_file))) \
-            if env_file else None
+        new_key, new_secrets = write_secrets(service, engine_service, where, uid, gid)
         unit_path = f"{UNIT_DIR}/gpufleet-{name}.service"
         unit = files.put(name=f"Install unit gpufleet-{name}.service",
                          src=StringIO(unit_text(engine_service, weights_root, env_file, use_gpus, start_timeout,
@@ -337,27 +333,59 @@ def install_services(services=None, gpus=0, weights_root=None, start_timeout=Non
             continue
         ready = host.get_fact(ServiceReady, urls=engines.ready_urls(engine_service), key_file=where["key_source"],
                               key_var=where["key_var"])
-        engine_key_op = key_op if key_file else None
-        changed = [op for op in (unit, env_op, engine_key_op, (image_ops or {}).get(service["image"]))
-                   if op is not None]
         volume = weights.volume_of(service["model"])
         volume_dir = posixpath.join(weights_root, volume)
         systemd.service(
             name=f"Restart gpufleet-{name} after its unit, secrets, weights or image changed, or it was not ready",
             service=f"gpufleet-{name}", restarted=True,
-            _if=lambda ready=ready, changed=changed, volume_op=volumes[volume], volume_dir=volume_dir: (
-                not ready["ready"] or any(op.did_change() for op in changed)
-                or content_changed(volume_op, volume_dir)),
+            _if=lambda ready=ready, unit=unit, new_secrets=new_secrets, image_op=(image_ops or {}).get(service["image"]),
+                volume_op=volumes[volume], volume_dir=volume_dir, image=service["image"], name=name: (
+                not ready["ready"] or unit.did_change() or new_secrets
+                or image_changed(image_op, f"gpufleet-{name}", image) or content_changed(volume_op, volume_dir)),
         )
         systemd.service(name=f"Run gpufleet-{name} ({engine}, {service['model']}) and wait until ready",
                         service=f"gpufleet-{name}", running=True, enabled=True)
         if proxied:
             proxy_ready = host.get_fact(ServiceReady, urls=auth_proxy.ready_urls(service),
                                         key_file=where["proxy"]["api_key_at"], key_var="")
-            auth_proxy.install(service, user=user, key_file=where["proxy"]["api_key_at"], key_op=key_op,
+            auth_proxy.install(service, user=user, key_file=where["proxy"]["api_key_at"], new_key=new_key,
                                ready=proxy_ready, start_timeout=start_timeout)
         results.append((engine_service, ready, where))
     return results
+
+
+def write_secrets(service, engine_service, where, uid, gid):
+    """
+    Write a service's secret files where ``placement`` put them: its API key file (its account's,
+    mounted into the engine; or root's, for its proxy) and its root-only environment file.
+
+    Returns ``(new_key, new_secrets)``: whether the key file's bytes change this run, and whether the
+    engine's own secrets do (a mode or owner fix alone is not a change a service restarts for).
+    """
+    name, key_file, env_file = service["name"], where["key_file"], where["env_file"]
+    new_key = new_secrets = False
+    if key_file or where.get("proxy"):
+        key = Path(service["api_key_file"]).read_text().strip().encode() + b"\n"
+        key_at = key_file or where["proxy"]["api_key_at"]
+        new_key = secrets.content_differs(key_at, key)
+        new_secrets = bool(key_file) and new_key
+        reader = "its account reads it, nobody else" if key_file else \
+            "root only: the proxy reads it before it drops to the service's account"
+        owner = (uid, gid) if key_file else (0, 0)
+        secrets.secret_file(name=f"Write {name}'s API key file ({reader})", dest=key_at, content=key, mode="400",
+                            uid=owner[0], gid=owner[1])
+    if env_file:
+        profile = engines.ENGINES[service["engine"]]
+        env = env_content(engine_service, profile, key_in_file=bool(key_file))
+        new_secrets = new_secrets or secrets.content_differs(env_file, env)
+        secrets.secret_file(name=f"Write {name}'s secrets (root only)", dest=env_file, content=env)
+    return new_key, new_secrets
+
+
+def guarded_ports(services):
+    """Every port the services and their proxies listen on (pure)."""
+    return sorted({port for service in services for port in (engines.port(service), service.get("proxy_port"))
+                   if port})
 
 
 def wanted_units(services):
@@ -404,6 +432,18 @@ def remove_services(stale, accounts, secrets_dir=None):
     if removed:
         systemd.daemon_reload(name="Reload systemd without the removed units",
                               _if=lambda: any(op.did_change() for op in removed))
+
+
+def image_changed(image_op, container, image):
+    """Whether the container must move to another image: the image's operation changed something and
+    the image's ID now differs from the one the container runs (a re-pull or re-load of the same
+    image, say after it was untagged, restarts nothing). Asked on the host when the operation ran."""
+    if image_op is None or not image_op.did_change():
+        return False
+    shell = Shell.of(host.state, host)
+    running = shell.run(f"docker inspect -f '{{{{.Image}}}}' {container} 2>/dev/null || true")
+    current = shell.run(f"docker image inspect -f '{{{{.Id}}}}' {shlex.quote(image)} 2>/dev/null || true")
+    return not running or not current or running != current
 
 
 def content_changed(volume_op, volume_dir):

@@ -14,8 +14,8 @@ prefixes an operation's name with its role's: "GPU host | Install NVIDIA driver 
 from pyinfra import host, logger
 from pyinfra.api import deploy
 
-from . import (base, config, containerd_engine, docker_engine, engines, firewall, inference, nvidia_driver,
-               nvidia_toolkit, offline, podman_engine, proxmox, remote, staging)
+from . import (base, config, containerd_engine, docker_engine, inference, nvidia_driver, nvidia_toolkit,
+               offline, podman_engine, proxmox, remote, staging)
 
 # nvidia_toolkit_engine -> (its install deploy, returning its configuration operation or None;
 #                           the deploy that restarts it after any of the given operations changed)
@@ -107,12 +107,6 @@ def _serving_stack(driver, no_cgroups=False, dev_char_symlinks=None):
         if gpus and offline.carries(host.data.get("gpufleet_bundle"), check_image):
             images.append(check_image)  # otherwise the check's `docker run --pull missing` fetches it
         image_ops = inference.install_images(images)
-    # Before any service listens: its ports (and its proxy's) admit the allowed sources only. With no
-    # service, or with inference_firewall off, gpufleet's table is removed.
-    guarded = sorted({port for service in host.data.inference_services for port in
-                      (engines.port(service), service.get("proxy_port")) if port}) \
-        if docker and host.data.inference_firewall else []
-    firewall.admit_only_allowed(ports=guarded)
     if gpus:
         nvidia_toolkit.check_gpu_container(after=[op for op in (driver, toolkit, engine_ready) if op], engine=engine)
     services = []
@@ -120,7 +114,8 @@ def _serving_stack(driver, no_cgroups=False, dev_char_symlinks=None):
         results = inference.install_services(gpus=gpus, image_ops=image_ops)
         inference.summary(results)
         services = [inference.intent(service, ready is not None, where) for service, ready, where in results]
-    return {"engine": engine, "docker": docker, "services": services, "firewall": bool(guarded),
+    guarded = docker and host.data.inference_firewall and bool(services)
+    return {"engine": engine, "docker": docker, "services": services, "firewall": guarded,
             "allowed_sources": list(host.data.inference_allowed_sources) if guarded else [],
             "nvidia_toolkit_version": host.data.nvidia_toolkit_version,
             "nvidia_toolkit_check_image": host.data.nvidia_toolkit_check_image}

@@ -29,6 +29,12 @@ def _write(state, host, shell, dest, content, mode, owner):
     shell.send(write_file_command(dest, mode=mode, owner=owner), content)
 
 
+def content_differs(dest, content):
+    """Whether ``dest`` on the host does not hold ``content`` yet (by SHA-256; a mode or owner fix
+    alone is not a new secret, so what reads it need not restart)."""
+    return host.get_fact(Sha256File, path=dest) != hashlib.sha256(content).hexdigest()
+
+
 @operation()
 def secret_file(dest, content, mode="600", uid=0, gid=0):
     """

@@ -187,5 +187,5 @@ def stage_volumes(volumes, weights_root=None, endpoint=None):
             operations[name] = hf_hub.fetched(
                 name=f"Fetch weight volume {name} ({where['hf']}@{where['revision'][:12]})", repo=where["hf"],
                 revision=where["revision"], dest=dest, endpoint=endpoint, token_file=token,
-                state_dir=host.data.gpufleet_state_dir)
+                state_dir=host.data.gpufleet_state_dir, margin=config.size_bytes(host.data.gpufleet_free_space_margin))
     return operations

@@ -45,6 +45,34 @@ class StagedFiles(FactBase):
         return staged
 
 
+class FreeSpace(FactBase):
+    """
+    Returns the bytes free to an unprivileged writer on the filesystem that holds ``path`` (or would:
+    its nearest existing parent), and that filesystem's mount point.
+
+    .. code:: python
+
+        {"available": 52613349376, "mount": "/srv"}
+    """
+
+    def command(self, path):
+        return (f"p={shlex.quote(path)}; while [ ! -e \"$p\" ]; do p=$(dirname \"$p\"); done; "
+                "df -P -B1 \"$p\" | tail -n 1")
+
+    def process(self, output):
+        fields = output[-1].split()
+        return {"available": int(fields[3]), "mount": fields[5]}
+
+
+def room_shortfall(host_name, dest, needed, free, margin):
+    """The refusal when ``dest`` cannot take ``needed`` bytes plus ``margin`` (pure), or None."""
+    if needed and needed + margin > free["available"]:
+        return (f"{host_name}: {dest}: no room: {needed} bytes to receive + {margin} margin "
+                f"(gpufleet_free_space_margin), {free['available']} free on {free['mount']}; nothing was sent. "
+                "Free space there, or move gpufleet's directories")
+    return None
+
+
 def plan(wanted, staged, rehash=False):
     """
     Split ``wanted`` (path -> {size, sha256}) by what the host holds (pure: unit-tested).

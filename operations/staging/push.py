@@ -4,9 +4,11 @@ import shlex
 
 from pyinfra import host, logger
 from pyinfra.api import operation
+from pyinfra.api.exceptions import OperationError
 
+from ..config import size_bytes
 from ..remote import HostFunction
-from .facts import StagedFiles, plan
+from .facts import FreeSpace, StagedFiles, plan, room_shortfall
 from .wire import transfer
 
 
@@ -33,9 +35,13 @@ def staged(src, dest, files, mode="444", rehash=False, pulled_from=None):
     if not check and not send and not stale_record:
         host.noop(f"{dest}: {len(intact)} files intact")
         return
-    yield f"mkdir -p {shlex.quote(dest)}"
     resumed = sum(1 for offset in send.values() if offset)
     size = sum(files[path]["size"] - offset for path, offset in send.items())
+    shortfall = room_shortfall(host.name, dest, size, host.get_fact(FreeSpace, path=dest),
+                               size_bytes(host.data.gpufleet_free_space_margin))
+    if shortfall:
+        raise OperationError(shortfall)
+    yield f"mkdir -p {shlex.quote(dest)}"
     logger.info(f"[{host.name}] {dest}: {len(intact)} intact, {len(check)} to verify, {len(send)} to send "
                 f"({size} bytes{f', {resumed} resumed' if resumed else ''})")
     yield HostFunction(transfer, [src, dest, files, check, dict(send), mode], {})

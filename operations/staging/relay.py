@@ -10,13 +10,14 @@ import shlex
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 from pyinfra import host, inventory, logger
-from pyinfra.api import deploy, operation
-from pyinfra.operations import files
+from pyinfra.api import FactBase, deploy, operation
+from pyinfra.api.exceptions import OperationError
+from pyinfra.operations import files, server
 
 from .. import TEMPLATES, TOOLS_DIR, config, settings
 from ..errors import ConfigError
 from ..remote import HostFunction, Shell
-from .facts import StagedFiles, plan
+from .facts import FreeSpace, StagedFiles, plan, room_shortfall
 from .wire import check_stream, mark_content, receive_command, write_record
 
 RELAY_SENDER = f"{TOOLS_DIR}/gpufleet-relay-send"
@@ -51,11 +52,38 @@ def relay_seed(target=None):
     return seed
 
 
+class RelayKeysLeft(FactBase):
+    """
+    Returns the login's ``authorized_keys`` and how many relay key lines it holds: none once runs
+    end, since each pull removes its own; any found at a run's start were left by a run that was
+    killed mid-pull (they expire within the hour regardless).
+
+    .. code:: python
+
+        {"path": "/home/ops/.ssh/authorized_keys", "count": 0}
+    """
+
+    def command(self, user):
+        return (f"f=$(getent passwd {shlex.quote(user)} | cut -d: -f6)/.ssh/authorized_keys; echo \"$f\"; "
+                "grep -c ' gpufleet-relay-[^ ]*$' \"$f\" 2>/dev/null || true")
+
+    def process(self, output):
+        return {"path": output[0], "count": int(output[-1]) if len(output) > 1 and output[-1].isdigit() else 0}
+
+
 @deploy("Serve staged files to the site", data_defaults=settings.DEFAULTS)
 def serve_relays():
-    """On a seed (a host some other host names in ``gpufleet_stage_via``): install the relay sender."""
+    """On a seed (a host some other host names in ``gpufleet_stage_via``): remove relay keys an
+    interrupted run left in the login's ``authorized_keys``, and install the relay sender."""
     if any(other.data.get("gpufleet_stage_via") == host.name for other in inventory.iter_activated_hosts()
            if other is not host):
+        left = host.get_fact(RelayKeysLeft, user=host.data.get("ssh_user") or "root")
+        if left["count"]:
+            keys = shlex.quote(left["path"])
+            lock = shlex.quote(posixpath.join(posixpath.dirname(left["path"]), ".gpufleet-relay.lock"))
+            # sed -i keeps the file's owner and mode (GNU sed, run as root); the lock is the pulls' own
+            server.shell(name=f"Remove {left['count']} relay key(s) an interrupted run left in {left['path']}",
+                         commands=[f"flock {lock} sed -i '/ gpufleet-relay-[^ ]*$/d' {keys}"])
         files.put(name=f"Install the relay sender {RELAY_SENDER}", src=str(TEMPLATES / "gpufleet-relay-send"),
                   dest=RELAY_SENDER, mode="755", user="root", group="root")
 
@@ -131,7 +159,12 @@ def relayed(seed, dest, files, mode="444"):
     if not send and not set(current["record"]) - set(files):
         host.noop(f"{dest}: {len(intact)} files intact")
         return
-    yield f"mkdir -p {shlex.quote(dest)}"
-    logger.info(f"[{host.name}] {dest}: {len(intact)} intact, {len(send)} to pull from {seed.name}")
+    size = sum(files[path]["size"] - offset for path, offset in send.items())
+    shortfall = room_shortfall(host.name, dest, size, host.get_fact(FreeSpace, path=dest),
+                               config.size_bytes(host.data.gpufleet_free_space_margin))
+    if shortfall:
+        raise OperationError(shortfall)
     keys_dir = posixpath.join(host.data.gpufleet_state_dir, "relay")
+    yield f"mkdir -p {shlex.quote(dest)} && rm -f {shlex.quote(keys_dir)}/gpufleet-relay-*"  # an interrupted run's
+    logger.info(f"[{host.name}] {dest}: {len(intact)} intact, {len(send)} to pull from {seed.name}")
     yield HostFunction(_relay, [seed, keys_dir, dest, files, dict(send), mode], {})

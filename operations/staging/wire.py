@@ -94,11 +94,13 @@ def transfer(state, host, shell, src, dest, wanted, check, send, mode):
 
 
 def write_record(shell, dest, wanted):
-    """Record size, mtime and SHA-256 of the wanted files now in ``dest``: the next run trusts them."""
+    """Record size, mtime and SHA-256 of the wanted files now in ``dest``: the next run trusts them.
+    Written aside and renamed into place, so a run killed meanwhile leaves the previous record whole."""
     facts = StagedFiles()
     on_host = facts.process(shell.run(facts.command(dest)))["files"]
     record = {path: [*stat, wanted[path]["sha256"]] for path, stat in on_host.items() if path in wanted}
-    shell.send(f"cat > {shlex.quote(posixpath.join(dest, RECORD))}", json.dumps(record, sort_keys=True))
+    path = shlex.quote(posixpath.join(dest, RECORD))
+    shell.send(f"cat > {path}.new && mv -f {path}.new {path}", json.dumps(record, sort_keys=True))
 
 
 def check_stream(host, dest, status, lines, expected, stderr, sent):

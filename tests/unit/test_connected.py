@@ -181,7 +181,7 @@ def test_fetched_volume_runs_the_fetcher_otherwise(run_op, volume):
     assert commands == [
         "HF_ENDPOINT=http://hub:8090 HF_HOME=/var/lib/gpufleet/hf-home HF_HUB_DISABLE_PROGRESS_BARS=1 "
         "HF_HUB_DISABLE_TELEMETRY=1 PYTHONPATH=/usr/local/lib/gpufleet/hf/site /usr/local/lib/gpufleet/gpufleet-hf-fetch"
-        f" fetch o/m {COMMIT} /srv/w/q --token-file /etc/gpufleet/secrets/hf-q.token"]
+        f" fetch o/m {COMMIT} /srv/w/q --margin 0 --token-file /etc/gpufleet/secrets/hf-q.token"]
 
 
 def test_followed_branch_is_fetched_when_it_moves(run_op):
@@ -191,7 +191,7 @@ def test_followed_branch_is_fetched_when_it_moves(run_op):
     assert commands == []
     commands, _ = run_op(hf_hub.fetched, {"HubVolume": volume, "HubRevision": "e" * 40}, repo="o/m",
                          revision="main", dest="/srv/w/q")
-    assert commands and commands[0].endswith(f"fetch o/m {'e' * 40} /srv/w/q")
+    assert commands and commands[0].endswith(f"fetch o/m {'e' * 40} /srv/w/q --margin 0")
 
 
 def test_lock_pins_every_wheel_of_each_target():

@@ -128,3 +128,17 @@ def test_unreachable_hub_is_named(tmp_path):
     result = fetch("http://127.0.0.1:9", dest, "fetch", "lab/tiny", "a" * 40, str(dest))
     assert result.returncode == 1 and "lab/tiny@" in result.stderr and "http://127.0.0.1:9" in result.stderr, \
         result.stderr
+
+
+def test_no_room_is_refused_before_any_download(hub, tmp_path):
+    import shutil
+
+    hub, endpoint, _ = hub
+    dest = tmp_path / "vol"
+    margin = shutil.disk_usage(tmp_path).free  # what the volume needs on top of this cannot fit
+    result = fetch(endpoint, dest, "fetch", "lab/tiny", commit(hub), str(dest), "--margin", str(margin))
+    assert result.returncode == 1
+    assert f"gpufleet-hf-fetch: {dest}: no room: {(3 << 20) + 18 + 14} bytes to receive + {margin} margin" \
+           in result.stderr, result.stderr
+    assert not any("/resolve/" in path or path.startswith("/lfs/") for _, path, _ in hub.requests)
+    assert not (dest / "model.gguf").exists()

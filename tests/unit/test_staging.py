@@ -152,3 +152,25 @@ def test_relay_key_is_restricted_to_the_sender_and_expires():
     line = authorized_line(public, "gpufleet-relay-lab-2-abc", "202611231500")
     assert line == (f'restrict,command="{RELAY_SENDER}",expiry-time="202611231500" {public} '
                     "gpufleet-relay-lab-2-abc")
+
+
+def test_room_is_the_bytes_to_receive_plus_the_margin():
+    from operations.config import size_bytes
+    from operations.staging.facts import FreeSpace, room_shortfall
+
+    free = FreeSpace().process(["/dev/vda1  268435456000  214748364800  52613349376  81% /srv"])
+    assert free == {"available": 52613349376, "mount": "/srv"}
+    assert size_bytes("1g") == 1 << 30 and size_bytes("50m") == 50 << 20
+    assert room_shortfall("gpu-7", "/srv/w/qwen", 52613349376 - (1 << 30), free, 1 << 30) is None
+    assert room_shortfall("gpu-7", "/srv/w/qwen", 0, {"available": 0, "mount": "/"}, 1 << 30) is None  # nothing to send
+    refused = room_shortfall("gpu-7", "/srv/w/qwen", 52613349376, free, 1 << 30)
+    assert refused.startswith("gpu-7: /srv/w/qwen: no room: 52613349376 bytes to receive + 1073741824 margin "
+                              "(gpufleet_free_space_margin), 52613349376 free on /srv; nothing was sent")
+
+
+def test_relay_keys_left_are_counted_in_the_logins_file():
+    from operations.staging.relay import RelayKeysLeft
+
+    assert RelayKeysLeft().process(["/home/ops/.ssh/authorized_keys", "2"]) == \
+        {"path": "/home/ops/.ssh/authorized_keys", "count": 2}
+    assert RelayKeysLeft().process(["/root/.ssh/authorized_keys"]) == {"path": "/root/.ssh/authorized_keys", "count": 0}
