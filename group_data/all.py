@@ -25,6 +25,16 @@ gpufleet_site_port = 22
 # (naming it, with the closest known key). Data your own deploys read from the same inventory: list
 # its keys here, and gpufleet leaves them alone.
 gpufleet_other_data = []
+# Rolling upgrades (pyinfra INVENTORY upgrade.py): GPU hosts whose driver or toolkit is not the
+# pinned one are upgraded this many at a time (the same on every host), each drained first: its
+# services get this many seconds to finish open requests, then stop. A rollout halts, leaving the
+# later batches as they were, once more than gpufleet_upgrade_max_failed hosts have failed.
+gpufleet_upgrade_batch = 1
+gpufleet_upgrade_drain_timeout = 60
+gpufleet_upgrade_max_failed = 0
+# True: container images and weight volumes (under inference_weights_root) that no service of the
+# host uses are removed once its services run. Off: they stay, to be used again without a transfer.
+gpufleet_prune = False
 
 # --- ssh_ (pyinfra's SSH connector, paramiko) -------------------------------------------
 # Use AES-GCM only: with paramiko, AES-CTR + HMAC-SHA2 streams at about 130 MB/s on the benchmark

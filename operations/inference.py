@@ -16,7 +16,7 @@ from pyinfra.api import FactBase, deploy
 from pyinfra.operations import files, server, systemd
 
 from . import (TEMPLATES, TOOLS_DIR, auth_proxy, config, cuda_gate, docker_images, engines, firewall, offline,
-               secrets, settings, staging, systemd_syntax, weights)
+               prune, secrets, settings, staging, systemd_syntax, weights)
 from .errors import ConfigError
 from .remote import Shell
 
@@ -225,6 +225,20 @@ def placement(service, secrets_dir):
             "key_var": "" if key_file or not keyed else profile["api_key_env"]}
 
 
+def with_listen(services):
+    """The services with the address each listens on filled in (``inference_listen`` unless set)."""
+    return [{**service, "listen": service.get("listen") or host.data.inference_listen} for service in services]
+
+
+def readiness(service, secrets_dir=None):
+    """How the host checks that ``service`` answers: its engine's endpoints (behind a proxy, on
+    loopback), the file its key is read from and the variable naming it: ``ServiceReady``'s arguments."""
+    secrets_dir = secrets_dir or posixpath.join(host.data.gpufleet_config_dir, "secrets")
+    engine_service = auth_proxy.engine_side(service) if service.get("proxy_port") else service
+    where = placement(engine_service, secrets_dir)
+    return {"urls": engines.ready_urls(engine_service), "key_file": where["key_source"], "key_var": where["key_var"]}
+
+
 def unit_text(service, weights_root, env_file, use_gpus, start_timeout, user=engines.DEFAULT_USER, key_file=None):
     """The systemd unit for ``service`` (pure: unit-tested); its words quoted for systemd, not a shell."""
     profile = engines.ENGINES[service["engine"]]
@@ -271,8 +285,7 @@ def install_services(services=None, gpus=0, weights_root=None, start_timeout=Non
 
     Returns ``(service, ready fact or None, where)`` for the summary (``where``: its user and secrets).
     """
-    services = host.data.inference_services if services is None else services
-    services = [{**service, "listen": service.get("listen") or host.data.inference_listen} for service in services]
+    services = with_listen(host.data.inference_services if services is None else services)
     weights_root = weights_root or host.data.inference_weights_root
     start_timeout = start_timeout or host.data.inference_start_timeout
     secrets_dir = posixpath.join(host.data.gpufleet_config_dir, "secrets")
@@ -283,6 +296,7 @@ def install_services(services=None, gpus=0, weights_root=None, start_timeout=Non
     if not services:
         remove_services(stale_units(services), accounts, secrets_dir=secrets_dir)
         firewall.admit_only_allowed(ports=[])
+        _prune_unused(services, weights_root)
         return []
     files.put(name="Install the weight check", src=str(TEMPLATES / "gpufleet-verify-weights"),
               dest=f"{TOOLS_DIR}/gpufleet-verify-weights", mode="755")
@@ -351,7 +365,18 @@ def install_services(services=None, gpus=0, weights_root=None, start_timeout=Non
             auth_proxy.install(service, user=user, key_file=where["proxy"]["api_key_at"], new_key=new_key,
                                ready=proxy_ready, start_timeout=start_timeout)
         results.append((engine_service, ready, where))
+    _prune_unused(services, weights_root)
     return results
+
+
+def _prune_unused(services, weights_root):
+    """With ``gpufleet_prune``, once the services run: remove the images and weight volumes none of them
+    uses (the GPU check's image stays)."""
+    if host.data.gpufleet_prune:
+        prune.pruned(name="Remove images and weight volumes no service uses (gpufleet_prune)",
+                     keep_images=[service["image"] for service in services] + [host.data.nvidia_toolkit_check_image],
+                     keep_volumes=sorted({weights.volume_of(service["model"]) for service in services}),
+                     weights_root=weights_root)
 
 
 def write_secrets(service, engine_service, where, uid, gid):

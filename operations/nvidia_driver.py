@@ -18,8 +18,8 @@ from pyinfra.facts.files import File
 from pyinfra.facts.server import LinuxDistribution
 from pyinfra.operations import apt, files, server, systemd
 
-from . import apt_pin, base, config, driver_plan, settings
-from .driver_facts import AptPackages, KernelImages, NvidiaModuleFor, PersistencedUser, image_meta
+from . import apt_pin, base, config, driver_plan, offline, settings
+from .driver_facts import AptPackages, KernelImages, NvidiaModuleFor, PersistencedUser, image_meta, upstream
 from .errors import ConfigError, HostStateError
 from .gpu_facts import KernelHeaders, NvidiaKernelModule, NvidiaPciDevices, SecureBoot
 from .proxmox_facts import PveVersion
@@ -134,10 +134,45 @@ def _plan_or_refuse(source, requested, kernel_module, open_modules):
     try:
         return host_plan(source, requested, kernel_module, open_modules)
     except driver_plan.PlanError as error:
+        if error.field == "nvidia_driver_version" and source == "bundle" and _bundle_offers(requested, kernel_module):
+            return None  # the bundle staged by this run has it: the operations plan once it is there
         if (error.field != "nvidia_driver_version" or _source_in_place(source)
                 or _anchor_known(source, requested, kernel_module)):
             raise ConfigError(error.field, str(error), host=host.name) from None
         return None
+
+
+def _bundle_offers(requested, kernel_module):
+    distro = host.get_fact(LinuxDistribution)["name"]
+    name = driver_plan.anchor("bundle", distro, driver_plan.branch_of(requested), kernel_module)
+    return offline.offers(host.data.get("gpufleet_bundle"), name, requested)
+
+
+def installed_version(source=None, requested=None, kernel_module=True):
+    """The upstream version of the installed driver (its anchor package), or None."""
+    source = source or host.data.nvidia_driver_source
+    requested = requested or host.data.nvidia_driver_version
+    distro = host.get_fact(LinuxDistribution)["name"]
+    name = driver_plan.anchor(source, distro, driver_plan.branch_of(requested), kernel_module)
+    versions = host.get_fact(DebPackages).get(name) or []
+    return upstream(sorted(versions)[0]) if versions else None
+
+
+def upgrade_from(source=None, requested=None, kernel_module=True):
+    """``(installed, pinned)`` when the installed driver is not the pinned one (a branch pin: not of
+    its branch, or not the branch's newest that apt offers); None when it is, or none is installed."""
+    source = source or host.data.nvidia_driver_source
+    requested = requested or host.data.nvidia_driver_version
+    installed = installed_version(source, requested, kernel_module)
+    if installed is None:
+        return None
+    try:
+        wanted = host_plan(source, requested, kernel_module, host.data.nvidia_driver_open).version
+    except driver_plan.PlanError:
+        wanted = requested  # apt does not offer it yet (a bundle staged by this run)
+    if installed == wanted or ("." not in wanted and installed.split(".")[0] == wanted):
+        return None
+    return installed, wanted
 
 
 @operation()

@@ -9,6 +9,7 @@ from io import StringIO
 
 from pyinfra import host, logger
 from pyinfra.api import FactBase, OperationError, deploy, operation
+from pyinfra.facts.deb import DebPackages
 from pyinfra.facts.files import File
 from pyinfra.operations import apt, files
 
@@ -74,6 +75,16 @@ class NoCgroups(FactBase):
         except tomllib.TOMLDecodeError:
             return False  # not set as far as anyone can read: nvidia-ctk config names the file's fault
         return config.get("nvidia-container-cli", {}).get("no-cgroups") is True
+
+
+def upgrade_from(version=None):
+    """``(installed, pinned)`` when the installed toolkit is not the pinned version; None when it is,
+    or when none is installed."""
+    version = version or host.data.nvidia_toolkit_version
+    installed = host.get_fact(DebPackages).get("nvidia-container-toolkit") or []
+    if not installed or apt_pin.matches(installed, version):
+        return None
+    return sorted(installed)[0].split(":", 1)[-1].rsplit("-", 1)[0], version
 
 
 @deploy("Install NVIDIA Container Toolkit", data_defaults=settings.DEFAULTS)

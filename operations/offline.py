@@ -98,3 +98,12 @@ def load_images(images, bundle_path=None, bundle_dir=None):
 def carries(bundle_path, image):
     """True when the bundle at ``bundle_path`` (None: no bundle) holds ``image``."""
     return bool(bundle_path) and image in {entry["name"] for entry in bundle.load(bundle_path).get("images", [])}
+
+
+def offers(bundle_path, package, version):
+    """True when the bundle at ``bundle_path`` carries ``package`` at upstream ``version`` (or, for a
+    branch such as ``535``, a version of it) in its apt repository."""
+    if not bundle_path:
+        return False
+    prefix = f"apt/{package}_" + (f"{version}-" if "." in version else f"{version}.")
+    return any(path.startswith(prefix) for path in bundle.load(bundle_path).get("files", {}))

@@ -14,8 +14,8 @@ prefixes an operation's name with its role's: "GPU host | Install NVIDIA driver 
 from pyinfra import host, logger
 from pyinfra.api import deploy
 
-from . import (base, config, containerd_engine, docker_engine, inference, nvidia_driver, nvidia_toolkit,
-               offline, podman_engine, proxmox, remote, staging)
+from . import (base, config, containerd_engine, docker_engine, engines, inference, nvidia_driver,
+               nvidia_toolkit, offline, podman_engine, proxmox, remote, rollout, staging)
 
 # nvidia_toolkit_engine -> (its install deploy, returning its configuration operation or None;
 #                           the deploy that restarts it after any of the given operations changed)
@@ -67,6 +67,20 @@ def gpu_host():
     """The pinned driver with its kernel module, then the serving stack."""
     driver = nvidia_driver.install_driver()
     return {"nvidia_driver_version": host.data.nvidia_driver_version, **_serving_stack(driver)}
+
+
+@deploy("Rolling upgrade")
+def rolled_gpu_host():
+    """``upgrade.py``, in this host's batch: drain its services, run the GPU host role (the pinned
+    driver and toolkit, services started again), then verify it serves before the next batch."""
+    services = host.data.inference_services
+    rollout.drained(name="Drain the inference services: open requests finish, then they stop",
+                    ports=[port for service in services for port in (engines.port(service), service.get("proxy_port")) if port],
+                    timeout=host.data.gpufleet_upgrade_drain_timeout)
+    summary = gpu_host()
+    rollout.verified(name="Verify the host serves again (loaded module on a GPU host, every service's endpoint)",
+                     services=services, gpus=len(base.gpus()))
+    return summary
 
 
 @deploy("LXC guest")

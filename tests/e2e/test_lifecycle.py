@@ -71,3 +71,23 @@ def test_an_empty_service_list_removes_every_service(second_deploy):
         back = run_deploy("--limit", HOST)
     assert back.rc == 0, back.output[-3000:]
     assert _answers()
+
+
+def test_prune_removes_images_and_volumes_no_service_uses(second_deploy):
+    """gpufleet_prune on lab-2: an image tag and a weight volume that no service uses are removed, the
+    running service's image and volume stay, and a re-run changes nothing."""
+    made = sh("echo old > /tmp/retired && tar -C /tmp -c retired | docker import - gpufleet-lab/retired:1 && "
+              "mkdir -p /srv/gpufleet/weights/retired && echo old > /srv/gpufleet/weights/retired/model.gguf")
+    assert made.returncode == 0, made.stderr
+    running = sh("docker inspect -f '{{.Id}}' gpufleet-chat").stdout.strip()
+    pruned = run_deploy("--limit", HOST, "--data", "gpufleet_prune=true")
+    assert pruned.rc == 0, pruned.output[-3000:]
+    assert list(pruned.changed()) == ["GPU host | Deploy inference services | Remove images and weight volumes no "
+                                      "service uses (gpufleet_prune)"], pruned.changed()
+    assert sh("docker image inspect gpufleet-lab/retired:1").returncode != 0
+    assert sh("test -e /srv/gpufleet/weights/retired").returncode == 1
+    assert sh(f"docker image inspect {image_tag()}").returncode == 0
+    assert sh("test -s /srv/gpufleet/weights/tiny/tiny.gguf").returncode == 0
+    assert sh("docker inspect -f '{{.Id}}' gpufleet-chat").stdout.strip() == running and _answers()
+    again = run_deploy("--limit", HOST, "--data", "gpufleet_prune=true")
+    assert again.rc == 0 and again.total_changed() == 0, again.changed()

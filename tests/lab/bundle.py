@@ -34,15 +34,15 @@ def _baseline_status():
     return status
 
 
-def spec(image_tag):
+def spec(image_tag, driver_version=DRIVER_VERSION):
     return {
         "apt": {
             "target": {"distro": "debian", "release": image.SUITE, "arch": "amd64", "mirror": image.MIRROR,
                        "security_mirror": image.SECURITY_MIRROR,
                        "components": ["main", "contrib", "non-free", "non-free-firmware"]},
-            "packages": ["docker.io", *driver_plan.debian(DRIVER_VERSION, "unused").packages,
+            "packages": ["docker.io", *driver_plan.debian(driver_version, "unused").packages,
                          "nvidia-persistenced", *nvidia_toolkit.PACKAGES],
-            "pins": [{"packages": nvidia_driver.PIN_PATTERNS, "version": DRIVER_VERSION},
+            "pins": [{"packages": nvidia_driver.PIN_PATTERNS, "version": driver_version},
                      {"packages": nvidia_toolkit.PACKAGES, "version": TOOLKIT_VERSION}],
             "debs": ["toolkit-repo/*.deb"],
             "baseline_status": str(_baseline_status()),
@@ -64,14 +64,15 @@ def _unused():
         subprocess.run(["docker", "import", "-", UNUSED_IMAGE], input=tar, check=True, capture_output=True)
 
 
-def build(log=print):
-    """Build or refresh .lab/bundle; returns its path."""
+def build(log=print, driver_version=DRIVER_VERSION, out=BUNDLE):
+    """Build or refresh the lab's bundle (.lab/bundle; another driver version: give another ``out``);
+    returns its path."""
     tag, _ = llamacpp.ensure_image(log=log)
     model = LAB / "models" / "tiny" / "tiny.gguf"
     if not model.exists():
         models.write_tiny_gguf(model)
     _unused()
-    spec_path = LAB / "bundle.yaml"
-    spec_path.write_text(yaml.safe_dump(spec(tag), sort_keys=False))
-    builder.build(spec_path, BUNDLE, log=log)
-    return BUNDLE
+    spec_path = LAB / f"{out.name}.yaml"
+    spec_path.write_text(yaml.safe_dump(spec(tag, driver_version), sort_keys=False))
+    builder.build(spec_path, out, log=log)
+    return out

@@ -1,0 +1,176 @@
+"""
+Rolling driver and toolkit upgrades (``upgrade.py``). The GPU hosts whose installed driver or
+toolkit is not the pinned one go in batches of ``gpufleet_upgrade_batch``, in inventory order.
+Each host of a batch is drained (its in-flight requests finish, then its services stop), upgraded
+and brought back by the GPU host role, and verified serving; then the next batch starts. When more
+than ``gpufleet_upgrade_max_failed`` hosts have failed, the hosts of the later batches are left as
+they were, named. A run again resumes: hosts already upgraded are no longer pending.
+
+pyinfra runs one operation at a time on every host. Every host takes part in each batch's gate (one
+step they share), so a batch's operations run after the previous batch's and before the next's.
+"""
+
+import posixpath
+
+from pyinfra import host, logger
+from pyinfra.api import operation
+from pyinfra.api.exceptions import OperationError
+from pyinfra.context import ctx_host
+from pyinfra.facts.systemd import SystemdStatus
+
+from . import auth_proxy, config, nvidia_driver, nvidia_toolkit
+from .errors import ConfigError
+from .gpu_facts import NvidiaKernelModule
+from .inference import InstalledServices, ServiceReady, readiness, with_listen
+
+# host name -> what its upgrade changes (computed once per run, when its deploy is planned)
+_PENDING = {}
+# hosts whose services this run has drained (their drain ran)
+DRAINED = set()
+
+
+config.register({
+    "gpufleet_upgrade_batch": (config._is_positive_int, "a whole number above 0 (hosts upgraded at once)"),
+    "gpufleet_upgrade_max_failed": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                                    "a whole number, 0 or more (failed hosts a rollout goes on past)"),
+    "gpufleet_upgrade_drain_timeout": (config._is_positive_int, "seconds (a whole number above 0)"),
+})
+
+
+def rolls(candidate):
+    """True for a host ``upgrade.py`` rolls: a GPU host that is not an LXC guest (a guest follows its
+    Proxmox host, and both are upgraded in place, as ``deploy.py`` does)."""
+    return "gpu_hosts" in candidate.groups and "lxc_guests" not in candidate.groups
+
+
+def pending():
+    """What upgrading this host changes (``["driver 535.261.03 -> 535.309.01"]``); empty when its
+    installed driver and toolkit are the pinned ones, or not installed yet (nothing serves there)."""
+    changes = []
+    driver = nvidia_driver.upgrade_from()
+    if driver:
+        changes.append(f"driver {driver[0]} -> {driver[1]}")
+    toolkit = nvidia_toolkit.upgrade_from()
+    if toolkit:
+        changes.append(f"toolkit {toolkit[0]} -> {toolkit[1]}")
+    return changes
+
+
+def pending_of(other):
+    if other.name not in _PENDING:
+        with ctx_host.use(other):
+            _PENDING[other.name] = pending()
+    return _PENDING[other.name]
+
+
+def batches():
+    """The rollout's batches of host names: the connected hosts that roll and have an upgrade pending,
+    in inventory order, ``gpufleet_upgrade_batch`` at a time (the same setting on every one)."""
+    members = [other for other in host.inventory if other in host.state.active_hosts and rolls(other)]
+    sizes = {other.name: other.data.gpufleet_upgrade_batch for other in members}
+    if len(set(sizes.values())) > 1:
+        raise ConfigError("gpufleet_upgrade_batch", "must be the same on every host of a rollout, got "
+                          + ", ".join(f"{name}: {size}" for name, size in sizes.items()), host=host.name)
+    size = host.data.gpufleet_upgrade_batch
+    names = [other.name for other in members if pending_of(other)]
+    return [names[start:start + size] for start in range(0, len(names), size)]
+
+
+@operation()
+def batch_gate(number, batches, max_failed):
+    """
+    Before batch ``number``: once more than ``max_failed`` hosts have failed, every host of this and
+    the later batches fails here, left as it was, naming the hosts that failed. Every host takes
+    this step in every batch (which orders the batches); it changes nothing.
+    """
+    batch = batches[number]
+    where = f"batch {number + 1} of {len(batches)} ({', '.join(batch)})"
+    if not any(host.name in later for later in batches[number:]):
+        host.noop(f"{where}: this host's batch is done")
+        return
+    failed = sorted(other.name for other in host.state.failed_hosts)
+    if len(failed) > max_failed:
+        drained = [name for name in failed if name in DRAINED]
+        raise OperationError(
+            f"{host.name}: rollout halted before {where}: {len(failed)} host(s) failed ({', '.join(failed)}), "
+            f"more than gpufleet_upgrade_max_failed = {max_failed}. {host.name} was left as it was (serving, "
+            "not upgraded)"
+            + (f"; left drained (services stopped) until a run converges them: {', '.join(drained)}"
+               if drained else "")
+            + ". Fix what failed, then run upgrade.py again: it goes on from there")
+    if host.name in batch:
+        host.noop(f"{where}: {'; '.join(_PENDING.get(host.name, []))}; {len(failed)} failed so far "
+                  f"(gpufleet_upgrade_max_failed = {max_failed})")
+    else:
+        host.noop(f"{where}: this host's batch comes later")
+    yield from ()
+
+
+@operation()
+def drained(ports, timeout):
+    """
+    Let this host's inference services finish their requests, then stop them: waits until no
+    connection to ``ports`` is established (at most ``timeout`` seconds), then stops the proxies,
+    then the engines. Nothing to do when none runs.
+    """
+    DRAINED.add(host.name)
+    installed = host.get_fact(InstalledServices)
+    running = host.get_fact(SystemdStatus, services=sorted(installed)) if installed else {}
+    units = sorted((unit for unit in installed if running.get(unit)),
+                   key=lambda unit: (not installed[unit]["proxy"], unit))
+    if not units:
+        host.noop("no inference service running")
+        return
+    filters = " or ".join(f"sport = :{port}" for port in sorted(set(ports)))
+    if filters:
+        yield (f"deadline=$(( $(date +%s) + {int(timeout)} )); "
+               f"while [ \"$(date +%s)\" -lt \"$deadline\" ] && ss -Htn state established '( {filters} )' "
+               "| grep -q .; do sleep 1; done; "
+               f"if ss -Htn state established '( {filters} )' | grep -q .; then echo \"{host.name}: requests "
+               f"still open after {int(timeout)} s (gpufleet_upgrade_drain_timeout): stopping anyway\" >&2; fi")
+    yield f"systemctl stop {' '.join(units)}"
+
+
+@operation()
+def verified(services, gpus):
+    """
+    Fail this host, saying it is left drained, unless it serves again: on a GPU host the loaded
+    module is the installed driver's version; every service of the host answers on its endpoint.
+    """
+    problems = []
+    if gpus:
+        loaded = host.get_fact(NvidiaKernelModule)
+        installed = nvidia_driver.installed_version()
+        if loaded is None or loaded["version"] != installed:
+            problems.append(f"loaded NVIDIA module {loaded and loaded['version']} is not the installed driver "
+                            f"{installed} (reboot it: nvidia_driver_reboot = True lets the rollout do so)")
+    for service in with_listen(services):
+        ready = host.get_fact(ServiceReady, **readiness(service))
+        if not ready["ready"]:
+            problems.append(f"service {service['name']} not ready: {ready['reason']}")
+        elif service.get("proxy_port"):
+            key_file = posixpath.join(host.data.gpufleet_config_dir, "secrets", f"{service['name']}.key")
+            ready = host.get_fact(ServiceReady, urls=auth_proxy.ready_urls(service), key_file=key_file, key_var="")
+            if not ready["ready"]:
+                problems.append(f"service {service['name']}'s proxy not ready: {ready['reason']}")
+    if problems:
+        raise OperationError(f"{host.name}: upgraded but not serving, left drained: {'; '.join(problems)}")
+    host.noop(f"{'; '.join(_PENDING.get(host.name, [])) or 'converged'}; "
+              f"{len(services)} service(s) ready")
+    yield from ()
+
+
+_LOGGED = []
+
+
+def log_plan(plan):
+    """Say the rollout's batches once per run."""
+    if _LOGGED:
+        return
+    _LOGGED.append(plan)
+    described = []
+    for number, batch in enumerate(plan):
+        hosts = ", ".join(f"{name} ({'; '.join(_PENDING[name])})" for name in batch)
+        described.append(f"batch {number + 1}: {hosts}")
+    logger.info("Rollout: " + ("; ".join(described) or "every host's driver and toolkit are the pinned ones: "
+                                                       "nothing to roll"))

@@ -1,0 +1,47 @@
+"""The rollout's pure parts: what a bundle offers, and how the probe loop judges who was out of service."""
+
+from operations import offline
+from tests.lab import probe
+
+FILES = {"apt/nvidia-kernel-dkms_535.309.01-0+deb12u1_amd64.deb": {}, "apt/nvidia-smi_535.261.03-1_amd64.deb": {},
+         "images/x.tar": {}}
+
+
+def test_a_bundle_offers_a_package_at_an_exact_version_or_of_a_branch(monkeypatch):
+    monkeypatch.setattr(offline.bundle, "load", lambda path: {"files": FILES})
+    assert offline.offers("/b", "nvidia-kernel-dkms", "535.309.01")
+    assert not offline.offers("/b", "nvidia-kernel-dkms", "535.261.03")
+    assert not offline.offers("/b", "nvidia-kernel-dkms", "535.309.0")  # no prefix match across versions
+    assert offline.offers("/b", "nvidia-smi", "535") and not offline.offers("/b", "nvidia-smi", "53")
+    assert not offline.offers(None, "nvidia-smi", "535")
+
+
+ROUNDS = [(0.0, {"a": True, "b": True, "c": True}),
+          (1.0, {"a": False, "b": True, "c": True}),
+          (2.0, {"a": False, "b": True, "c": True}),
+          (3.0, {"a": True, "b": False, "c": True}),
+          (4.0, {"a": True, "b": True, "c": False})]
+
+
+def test_out_of_service_windows_run_from_the_first_miss_to_the_next_answer():
+    assert probe.out_of_service(ROUNDS) == {"a": [(1.0, 3.0)], "b": [(3.0, 4.0)], "c": [(4.0, 4.0)]}
+    assert probe.longest_window(ROUNDS) == (2.0, "a")
+    assert probe.fewest_answering(ROUNDS) == 2
+
+
+def test_a_completion_to_a_closed_port_is_a_miss_not_an_error():
+    assert probe.completion("http://127.0.0.1:9", "key", timeout=2) is False
+
+
+def test_prune_reads_images_and_the_ones_containers_use():
+    from operations import prune
+
+    found = prune.DockerImages().process([
+        "gpufleet-lab/llama-server:0.3.36-a9 sha256:aaa", "gpufleet-lab/retired:1 sha256:aaa",
+        "nvidia/cuda:12.2.2-base-ubuntu22.04 sha256:ccc", "<none>:<none> sha256:ddd", "--", "sha256:aaa"])
+    assert found == {"images": {"gpufleet-lab/llama-server:0.3.36-a9": "sha256:aaa",
+                                "gpufleet-lab/retired:1": "sha256:aaa",
+                                "nvidia/cuda:12.2.2-base-ubuntu22.04": "sha256:ccc", "sha256:ddd": "sha256:ddd"},
+                     "in_use": ["sha256:aaa"]}
+    # a tag of the image a container runs stays (removing it would only untag); keep names are kept
+    assert prune.unused_images(found, {"nvidia/cuda:12.2.2-base-ubuntu22.04"}) == ["sha256:ddd"]

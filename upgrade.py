@@ -1,0 +1,37 @@
+"""
+gpufleet's rolling upgrade: change nvidia_driver_version or nvidia_toolkit_version, then
+
+    pyinfra inventories/prod.py upgrade.py [--dry] [--limit HOST]
+
+Every host gets what deploy.py gives it, except the GPU hosts whose installed driver or toolkit is
+not the pinned one: they go in batches of gpufleet_upgrade_batch, in inventory order, each host
+drained (open requests finish, its services stop), upgraded by the GPU host role (services started
+again, each waited for until ready), and verified serving before the next batch starts. Once more
+than gpufleet_upgrade_max_failed hosts have failed, the later batches are left as they were and
+named; run it again and it goes on from there (upgraded hosts are no longer pending). Proxmox hosts
+and their LXC guests are upgraded in place, as deploy.py does (operations/rollout.py).
+"""
+
+from pyinfra import host
+
+from operations import proxmox, roles, rollout
+
+roles.check_settings()
+guest_driver = proxmox.guest_driver_version() if "lxc_guests" in host.groups else None
+batches = rollout.batches()
+rollout.log_plan(batches)
+rolling = any(host.name in batch for batch in batches)
+
+summary, guest_changes = roles.every_host(), []
+if "proxmox_hosts" in host.groups:
+    proxmox_summary, guest_changes = roles.proxmox_host()
+    summary.update(proxmox_summary)
+if "gpu_hosts" in host.groups and not rolling:
+    summary.update(roles.lxc_guest(guest_driver) if "lxc_guests" in host.groups else roles.gpu_host())
+for number in host.loop(range(len(batches))):
+    # every host takes each batch's gate: batch N+1's steps wait for batch N's
+    rollout.batch_gate(name=f"Rollout batch {number + 1} of {len(batches)}: go on unless too many hosts failed",
+                       number=number, batches=batches, max_failed=host.data.gpufleet_upgrade_max_failed)
+    if host.name in batches[number]:
+        summary.update(roles.rolled_gpu_host())
+roles.finish(summary, guest_changes)
