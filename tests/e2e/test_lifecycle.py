@@ -2,6 +2,7 @@
 predecessor is stopped and removed (unit, container, secrets, account) before the new unit starts
 on the same port; a re-run changes nothing; the original inventory brings the original back."""
 
+import hashlib
 import json
 
 from tests.lab import hosts as lab_hosts
@@ -90,4 +91,35 @@ def test_prune_removes_images_and_volumes_no_service_uses(second_deploy):
     assert sh("test -s /srv/gpufleet/weights/tiny/tiny.gguf").returncode == 0
     assert sh("docker inspect -f '{{.Id}}' gpufleet-chat").stdout.strip() == running and _answers()
     again = run_deploy("--limit", HOST, "--data", "gpufleet_prune=true")
+    assert again.rc == 0 and again.total_changed() == 0, again.changed()
+
+
+def test_a_weight_volume_is_backed_up_and_restored_verified(second_deploy, tmp_path):
+    """lab-2's volume tiny is copied to the control node with its manifest; a damaged copy is refused
+    before the host is touched; the volume, deleted on the host, comes back verified from the copy
+    and serves; a deploy then changes nothing."""
+    model = (REPO / ".lab" / "models" / "tiny" / "tiny.gguf").read_bytes()
+    backup = run_deploy("--limit", HOST, "volume=tiny", f"dest={tmp_path}", deploy="operations.weights_backup.backed_up")
+    assert backup.rc == 0, backup.output[-3000:]
+    manifest = json.loads((tmp_path / "tiny.gpufleet-backup.json").read_text())
+    assert manifest["host"] == HOST and manifest["path"] == "/srv/gpufleet/weights/tiny"
+    assert manifest["files"] == {"tiny.gguf": {"size": len(model), "sha256": hashlib.sha256(model).hexdigest()}}
+    assert (tmp_path / "tiny" / "tiny.gguf").read_bytes() == model
+
+    copy = tmp_path / "tiny" / "tiny.gguf"
+    copy.write_bytes(model[:-1] + bytes([model[-1] ^ 1]))
+    before = sh("stat -c %Y /srv/gpufleet/weights/tiny/tiny.gguf").stdout
+    refused = run_deploy("--limit", HOST, "volume=tiny", f"src={tmp_path}", deploy="operations.weights_backup.restored")
+    assert refused.rc != 0
+    assert f"{tmp_path}/tiny: the backup differs from its manifest (tiny.gguf): damaged; nothing was sent" \
+        in refused.output, refused.output[-3000:]
+    assert sh("stat -c %Y /srv/gpufleet/weights/tiny/tiny.gguf").stdout == before
+    copy.write_bytes(model)
+
+    sh("systemctl stop gpufleet-chat && rm -rf /srv/gpufleet/weights/tiny")
+    restored = run_deploy("--limit", HOST, "volume=tiny", f"src={tmp_path}", deploy="operations.weights_backup.restored")
+    assert restored.rc == 0, restored.output[-3000:]
+    assert sh("sha256sum /srv/gpufleet/weights/tiny/tiny.gguf").stdout.split()[0] == hashlib.sha256(model).hexdigest()
+    assert sh("systemctl start gpufleet-chat").returncode == 0 and _answers()
+    again = run_deploy("--limit", HOST)
     assert again.rc == 0 and again.total_changed() == 0, again.changed()

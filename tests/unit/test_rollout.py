@@ -45,3 +45,19 @@ def test_prune_reads_images_and_the_ones_containers_use():
                      "in_use": ["sha256:aaa"]}
     # a tag of the image a container runs stays (removing it would only untag); keep names are kept
     assert prune.unused_images(found, {"nvidia/cuda:12.2.2-base-ubuntu22.04"}) == ["sha256:ddd"]
+
+
+def test_a_backup_copy_is_damaged_when_a_file_is_missing_short_or_other_bytes(tmp_path):
+    import hashlib
+
+    from operations import weights_backup
+
+    (tmp_path / "a.gguf").write_bytes(b"weights")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.json").write_bytes(b"{}")
+    wanted = {"a.gguf": {"size": 7, "sha256": hashlib.sha256(b"weights").hexdigest()},
+              "sub/b.json": {"size": 2, "sha256": hashlib.sha256(b"{}").hexdigest()},
+              "c.bin": {"size": 1, "sha256": hashlib.sha256(b"c").hexdigest()}}
+    assert weights_backup.damaged(tmp_path, wanted) == ["c.bin"]
+    (tmp_path / "a.gguf").write_bytes(b"weightz")  # same size, other bytes
+    assert weights_backup.damaged(tmp_path, wanted) == ["a.gguf", "c.bin"]
