@@ -18,6 +18,12 @@ gpufleet_free_space_margin = "1g"
 # gpufleet-relay-send (removed after, expiring within the hour). None, or the host's own name:
 # from the control node. Set it for a group to spare the control node's link.
 gpufleet_stage_via = None
+# How staged bytes travel to a host: "openssh" streams them through this machine's OpenSSH client
+# (`ssh`, reaching the host with the inventory's ssh_hostname, ssh_port, ssh_user, ssh_key,
+# ssh_config_file and known_hosts, AES-GCM first, never prompting) while pyinfra keeps the control;
+# a login with a password, key passphrase or sudo password, or an `ssh` that cannot connect, falls
+# back to pyinfra's own connection. "paramiko": always pyinfra's connection.
+gpufleet_stage_transport = "openssh"
 # How the other hosts of the site reach this one when it is a seed (default: its ssh_hostname).
 gpufleet_site_address = None
 gpufleet_site_port = 22

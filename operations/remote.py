@@ -6,8 +6,13 @@ so a sudo login works like a root one; commands that act for the login user itse
 ``authorized_keys``) run without it.
 """
 
+import fcntl
 import shlex
+import shutil
 
+import gevent
+from gevent import subprocess
+from pyinfra import logger
 from pyinfra.api import FactBase, FunctionCommand, StringCommand
 from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS, pop_global_arguments
 from pyinfra.connectors.util import make_unix_command_for_host
@@ -70,12 +75,82 @@ class Shell:
             channel.close()
         return status, stdout.splitlines(), stderr
 
+    def stream_bulk(self, command, frames):
+        """``stream`` for bulk bytes (staging): through the OpenSSH client when ``openssh_argv`` can
+        reach the host that way (its AES-GCM runs in native code, outside this process, while this
+        process reads and hashes), else on pyinfra's own connection. ``frames`` is a callable
+        returning a fresh iterable: if the client cannot connect at all, it starts again on
+        pyinfra's connection."""
+        argv = openssh_argv(self.host, self.wrap(command)) \
+            if self.host.data.gpufleet_stage_transport == "openssh" and not self.arguments.get("_sudo_password") \
+            else None
+        if argv:
+            status, lines, stderr = _openssh_stream(argv, frames())
+            if status != 255 or lines:
+                self.bulk_transport = "the OpenSSH client"
+                return status, lines, stderr
+            logger.warning(f"[{self.host.name}] the OpenSSH client could not reach the host ({stderr.strip()}); "
+                           "staging on pyinfra's connection instead (gpufleet_stage_transport = 'paramiko' skips "
+                           "the attempt)")
+        self.bulk_transport = "pyinfra's connection"
+        return self.stream(command, frames())
+
     def send(self, command, data):
         """Run ``command`` with ``data`` (bytes or text) as its stdin; raise if it fails. The data
         never appears in a command line, so a secret sent this way shows in no process list."""
         status, _, stderr = self.stream(command, [data if isinstance(data, bytes) else data.encode()])
         if status:
             raise OSError(f"{self.host.name}: {command}: {stderr.strip()}")
+
+
+# OpenSSH's AES-GCM first (the cipher gpufleet's paramiko connection is pinned to), then its default.
+OPENSSH_CIPHERS = "aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com"
+
+
+def openssh_argv(host, remote_command):
+    """The OpenSSH client's command line that runs ``remote_command`` on ``host``, reaching it as
+    pyinfra's SSH connector does: its hostname, port, user, key, config file, known_hosts and host key
+    checking (the flags pyinfra's own ``rsync`` passes), never prompting (``BatchMode``). None when
+    this control node has no ``ssh``, the host is not reached over pyinfra's SSH connector, or the
+    login needs what a prompt would ask (a password, a key passphrase)."""
+    if not shutil.which("ssh") or type(host.connector).__name__ != "SSHConnector":
+        return None
+    data = host.connector.data  # the connector's settings, its defaults filled in
+    if data.get("ssh_password") or data.get("ssh_key_password"):
+        return None
+    argv = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=30", "-c", OPENSSH_CIPHERS]
+    if data.get("ssh_config_file"):
+        argv += ["-F", str(data["ssh_config_file"])]
+    if data.get("ssh_known_hosts_file"):
+        argv += ["-o", f"UserKnownHostsFile={data['ssh_known_hosts_file']}"]
+    argv += ["-o", f"StrictHostKeyChecking={data.get('ssh_strict_host_key_checking') or 'accept-new'}"]
+    for flag, key in (("-p", "ssh_port"), ("-l", "ssh_user"), ("-i", "ssh_key")):
+        if data.get(key):
+            argv += [flag, str(data[key])]
+    return [*argv, "--", str(data.get("ssh_hostname") or host.name), remote_command]
+
+
+def _openssh_stream(argv, frames):
+    """Run ``argv`` with ``frames`` as its stdin (gevent's subprocess: other hosts' greenlets run
+    meanwhile); ``(exit status, stdout lines, stderr)``, as ``Shell.stream``."""
+    process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:  # a pipe as large as a frame's block: one write per block, not sixteen waits on a 64 KiB pipe
+        fcntl.fcntl(process.stdin.fileno(), fcntl.F_SETPIPE_SZ, 1 << 20)
+    except OSError:
+        pass
+    readers = [gevent.spawn(process.stdout.read), gevent.spawn(process.stderr.read)]
+    try:
+        for frame in frames:
+            process.stdin.write(frame)
+    except OSError:
+        pass  # the command stopped reading: its exit status and output say why
+    finally:
+        try:
+            process.stdin.close()
+        except OSError:
+            pass
+    stdout, stderr = (reader.get() for reader in readers)
+    return process.wait(), stdout.decode().splitlines(), stderr.decode()
 
 
 class HostFunction(FunctionCommand):

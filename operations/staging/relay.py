@@ -28,6 +28,7 @@ config.register({
     "gpufleet_stage_via": (config._is_str, "the name of another host in the run to pull staged files from"),
     "gpufleet_site_address": (config._is_str, "the address other hosts of the site reach this one at"),
     "gpufleet_site_port": (config._is_positive_int, "the SSH port other hosts of the site reach this one at"),
+    "gpufleet_stage_transport": (lambda v: v in ("openssh", "paramiko"), "'openssh' or 'paramiko'"),
 })
 
 

@@ -85,11 +85,16 @@ def transfer(state, host, shell, src, dest, wanted, check, send, mode):
             send[path] = 0
     sent = [0]
     if send:
-        status, lines, stderr = shell.stream(receive_command(dest, mode), frames(src, wanted, send, sent))
+        def fresh_frames():
+            sent[0] = 0
+            return frames(src, wanted, send, sent)
+
+        status, lines, stderr = shell.stream_bulk(receive_command(dest, mode), fresh_frames)
         check_stream(host, dest, status, lines, len(send), stderr, sent[0])
     write_record(shell, dest, wanted)
     mark_content(host.name, dest, send)
-    logger.info(f"[{host.name}] staged {len(send)} file(s), {sent[0]} bytes sent, into {dest}"
+    logger.info(f"[{host.name}] staged {len(send)} file(s), {sent[0]} bytes sent"
+                + (f" through {shell.bulk_transport}" if send else "") + f", into {dest}"
                 + ("" if send else f"; {len(check)} moved file(s) hashed intact and re-recorded"))
 
 

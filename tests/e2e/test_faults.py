@@ -209,7 +209,7 @@ def test_control_node_killed_mid_staging_resumes_with_the_rest(second_deploy):
     assert set(record) <= {path.split("/", 1)[1] for path in manifest["files"] if path.startswith("images/")}
     resumed = run_deploy("--limit", "lab-2")
     assert resumed.rc == 0, resumed.output[-3000:]
-    sent = re.search(r"\[lab-2\] staged 1 file\(s\), (\d+) bytes sent, into /var/lib/gpufleet/bundle/images",
+    sent = re.search(r"\[lab-2\] staged 1 file\(s\), (\d+) bytes sent through the OpenSSH client, into /var/lib/gpufleet/bundle/images",
                      resumed.output)
     assert sent and 0 < int(sent.group(1)) < size, resumed.output[-3000:]
     assert sh("lab-2", f"sha256sum {remote}").stdout.split()[0] == manifest["files"][image]["sha256"]

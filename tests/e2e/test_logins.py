@@ -69,7 +69,7 @@ def test_password_sudo_restages_and_rewrites_secrets(second_deploy, lab):
     sh("lab-2", "rm -f /srv/gpufleet/weights/tiny/tiny.gguf /etc/gpufleet/secrets/chat.key")
     repaired = run_deploy(*login)
     assert repaired.rc == 0, repaired.output[-3000:]
-    assert re.search(r"\[lab-2\] staged 1 file\(s\), \d+ bytes sent, into /srv/gpufleet/weights/tiny", repaired.output)
+    assert re.search(r"\[lab-2\] staged 1 file\(s\), \d+ bytes sent through pyinfra's connection, into /srv/gpufleet/weights/tiny", repaired.output)
     assert lab_hosts.sudo_password() not in repaired.output
     manifest = json.loads((BUNDLE / "manifest.json").read_text())
     assert sh("lab-2", "sha256sum /srv/gpufleet/weights/tiny/tiny.gguf").stdout.split()[0] == \

@@ -43,7 +43,7 @@ def test_interrupted_transfer_resumes_with_only_the_rest_sent(second_deploy, nam
     sh(name, f"head -c {half} {remote} > {remote}.gpufleet-part && rm -f {remote}")
     resumed = run_deploy("--limit", name)
     assert resumed.rc == 0, resumed.output[-3000:]
-    sent = re.search(r"staged 1 file\(s\), (\d+) bytes sent, into /var/lib/gpufleet/bundle/images", resumed.output)
+    sent = re.search(r"staged 1 file\(s\), (\d+) bytes sent through the OpenSSH client, into /var/lib/gpufleet/bundle/images", resumed.output)
     assert sent and int(sent.group(1)) == size - half
     assert sh(name, f"sha256sum {remote}").stdout.split()[0] == manifest["files"][image]["sha256"]
     assert sh(name, f"stat -c '%U %a' {remote}").stdout.strip() == "root 444"
@@ -91,7 +91,7 @@ def test_host_pulls_from_a_seed_of_the_site_not_the_control_node(second_deploy, 
         sh(name, "rm -rf /srv/gpufleet/weights/tiny /var/lib/gpufleet/bundle/images")
     first = run_deploy(*relay)
     assert first.rc == 0, first.output[-3000:]
-    seeded = re.findall(rf"\[{seed}\] staged \d+ file\(s\), \d+ bytes sent, into (\S+)", first.output)
+    seeded = re.findall(rf"\[{seed}\] staged \d+ file\(s\), \d+ bytes sent through the OpenSSH client, into (\S+)", first.output)
     assert set(seeded) == {"/srv/gpufleet/weights/tiny", "/var/lib/gpufleet/bundle/images"}
     pulled = re.findall(rf"\[{puller}\] relayed \d+ file\(s\), (\d+) bytes, from {seed} into (\S+)",
                         first.output)

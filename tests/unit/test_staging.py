@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from operations import staging
+from operations import remote, staging
 from operations.staging import wire
 from operations.staging.relay import RELAY_SENDER, authorized_line, relay_key
 
@@ -174,3 +174,67 @@ def test_relay_keys_left_are_counted_in_the_logins_file():
     assert RelayKeysLeft().process(["/home/ops/.ssh/authorized_keys", "2"]) == \
         {"path": "/home/ops/.ssh/authorized_keys", "count": 2}
     assert RelayKeysLeft().process(["/root/.ssh/authorized_keys"]) == {"path": "/root/.ssh/authorized_keys", "count": 0}
+
+
+@pytest.mark.parametrize("mode", ["444", "640", "755"])
+def test_files_get_the_mode_and_directories_stay_searchable(src, mode):
+    """A mode without execute bits comes from the umask as the file is created (no chmod per file);
+    one with them is set after; the directories made on the way are 755 either way."""
+    wanted = manifest_of(src, ["model.bin", "tok/a b.json"])
+    stream = b"".join(wire.frames(str(src), wanted, dict.fromkeys(wanted, 0), [0]))
+    result = receive(src.parent / "dest", stream, mode=mode)
+    assert result.returncode == 0, result.stderr
+    for name in wanted:
+        assert oct((src.parent / "dest" / name).stat().st_mode & 0o777) == f"0o{mode}"
+    assert oct((src.parent / "dest" / "tok").stat().st_mode & 0o777) == "0o755"
+
+
+class SSHConnector:
+    """What openssh_argv reads of pyinfra's SSH connector: its class name and its data."""
+
+    def __init__(self, **data):
+        self.data = {"ssh_strict_host_key_checking": "accept-new", **data}
+
+
+class FakeHost:
+    def __init__(self, name, connector):
+        self.name, self.connector = name, connector
+
+
+def test_openssh_reaches_the_host_as_pyinfra_does():
+    host = FakeHost("gpu-01", SSHConnector(ssh_hostname="10.0.0.5", ssh_port=2222, ssh_user="ops",
+                                           ssh_key="/keys/id", ssh_config_file="/etc/ssh/fleet_config",
+                                           ssh_known_hosts_file="/etc/ssh/fleet_hosts"))
+    argv = remote.openssh_argv(host, "sudo -H -n sh -c 'true'")
+    assert argv[0] == "ssh" and argv[-2:] == ["10.0.0.5", "sudo -H -n sh -c 'true'"] and argv[-3] == "--"
+    flags = " ".join(argv[1:-3])
+    for flag in ("-o BatchMode=yes", "-c aes128-gcm@openssh.com,", "-F /etc/ssh/fleet_config",
+                 "-o UserKnownHostsFile=/etc/ssh/fleet_hosts", "-o StrictHostKeyChecking=accept-new", "-p 2222",
+                 "-l ops", "-i /keys/id"):
+        assert flag in flags, (flag, flags)
+    # the inventory name when there is no ssh_hostname; nothing pyinfra was not given
+    bare = remote.openssh_argv(FakeHost("gpu-02", SSHConnector()), "true")
+    assert bare[-2] == "gpu-02" and not {"-p", "-l", "-i", "-F"} & set(bare)
+
+
+@pytest.mark.parametrize("data", [{"ssh_password": "x"}, {"ssh_key": "/k", "ssh_key_password": "x"}])
+def test_openssh_is_not_used_for_a_login_that_would_prompt(data):
+    assert remote.openssh_argv(FakeHost("gpu-01", SSHConnector(**data)), "true") is None
+
+
+def test_openssh_is_not_used_for_other_connectors():
+    class DockerConnector:
+        data = {}
+    assert remote.openssh_argv(FakeHost("gpu-01", DockerConnector()), "true") is None
+
+
+def test_bulk_stream_through_a_client_process(tmp_path):
+    """The bytes reach the command whole; its output and status come back; a command that stops
+    reading early ends the stream without an error on this side."""
+    data = os.urandom(5 << 20)
+    status, lines, stderr = remote._openssh_stream(
+        ["sh", "-c", f"cat > {tmp_path}/got && echo done && echo note >&2"], [data[:12345], data[12345:]])
+    assert (status, lines, stderr) == (0, ["done"], "note\n")
+    assert (tmp_path / "got").read_bytes() == data
+    status, lines, _ = remote._openssh_stream(["sh", "-c", "head -c 10 > /dev/null; exit 3"], [data] * 8)
+    assert (status, lines) == (3, [])
