@@ -1,54 +1,56 @@
-"""python -m bench [--fleet 1,4,8] [--fan-out 4] [--runs 40] [--only fleet,staging,sudo,latency]
+"""python -m bench [--only fleet,staging,sudo,latency,rollout] [--fleet 1,4] [--fan-out 4] [--repeats 5]
+                   [--size full|small] [--out DIR]
+python -m bench report [--out DIR]
 
-Brings up lab hosts (replacing the lab), measures gpufleet against its baselines side by side in
-this run, prints the table and writes bench/out/results.json, table.md and results.png."""
+Brings up lab hosts (replacing the lab), measures gpufleet against its baselines side by side, and
+writes each part's results as JSON (bench/results/PART.json: results, machine, versions, date,
+command); then the tables (table.md), the plot (results.png) and the README's bench section are
+made from the JSON files. ``report`` only remakes them from the JSON."""
 
 import argparse
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 from tests.lab import hosts as lab
 
-from . import fleet, latency, report, staging
-
-OUT = Path(__file__).resolve().parent / "out"
-
-
-def machine():
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    mem = int(next(line.split()[1] for line in open("/proc/meminfo") if line.startswith("MemTotal"))) / 2**20
-    return f"{platform.node()}: {os.cpu_count()} × {cpu}, {mem:.0f} GiB, {platform.platform()}"
+from . import fleet, latency, record, report, rollout, staging
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--fleet", default="1,4,8", help="host counts for the fleet runs")
-    parser.add_argument("--fan-out", type=int, default=4, help="hosts for the staging fan-out")
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default=",".join(record.PARTS), help="parts to run, comma-separated")
+    parser.add_argument("--fleet", default="1,4", help="host counts for the fleet runs")
+    parser.add_argument("--variants", default=",".join(fleet.VARIANTS), help="fleet variants to run")
+    parser.add_argument("--fan-out", type=int, default=4, help="hosts for the staging fan-out (1: none)")
+    parser.add_argument("--repeats", type=int, default=5, help="repeats of each one-host staging row")
+    parser.add_argument("--size", choices=sorted(staging.SIZES), default="full", help="the staged weight set")
     parser.add_argument("--runs", type=int, default=40, help="streamed completions per network mode")
-    parser.add_argument("--sudo-runs", type=int, default=3, help="staging runs per login, root and sudo")
-    parser.add_argument("--only", default="fleet,staging,sudo,latency")
+    parser.add_argument("--sudo-runs", type=int, default=5, help="staging runs per login, root and sudo")
+    parser.add_argument("--out", type=Path, default=record.RESULTS, help="where the JSON, table and plot go")
+    if argv[:1] == ["report"]:
+        args = parser.parse_args(argv[1:])
+        print(report.write(args.out, readme=args.out == record.RESULTS))
+        return 0
     args = parser.parse_args(argv)
-    parts = args.only.split(",")
-    results = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    command = " ".join(["python -m bench", *argv])
+    parts = {part: part in args.only.split(",") for part in record.PARTS}
+    runs = {"fleet": lambda: fleet.measure([int(n) for n in args.fleet.split(",")], args.variants.split(",")),
+            "staging": lambda: staging.measure(fan_out=args.fan_out, repeats=args.repeats, size=args.size),
+            "sudo": lambda: staging.sudo_vs_root(runs=args.sudo_runs, size=args.size),
+            "latency": lambda: latency.measure(runs=args.runs),
+            "rollout": rollout.measure}
     started = time.time()
     try:
-        if "fleet" in parts:
-            results["fleet"] = fleet.measure([int(n) for n in args.fleet.split(",")])
-        if "staging" in parts:
-            results["staging"] = staging.measure(fan_out=args.fan_out)
-        if "sudo" in parts:
-            results["sudo"] = staging.sudo_vs_root(runs=args.sudo_runs)
-        if "latency" in parts:
-            results["latency"] = latency.measure(runs=args.runs)
+        for part, wanted in parts.items():
+            if wanted:
+                record.save(part, runs[part](), args.out, command=command)
     finally:
         lab.down(log=lambda *_: None)
-        report.write(results, OUT)  # what was measured, even when a later part failed
-    results["seconds"] = round(time.time() - started)
-    print(report.write(results, OUT))
-    print(f"\n(written to {OUT}: results.json, table.md, results.png; {results['seconds']} s)")
+    print(report.write(args.out, readme=args.out == record.RESULTS))
+    print(f"\n(written to {args.out}: one JSON per part, table.md, results.png; {time.time() - started:.0f} s)")
     return 0
 
 

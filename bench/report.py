@@ -1,114 +1,202 @@
-"""The benchmark's table (Markdown), JSON and PNG, with each target marked met or missed."""
+"""The benchmark's tables (Markdown) and plot, made from the JSON under bench/results/ only, with
+each target marked met or missed; ``python -m bench report`` writes them and the README's section
+between its bench markers."""
 
-import json
+import re
+from pathlib import Path
 from statistics import median
+
+from . import record
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+BEGIN, END = "<!-- bench:begin (made by `python -m bench report` from bench/results/*.json) -->", "<!-- bench:end -->"
+NAMES = {"gpufleet": "gpufleet (`deploy.py`)", "ansible_naive": "Ansible, naive (`copy` per directory)",
+         "ansible_tuned": "Ansible, tuned (`synchronize`)", "ansible_mitogen": "Ansible, tuned + Mitogen",
+         "rsync": "rsync -a (OpenSSH's default cipher)", "rsync_gcm": "rsync -a (AES-128-GCM)",
+         "gpufleet_paramiko": "gpufleet, pyinfra's connection (paramiko, AES-128-GCM)",
+         "gpufleet_openssh": "gpufleet, OpenSSH client (AES-128-GCM; the default)"}
 
 
 def _mark(ok):
     return "met" if ok else "**missed**"
 
 
-def table(results):
-    lines = [f"Machine: {results['machine']}", ""]
-    fleet = results.get("fleet") or []
-    if fleet:
-        lines += ["| hosts | pyinfra first (s) | Ansible first (s) | pyinfra no-op (s) | Ansible no-op (s) | "
-                  "no-op ratio (target ≤ 0.33) | changes on no-op (gpufleet / Ansible) |",
-                  "|---|---|---|---|---|---|---|"]
-        for row in fleet:
-            ratio = row["pyinfra_noop_s"] / row["ansible_noop_s"]
-            lines.append(f"| {row['hosts']} | {row['pyinfra_first_s']:.1f} | {row['ansible_first_s']:.1f} | "
-                         f"{row['pyinfra_noop_s']:.2f} | {row['ansible_noop_s']:.2f} | {ratio:.2f} ({_mark(ratio <= 1 / 3)}) | "
-                         f"{row['pyinfra_noop_changes']} / {row['ansible_noop_changes']} |")
-        if len(fleet) > 1:
-            first, last = fleet[0], fleet[-1]
-            per_host = (last["pyinfra_noop_s"] - first["pyinfra_noop_s"]) / (last["hosts"] - first["hosts"])
-            lines += ["", f"No-op time added per extra host (gpufleet, {first['hosts']}→{last['hosts']} hosts): "
-                          f"{per_host:.2f} s (target ≤ 0.5 s: {_mark(per_host <= 0.5)})"]
-            lines += [f"Control-node memory at {last['hosts']} hosts, peak RSS of the whole process tree: gpufleet "
-                      f"{last['pyinfra_first_mib']:.0f} MiB first run / {last['pyinfra_noop_mib']:.0f} MiB no-op; "
-                      f"Ansible {last['ansible_first_mib']:.0f} / {last['ansible_noop_mib']:.0f} MiB"]
-        lines.append("")
-    stage = results.get("staging")
-    if stage:
-        mb = stage["bytes"] / 1e6
-        n = stage["fan_out"]
-        ratio = stage["rsync_1_s"] / stage["gpufleet_1_s"]
-        fan = stage[f"gpufleet_{n}_s"] / stage["gpufleet_1_s"]
+def _machine(document):
+    m = document["machine"]
+    v = m["versions"]
+    return (f"{m['cores']} × {m['cpu']} (AES-NI: {'yes' if m['aes_ni'] else 'no'}), {m['memory_gib']} GiB, "
+            f"Linux {m['kernel']}, {m['os']}; Python {v['python']}, pyinfra {v['pyinfra']}, paramiko "
+            f"{v['paramiko']}, {v['openssh']}, {v['rsync']}, ansible-core {v['ansible-core']}, Mitogen "
+            f"{v['mitogen']}, Docker {v['docker']}")
+
+
+def _spread(cell, scale=1):
+    return f"{cell['median'] * scale:.1f} ({cell['min'] * scale:.1f}–{cell['max'] * scale:.1f})"
+
+
+def fleet_table(rows):
+    lines = ["| hosts | tool | first run (s) | no-op (s) | gpufleet's no-op ÷ this (target ≤ 0.33 vs tuned) | "
+             "changes on no-op | checks (passed / failed) | peak RSS first / no-op (MiB) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        ours = row["gpufleet"]["noop_s"]
+        for variant in [v for v in NAMES if v in row]:
+            cell = row[variant]
+            counts = not cell["checks_failed"] and cell["checks_passed"]
+            ratio = "—" if variant == "gpufleet" else f"{ours / cell['noop_s']:.2f}" + (
+                f" ({_mark(ours / cell['noop_s'] <= 1 / 3)})" if variant == "ansible_tuned" else "")
+            times = (f"{cell['first_s']:.1f} | {cell['noop_s']:.2f}" if counts else
+                     f"~~{cell['first_s']:.1f}~~ | ~~{cell['noop_s']:.2f}~~ (checks failed: not counted)")
+            lines.append(f"| {row['hosts']} | {NAMES[variant]} | {times} | {ratio} | {cell['noop_changes']} | "
+                         f"{cell['checks_passed']} / {cell['checks_failed']} | {cell['first_mib']:.0f} / "
+                         f"{cell['noop_mib']:.0f} |")
+    if len(rows) > 1:
+        first, last = rows[0], rows[-1]
+        per_host = (last["gpufleet"]["noop_s"] - first["gpufleet"]["noop_s"]) / (last["hosts"] - first["hosts"])
+        lines += ["", f"gpufleet's no-op time added per extra host ({first['hosts']} → {last['hosts']} hosts): "
+                      f"{per_host:.2f} s (target ≤ 0.5 s: {_mark(per_host <= 0.5)})."]
+    return lines
+
+
+def staging_table(stage):
+    mb = stage["bytes"] / 1e6
+    one = stage["one_host"]
+    base = one["rsync_gcm"]["median"]
+    lines = [f"To one host ({stage['host']}), {stage['files']} files, {mb / 1e3:.2f} GB of random bytes, "
+             f"{stage['repeats']} repeats per row, the rows' order rotated each repeat, the source's pages warm "
+             "and the host's writes flushed before every run; whole commands timed (gpufleet's includes "
+             "starting pyinfra, connecting and its facts):", "",
+             "| how | seconds, median (min–max) | MB/s (median) | ÷ rsync AES-128-GCM |", "|---|---|---|---|"]
+    for cell in [c for c in NAMES if c in one]:
+        ratio = base / one[cell]["median"]
+        lines.append(f"| {NAMES[cell]} | {_spread(one[cell])} | {mb / one[cell]['median']:.0f} | {ratio:.2f}× |")
+    ours = base / one["gpufleet_openssh"]["median"]
+    lines += ["", f"Target: gpufleet ≥ 0.9× rsync with the same cipher: {ours:.2f}× ({_mark(ours >= 0.9)}).", ""]
+    lines += ["| measure | gpufleet | rsync -a (AES-128-GCM) | target |", "|---|---|---|---|",
+              f"| no-op re-stage, 1 host | {stage['gpufleet_noop_1_s']:.2f} s | {stage['rsync_noop_1_s']:.2f} s | "
+              f"< 1 s per host: {_mark(stage['gpufleet_noop_1_s'] < 1)} |"]
+    n = stage["fan_out"]
+    if n > 1:
+        single = one["gpufleet_openssh"]["median"]
+        fan = stage[f"gpufleet_{n}_s"] / single
+        relay = stage[f"relay_{n}_s"] / single
         noop = stage[f"gpufleet_noop_{n}_s"] / n
-        lines += [f"Staging {stage['files']} files, {mb / 1e3:.2f} GB (random bytes) over SSH on loopback:", "",
-                  "| measure | gpufleet | rsync -a | target |", "|---|---|---|---|",
-                  f"| 1 host | {stage['gpufleet_1_s']:.1f} s, {mb / stage['gpufleet_1_s']:.0f} MB/s | "
-                  f"{stage['rsync_1_s']:.1f} s, {mb / stage['rsync_1_s']:.0f} MB/s | ≥ 0.9× rsync: {ratio:.2f}× "
-                  f"({_mark(ratio >= 0.9)}) |",
-                  f"| {n} hosts | {stage[f'gpufleet_{n}_s']:.1f} s ({fan:.2f}× one host) | {stage[f'rsync_{n}_s']:.1f} s "
-                  f"({stage[f'rsync_{n}_s'] / stage['rsync_1_s']:.2f}×) | ≤ 1.5× one host: {_mark(fan <= 1.5)} |",
-                  *([f"| {n} hosts, fan-out inside the site (1 seed, {n - 1} pull from it) | "
-                     f"{stage[f'relay_{n}_s']:.1f} s ({stage[f'relay_{n}_s'] / stage['gpufleet_1_s']:.2f}× one host); "
-                     f"the control node sent {stage[f'relay_{n}_control_bytes'] / 1e6:.0f} MB (1 copy, not {n}) | — | "
-                     f"≤ 1.5× one host: {_mark(stage[f'relay_{n}_s'] / stage['gpufleet_1_s'] <= 1.5)} |"]
-                    if f"relay_{n}_s" in stage else []),
-                  f"| no-op re-stage | {stage['gpufleet_noop_1_s']:.2f} s (1 host), {noop:.2f} s per host ({n} hosts) | "
-                  f"{stage['rsync_noop_1_s']:.2f} s (1 host) | < 1 s per host: {_mark(noop < 1 and stage['gpufleet_noop_1_s'] < 1)} |",
-                  f"| killed half-way, run again | {stage['resume_on_host_bytes'] / 1e6:.0f} MB were on the host; "
-                  f"{stage['resume_sent_bytes'] / 1e6:.0f} MB sent ({stage['resume_s']:.1f} s) | — | only the rest: "
-                  f"{_mark(stage['resume_sent_bytes'] <= stage['bytes'] - stage['resume_on_host_bytes'] + (1 << 20))} |",
-                  f"| SHA-256 of the set | {mb / stage['hash_gpufleet_s']:.0f} MB/s (hashlib) | "
-                  f"{mb / stage['hash_sha256sum_s']:.0f} MB/s (sha256sum) | — |", ""]
-    sudo = results.get("sudo")
-    if sudo:
-        mb = sudo["bytes"] / 1e6
-        root, through = median(sudo["root_s"]), median(sudo["sudo_s"])
-        ratio = root / through
-        lines += [f"Staging {sudo['files']} files, {mb / 1e3:.2f} GB to {sudo['host']}, logged in as root and as a "
-                  f"sudo user, {sudo['runs']} runs each, interleaved (median, min–max):", "",
-                  "| login | seconds | MB/s |", "|---|---|---|",
-                  f"| root | {root:.1f} ({min(sudo['root_s']):.1f}–{max(sudo['root_s']):.1f}) | {mb / root:.0f} |",
-                  f"| sudo user (`sudo -H -n sh -c`) | {through:.1f} ({min(sudo['sudo_s']):.1f}–{max(sudo['sudo_s']):.1f}) "
-                  f"| {mb / through:.0f} |", "",
-                  f"Through sudo: {ratio:.2f}× root's throughput (target ≥ 0.90: {_mark(ratio >= 0.9)})", ""]
-    latency = results.get("latency")
-    if latency:
-        lines += [f"Streaming latency, llama.cpp tiny model, {latency['runs']} completions × {latency['max_tokens']} "
-                  "tokens per network mode, interleaved:", "",
-                  "| network | TTFT p50 (ms) | TTFT p99 (ms) | inter-token p50 (ms) | inter-token p99 (ms) |",
-                  "|---|---|---|---|---|"]
-        for mode in ("host", "bridge"):
-            r = latency[mode]
-            lines.append(f"| {mode} | {r['ttft_p50_ms']:.2f} | {r['ttft_p99_ms']:.2f} | {r['gap_p50_ms']:.2f} | "
-                         f"{r['gap_p99_ms']:.2f} |")
-    return "\n".join(lines)
+        lines += [f"| {n} hosts, all from the control node (one sample) | {stage[f'gpufleet_{n}_s']:.1f} s "
+                  f"({fan:.2f}× one host) | {stage[f'rsync_{n}_s']:.1f} s "
+                  f"({stage[f'rsync_{n}_s'] / base:.2f}×) | ≤ 1.5× one host: {_mark(fan <= 1.5)} |",
+                  f"| {n} hosts, fan-out inside the site (1 seed, {n - 1} pull from it; one sample) | "
+                  f"{stage[f'relay_{n}_s']:.1f} s ({relay:.2f}× one host); the control node sent "
+                  f"{stage[f'relay_{n}_control_bytes'] / 1e6:.0f} MB (1 copy, not {n}) | — | ≤ 1.5× one host: "
+                  f"{_mark(relay <= 1.5)} |",
+                  f"| no-op re-stage, {n} hosts | {noop:.2f} s per host | — | < 1 s per host: {_mark(noop < 1)} |"]
+    rest = stage["bytes"] - stage["resume_on_host_bytes"]
+    lines += [f"| killed half-way, run again | {stage['resume_on_host_bytes'] / 1e6:.0f} MB were on the host; "
+              f"{stage['resume_sent_bytes'] / 1e6:.0f} MB sent ({stage['resume_s']:.1f} s) | — | only the rest: "
+              f"{_mark(stage['resume_sent_bytes'] <= rest + (1 << 20))} |",
+              f"| SHA-256 of the set | {mb / stage['hash_gpufleet_s']:.0f} MB/s (hashlib) | "
+              f"{mb / stage['hash_sha256sum_s']:.0f} MB/s (sha256sum) | — |"]
+    return lines
 
 
-def plot(results, path):
+def sudo_table(sudo):
+    mb = sudo["bytes"] / 1e6
+    root, through = median(sudo["root_s"]), median(sudo["sudo_s"])
+    ratio = root / through
+    return [f"{sudo['files']} files, {mb / 1e3:.2f} GB to {sudo['host']}, logged in as root and as a sudo user, "
+            f"{sudo['runs']} runs each, interleaved (median, min–max):", "",
+            "| login | seconds | MB/s |", "|---|---|---|",
+            f"| root | {root:.1f} ({min(sudo['root_s']):.1f}–{max(sudo['root_s']):.1f}) | {mb / root:.0f} |",
+            f"| sudo user (`sudo -H -n sh -c`) | {through:.1f} ({min(sudo['sudo_s']):.1f}–{max(sudo['sudo_s']):.1f}) "
+            f"| {mb / through:.0f} |", "",
+            f"Through sudo: {ratio:.2f}× root's throughput (target ≥ 0.90: {_mark(ratio >= 0.9)})."]
+
+
+def latency_table(latency):
+    lines = [f"llama.cpp tiny model, {latency['runs']} completions × {latency['max_tokens']} tokens per network "
+             "mode, interleaved:", "",
+             "| network | TTFT p50 (ms) | TTFT p99 (ms) | inter-token p50 (ms) | inter-token p99 (ms) |",
+             "|---|---|---|---|---|"]
+    for mode in ("host", "bridge"):
+        r = latency[mode]
+        lines.append(f"| {mode} | {r['ttft_p50_ms']:.2f} | {r['ttft_p99_ms']:.2f} | {r['gap_p50_ms']:.2f} | "
+                     f"{r['gap_p99_ms']:.2f} |")
+    return lines
+
+
+def rollout_table(rollout):
+    return [f"{rollout['from']} → {rollout['to']} with `upgrade.py`, batches of one, {rollout['hosts']} hosts serving "
+            "llama.cpp, each sent a completion twice a second from the control node:", "",
+            "| measure | value |", "|---|---|",
+            f"| rollout wall time | {rollout['wall_s']:.0f} s |",
+            f"| per host (batch) | {', '.join(f'{s:.0f} s' for s in rollout['batch_s'])} |",
+            f"| longest any host was out of service | {rollout['longest_out_of_service_s']:.1f} s "
+            f"({rollout['longest_out_of_service_host']}) |",
+            f"| fewest hosts answering in any of {rollout['probe_rounds']} rounds | "
+            f"{rollout['fewest_answering']} of {rollout['hosts']} |"]
+
+
+TABLES = {"fleet": ("Fleet convergence: full deploy without a GPU (bundle staging, driver, Docker, toolkit, image "
+                    "load, weights, llama.cpp service ready), fresh lab hosts per tool", fleet_table),
+          "staging": ("Weight staging", staging_table),
+          "sudo": ("Staging through a sudo login", sudo_table),
+          "latency": ("Streaming latency", latency_table),
+          "rollout": ("Rolling driver upgrade", rollout_table)}
+
+
+def markdown(documents):
+    machines = {_machine(document) for document in documents.values()}
+    lines = [f"Machine: {machines.pop()}.", ""] if len(machines) == 1 else []
+    for part, (title, table) in TABLES.items():
+        if part in documents:
+            document = documents[part]
+            where = f"; on {_machine(document)}" if not lines else ""
+            lines += [f"**{title}** ({document['date']}, `{document['command']}`{where}):", "",
+                      *table(document["results"]), ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def plot(documents, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fleet = results.get("fleet") or []
-    latency = results.get("latency")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    if fleet:
-        hosts = [row["hosts"] for row in fleet]
-        for key, label, style in (("pyinfra_noop_s", "gpufleet no-op", "o-"), ("ansible_noop_s", "Ansible no-op", "s-"),
-                                  ("pyinfra_first_s", "gpufleet first", "o--"), ("ansible_first_s", "Ansible first", "s--")):
-            axes[0].plot(hosts, [row[key] for row in fleet], style, label=label)
+    rows = documents.get("fleet", {}).get("results") or []
+    if rows:
+        hosts = [row["hosts"] for row in rows]
+        for variant, style in (("gpufleet", "o-"), ("ansible_naive", "s-"), ("ansible_tuned", "^-"),
+                               ("ansible_mitogen", "v-")):
+            if all(variant in row for row in rows):
+                axes[0].plot(hosts, [row[variant]["noop_s"] for row in rows], style, label=f"{variant} no-op")
+                axes[0].plot(hosts, [row[variant]["first_s"] for row in rows], style.replace("-", "--"),
+                             label=f"{variant} first")
         axes[0].set(xlabel="hosts", ylabel="seconds", title="Fleet convergence", yscale="log")
-        axes[0].legend()
-    if latency:
-        modes = ["host", "bridge"]
-        for offset, key in ((-0.2, "ttft_p50_ms"), (0.2, "ttft_p99_ms")):
-            axes[1].bar([i + offset for i in range(2)], [latency[m][key] for m in modes], width=0.4, label=key)
-        axes[1].set_xticks(range(2), modes)
-        axes[1].set(ylabel="ms", title="Time to first token")
-        axes[1].legend()
+        axes[0].legend(fontsize=7)
+    stage = documents.get("staging", {}).get("results")
+    if stage:
+        cells = [c for c in NAMES if c in stage["one_host"]]
+        axes[1].boxplot([stage["one_host"][c]["samples"] for c in cells], labels=[c.replace("_", "\n") for c in cells])
+        axes[1].set(ylabel="seconds", title=f"Staging {stage['bytes'] / 1e9:.1f} GB to one host")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
 
-def write(results, out):
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    text = table(results)
-    (out / "table.md").write_text(text + "\n")
-    plot(results, out / "results.png")
+def readme_section(text=None):
+    """The README's bench section as it stands."""
+    text = README.read_text() if text is None else text
+    match = re.search(re.escape(BEGIN) + r"\n(.*?)" + re.escape(END), text, re.S)
+    return match and match.group(1)
+
+
+def write(out=record.RESULTS, readme=True):
+    """Tables and plot from the JSON in ``out``; the README's section too when ``readme``."""
+    documents = record.load(out)
+    text = markdown(documents)
+    (out / "table.md").write_text(text)
+    plot(documents, out / "results.png")
+    if readme:
+        current = README.read_text()
+        if readme_section(current) is None:
+            raise SystemExit(f"{README}: no bench section ({BEGIN} ... {END})")
+        start = current.index(BEGIN) + len(BEGIN) + 1
+        README.write_text(current[:start] + text + current[current.index(END, start):])
     return text

@@ -1,10 +1,14 @@
-"""Weight staging: gpufleet's staging against rsync -a over the same SSH, to 1 and to N hosts;
-no-op re-stage; bytes re-sent after a transfer killed half-way; hashing against sha256sum."""
+"""Weight staging: gpufleet's staging against rsync -a over SSH to one host, each cell repeated
+with its order rotated per repeat, the source's pages warm and the host's writes flushed before
+every run: rsync with OpenSSH's default cipher and with AES-128-GCM (the cipher gpufleet
+negotiates), gpufleet over pyinfra's paramiko connection and through the OpenSSH client. Then
+N hosts, the fan-out inside the site, the no-op re-stage, a resume after a kill, hashing."""
 
 import json
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -17,42 +21,53 @@ from . import procmem
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-WEIGHTS = REPO / "bench" / "out" / "weights"
-MANIFEST = REPO / "bench" / "out" / "weights-manifest.json"
+OUT = REPO / "bench" / "out"
+GCM = "aes128-gcm@openssh.com"
+# The one-host cells, in the order of the first repeat (each later repeat starts one further on).
+CELLS = ("rsync", "rsync_gcm", "gpufleet_paramiko", "gpufleet_openssh")
+SIZES = {"full": {"large": 4, "large_mib": 500, "small": 256, "small_kib": 64},
+         "small": {"large": 2, "large_mib": 8, "small": 16, "small_kib": 16}}
 
 
-def make_weight_set(large=4, large_mib=500, small=256, small_kib=64, log=print):
-    """Several large files and many small ones (random bytes: nothing compresses), made once."""
-    wanted = {f"model-{i:02d}.safetensors": large_mib << 20 for i in range(large)}
-    wanted |= {f"tokenizer/shard-{i:03d}.json": small_kib << 10 for i in range(small)}
-    if MANIFEST.exists() and set(json.loads(MANIFEST.read_text())) == set(wanted) and all(
-            (WEIGHTS / p).exists() and (WEIGHTS / p).stat().st_size == s for p, s in wanted.items()):
-        return json.loads(MANIFEST.read_text())
-    for path, size in wanted.items():
-        target = WEIGHTS / path
+def make_weight_set(size="full", log=print):
+    """Several large files and many small ones (random bytes: nothing compresses), made once.
+    Returns (directory, manifest path, manifest)."""
+    shape = SIZES[size]
+    where = OUT / ("weights" if size == "full" else f"weights-{size}")
+    manifest_path = where.with_name(f"{where.name}-manifest.json")
+    wanted = {f"model-{i:02d}.safetensors": shape["large_mib"] << 20 for i in range(shape["large"])}
+    wanted |= {f"tokenizer/shard-{i:03d}.json": shape["small_kib"] << 10 for i in range(shape["small"])}
+    if manifest_path.exists() and set(json.loads(manifest_path.read_text())) == set(wanted) and all(
+            (where / p).exists() and (where / p).stat().st_size == s for p, s in wanted.items()):
+        return where, manifest_path, json.loads(manifest_path.read_text())
+    for path, size_bytes in wanted.items():
+        target = where / path
         target.parent.mkdir(parents=True, exist_ok=True)
         with open(target, "wb") as fh:
-            for _ in range(0, size, 16 << 20):
-                fh.write(os.urandom(min(16 << 20, size)))
-            fh.truncate(size)
-    manifest = {path: {"size": size, "sha256": sha256_file(WEIGHTS / path)} for path, size in wanted.items()}
-    MANIFEST.write_text(json.dumps(manifest, indent=1))
+            for _ in range(0, size_bytes, 16 << 20):
+                fh.write(os.urandom(min(16 << 20, size_bytes)))
+            fh.truncate(size_bytes)
+    manifest = {path: {"size": size_bytes, "sha256": sha256_file(where / path)} for path, size_bytes in wanted.items()}
+    manifest_path.write_text(json.dumps(manifest, indent=1))
     log(f"weight set: {len(wanted)} files, {sum(wanted.values()) / 1e9:.2f} GB")
-    return manifest
+    return where, manifest_path, manifest
 
 
-def gpufleet_stage(names, dest, background=False, via=None, login=()):
-    """Stage the set into ``dest`` on ``names``; returns seconds and the bytes the control node sent
-    (with ``via``: the other hosts pull from that host of the site; ``login``: ``--data`` items that
-    change how pyinfra logs in, e.g. a sudo user)."""
+def gpufleet_stage(weights, names, dest, background=False, via=None, login=(), transport=None):
+    """Stage the set ``weights`` (directory, manifest path) into ``dest`` on ``names``; returns
+    seconds and the bytes the control node sent (with ``via``: the other hosts pull from that host
+    of the site; ``login``: ``--data`` items that change how pyinfra logs in, e.g. a sudo user;
+    ``transport``: gpufleet_stage_transport)."""
     command = [str(BIN / "pyinfra"), "-y", "inventories/lab.py", "bench/stage_deploy.py"]
     for name in names:
         command += ["--limit", name]
     if via:
         command += ["--data", f"gpufleet_stage_via={via}"]
+    if transport:
+        command += ["--data", f"gpufleet_stage_transport={transport}"]
     for item in login:
         command += ["--data", item]
-    env = {**os.environ, "BENCH_WEIGHTS": str(WEIGHTS), "BENCH_MANIFEST": str(MANIFEST), "BENCH_DEST": dest,
+    env = {**os.environ, "BENCH_WEIGHTS": str(weights[0]), "BENCH_MANIFEST": str(weights[1]), "BENCH_DEST": dest,
            "PYTHONPATH": str(REPO)}
     if background:
         return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -64,34 +79,69 @@ def gpufleet_stage(names, dest, background=False, via=None, login=()):
     return seconds, sent
 
 
-def rsync(hosts, dest):
+def rsync(weights, hosts, dest, cipher=None):
+    """rsync -a of the set to ``dest`` on ``hosts`` at once, over OpenSSH (``cipher``: forced)."""
     on_hosts(hosts, f"mkdir -p {dest}")
+    ssh = f"ssh -F {lab.SSH_CONFIG} -o ControlMaster=no -o ControlPath=none" + (f" -c {cipher}" if cipher else "")
     started = time.perf_counter()
-    procs = [subprocess.Popen(["rsync", "-a", "-e", f"ssh -F {lab.SSH_CONFIG}", f"{WEIGHTS}/", f"{h['name']}:{dest}/"])
-             for h in hosts]
+    procs = [subprocess.Popen(["rsync", "-a", "-e", ssh, f"{weights[0]}/", f"{h['name']}:{dest}/"]) for h in hosts]
     if any(p.wait() for p in procs):
         raise RuntimeError("rsync failed")
     return time.perf_counter() - started
 
 
-def sudo_vs_root(runs=3, log=print):
+def settle(weights, hosts):
+    """The same start for every run: nothing left on the hosts, their writes flushed (the lab's hosts
+    share this kernel's page cache and disk), the source's pages warm."""
+    on_hosts(hosts, "rm -rf /srv/bench")
+    os.sync()
+    for path in Path(weights[0]).rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                while fh.read(16 << 20):
+                    pass
+
+
+def spread(samples):
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "samples": samples}
+
+
+def one_host(weights, host, total, repeats, log=print):
+    """Every cell of CELLS ``repeats`` times to ``host``; the order rotates by one each repeat."""
+    seconds = {cell: [] for cell in CELLS}
+    for repeat in range(repeats):
+        order = CELLS[repeat % len(CELLS):] + CELLS[:repeat % len(CELLS)]
+        for cell in order:
+            settle(weights, [host])
+            if cell.startswith("rsync"):
+                took = rsync(weights, [host], "/srv/bench/copy", cipher=GCM if cell == "rsync_gcm" else None)
+            else:
+                took, sent = gpufleet_stage(weights, [host["name"]], "/srv/bench/copy",
+                                            transport=cell.removeprefix("gpufleet_"))
+                assert sent == total, (cell, sent, total)
+            seconds[cell].append(took)
+        log(f"staging repeat {repeat + 1}/{repeats}: " + ", ".join(f"{c} {seconds[c][-1]:.1f}s" for c in CELLS))
+    return {cell: spread(samples) for cell, samples in seconds.items()}
+
+
+def sudo_vs_root(runs=3, size="full", log=print):
     """Staging to one host logged in as root and as a sudo user (the stream goes through
     ``sudo sh -c``), interleaved, ``runs`` times each, on the same lab host."""
-    manifest = make_weight_set(log=log)
-    total = sum(entry["size"] for entry in manifest.values())
+    weights = make_weight_set(size, log=log)
+    total = sum(entry["size"] for entry in weights[2].values())
     state = lab.up(count=2, airgapped=0, proxmox=0, log=lambda *_: None)
     host = next(h for h in state["hosts"] if h["user"] == "root")
     logins = {"root": (), "sudo": (f"ssh_user={lab.SUDO_USER}", "_sudo=True")}
     seconds = {name: [] for name in logins}
     for run in range(runs):
         for name in (logins if run % 2 == 0 else reversed(list(logins))):
-            on_hosts([host], "rm -rf /srv/bench")
-            took, sent = gpufleet_stage([host["name"]], "/srv/bench/gpufleet", login=logins[name])
+            settle(weights, [host])
+            took, sent = gpufleet_stage(weights, [host["name"]], "/srv/bench/gpufleet", login=logins[name])
             assert sent == total, (name, sent, total)
             seconds[name].append(took)
     on_hosts([host], "rm -rf /srv/bench")
     log(f"staging as root {sorted(seconds['root'])}, through sudo {sorted(seconds['sudo'])}")
-    return {"bytes": total, "files": len(manifest), "runs": runs, "host": host["name"],
+    return {"bytes": total, "files": len(weights[2]), "runs": runs, "host": host["name"],
             "root_s": seconds["root"], "sudo_s": seconds["sudo"]}
 
 
@@ -100,52 +150,59 @@ def on_hosts(hosts, command):
         lab.ssh(host, command)
 
 
-def measure(fan_out=4, log=print):
-    manifest = make_weight_set(log=log)
+def measure(fan_out=4, repeats=5, size="full", log=print):
+    weights = make_weight_set(size, log=log)
+    manifest = weights[2]
     total = sum(entry["size"] for entry in manifest.values())
-    state = lab.up(count=fan_out, airgapped=0, proxmox=0, log=lambda *_: None)
-    hosts = state["hosts"][:fan_out]
+    state = lab.up(count=fan_out + 1, airgapped=0, proxmox=0, log=lambda *_: None)  # lab-1 logs in through sudo
+    hosts = [h for h in state["hosts"] if h["user"] == "root"][:fan_out]
     on_hosts(hosts, "command -v rsync >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rsync >/dev/null)")
-    on_hosts(hosts, "rm -rf /srv/bench")
-    result = {"bytes": total, "files": len(manifest)}
+    result = {"bytes": total, "files": len(manifest), "repeats": repeats, "cipher": GCM, "host": hosts[0]["name"],
+              "one_host": one_host(weights, hosts[0], total, repeats, log=log)}
 
-    result["rsync_1_s"] = rsync(hosts[:1], "/srv/bench/rsync")
-    result["gpufleet_1_s"], sent = gpufleet_stage([hosts[0]["name"]], "/srv/bench/gpufleet")
-    assert sent == total, (sent, total)
-    result["gpufleet_noop_1_s"], sent = gpufleet_stage([hosts[0]["name"]], "/srv/bench/gpufleet")
+    settle(weights, hosts)
+    gpufleet_stage(weights, [hosts[0]["name"]], "/srv/bench/gpufleet")  # staged: the next run has nothing to do
+    result["gpufleet_noop_1_s"], sent = gpufleet_stage(weights, [hosts[0]["name"]], "/srv/bench/gpufleet")
     assert sent == 0
-    result["rsync_noop_1_s"] = rsync(hosts[:1], "/srv/bench/rsync")
-    on_hosts(hosts, "rm -rf /srv/bench")
-    result[f"rsync_{fan_out}_s"] = rsync(hosts, "/srv/bench/rsync")
-    result[f"gpufleet_{fan_out}_s"], sent = gpufleet_stage([h["name"] for h in hosts], "/srv/bench/gpufleet")
-    result[f"gpufleet_noop_{fan_out}_s"], _ = gpufleet_stage([h["name"] for h in hosts], "/srv/bench/gpufleet")
+    rsync(weights, hosts[:1], "/srv/bench/rsync", cipher=GCM)  # likewise
+    result["rsync_noop_1_s"] = rsync(weights, hosts[:1], "/srv/bench/rsync", cipher=GCM)
     result["fan_out"] = fan_out
-    # Fan-out inside the site: the first host stages from the control node, the others pull from it.
-    on_hosts(hosts, "rm -rf /srv/bench/relay")
-    result[f"relay_{fan_out}_s"], result[f"relay_{fan_out}_control_bytes"] = gpufleet_stage(
-        [h["name"] for h in hosts], "/srv/bench/relay", via=hosts[0]["name"])
+    if fan_out > 1:
+        names = [h["name"] for h in hosts]
+        settle(weights, hosts)
+        result[f"rsync_{fan_out}_s"] = rsync(weights, hosts, "/srv/bench/rsync", cipher=GCM)
+        settle(weights, hosts)
+        result[f"gpufleet_{fan_out}_s"], sent = gpufleet_stage(weights, names, "/srv/bench/gpufleet")
+        result[f"gpufleet_noop_{fan_out}_s"], _ = gpufleet_stage(weights, names, "/srv/bench/gpufleet")
+        # Fan-out inside the site: the first host stages from the control node, the others pull from it.
+        settle(weights, hosts)
+        result[f"relay_{fan_out}_s"], result[f"relay_{fan_out}_control_bytes"] = gpufleet_stage(
+            weights, names, "/srv/bench/relay", via=hosts[0]["name"])
 
     # Kill a transfer once about half the bytes are on the host, then run again.
-    on_hosts(hosts[:1], "rm -rf /srv/bench/resume")
-    process = gpufleet_stage([hosts[0]["name"]], "/srv/bench/resume", background=True)
-    on_host = 0
-    while on_host < total // 2 and process.poll() is None:
+    settle(weights, hosts[:1])
+    process = gpufleet_stage(weights, [hosts[0]["name"]], "/srv/bench/resume", background=True)
+    on_host, deadline = 0, time.monotonic() + 600
+    while on_host < total // 2 and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
         on_host = int(lab.ssh(hosts[0], "du -sb --apparent-size /srv/bench/resume 2>/dev/null | cut -f1 || echo 0",
                               check=False).stdout.strip() or 0)
-    os.killpg(process.pid, signal.SIGKILL)
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # done already (a small set)
     process.wait()
-    on_host = int(lab.ssh(hosts[0], "du -sb --apparent-size /srv/bench/resume | cut -f1").stdout.strip())
+    on_host = int(lab.ssh(hosts[0], "du -sb --apparent-size /srv/bench/resume 2>/dev/null | cut -f1 || echo 0",
+                          check=False).stdout.strip() or 0)
     result["resume_on_host_bytes"] = on_host
-    result["resume_s"], result["resume_sent_bytes"] = gpufleet_stage([hosts[0]["name"]], "/srv/bench/resume")
+    result["resume_s"], result["resume_sent_bytes"] = gpufleet_stage(weights, [hosts[0]["name"]], "/srv/bench/resume")
 
-    paths = [WEIGHTS / p for p in manifest]
+    paths = [weights[0] / p for p in manifest]
     started = time.perf_counter()
-    assert all(sha256_file(p) == manifest[str(p.relative_to(WEIGHTS))]["sha256"] for p in paths)
+    assert all(sha256_file(p) == manifest[str(p.relative_to(weights[0]))]["sha256"] for p in paths)
     result["hash_gpufleet_s"] = time.perf_counter() - started
     started = time.perf_counter()
     subprocess.run(["sha256sum", *map(str, paths)], check=True, stdout=subprocess.DEVNULL)
     result["hash_sha256sum_s"] = time.perf_counter() - started
     on_hosts(hosts, "rm -rf /srv/bench")
-    log(f"staging: gpufleet {result['gpufleet_1_s']:.1f}s, rsync {result['rsync_1_s']:.1f}s")
     return result
