@@ -156,7 +156,12 @@ def markdown(documents):
 
 
 def plot(documents, path):
-    import matplotlib
+    """The plot, when matplotlib (a bench-only dependency: bench/requirements.txt) is installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"(no plot: matplotlib is not installed; {path} left as it was)")
+        return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -178,6 +183,7 @@ def plot(documents, path):
         axes[1].set(ylabel="seconds", title=f"Staging {stage['bytes'] / 1e9:.1f} GB to one host")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    return True
 
 
 def readme_section(text=None):
