@@ -59,6 +59,21 @@ def test_resumed_copy_sends_only_the_rest_and_is_hashed_whole_on_the_host(src):
     assert (src.parent / "dest" / "model.bin").read_bytes() == (src / "model.bin").read_bytes()
 
 
+@pytest.mark.parametrize("offset", [0, "half"])
+def test_a_part_file_already_there_gets_the_mode_too(src, offset):
+    """A part file the receiver did not create (an older run's, another tool's) keeps its own mode
+    through dd: it is set before the file goes into place, for a resumed and a restarted copy."""
+    wanted = manifest_of(src, ["model.bin"])
+    half = wanted["model.bin"]["size"] // 2
+    part = src.parent / "dest" / ("model.bin" + staging.PART)
+    part.write_bytes((src / "model.bin").read_bytes()[:half])
+    part.chmod(0o644)
+    send = {"model.bin": half if offset == "half" else 0}
+    result = receive(src.parent / "dest", b"".join(wire.frames(str(src), wanted, send, [0])))
+    assert result.stdout.decode().splitlines() == ["ok model.bin"]
+    assert oct((src.parent / "dest" / "model.bin").stat().st_mode & 0o777) == "0o444"
+
+
 def test_resumed_part_from_other_content_is_removed_and_reported(src):
     wanted = manifest_of(src, ["model.bin"])
     (src.parent / "dest" / ("model.bin" + staging.PART)).write_bytes(b"x" * 1000)
