@@ -40,8 +40,10 @@ def damaged(root, wanted):
     return bad
 
 
-def _checked(state, host, root, wanted, manifest_path, source):
-    bad = damaged(root, wanted)
+def _checked(state, host, root, wanted, fetched, manifest_path, source):
+    """Check the files just fetched (the others matched the record when the operation was planned),
+    then write the manifest."""
+    bad = damaged(root, {path: wanted[path] for path in fetched})
     if bad:
         logger.error(f"[{host.name}] backup of {source} in {root}: differs from the host's record: "
                      f"{', '.join(bad)}")
@@ -72,10 +74,11 @@ def backed_up(volume, dest, weights_root=None):
                              "gpufleet weight volume?)")
     wanted = {path: {"size": size, "sha256": digest} for path, (size, _, digest) in record.items()}
     root = Path(dest).resolve() / volume
-    for path in damaged(root, wanted):
+    fetched = damaged(root, wanted)
+    for path in fetched:
         yield from files.get._inner(src=posixpath.join(source, path), dest=str(root / path),
                                     create_local_dir=True, force=True)
-    yield FunctionCommand(_checked, (root, wanted, f"{root}{MANIFEST_SUFFIX}", source), {})
+    yield FunctionCommand(_checked, (root, wanted, fetched, f"{root}{MANIFEST_SUFFIX}", source), {})
 
 
 @operation()
