@@ -7,6 +7,7 @@ N hosts, the fan-out inside the site, the no-op re-stage, a resume after a kill,
 import json
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -24,7 +25,11 @@ BIN = Path(sys.executable).parent
 OUT = REPO / "bench" / "out"
 GCM = "aes128-gcm@openssh.com"
 # The one-host cells, in the order of the first repeat (each later repeat starts one further on).
-CELLS = ("rsync", "rsync_gcm", "gpufleet_paramiko", "gpufleet_openssh")
+# gpufleet_openssh_cold: the control node has not hashed the set before (its hash cache emptied), so
+# the run hashes every file while making the manifest, then sends.
+CELLS = ("rsync", "rsync_gcm", "gpufleet_paramiko", "gpufleet_openssh", "gpufleet_openssh_cold")
+# gpufleet's control-node hash cache for the bench's runs (GPUFLEET_CACHE), not the user's.
+CACHE = OUT / "cache"
 SIZES = {"full": {"large": 4, "large_mib": 500, "small": 256, "small_kib": 64},
          "small": {"large": 2, "large_mib": 8, "small": 16, "small_kib": 16}}
 
@@ -67,7 +72,7 @@ def gpufleet_stage(weights, names, dest, background=False, via=None, login=(), t
         command += ["--data", f"gpufleet_stage_transport={transport}"]
     for item in login:
         command += ["--data", item]
-    env = {**os.environ, "BENCH_WEIGHTS": str(weights[0]), "BENCH_MANIFEST": str(weights[1]), "BENCH_DEST": dest,
+    env = {**os.environ, "BENCH_WEIGHTS": str(weights[0]), "BENCH_DEST": dest, "GPUFLEET_CACHE": str(CACHE),
            "PYTHONPATH": str(REPO)}
     if background:
         return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -116,8 +121,10 @@ def one_host(weights, host, total, repeats, log=print):
             if cell.startswith("rsync"):
                 took = rsync(weights, [host], "/srv/bench/copy", cipher=GCM if cell == "rsync_gcm" else None)
             else:
+                if cell.endswith("_cold"):
+                    shutil.rmtree(CACHE, ignore_errors=True)
                 took, sent = gpufleet_stage(weights, [host["name"]], "/srv/bench/copy",
-                                            transport=cell.removeprefix("gpufleet_"))
+                                            transport=cell.split("_")[1])
                 assert sent == total, (cell, sent, total)
             seconds[cell].append(took)
         log(f"staging repeat {repeat + 1}/{repeats}: " + ", ".join(f"{c} {seconds[c][-1]:.1f}s" for c in CELLS))

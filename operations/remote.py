@@ -6,12 +6,15 @@ so a sudo login works like a root one; commands that act for the login user itse
 ``authorized_keys``) run without it.
 """
 
+import errno
 import fcntl
+import os
 import shlex
 import shutil
 
 import gevent
 from gevent import subprocess
+from gevent.threadpool import ThreadPool
 from pyinfra import logger
 from pyinfra.api import FactBase, FunctionCommand, StringCommand
 from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS, pop_global_arguments
@@ -22,6 +25,68 @@ from .errors import ConfigError
 # Connector arguments that say how a command runs (not what runs): kept out of the command line.
 _RUN_ONLY = ("_get_pty", "_timeout", "_stdin", "_success_exit_codes", "_retries", "_retry_delay",
              "_retry_until", "_temp_dir")
+
+
+class FileSpan:
+    """A frame that is ``count`` bytes of the open file ``handle`` from ``offset``: a stream moves
+    them without reading them into this process where it can (``os.splice`` into the OpenSSH
+    client's pipe); ``blocks()`` reads them for one that cannot (pyinfra's channel)."""
+
+    def __init__(self, handle, offset, count):
+        self.handle, self.offset, self.count = handle, offset, count
+
+    def short(self):
+        return OSError(f"{self.handle.name}: shorter than the manifest says (the source changed)")
+
+    def blocks(self, size=1 << 20):
+        self.handle.seek(self.offset)
+        left = self.count
+        while left:
+            block = self.handle.read(min(size, left))
+            if not block:
+                raise self.short()
+            left -= len(block)
+            yield block
+
+    def splice_into(self, pipe):
+        """Move the span into the blocking pipe ``pipe`` (a descriptor) without copying it through
+        this process (call it on a thread of its own: it waits while the pipe is full). False, with
+        nothing moved, where the source's file system cannot splice (the caller writes blocks)."""
+        offset, end = self.offset, self.offset + self.count
+        while offset < end:
+            try:
+                moved = os.splice(self.handle.fileno(), pipe, end - offset, offset_src=offset)
+            except OSError as error:
+                if offset == self.offset and error.errno in (errno.EINVAL, errno.ENOSYS):
+                    return False
+                raise
+            if not moved:
+                raise self.short()
+            offset += moved
+        return True
+
+
+def _write_frame(pipe, frame):
+    """Write ``frame`` (bytes or a ``FileSpan``) whole into the blocking pipe ``pipe``."""
+    if isinstance(frame, FileSpan):
+        if frame.splice_into(pipe):
+            return
+        blocks = frame.blocks()  # a file system without splice
+    else:
+        blocks = (frame,)
+    for block in blocks:
+        view = memoryview(block)
+        while view:
+            view = view[os.write(pipe, view):]
+
+
+def frame_bytes(frames):
+    """``frames`` with each ``FileSpan`` read into blocks: what a stream of plain bytes takes."""
+    for frame in frames:
+        if isinstance(frame, FileSpan):
+            yield from frame.blocks()
+        else:
+            yield frame
 
 
 class Shell:
@@ -54,14 +119,15 @@ class Shell:
         return output.stdout_lines
 
     def stream(self, command, frames):
-        """Run ``command`` with ``frames`` (an iterable of bytes) as its stdin, on a channel of its own.
+        """Run ``command`` with ``frames`` (an iterable of bytes and ``FileSpan``) as its stdin, on a
+        channel of its own.
 
         Returns ``(exit status, stdout lines, stderr)``; a command that stops reading ends the stream.
         """
         channel = self.host.connector.client.get_transport().open_session()
         try:
             channel.exec_command(self.wrap(command))
-            for frame in frames:
+            for frame in frame_bytes(frames):
                 try:
                     channel.sendall(frame)
                 except OSError:
@@ -131,26 +197,36 @@ def openssh_argv(host, remote_command):
 
 
 def _openssh_stream(argv, frames):
-    """Run ``argv`` with ``frames`` as its stdin (gevent's subprocess: other hosts' greenlets run
-    meanwhile); ``(exit status, stdout lines, stderr)``, as ``Shell.stream``."""
-    process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:  # a pipe as large as a frame's block: one write per block, not sixteen waits on a 64 KiB pipe
-        fcntl.fcntl(process.stdin.fileno(), fcntl.F_SETPIPE_SZ, 1 << 20)
+    """Run ``argv`` with ``frames`` as its stdin; ``(exit status, stdout lines, stderr)``, as
+    ``Shell.stream``. The frames go into the client's pipe from a thread of this stream's own, in
+    blocking writes (other hosts' greenlets run meanwhile): a ``FileSpan`` moves from the page cache
+    with ``os.splice``, never copied through this process, and nothing wakes this process's event
+    loop each time the client drains a few KiB of the pipe."""
+    read_end, write_end = os.pipe()
+    try:  # as large as a frame's block: one write per block, not sixteen waits on a 64 KiB pipe
+        fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 1 << 20)
     except OSError:
         pass
+    try:
+        process = subprocess.Popen(argv, stdin=read_end, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    except BaseException:
+        os.close(write_end)
+        raise
+    finally:
+        os.close(read_end)
     readers = [gevent.spawn(process.stdout.read), gevent.spawn(process.stderr.read)]
+    writer = ThreadPool(1)
     try:
         for frame in frames:
-            process.stdin.write(frame)
-    except OSError:
+            writer.apply(_write_frame, (write_end, frame))
+    except (BrokenPipeError, ConnectionResetError):
         pass  # the command stopped reading: its exit status and output say why
-    finally:
-        try:
-            process.stdin.close()
-        except OSError:
-            pass
-    stdout, stderr = (reader.get() for reader in readers)
-    return process.wait(), stdout.decode().splitlines(), stderr.decode()
+    finally:  # also when the source fails mid-stream: the receiver sees the end, keeps its part, exits
+        os.close(write_end)
+        writer.kill()
+        stdout, stderr = (reader.get() for reader in readers)
+        status = process.wait()
+    return status, stdout.decode().splitlines(), stderr.decode()
 
 
 class HostFunction(FunctionCommand):

@@ -12,7 +12,7 @@ Three parts: ``manifest`` reads and verifies a bundle (what deploys use, re-expo
 """
 
 from .manifest import (CHUNK, MANIFEST, SIGNATURE, cached_sha256, check_signature, load, part, read_manifest,
-                       sha256_file, verify)
+                       sha256_file, verify, vouched_sha256)
 
 __all__ = ["CHUNK", "MANIFEST", "SIGNATURE", "cached_sha256", "check_signature", "load", "part", "read_manifest",
-           "sha256_file", "verify"]
+           "sha256_file", "verify", "vouched_sha256"]

@@ -11,6 +11,7 @@ manifest, which lists every file's SHA-256: ``check_signature()`` refuses one no
 import functools
 import hashlib
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -42,11 +43,32 @@ def read_record(bundle):
         return {}
 
 
+# Source files whose SHA-256 this run established (hashed, or found in a record): resolved path ->
+# (the file's identity then, digest). Staging sends such a file without hashing it again while its
+# identity holds (staging.wire.frames): each file is read for its hash once per run, not per host.
+_VOUCHED = {}
+
+
+def _identity(stat):
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
 def cached_sha256(path, stat, known):
-    """``path``'s SHA-256: taken from ``known`` ([size, mtime_ns, sha256]) while size and mtime match."""
+    """``path``'s SHA-256: taken from ``known`` ([size, mtime_ns, sha256]) while size and mtime match,
+    else hashed. ``stat`` is the file's, taken before; the digest is vouched for (``vouched_sha256``)."""
     if known and known[:2] == [stat.st_size, stat.st_mtime_ns]:
-        return known[2]
-    return sha256_file(path)
+        digest = known[2]
+    else:
+        digest = sha256_file(path)
+    _VOUCHED[os.path.realpath(path)] = (_identity(stat), digest)
+    return digest
+
+
+def vouched_sha256(path, stat):
+    """The SHA-256 ``cached_sha256`` gave ``path`` this run, while the file's device, inode, size,
+    mtime and ctime (``stat``, e.g. of the open file) are still those it had then; else None."""
+    found = _VOUCHED.get(os.path.realpath(path))
+    return found[1] if found and found[0] == _identity(stat) else None
 
 
 def _refuse(bundle, message):

@@ -3,8 +3,10 @@ Stage files from the control node onto hosts over pyinfra's own SSH connection: 
 verified with SHA-256, and skipped in constant time when already there and intact.
 
 All files for a host go in one stream on one SSH channel (no round trip per file). A fresh copy
-is hashed by the sender as it reads it (SSH's MAC covers the way, the host checks the size); a
-resumed copy, or a file found at the right size without a record, is hashed whole on the host.
+is checked on the control node: a file the run already hashed against the manifest (a bundle's or
+a directory's, see ``bundle.cached_sha256``) and unchanged since is sent unread; any other is hashed
+as it is read (SSH's MAC covers the way, the host checks the size). A resumed copy, or a file found
+at the right size without a record, is hashed whole on the host.
 
 On the host, each staged directory keeps ``.gpufleet-staged.json``: path -> [size, mtime, sha256]
 of the files verified there. A file whose size and mtime still match its record is intact

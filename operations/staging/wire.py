@@ -3,13 +3,16 @@ The staging wire protocol: one framed stream per host on one SSH channel, read o
 templates/gpufleet-receive (sent inline with the command; nothing is installed for it).
 
 Per file the sender writes a header line ``OFFSET COUNT TOTAL SHA256 PATH``, COUNT bytes, and for
-a fresh copy a verdict line: its SHA-256 (hashed here as it is read), or ``host`` (a relay: hash it
-there). The receiver appends to ``PATH.gpufleet-part``, checks size and digest, moves the file into
-place and prints ``ok PATH`` or ``bad PATH``. Afterwards the directory's record is rewritten.
+a fresh copy a verdict line: its SHA-256 (established earlier in the run, the file unchanged since:
+its bytes then go from the page cache into the OpenSSH client's pipe without passing through this
+process; else hashed here as it is read), or ``host`` (a relay: hash it there). The receiver appends
+to ``PATH.gpufleet-part``, checks size and digest, moves the file into place and prints ``ok PATH``
+or ``bad PATH``. Afterwards the directory's record is rewritten.
 """
 
 import hashlib
 import json
+import os
 import posixpath
 import shlex
 
@@ -17,10 +20,10 @@ import gevent
 from pyinfra import logger
 
 from .. import TEMPLATES
-from ..bundle import CHUNK
+from ..bundle import CHUNK, vouched_sha256
+from ..remote import FileSpan
 from .facts import RECORD, StagedFiles
 
-# The receiver's script without its comment lines: that is what travels in each staging command.
 # (host name, directory) -> whether this run changed a staged file's bytes there. A run that only
 # re-hashes files whose mtime moved and re-records them changes no byte: what uses them (a serving
 # container) has no reason to restart. See ``content_changed``.
@@ -37,38 +40,42 @@ def mark_content(host_name, dest, changed):
     _CONTENT_CHANGED[(host_name, dest)] = _CONTENT_CHANGED.get((host_name, dest), False) or bool(changed)
 
 
+# The receiver's script without its comment lines: that is what travels in each staging command.
 RECEIVER = "".join(line for line in (TEMPLATES / "gpufleet-receive").read_text().splitlines(True)
                    if not line.startswith("#"))
 
 
 def frames(src, wanted, send, counter):
-    """Yield the receiver's stream; each fresh file is hashed here as it is read and sent."""
+    """Yield the receiver's stream. A fresh file whose SHA-256 this run already established
+    (``vouched_sha256``: the manifest was checked against it, and it has not changed since) goes as a
+    ``FileSpan``, unread here; so does the rest of a resumed file (the host hashes it whole). Any
+    other fresh file is hashed here as it is read and sent."""
     for path, offset in sorted(send.items()):
         entry = wanted[path]
         count = entry["size"] - offset
         yield f"{offset} {count} {entry['size']} {entry['sha256']} {path}\n".encode()
-        digest, hashing = hashlib.sha256(), None
         with open(f"{src}/{path}", "rb") as local:
-            local.seek(offset)
-            while count:
-                block = local.read(min(CHUNK, count))
-                if not block:
-                    raise OSError(f"{src}/{path}: shorter than the manifest says (the source changed)")
+            if offset or vouched_sha256(local.name, os.fstat(local.fileno())) == entry["sha256"]:
+                yield FileSpan(local, offset, count)
+                counter[0] += count
+                if not offset:
+                    yield f"{entry['sha256']}\n".encode()
+                continue
+            digest, hashing = hashlib.sha256(), None
+            for block in FileSpan(local, 0, count).blocks(CHUNK):
                 if hashing:
                     hashing.get()
                 # hashlib lets go of the GIL: the block is hashed on another core while it is sent
                 hashing = gevent.get_hub().threadpool.spawn(digest.update, block)
                 counter[0] += len(block)
-                count -= len(block)
                 yield block
-        if hashing:
-            hashing.get()
-        if not offset:
+            if hashing:
+                hashing.get()
             yield f"{digest.hexdigest()}\n".encode()
 
 
 def receive_command(dest, mode):
-    return f"sh -c {shlex.quote(RECEIVER)} gpufleet-receive {shlex.quote(dest)} {shlex.quote(mode)}"
+    return f"perl -e {shlex.quote(RECEIVER)} {shlex.quote(dest)} {shlex.quote(mode)}"
 
 
 def transfer(state, host, shell, src, dest, wanted, check, send, mode):

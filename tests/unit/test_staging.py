@@ -8,14 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from operations import remote, staging
+from operations import bundle, remote, staging
 from operations.staging import wire
 from operations.staging.relay import RELAY_SENDER, authorized_line, relay_key
 
 
 def receive(dest, stream, mode="444"):
-    return subprocess.run(["sh", "-c", wire.RECEIVER, "gpufleet-receive", str(dest), mode],
-                          input=stream, capture_output=True)
+    return subprocess.run(["sh", "-c", wire.receive_command(str(dest), mode)], input=stream, capture_output=True)
+
+
+def stream_of(frames):
+    """The sender's frames as the bytes the receiver reads (each ``FileSpan`` read out)."""
+    return b"".join(remote.frame_bytes(frames))
 
 
 def manifest_of(src, names):
@@ -36,7 +40,7 @@ def src(tmp_path):
 def test_fresh_copies_land_whole_with_their_mode_and_bytes_are_counted(src):
     wanted = manifest_of(src, ["model.bin", "tok/a b.json", "empty"])
     counter = [0]
-    stream = b"".join(wire.frames(str(src), wanted, dict.fromkeys(wanted, 0), counter))
+    stream = stream_of(wire.frames(str(src), wanted, dict.fromkeys(wanted, 0), counter))
     result = receive(src.parent / "dest", stream)
     assert result.returncode == 0, result.stderr
     assert sorted(result.stdout.decode().splitlines()) == ["ok empty", "ok model.bin", "ok tok/a b.json"]
@@ -53,7 +57,7 @@ def test_resumed_copy_sends_only_the_rest_and_is_hashed_whole_on_the_host(src):
     half = wanted["model.bin"]["size"] // 2
     (src.parent / "dest" / ("model.bin" + staging.PART)).write_bytes((src / "model.bin").read_bytes()[:half])
     counter = [0]
-    result = receive(src.parent / "dest", b"".join(wire.frames(str(src), wanted, {"model.bin": half}, counter)))
+    result = receive(src.parent / "dest", stream_of(wire.frames(str(src), wanted, {"model.bin": half}, counter)))
     assert result.stdout.decode().splitlines() == ["ok model.bin"]
     assert counter[0] == wanted["model.bin"]["size"] - half
     assert (src.parent / "dest" / "model.bin").read_bytes() == (src / "model.bin").read_bytes()
@@ -69,7 +73,7 @@ def test_a_part_file_already_there_gets_the_mode_too(src, offset):
     part.write_bytes((src / "model.bin").read_bytes()[:half])
     part.chmod(0o644)
     send = {"model.bin": half if offset == "half" else 0}
-    result = receive(src.parent / "dest", b"".join(wire.frames(str(src), wanted, send, [0])))
+    result = receive(src.parent / "dest", stream_of(wire.frames(str(src), wanted, send, [0])))
     assert result.stdout.decode().splitlines() == ["ok model.bin"]
     assert oct((src.parent / "dest" / "model.bin").stat().st_mode & 0o777) == "0o444"
 
@@ -77,7 +81,7 @@ def test_a_part_file_already_there_gets_the_mode_too(src, offset):
 def test_resumed_part_from_other_content_is_removed_and_reported(src):
     wanted = manifest_of(src, ["model.bin"])
     (src.parent / "dest" / ("model.bin" + staging.PART)).write_bytes(b"x" * 1000)
-    result = receive(src.parent / "dest", b"".join(wire.frames(str(src), wanted, {"model.bin": 1000}, [0])))
+    result = receive(src.parent / "dest", stream_of(wire.frames(str(src), wanted, {"model.bin": 1000}, [0])))
     assert result.stdout.decode().splitlines() == ["bad model.bin"]
     assert not list((src.parent / "dest").iterdir())
 
@@ -85,14 +89,14 @@ def test_resumed_part_from_other_content_is_removed_and_reported(src):
 def test_source_differing_from_the_manifest_is_not_renamed_into_place(src):
     wanted = manifest_of(src, ["model.bin"])
     wanted["model.bin"]["sha256"] = "0" * 64
-    result = receive(src.parent / "dest", b"".join(wire.frames(str(src), wanted, {"model.bin": 0}, [0])))
+    result = receive(src.parent / "dest", stream_of(wire.frames(str(src), wanted, {"model.bin": 0}, [0])))
     assert result.stdout.decode().splitlines() == ["bad model.bin"]
     assert not (src.parent / "dest" / "model.bin").exists()
 
 
 def test_stream_cut_short_keeps_the_part_for_the_next_run(src):
     wanted = manifest_of(src, ["empty", "model.bin", "tok/a b.json"])
-    stream = b"".join(wire.frames(str(src), wanted, dict.fromkeys(wanted, 0), [0]))
+    stream = stream_of(wire.frames(str(src), wanted, dict.fromkeys(wanted, 0), [0]))
     result = receive(src.parent / "dest", stream[: len(stream) // 2])
     assert result.returncode != 0
     assert result.stdout.decode().splitlines() == ["ok empty"]
@@ -106,7 +110,7 @@ def test_source_shorter_than_its_manifest_stops_the_sender(src):
     wanted = manifest_of(src, ["tok/a b.json"])
     wanted["tok/a b.json"]["size"] += 10
     with pytest.raises(OSError, match="shorter than the manifest says"):
-        b"".join(wire.frames(str(src), wanted, {"tok/a b.json": 0}, [0]))
+        stream_of(wire.frames(str(src), wanted, {"tok/a b.json": 0}, [0]))
 
 
 SENDER = Path(__file__).resolve().parents[2] / "templates" / "gpufleet-relay-send"
@@ -196,7 +200,7 @@ def test_files_get_the_mode_and_directories_stay_searchable(src, mode):
     """A mode without execute bits comes from the umask as the file is created (no chmod per file);
     one with them is set after; the directories made on the way are 755 either way."""
     wanted = manifest_of(src, ["model.bin", "tok/a b.json"])
-    stream = b"".join(wire.frames(str(src), wanted, dict.fromkeys(wanted, 0), [0]))
+    stream = stream_of(wire.frames(str(src), wanted, dict.fromkeys(wanted, 0), [0]))
     result = receive(src.parent / "dest", stream, mode=mode)
     assert result.returncode == 0, result.stderr
     for name in wanted:
@@ -253,3 +257,74 @@ def test_bulk_stream_through_a_client_process(tmp_path):
     assert (tmp_path / "got").read_bytes() == data
     status, lines, _ = remote._openssh_stream(["sh", "-c", "head -c 10 > /dev/null; exit 3"], [data] * 8)
     assert (status, lines) == (3, [])
+
+
+def test_a_source_file_hashed_this_run_and_unchanged_is_sent_unread(src):
+    """A file whose SHA-256 the run established (checking a bundle or a directory's manifest) goes as
+    a span of the file, with the manifest's digest as its verdict; one never hashed is read and hashed."""
+    wanted = manifest_of(src, ["model.bin", "tok/a b.json"])
+    model = src / "model.bin"
+    assert bundle.cached_sha256(model, model.stat(), None) == wanted["model.bin"]["sha256"]
+    counter = [0]
+    frames = list(wire.frames(str(src), wanted, dict.fromkeys(wanted, 0), counter))
+    spans = [frame for frame in frames if isinstance(frame, remote.FileSpan)]
+    assert [(Path(span.handle.name).name, span.offset, span.count) for span in spans] == \
+        [("model.bin", 0, wanted["model.bin"]["size"])]
+    assert frames[frames.index(spans[0]) + 1] == (wanted["model.bin"]["sha256"] + "\n").encode()
+    assert counter[0] == sum(entry["size"] for entry in wanted.values())
+    result = receive(src.parent / "dest", stream_of(wire.frames(str(src), wanted, dict.fromkeys(wanted, 0), [0])))
+    assert sorted(result.stdout.decode().splitlines()) == ["ok model.bin", "ok tok/a b.json"]
+    assert (src.parent / "dest" / "model.bin").read_bytes() == model.read_bytes()
+
+
+def test_a_source_file_rewritten_since_it_was_hashed_is_hashed_again(src):
+    """Same size, mtime put back: the ctime still moved, so the sender hashes what it sends, and the
+    host refuses the copy (the manifest's digest is the old content's)."""
+    model = src / "model.bin"
+    wanted = manifest_of(src, ["model.bin"])
+    before = model.stat()
+    bundle.cached_sha256(model, before, None)
+    model.write_bytes(os.urandom(before.st_size))
+    os.utime(model, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert bundle.vouched_sha256(model, model.stat()) is None
+    frames = list(wire.frames(str(src), wanted, {"model.bin": 0}, [0]))
+    assert not any(isinstance(frame, remote.FileSpan) for frame in frames)
+    result = receive(src.parent / "dest", b"".join(frames))
+    assert result.stdout.decode().splitlines() == ["bad model.bin"]
+
+
+def test_spans_reach_a_client_process_whole_without_passing_through_python(src, tmp_path):
+    """The OpenSSH stream splices spans into the client's pipe: the bytes arrive whole, in order
+    with the plain frames around them, for a whole file and the rest of one."""
+    model = src / "model.bin"
+    size = model.stat().st_size
+    with open(model, "rb") as handle:
+        status, lines, _ = remote._openssh_stream(
+            ["sh", "-c", f"cat > {tmp_path}/got && echo done"],
+            [b"head\n", remote.FileSpan(handle, 0, size), b"mid\n", remote.FileSpan(handle, size - 1000, 1000)])
+    assert (status, lines) == (0, ["done"])
+    data = model.read_bytes()
+    assert (tmp_path / "got").read_bytes() == b"head\n" + data + b"mid\n" + data[-1000:]
+
+
+def test_a_span_past_the_end_of_its_file_names_it_and_the_client_is_reaped(src, tmp_path):
+    model = src / "model.bin"
+    with open(model, "rb") as handle, pytest.raises(OSError, match="model.bin: shorter than the manifest says"):
+        remote._openssh_stream(["sh", "-c", f"cat > {tmp_path}/got"],
+                               [remote.FileSpan(handle, 0, model.stat().st_size + 10)])
+    assert (tmp_path / "got").stat().st_size == model.stat().st_size  # the client had ended: all it read is written
+    with pytest.raises(ChildProcessError):  # and it was waited for: no child is left
+        os.waitpid(-1, os.WNOHANG)
+
+
+def test_a_resumed_copy_whose_name_sha256sum_escapes_is_verified(src):
+    """sha256sum marks a line whose file name it escaped (a backslash in it) with a leading
+    backslash: the receiver reads the digest past it."""
+    name = "tok/odd\\name.bin"
+    (src / name).write_bytes(os.urandom(5000))
+    wanted = manifest_of(src, [name])
+    (src.parent / "dest" / "tok").mkdir()
+    (src.parent / "dest" / (name + staging.PART)).write_bytes((src / name).read_bytes()[:1000])
+    result = receive(src.parent / "dest", stream_of(wire.frames(str(src), wanted, {name: 1000}, [0])))
+    assert result.stdout.decode().splitlines() == [f"ok {name}"], result.stderr
+    assert (src.parent / "dest" / name).read_bytes() == (src / name).read_bytes()
