@@ -22,6 +22,7 @@ from . import apt_pin, base, config, driver_plan, offline, settings
 from .driver_facts import AptPackages, KernelImages, NvidiaModuleFor, PersistencedUser, image_meta, upstream
 from .errors import ConfigError, HostStateError
 from .gpu_facts import KernelHeaders, NvidiaKernelModule, NvidiaPciDevices, SecureBoot
+from .host_memo import until_changed
 from .proxmox_facts import PveVersion
 
 SOURCES = ("distro", "cuda-repo", "local-repo", "bundle")
@@ -80,8 +81,10 @@ def _proxmox_major():
     return ((host.get_fact(PveVersion) or {}).get("release") or (8, 0))[0]
 
 
+@until_changed
 def host_plan(source, requested, kernel_module=True, open_modules=False):
-    """The driver plan for this host, from what apt offers here now (``driver_plan.plan``)."""
+    """The driver plan for this host, from what apt offers here now (``driver_plan.plan``); worked
+    out again only once an operation changed the host (``host_memo``)."""
     distro = host.get_fact(LinuxDistribution)["name"]
     kernel = host.get_fact(KernelHeaders)["kernel"]
     meta = image_meta(host.get_fact(KernelImages)) if distro == "Ubuntu" else None

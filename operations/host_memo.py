@@ -1,0 +1,46 @@
+"""
+Answers worked out from a host's facts, kept until an operation changes the host.
+
+pyinfra 3 runs a fact's command again each time it is asked for. Some answers cost several facts,
+and several operations ask the same question: the driver's plan (``nvidia_driver.host_plan``) reads
+what apt offers and what dpkg holds, loading the package lists each time, once when the deploy is
+prepared and again in each driver operation. A function decorated with ``until_changed`` answers
+from its last call on the same host with the same arguments while nothing can have changed there
+since: no operation on the host has run a command or failed in between (an apt source added, a
+package installed, a reboot: each is an operation that ran commands). A no-op run asks apt once.
+"""
+
+import functools
+
+from pyinfra import host
+
+
+def changes_so_far(state, current):
+    """How many of ``current``'s operations so far ran commands or failed."""
+    count = 0
+    for data in state.ops.get(current, {}).values():
+        meta = data.operation_meta
+        if meta.is_complete() and (meta.did_change() or meta.did_error()):
+            count += 1
+    return count
+
+
+def until_changed(function):
+    """Decorate ``function(*args)`` (hashable arguments, answered for pyinfra's current host): its
+    answer is kept while ``changes_so_far`` on that host stays the same. An exception is not kept."""
+    answers = {}
+
+    @functools.wraps(function)
+    def answer(*args):
+        current = host._get_module()
+        key = (id(current.state), current.name, args)
+        changes = changes_so_far(current.state, current)
+        kept = answers.get(key)
+        if kept is not None and kept[0] == changes:
+            return kept[1]
+        value = function(*args)
+        answers[key] = (changes, value)
+        return value
+
+    answer.forget = answers.clear
+    return answer

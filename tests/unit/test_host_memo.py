@@ -1,0 +1,85 @@
+"""host_memo.until_changed: an answer is kept for a host while none of its operations ran a command
+or failed, and worked out again after one did (pyinfra's own OperationMeta)."""
+
+from types import SimpleNamespace
+
+import pytest
+from pyinfra.api.operation import OperationMeta
+from pyinfra.connectors.util import CommandOutput
+from pyinfra.context import ctx_host
+
+from operations.host_memo import until_changed
+
+
+class Host:
+    def __init__(self, name, state):
+        self.name, self.state = name, state
+
+
+def operation(state, on, commands=None, success=True):
+    """An operation on host ``on``: run (``commands``: what it ran) when ``commands`` is not None."""
+    meta = OperationMeta(f"op{sum(len(ops) for ops in state.ops.values())}", None)
+    if commands is not None:
+        meta.set_complete(success, commands, CommandOutput([]))
+    state.ops.setdefault(on, {})[meta._hash] = SimpleNamespace(operation_meta=meta)
+    return meta
+
+
+@pytest.fixture
+def asked():
+    calls = []
+
+    @until_changed
+    def plan(*args):
+        calls.append((ctx_host.get().name, args))
+        return f"plan {len(calls)}"
+
+    yield plan, calls
+    ctx_host.set(None)
+
+
+def test_kept_while_operations_run_no_commands_then_worked_out_again_after_a_change(asked):
+    plan, calls = asked
+    state = SimpleNamespace(ops={})
+    gpu = Host("gpu-01", state)
+    ctx_host.set(gpu)
+    operation(state, gpu)  # prepared, not run yet
+    assert plan("distro", "535") == plan("distro", "535") == "plan 1"
+    operation(state, gpu, commands=[])  # ran, nothing to do (a no-op)
+    assert plan("distro", "535") == "plan 1"
+    operation(state, gpu, commands=["apt-get update"])  # changed the host
+    assert plan("distro", "535") == "plan 2"
+    assert plan("distro", "535") == "plan 2"
+    assert plan("cuda", "535") == "plan 3"  # other arguments: their own answer
+    operation(state, gpu, commands=["apt-get install x"], success=False)  # failed half-way
+    assert plan("distro", "535") == "plan 4"
+    assert len(calls) == 4
+
+
+def test_each_host_has_its_own_answers(asked):
+    plan, calls = asked
+    state = SimpleNamespace(ops={})
+    first, second = Host("gpu-01", state), Host("gpu-02", state)
+    ctx_host.set(first)
+    assert plan("distro", "535") == "plan 1"
+    operation(state, second, commands=["reboot"])  # the other host changed: not this one
+    assert plan("distro", "535") == "plan 1"
+    ctx_host.set(second)
+    assert plan("distro", "535") == "plan 2"
+    assert calls == [("gpu-01", ("distro", "535")), ("gpu-02", ("distro", "535"))]
+
+
+def test_an_exception_is_not_kept(asked):
+    attempts = []
+
+    @until_changed
+    def flaky():
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise ValueError("apt is busy")
+        return "plan"
+
+    ctx_host.set(Host("gpu-01", SimpleNamespace(ops={})))
+    with pytest.raises(ValueError):
+        flaky()
+    assert flaky() == "plan" and len(attempts) == 2
