@@ -6,14 +6,14 @@ from pyinfra import host, logger
 from pyinfra.api import deploy
 from pyinfra.operations import files
 
-from . import json_ops, settings
+from . import host_memo, json_ops, settings
 from .gpu_facts import NvidiaPciDevices
 
 
 
 def gpus():
     """The NVIDIA GPUs this host really has (PCI vendor 0x10de, display class)."""
-    return [device for device in host.get_fact(NvidiaPciDevices) if device["kind"] == "gpu"]
+    return [device for device in host_memo.fact(NvidiaPciDevices) if device["kind"] == "gpu"]
 
 
 def say_no_gpu(skipped):

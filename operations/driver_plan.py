@@ -44,6 +44,7 @@ class DriverPlan:
     dkms: bool = False
     remove: list = field(default_factory=list)  # a superseded way of getting the module
     notes: list = field(default_factory=list)
+    apt: dict = field(default_factory=dict)  # what apt said of each package asked about when planning (None: unknown)
 
 
 def version_key(version):

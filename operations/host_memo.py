@@ -8,8 +8,11 @@ prepared and again in each driver operation. A function decorated with ``until_c
 from its last call on the same host with the same arguments while nothing can have changed there
 since: no operation on the host has run a command or failed in between (an apt source added, a
 package installed, a reboot: each is an operation that ran commands). A no-op run asks apt once.
+``fact`` does the same for one fact: ask it outside operations, or in an operation before it yields
+a command (the operation's own commands count once it has finished).
 """
 
+import copy
 import functools
 
 from pyinfra import host
@@ -44,3 +47,14 @@ def until_changed(function):
 
     answer.forget = answers.clear
     return answer
+
+
+@until_changed
+def _fact_answer(fact_class, arguments):
+    return host.get_fact(fact_class, **dict(arguments))
+
+
+def fact(fact_class, **arguments):
+    """``host.get_fact(fact_class, **arguments)``, answered from its last run on this host while no
+    operation there has changed anything since (``until_changed``); a copy, so callers may change it."""
+    return copy.deepcopy(_fact_answer(fact_class, tuple(sorted(arguments.items()))))

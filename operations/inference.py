@@ -17,6 +17,7 @@ from pyinfra.operations import files, server, systemd
 
 from . import (TEMPLATES, TOOLS_DIR, auth_proxy, config, cuda_gate, docker_images, engines, firewall, offline,
                prune, secrets, settings, staging, systemd_syntax, weights)
+from .accounts import service_account
 from .errors import ConfigError
 from .remote import Shell
 
@@ -318,10 +319,8 @@ def install_services(services=None, gpus=0, weights_root=None, start_timeout=Non
         user = ids[name]
         uid, gid = (int(number) for number in user.split(":"))
         if not service.get("user"):
-            server.group(name=f"Add group {account(service)}", group=account(service), gid=gid, system=True)
-            server.user(name=f"Add account {account(service)} (its containers run as it)", user=account(service),
-                        uid=uid, group=account(service), system=True, shell="/usr/sbin/nologin",
-                        home="/nonexistent", ensure_home=False)
+            service_account(name=f"Add account {account(service)} (its containers run as it)",
+                            user=account(service), uid=uid, gid=gid)
         profile = engines.ENGINES[engine]
         use_gpus = bool(gpus) and service.get("gpus", "all") != "none"
         if profile["needs_gpu"] and not gpus:

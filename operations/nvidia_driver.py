@@ -18,7 +18,7 @@ from pyinfra.facts.files import File
 from pyinfra.facts.server import LinuxDistribution
 from pyinfra.operations import apt, files, server, systemd
 
-from . import apt_pin, base, config, driver_plan, offline, settings
+from . import apt_pin, base, config, driver_plan, host_memo, offline, settings
 from .driver_facts import AptPackages, KernelImages, NvidiaModuleFor, PersistencedUser, image_meta, upstream
 from .errors import ConfigError, HostStateError
 from .gpu_facts import KernelHeaders, NvidiaKernelModule, NvidiaPciDevices, SecureBoot
@@ -85,19 +85,20 @@ def _proxmox_major():
 def host_plan(source, requested, kernel_module=True, open_modules=False):
     """The driver plan for this host, from what apt offers here now (``driver_plan.plan``); worked
     out again only once an operation changed the host (``host_memo``)."""
-    distro = host.get_fact(LinuxDistribution)["name"]
-    kernel = host.get_fact(KernelHeaders)["kernel"]
+    distro = host_memo.fact(LinuxDistribution)["name"]
+    kernel = host_memo.fact(KernelHeaders)["kernel"]
     meta = image_meta(host.get_fact(KernelImages)) if distro == "Ubuntu" else None
-    nvswitch = any(d["kind"] == "nvswitch" for d in host.get_fact(NvidiaPciDevices))
+    nvswitch = any(d["kind"] == "nvswitch" for d in host_memo.fact(NvidiaPciDevices))
     proxmox = _proxmox_major()
     names = driver_plan.relevant_packages(source, distro, driver_plan.branch_of(requested), kernel, meta,
                                           open_modules, proxmox)
     apt_knows = host.get_fact(AptPackages, packages=names)
-    installed = host.get_fact(DebPackages)
+    installed = host_memo.fact(DebPackages)
     result = driver_plan.plan(source, distro, requested, kernel, meta, apt_knows, installed, open_modules,
                               nvswitch, kernel_module, proxmox)
     if proxmox and host.data.get("proxmox_kernel_headers"):
         result.headers = host.data.proxmox_kernel_headers
+    result.apt = {name: apt_knows.get(name) for name in names}
     return result
 
 
@@ -114,7 +115,7 @@ def _plan_in_operation(source, requested, kernel_module=True, open_modules=False
 
 def _anchor_known(source, requested, kernel_module):
     """True when apt offers (or the host has) any version of the package the driver's version is read from."""
-    distro = host.get_fact(LinuxDistribution)["name"]
+    distro = host_memo.fact(LinuxDistribution)["name"]
     name = driver_plan.anchor(source, distro, driver_plan.branch_of(requested), kernel_module)
     info = host.get_fact(AptPackages, packages=[name]).get(name)
     return bool(info and (info["versions"] or info["installed"]))
@@ -125,7 +126,7 @@ def _source_in_place(source):
     source's list already on the host): what apt offers now is what the operations will see."""
     if source == "bundle":
         return False  # the bundle's repository is staged by this run, perhaps a newer one
-    if source == "distro" and host.get_fact(LinuxDistribution)["name"] == "Ubuntu":
+    if source == "distro" and host_memo.fact(LinuxDistribution)["name"] == "Ubuntu":
         return True
     return bool(host.get_fact(File, path=SOURCE_LISTS[source]))
 
@@ -146,7 +147,7 @@ def _plan_or_refuse(source, requested, kernel_module, open_modules):
 
 
 def _bundle_offers(requested, kernel_module):
-    distro = host.get_fact(LinuxDistribution)["name"]
+    distro = host_memo.fact(LinuxDistribution)["name"]
     name = driver_plan.anchor("bundle", distro, driver_plan.branch_of(requested), kernel_module)
     return offline.offers(host.data.get("gpufleet_bundle"), name, requested)
 
@@ -155,9 +156,9 @@ def installed_version(source=None, requested=None, kernel_module=True):
     """The upstream version of the installed driver (its anchor package), or None."""
     source = source or host.data.nvidia_driver_source
     requested = requested or host.data.nvidia_driver_version
-    distro = host.get_fact(LinuxDistribution)["name"]
+    distro = host_memo.fact(LinuxDistribution)["name"]
     name = driver_plan.anchor(source, distro, driver_plan.branch_of(requested), kernel_module)
-    versions = host.get_fact(DebPackages).get(name) or []
+    versions = host_memo.fact(DebPackages).get(name) or []
     return upstream(sorted(versions)[0]) if versions else None
 
 
@@ -189,11 +190,13 @@ def kernel_headers(source, requested, open_modules=False, gpus=0):
     if plan is None:
         yield "true  # the kernel headers DKMS needs are decided once the driver's apt sources are in place"
         return
-    kernel = host.get_fact(KernelHeaders)
+    kernel = host_memo.fact(KernelHeaders)
     if not plan.dkms:
         host.noop(f"no DKMS: {plan.notes[-1]}")
         return
-    known = host.get_fact(AptPackages, packages=[plan.headers]).get(plan.headers)
+    # What apt said of the headers when the plan was made (it asks about them), unless the plan named others.
+    known = (plan.apt[plan.headers] if plan.headers in plan.apt
+             else host.get_fact(AptPackages, packages=[plan.headers]).get(plan.headers))
     if known and known["installed"]:
         host.noop(f"{plan.headers} installed")
     elif known and known["candidate"]:
@@ -238,7 +241,7 @@ def module_built(source, requested, open_modules=False, log_glob="/var/lib/dkms/
     if plan is None:
         yield "true  # checked once the driver is installed"
         return
-    kernel = host.get_fact(KernelHeaders)
+    kernel = host_memo.fact(KernelHeaders)
     found = host.get_fact(NvidiaModuleFor, kernel=kernel["kernel"])
     if found and found["version"] == plan.version:
         host.noop(f"{found['module']} {found['version']} for {kernel['kernel']} ({found['filename']})")
@@ -279,10 +282,10 @@ def install_driver(source=None, version=None, reboot=None, kernel_module=True, o
     version = version or host.data.nvidia_driver_version
     reboot = host.data.nvidia_driver_reboot if reboot is None else reboot
     open_modules = host.data.nvidia_driver_open if open_modules is None else open_modules
-    distro = host.get_fact(LinuxDistribution)
+    distro = host_memo.fact(LinuxDistribution)
     codename = (distro["release_meta"].get("VERSION_CODENAME") or "").lower()
     gpus = base.gpus()
-    nvswitch = any(d["kind"] == "nvswitch" for d in host.get_fact(NvidiaPciDevices))
+    nvswitch = any(d["kind"] == "nvswitch" for d in host_memo.fact(NvidiaPciDevices))
 
     if kernel_module:
         try:
@@ -298,7 +301,7 @@ def install_driver(source=None, version=None, reboot=None, kernel_module=True, o
     if kernel_module and dkms and host.get_fact(SecureBoot) and not host.data.nvidia_driver_secure_boot_signed:
         raise HostStateError(
             f"{host.name}: Secure Boot is on and the {source} driver's module is built by DKMS, unsigned, for "
-            f"{host.get_fact(KernelHeaders)['kernel']}: the kernel would refuse to load it. Enrol a MOK and let "
+            f"{host_memo.fact(KernelHeaders)['kernel']}: the kernel would refuse to load it. Enrol a MOK and let "
             "DKMS sign with it (mokutil --import /var/lib/dkms/mok.pub, reboot, confirm), then set "
             "nvidia_driver_secure_boot_signed = True; or, on Ubuntu, run a kernel Canonical ships signed "
             "precompiled NVIDIA modules for. Nothing was changed.")

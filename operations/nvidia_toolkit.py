@@ -13,7 +13,7 @@ from pyinfra.facts.deb import DebPackages
 from pyinfra.facts.files import File
 from pyinfra.operations import apt, files
 
-from . import TEMPLATES, apt_pin, bundle, config, docker_engine, json_ops, settings
+from . import TEMPLATES, apt_pin, bundle, config, docker_engine, host_memo, json_ops, settings
 from .containerd_engine import ContainerdRuntimes
 from .errors import ConfigError
 from .docker_images import pinned
@@ -81,7 +81,7 @@ def upgrade_from(version=None):
     """``(installed, pinned)`` when the installed toolkit is not the pinned version; None when it is,
     or when none is installed."""
     version = version or host.data.nvidia_toolkit_version
-    installed = host.get_fact(DebPackages).get("nvidia-container-toolkit") or []
+    installed = host_memo.fact(DebPackages).get("nvidia-container-toolkit") or []
     if not installed or apt_pin.matches(installed, version):
         return None
     return sorted(installed)[0].split(":", 1)[-1].rsplit("-", 1)[0], version

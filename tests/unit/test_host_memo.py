@@ -8,6 +8,7 @@ from pyinfra.api.operation import OperationMeta
 from pyinfra.connectors.util import CommandOutput
 from pyinfra.context import ctx_host
 
+from operations import host_memo
 from operations.host_memo import until_changed
 
 
@@ -83,3 +84,29 @@ def test_an_exception_is_not_kept(asked):
     with pytest.raises(ValueError):
         flaky()
     assert flaky() == "plan" and len(attempts) == 2
+
+
+class FactHost(Host):
+    def __init__(self, name, state):
+        super().__init__(name, state)
+        self.asked = []
+
+    def get_fact(self, fact_class, **arguments):
+        self.asked.append((fact_class, arguments))
+        return {"kernel": "6.1.0-56-amd64", "asked": len(self.asked)}
+
+
+def test_a_fact_is_asked_once_until_an_operation_changes_the_host_and_each_caller_gets_its_own_copy():
+    state = SimpleNamespace(ops={})
+    gpu = FactHost("gpu-01", state)
+    ctx_host.set(gpu)
+    try:
+        first = host_memo.fact("KernelHeaders")
+        first["kernel"] = "changed by a caller"
+        assert host_memo.fact("KernelHeaders") == {"kernel": "6.1.0-56-amd64", "asked": 1}
+        assert host_memo.fact("StagedFiles", path="/srv") == {"kernel": "6.1.0-56-amd64", "asked": 2}
+        operation(state, gpu, commands=["apt-get install linux-headers-6.1.0-56-amd64"])
+        assert host_memo.fact("KernelHeaders")["asked"] == 3
+        assert gpu.asked == [("KernelHeaders", {}), ("StagedFiles", {"path": "/srv"}), ("KernelHeaders", {})]
+    finally:
+        ctx_host.set(None)
