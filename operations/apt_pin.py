@@ -43,6 +43,7 @@ def installed(packages, version, pin_name, pin_patterns=None, unversioned=(), re
     yield from files.put._inner(
         src=StringIO(pin_file(pin_patterns or packages, version)),
         dest=f"/etc/apt/preferences.d/{pin_name}", mode="644", user="root", group="root",
+        create_remote_dir=False,  # apt ships /etc/apt/preferences.d
     )
     current = host.get_fact(DebPackages)
     wrong = [name for name in packages if not matches(current.get(name), version)]

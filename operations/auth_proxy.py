@@ -67,7 +67,7 @@ def install(service, user, key_file, new_key, ready, start_timeout=None):
     script = files.put(name="Install the authenticating proxy", src=str(TEMPLATES / "gpufleet-auth-proxy"),
                        dest=f"{TOOLS_DIR}/gpufleet-auth-proxy", mode="755")
     unit_op = files.put(name=f"Install unit {unit}", src=StringIO(unit_text(service, user, key_file, start_timeout)),
-                        dest=f"{UNIT_DIR}/{unit}", mode="644", user="root", group="root")
+                        dest=f"{UNIT_DIR}/{unit}", mode="644", user="root", group="root", create_remote_dir=False)
     systemd.daemon_reload(name=f"Reload systemd for {unit}", _if=unit_op.did_change)
     systemd.service(name=f"Restart {unit} after its unit, script or key changed, or it was not ready",
                     service=unit, restarted=True,

@@ -118,7 +118,8 @@ def registry_access(ca_files=None, logins=None):
     logins = host.data.docker_registry_logins if logins is None else logins
     files.directory(name=f"Ensure {TOOLS_DIR} exists", path=TOOLS_DIR, mode="755", user="root", group="root")
     files.put(name="Install the registry digest check", src=str(TEMPLATES / "gpufleet-registry-digest"),
-              dest=f"{TOOLS_DIR}/gpufleet-registry-digest", mode="755", user="root", group="root")
+              dest=f"{TOOLS_DIR}/gpufleet-registry-digest", mode="755", user="root", group="root",
+              create_remote_dir=False)  # ensured just above
     for registry, path in sorted(ca_files.items()):
         files.directory(name=f"Ensure {CERTS_DIR}/{registry} exists", path=f"{CERTS_DIR}/{registry}", mode="755")
         files.put(name=f"Trust {registry}'s CA", src=path, dest=f"{CERTS_DIR}/{registry}/ca.crt", mode="644",

@@ -113,7 +113,7 @@ def admit_only_allowed(ports, sources=None, config_dir=None):
     unit_text = Template((TEMPLATES / f"{UNIT}.j2").read_text(), keep_trailing_newline=True).render(
         rules_path=rules_path)
     unit = files.put(name=f"Install unit {UNIT}", src=StringIO(unit_text), dest=UNIT_PATH, mode="644",
-                     user="root", group="root")
+                     user="root", group="root", create_remote_dir=False)
     systemd.daemon_reload(name=f"Reload systemd for {UNIT}", _if=unit.did_change)
     loaded = host.get_fact(LoadedFirewall)
     systemd.service(name=f"Load the rules ({UNIT}) after they changed, or when the loaded table is not theirs",

@@ -292,7 +292,7 @@ def install_services(services=None, gpus=0, weights_root=None, start_timeout=Non
     secrets_dir = posixpath.join(host.data.gpufleet_config_dir, "secrets")
     files.directory(name=f"Ensure {TOOLS_DIR} exists", path=TOOLS_DIR, mode="755")
     files.put(name="Install the readiness check", src=str(TEMPLATES / "gpufleet-wait-ready"),
-              dest=f"{TOOLS_DIR}/gpufleet-wait-ready", mode="755")
+              dest=f"{TOOLS_DIR}/gpufleet-wait-ready", mode="755", create_remote_dir=False)  # ensured just above
     accounts = host.get_fact(ServiceAccounts)
     if not services:
         remove_services(stale_units(services), accounts, secrets_dir=secrets_dir)
@@ -300,7 +300,7 @@ def install_services(services=None, gpus=0, weights_root=None, start_timeout=Non
         _prune_unused(services, weights_root)
         return []
     files.put(name="Install the weight check", src=str(TEMPLATES / "gpufleet-verify-weights"),
-              dest=f"{TOOLS_DIR}/gpufleet-verify-weights", mode="755")
+              dest=f"{TOOLS_DIR}/gpufleet-verify-weights", mode="755", create_remote_dir=False)
     volumes = weights.stage_volumes(volumes={weights.volume_of(s["model"]) for s in services},
                                     weights_root=weights_root)
     # What the inventory no longer names goes now: images and weights are in place, no new unit
@@ -339,7 +339,7 @@ def install_services(services=None, gpus=0, weights_root=None, start_timeout=Non
         unit = files.put(name=f"Install unit gpufleet-{name}.service",
                          src=StringIO(unit_text(engine_service, weights_root, env_file, use_gpus, start_timeout,
                                                 user=user, key_file=key_file)),
-                         dest=unit_path, mode="644", user="root", group="root")
+                         dest=unit_path, mode="644", user="root", group="root", create_remote_dir=False)
         systemd.daemon_reload(name=f"Reload systemd for gpufleet-{name}", _if=unit.did_change)
         if profile["needs_gpu"] and not gpus:
             results.append((engine_service, None, where))

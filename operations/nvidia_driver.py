@@ -325,7 +325,7 @@ def install_driver(source=None, version=None, reboot=None, kernel_module=True, o
                          src=StringIO("\n".join(debian_nonfree_lines(
                              host.data.nvidia_driver_debian_mirror,
                              host.data.nvidia_driver_debian_security_mirror, codename)) + "\n"),
-                         dest=SOURCE_LISTS["distro"], mode="644")
+                         dest=SOURCE_LISTS["distro"], mode="644", create_remote_dir=False)
     else:
         repo = None  # Ubuntu's restricted component is in its default sources
     if repo is not None:
@@ -341,7 +341,7 @@ def install_driver(source=None, version=None, reboot=None, kernel_module=True, o
     files.put(name="Keep NVIDIA packages out of unattended upgrades",
               src=StringIO('Unattended-Upgrade::Package-Blacklist {\n    "nvidia-";\n    "libnvidia-";\n'
                         '    "libcuda";\n    "cuda-drivers";\n};\n'),
-              dest="/etc/apt/apt.conf.d/51gpufleet-nvidia-no-unattended", mode="644")
+              dest="/etc/apt/apt.conf.d/51gpufleet-nvidia-no-unattended", mode="644", create_remote_dir=False)
     if not kernel_module:
         return driver
 

@@ -122,7 +122,8 @@ def install_toolkit(version=None, source=None, engine=None, set_as_default=None,
         staged = files.sync(name="Stage the toolkit repository", src=host.data.nvidia_toolkit_local_repo_src,
                             dest=repo_dir, delete=True) if host.data.nvidia_toolkit_local_repo_src else None
         repo = files.put(name="Add the local toolkit repository", src=StringIO(f"deb [trusted=yes] file:{repo_dir} ./\n"),
-                         dest="/etc/apt/sources.list.d/gpufleet-toolkit-local.list", mode="644")
+                         dest="/etc/apt/sources.list.d/gpufleet-toolkit-local.list", mode="644",
+                         create_remote_dir=False)
         changed = [op for op in (staged, repo) if op is not None]
     elif source == "bundle":
         changed = []  # offline.stage_packages staged the repository and updated apt's lists
@@ -131,7 +132,8 @@ def install_toolkit(version=None, source=None, engine=None, set_as_default=None,
                              dest=KEYRING, mode="644")
         repo = files.put(name="Add NVIDIA's toolkit repository",
                          src=StringIO(f"deb [signed-by={KEYRING}] {NVIDIA_REPO} /\n"),
-                         dest="/etc/apt/sources.list.d/nvidia-container-toolkit.list", mode="644")
+                         dest="/etc/apt/sources.list.d/nvidia-container-toolkit.list", mode="644",
+                         create_remote_dir=False)
         changed = [key, repo]
     if changed:
         apt.update(name="Update apt lists after the toolkit source changed",

@@ -60,7 +60,7 @@ def stage_packages(bundle_path=None, bundle_dir=None, offline=None):
     staged = staging.stage(name="Stage the bundle's apt repository", src=f"{bundle_path}/apt", dest=repo,
                            files=packages)
     source = files.put(name="Add the bundle's apt repository", src=StringIO(f"deb [trusted=yes] file:{repo} ./\n"),
-                       dest=SOURCE_LIST, mode="644", user="root", group="root")
+                       dest=SOURCE_LIST, mode="644", user="root", group="root", create_remote_dir=False)
     changed = lambda: staged.did_change() or source.did_change()  # noqa: E731
     if offline:
         server.shell(name="Update apt lists from the bundle only", commands=[OFFLINE_UPDATE], _if=changed)
