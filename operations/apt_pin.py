@@ -8,6 +8,7 @@ from pyinfra.api import operation
 from pyinfra.facts.deb import DebPackages
 from pyinfra.operations import files
 
+from . import host_memo
 from .gpu_facts import AptHeldPackages
 
 APT_INSTALL = ("DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "
@@ -40,17 +41,19 @@ def installed(packages, version, pin_name, pin_patterns=None, unversioned=(), re
 
     A package installed at another version (a silent upgrade, a downgrade by hand) is moved back.
     """
+    # asked before the pin is written (it changes neither): answered from the driver's own reading
+    # of dpkg while nothing on the host has changed since (host_memo)
+    current = host_memo.fact(DebPackages)
+    held = host_memo.fact(AptHeldPackages)
     yield from files.put._inner(
         src=StringIO(pin_file(pin_patterns or packages, version)),
         dest=f"/etc/apt/preferences.d/{pin_name}", mode="644", user="root", group="root",
         create_remote_dir=False,  # apt ships /etc/apt/preferences.d
     )
-    current = host.get_fact(DebPackages)
     wrong = [name for name in packages if not matches(current.get(name), version)]
     absent = [name for name in unversioned if not current.get(name)]
     if wrong or absent:
         yield f"{APT_INSTALL} {' '.join(shlex.quote(name) for name in [*packages, *unversioned])}"
-    held = host.get_fact(AptHeldPackages)
     unheld = sorted(set(packages) - held)
     if unheld:
         yield f"apt-mark hold {' '.join(shlex.quote(name) for name in unheld)}"

@@ -7,6 +7,8 @@ from pyinfra.api.command import FileUploadCommand, StringCommand
 from pyinfra.api import Config
 from pyinfra.context import ctx_host, ctx_state
 
+from operations import host_memo
+
 
 class FakeHost:
     """Answers get_fact from a table keyed by fact class name (and its arguments)."""
@@ -17,6 +19,7 @@ class FakeHost:
         self.name = name
         self.noops = []
         self.current_op_global_arguments = {}
+        self.state = SimpleNamespace(ops={})  # no operation has run: host_memo asks each fact once
 
     def get_fact(self, fact_cls, *args, **kwargs):
         name = fact_cls.__name__
@@ -52,6 +55,7 @@ def run_op():
     """run_op(op, facts, **kwargs) -> (commands, noops)"""
     def run(op, facts, data=None, **kwargs):
         host = FakeHost(facts, data)
+        host_memo._fact_answer.forget()  # a fresh host may reuse a freed one's id
         state = SimpleNamespace(config=Config(), print_noop_info=False)
         with ctx_state.use(state), ctx_host.use(host):
             commands = [describe(c) for c in op._inner(**kwargs)]
