@@ -176,7 +176,8 @@ def test_module_packages_are_installed_never_held_and_a_superseded_one_removed(r
     commands, _ = run_op(apt_pin.installed, facts, packages=["nvidia-utils-580-server"], version="580.173.02",
                          pin_name="p", unversioned=["linux-modules-nvidia-580-server-generic"],
                          remove=["nvidia-dkms-580-server"])
-    assert commands[-2] == (apt_pin.APT_INSTALL + " nvidia-utils-580-server linux-modules-nvidia-580-server-generic")
+    assert commands[-3] == (apt_pin.APT_INSTALL + " nvidia-utils-580-server linux-modules-nvidia-580-server-generic")
+    assert commands[-2] == "apt-mark hold nvidia-utils-580-server"  # the install took its hold away
     assert commands[-1] == ("apt-mark unhold nvidia-dkms-580-server && DEBIAN_FRONTEND=noninteractive apt-get remove -y "
                             "nvidia-dkms-580-server")
     assert not any("hold linux-modules" in str(c) for c in commands)
