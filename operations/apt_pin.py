@@ -54,7 +54,7 @@ def installed(packages, version, pin_name, pin_patterns=None, unversioned=(), re
     absent = [name for name in unversioned if not current.get(name)]
     if wrong or absent:
         yield f"{APT_INSTALL} {' '.join(shlex.quote(name) for name in [*packages, *unversioned])}"
-        held = set()  # apt-get install sets each package it names back to "install": held no longer
+        held = set()  # an install that changes a held package takes its hold away: hold them all again
     unheld = sorted(set(packages) - held)
     if unheld:
         yield f"apt-mark hold {' '.join(shlex.quote(name) for name in unheld)}"

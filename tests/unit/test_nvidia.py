@@ -42,7 +42,7 @@ def test_silently_upgraded_driver_is_moved_back(run_op):
              "AptHeldPackages": set(DEBIAN_535)}
     commands, _ = run_op(apt_pin.installed, facts, packages=DEBIAN_535, version="535.261.03", pin_name="p")
     assert apt_pin.APT_INSTALL + " nvidia-kernel-dkms nvidia-smi libcuda1" in commands
-    # apt-get install sets the packages it names back to "install" (tests/e2e/test_upgrade.py saw the
+    # an install that changes held packages takes their holds away (tests/e2e/test_upgrade.py saw the
     # holds gone after an upgrade): held again after it, although they were held before
     assert commands[-1] == "apt-mark hold libcuda1 nvidia-kernel-dkms nvidia-smi"
 
