@@ -11,7 +11,8 @@ LXC guests (lxc_guests) that name it; a guest's libraries follow its host's driv
 
 from pyinfra import host
 
-from operations import proxmox, roles
+from operations import roles
+from operations.proxmox import passthrough as proxmox
 
 roles.check_settings()
 # A guest's driver is its Proxmox host's: a guest pinned to another version is refused up front.

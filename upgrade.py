@@ -14,7 +14,8 @@ and their LXC guests are upgraded in place, as deploy.py does (operations/rollou
 
 from pyinfra import host
 
-from operations import proxmox, roles, rollout
+from operations import roles, rollout
+from operations.proxmox import passthrough as proxmox
 
 roles.check_settings()
 guest_driver = proxmox.guest_driver_version() if "lxc_guests" in host.groups else None

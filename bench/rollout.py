@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from operations import settings
+from operations.core import settings
 from tests.lab import bundle as lab_bundle
 from tests.lab import hosts as lab
 from tests.lab import probe

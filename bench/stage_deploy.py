@@ -6,8 +6,8 @@ gpufleet_stage_via names one)."""
 
 import os
 
-from operations import staging
-from operations.weights import directory_manifest
+from operations.offline import staging
+from operations.weights.volumes import directory_manifest
 
 staging.serve_relays()
 staging.stage(name="Stage the benchmark weight set", src=os.environ["BENCH_WEIGHTS"],

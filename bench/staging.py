@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from operations.bundle import sha256_file
+from operations.offline.bundle import sha256_file
 from tests.lab import hosts as lab
 
 from . import procmem

@@ -116,7 +116,7 @@ nvidia_toolkit_dev_char_symlinks = True
 # lacks it is refused before any host changes (add it to the bundle's images).
 nvidia_toolkit_check_image = "nvidia/cuda:12.2.2-base-ubuntu22.04"
 
-# --- offline bundle (python -m operations.bundle build SPEC --out DIR) ---------------------
+# --- offline bundle (python -m operations.offline.bundle build SPEC --out DIR) ---------------------
 # A bundle directory on the control node: its manifest is verified before any host is touched,
 # then its apt repository, images and weight volumes are staged (resumable, SHA-256 verified).
 gpufleet_bundle = None

@@ -14,15 +14,21 @@ prefixes an operation's name with its role's: "GPU host | Install NVIDIA driver 
 from pyinfra import host, logger
 from pyinfra.api import deploy
 
-from . import (base, config, containerd_engine, docker_engine, engines, inference, nvidia_driver,
-               nvidia_toolkit, offline, podman_engine, proxmox, remote, rollout, staging)
+from operations import rollout
+from operations.container import containerd, docker, podman
+from operations.core import base, checks, remote
+from operations.driver import install as nvidia_driver
+from operations.offline import from_bundle as offline, staging
+from operations.proxmox import passthrough as proxmox
+from operations.services import engines, inference
+from operations.toolkit import install as nvidia_toolkit
 
 # nvidia_toolkit_engine -> (its install deploy, returning its configuration operation or None;
 #                           the deploy that restarts it after any of the given operations changed)
 ENGINES = {
-    "docker": (docker_engine.install_docker, docker_engine.restart_on_change),
-    "containerd": (containerd_engine.install_containerd, containerd_engine.restart_on_change),
-    "podman": (podman_engine.install_podman, podman_engine.restart_on_change),
+    "docker": (docker.install_docker, docker.restart_on_change),
+    "containerd": (containerd.install_containerd, containerd.restart_on_change),
+    "podman": (podman.install_podman, podman.restart_on_change),
 }
 # What a host without a GPU skips, said plainly at the end of its run.
 GPU_ONLY_STEPS = ["driver module checks", "persistence daemon", "reboot", "/dev/char links", "GPU container run",
@@ -31,8 +37,8 @@ GPU_ONLY_STEPS = ["driver module checks", "persistence daemon", "reboot", "/dev/
 
 def check_settings():
     """Refuse bad data and a login that cannot become root, before any host changes; warn of unknown groups."""
-    config.validate(config.host_settings(host), host.name)
-    for group in config.unknown_groups(host.groups):
+    checks.validate(checks.host_settings(host), host.name)
+    for group in checks.unknown_groups(host.groups):
         logger.warning(f"[{host.name}] group {group!r}: gpufleet does not know it and no group_data/{group}.py "
                        "names it, so it changes nothing for this host (a misspelt group?)")
     remote.require_root(host)
@@ -115,7 +121,7 @@ def _serving_stack(driver, no_cgroups=False, dev_char_symlinks=None):
     docker = engine == "docker"
     image_ops = {}
     if docker:
-        docker_engine.registry_access()
+        docker.registry_access()
         check_image = host.data.nvidia_toolkit_check_image
         images = [service["image"] for service in host.data.inference_services]
         if gpus and offline.carries(host.data.get("gpufleet_bundle"), check_image):

@@ -18,10 +18,13 @@ from pyinfra.api.exceptions import OperationError
 from pyinfra.context import ctx_host
 from pyinfra.facts.systemd import SystemdStatus
 
-from . import auth_proxy, config, nvidia_driver, nvidia_toolkit
-from .errors import ConfigError
-from .gpu_facts import NvidiaKernelModule
-from .inference import InstalledServices, ServiceReady, readiness, with_listen
+from operations.core import checks
+from operations.driver import install as nvidia_driver
+from operations.services import auth_proxy
+from operations.toolkit import install as nvidia_toolkit
+from operations.core.errors import ConfigError
+from operations.driver.devices import NvidiaKernelModule
+from operations.services.inference import InstalledServices, ServiceReady, readiness, with_listen
 
 # host name -> what its upgrade changes (computed once per run, when its deploy is planned)
 _PENDING = {}
@@ -29,11 +32,11 @@ _PENDING = {}
 DRAINED = set()
 
 
-config.register({
-    "gpufleet_upgrade_batch": (config._is_positive_int, "a whole number above 0 (hosts upgraded at once)"),
+checks.register({
+    "gpufleet_upgrade_batch": (checks._is_positive_int, "a whole number above 0 (hosts upgraded at once)"),
     "gpufleet_upgrade_max_failed": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
                                     "a whole number, 0 or more (failed hosts a rollout goes on past)"),
-    "gpufleet_upgrade_drain_timeout": (config._is_positive_int, "seconds (a whole number above 0)"),
+    "gpufleet_upgrade_drain_timeout": (checks._is_positive_int, "seconds (a whole number above 0)"),
 })
 
 

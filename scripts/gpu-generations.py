@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Write operations/nvidia_generations.json: each NVIDIA PCI device id -> its chip and generation,
+"""Write operations/driver/nvidia_generations.json: each NVIDIA PCI device id -> its chip and generation,
 from the device names of pci.ids (tests/data/pci/nvidia-devices.txt: "2330  GH100 [H100 SXM5 80GB]").
 The chip name's prefix gives the generation (GK Kepler ... GB Blackwell).
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE = REPO / "tests" / "data" / "pci" / "nvidia-devices.txt"
-OUT = REPO / "operations" / "nvidia_generations.json"
+OUT = REPO / "operations" / "driver" / "nvidia_generations.json"
 # Chip prefixes, oldest first (NVIDIA's own code names).
 GENERATIONS = [("GK", "Kepler"), ("GM", "Maxwell"), ("GP", "Pascal"), ("GV", "Volta"), ("TU", "Turing"),
                ("GA", "Ampere"), ("AD", "Ada"), ("GH", "Hopper"), ("GB", "Blackwell")]

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Write operations/hf_fetch.lock.json: for each host Python and architecture gpufleet supports,
+"""Write operations/weights/hf_fetch.lock.json: for each host Python and architecture gpufleet supports,
 the exact wheels of huggingface_hub (the version pinned in requirements.txt) and of everything it
 needs, with their SHA-256. Hosts that fetch weights from a hub get exactly these files (staged from
 the control node, checked against this lock), whatever PyPI serves later. hf_xet is left out:
@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-LOCK = REPO / "operations" / "hf_fetch.lock.json"
+LOCK = REPO / "operations" / "weights" / "hf_fetch.lock.json"
 PYTHONS = ["3.10", "3.11", "3.12", "3.13"]  # Ubuntu 22.04, Debian 12, Ubuntu 24.04, Debian 13
 ARCHES = ["x86_64", "aarch64"]
 MANYLINUX = ["manylinux_2_17", "manylinux2014", "manylinux_2_28", "manylinux_2_34"]

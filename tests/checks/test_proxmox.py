@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from operations.proxmox_facts import parse_pct_config
+from operations.proxmox.facts import parse_pct_config
 
 
 @pytest.fixture

@@ -119,7 +119,7 @@ def test_corrupt_weight_is_named_and_refused_then_repaired(second_deploy):
 
 @pytest.mark.parametrize("engine", ["vllm", "tgi", "ollama"])
 def test_gpu_engine_units_verify_with_systemd(second_deploy, engine):
-    from operations import engines, inference
+    from operations.services import engines, inference
 
     service = {"name": f"check-{engine}", "engine": engine, "model": "tiny/model",
                "image": {"vllm": "vllm/vllm-openai:v0.6.3", "tgi": "ghcr.io/huggingface/text-generation-inference:2.4.1",
@@ -137,7 +137,7 @@ def test_gpu_engine_units_verify_with_systemd(second_deploy, engine):
 def test_systemd_reads_back_exactly_the_words_gpufleet_writes(lab):
     """The quoting of engine arguments, round-tripped through a real systemd: a oneshot unit written
     with gpufleet's quoting runs a program that saves its argv, NUL-separated; it must be the words."""
-    from operations import systemd_syntax
+    from operations.core import systemd_syntax
     from tests.unit.test_systemd_syntax import HARD
 
     program = "import sys; open('/run/gpufleet-argv', 'wb').write(b'\\0'.join(a.encode() for a in sys.argv[1:]))"

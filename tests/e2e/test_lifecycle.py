@@ -99,7 +99,7 @@ def test_a_weight_volume_is_backed_up_and_restored_verified(second_deploy, tmp_p
     before the host is touched; the volume, deleted on the host, comes back verified from the copy
     and serves; a deploy then changes nothing."""
     model = (REPO / ".lab" / "models" / "tiny" / "tiny.gguf").read_bytes()
-    backup = run_deploy("--limit", HOST, "volume=tiny", f"dest={tmp_path}", deploy="operations.weights_backup.backed_up")
+    backup = run_deploy("--limit", HOST, "volume=tiny", f"dest={tmp_path}", deploy="operations.weights.backup.backed_up")
     assert backup.rc == 0, backup.output[-3000:]
     manifest = json.loads((tmp_path / "tiny.gpufleet-backup.json").read_text())
     assert manifest["host"] == HOST and manifest["path"] == "/srv/gpufleet/weights/tiny"
@@ -109,7 +109,7 @@ def test_a_weight_volume_is_backed_up_and_restored_verified(second_deploy, tmp_p
     copy = tmp_path / "tiny" / "tiny.gguf"
     copy.write_bytes(model[:-1] + bytes([model[-1] ^ 1]))
     before = sh("stat -c %Y /srv/gpufleet/weights/tiny/tiny.gguf").stdout
-    refused = run_deploy("--limit", HOST, "volume=tiny", f"src={tmp_path}", deploy="operations.weights_backup.restored")
+    refused = run_deploy("--limit", HOST, "volume=tiny", f"src={tmp_path}", deploy="operations.weights.backup.restored")
     assert refused.rc != 0
     assert f"{tmp_path}/tiny: the backup differs from its manifest (tiny.gguf): damaged; nothing was sent" \
         in refused.output, refused.output[-3000:]
@@ -117,7 +117,7 @@ def test_a_weight_volume_is_backed_up_and_restored_verified(second_deploy, tmp_p
     copy.write_bytes(model)
 
     sh("systemctl stop gpufleet-chat && rm -rf /srv/gpufleet/weights/tiny")
-    restored = run_deploy("--limit", HOST, "volume=tiny", f"src={tmp_path}", deploy="operations.weights_backup.restored")
+    restored = run_deploy("--limit", HOST, "volume=tiny", f"src={tmp_path}", deploy="operations.weights.backup.restored")
     assert restored.rc == 0, restored.output[-3000:]
     assert sh("sha256sum /srv/gpufleet/weights/tiny/tiny.gguf").stdout.split()[0] == hashlib.sha256(model).hexdigest()
     assert sh("systemctl start gpufleet-chat").returncode == 0 and _answers()

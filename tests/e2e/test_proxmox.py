@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from operations.proxmox_facts import parse_pct_config, parse_proc_devices
+from operations.proxmox.facts import parse_pct_config, parse_proc_devices
 from tests.e2e.conftest import run_deploy
 from tests.lab import hosts as lab_hosts
 from tests.fixtures.proxmox_double import HERE as DOUBLE

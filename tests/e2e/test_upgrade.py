@@ -13,7 +13,7 @@ import re
 
 import pytest
 
-from operations import settings
+from operations.core import settings
 from tests.lab import bundle as lab_bundle
 from tests.lab import hosts as lab_hosts
 from tests.lab import probe

@@ -1,6 +1,6 @@
 """The lab's offline bundle: Debian's Docker and NVIDIA driver packages with their dependencies,
 the toolkit test doubles, the llama.cpp server image and a tiny GGUF, built with
-``python -m operations.bundle``'s builder into .lab/bundle (reused when intact). It also carries a
+``python -m operations.offline.bundle``'s builder into .lab/bundle (reused when intact). It also carries a
 weight volume and an image that no lab service uses: a host gets only what its services use."""
 
 import subprocess
@@ -8,8 +8,10 @@ from pathlib import Path
 
 import yaml
 
-from operations import driver_plan, nvidia_driver, nvidia_toolkit, settings
-from operations.bundle import builder
+from operations.core import settings
+from operations.driver import install as nvidia_driver, plan as driver_plan
+from operations.toolkit import install as nvidia_toolkit
+from operations.offline.bundle import builder
 
 from . import image, llamacpp, models
 

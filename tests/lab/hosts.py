@@ -8,7 +8,7 @@ import secrets
 import time
 from pathlib import Path
 
-from operations.settings import DEFAULTS
+from operations.core.settings import DEFAULTS
 from tests.fixtures import proxmox_double, running_kernel, ubuntu_double
 from tests.fixtures.nvidia_toolkit_double import build as toolkit_double
 

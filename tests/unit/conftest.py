@@ -7,7 +7,7 @@ from pyinfra.api.command import FileUploadCommand, StringCommand
 from pyinfra.api import Config
 from pyinfra.context import ctx_host, ctx_state
 
-from operations import host_memo
+from operations.core import host_memo
 
 
 class FakeHost:

@@ -1,6 +1,6 @@
 """The services' system accounts: the fact read from ``getent`` and the commands that make one."""
 
-from operations.accounts import NO_HOME, NO_LOGIN, SystemAccount, account_commands
+from operations.services.accounts import NO_HOME, NO_LOGIN, SystemAccount, account_commands
 
 # Captured on a lab host (Debian 12) after a deploy: `getent passwd gpufleet-chat || echo -;
 # getent group gpufleet-chat || echo -`, then the same for an account that is not there.

@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from operations import TEMPLATES, auth_proxy, firewall
+from operations import TEMPLATES
+from operations.services import auth_proxy, firewall
 from tests.unit.test_inference import SERVICE
 
 KEY = "s3cret-key"

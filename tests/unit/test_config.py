@@ -3,11 +3,13 @@ from pathlib import Path
 
 import pytest
 
-from operations import config, engines, settings
-from operations.errors import ConfigError
+from operations.core import checks, settings
+from operations.services import engines
+from operations.core.errors import ConfigError
+import operations
 import operations.roles  # noqa: F401  (imports every concern module: each registers its checks)
 
-OPERATIONS_DIR = Path(config.__file__).resolve().parent
+OPERATIONS_DIR = Path(operations.__file__).resolve().parent
 
 
 def documented_settings():
@@ -29,16 +31,16 @@ def test_every_setting_the_code_reads_is_documented():
 
 
 def test_every_documented_setting_is_checked():
-    assert set(documented_settings()) <= set(config.CHECKS)
+    assert set(documented_settings()) <= set(checks.CHECKS)
 
 
 def test_documented_defaults_pass_validation():
-    config.validate(documented_settings())
+    checks.validate(documented_settings())
 
 
 def test_typo_is_named_with_a_suggestion():
     with pytest.raises(ConfigError, match=r"web1: docker_log_max_fil: unknown setting \(did you mean 'docker_log_max_file'\?\)"):
-        config.validate({"docker_log_max_fil": 3}, host_name="web1")
+        checks.validate({"docker_log_max_fil": 3}, host_name="web1")
 
 
 @pytest.mark.parametrize("field, value", [
@@ -51,42 +53,42 @@ def test_typo_is_named_with_a_suggestion():
 ])
 def test_malformed_value_names_the_field(field, value):
     with pytest.raises(ConfigError, match=rf"^{field}: must be"):
-        config.validate({field: value})
+        checks.validate({field: value})
 
 
 def test_pyinfra_keys_are_known_and_a_key_nobody_knows_is_refused_whatever_its_prefix():
-    config.validate({"ssh_port": 22, "ssh_user": "ops", "_sudo": True, "_sudo_password": "x",
+    checks.validate({"ssh_port": 22, "ssh_user": "ops", "_sudo": True, "_sudo_password": "x",
                      "ssh_paramiko_connect_kwargs": {}, "docker_identifier": "abc"})
     with pytest.raises(ConfigError, match=r"web1: infrence_services: unknown setting \(did you mean 'inference_services'\?\)"):
-        config.validate({"infrence_services": []}, host_name="web1")
+        checks.validate({"infrence_services": []}, host_name="web1")
     with pytest.raises(ConfigError, match=r"^rack_position: unknown setting; data your own deploys read goes in "
                                           "gpufleet_other_data"):
-        config.validate({"rack_position": "B4"})
+        checks.validate({"rack_position": "B4"})
 
 
 def test_data_of_your_own_deploys_is_left_alone_once_named():
-    config.validate({"rack_position": "B4", "gpufleet_other_data": ["rack_position"]})
+    checks.validate({"rack_position": "B4", "gpufleet_other_data": ["rack_position"]})
 
 
 def test_private_helpers_of_group_data_files_pass_and_a_misspelt_pyinfra_argument_does_not():
-    config.validate({"_LAB": "/srv/lab", "_helper_path": "x"})
+    checks.validate({"_LAB": "/srv/lab", "_helper_path": "x"})
     with pytest.raises(ConfigError, match=r"^_sudoo: unknown pyinfra argument \(did you mean '_sudo'\?\)"):
-        config.validate({"_sudoo": True})
+        checks.validate({"_sudoo": True})
 
 
 def test_none_is_refused_where_a_value_is_required_and_allowed_where_none_is_the_default():
     with pytest.raises(ConfigError, match=r"^nvidia_driver_version: is required"):
-        config.validate({"nvidia_driver_version": None})
+        checks.validate({"nvidia_driver_version": None})
     with pytest.raises(ConfigError, match=r"^inference_services: is required"):
-        config.validate({"inference_services": None})
-    config.validate({"proxmox_host": None, "gpufleet_bundle": None, "inference_hf_endpoint": None})
+        checks.validate({"inference_services": None})
+    checks.validate({"proxmox_host": None, "gpufleet_bundle": None, "inference_hf_endpoint": None})
 
 
 def test_groups_gpufleet_does_not_know_and_no_group_data_names_are_listed(tmp_path):
     (tmp_path / "airgapped.py").write_text("gpufleet_offline = True\n")
-    assert config.unknown_groups({"all", "gpu_hosts", "airgapped", "gpu_host", "rack_b"}, tmp_path) == \
+    assert checks.unknown_groups({"all", "gpu_hosts", "airgapped", "gpu_host", "rack_b"}, tmp_path) == \
         ["gpu_host", "rack_b"]
-    assert config.unknown_groups({"gpu_hosts", "lxc_guests", "proxmox_hosts", "airgapped", "lab"}) == []
+    assert checks.unknown_groups({"gpu_hosts", "lxc_guests", "proxmox_hosts", "airgapped", "lab"}) == []
 
 
 def readme_group_data():
@@ -101,8 +103,8 @@ def test_readme_group_data_examples_are_known_settings_of_the_right_type():
     for data in readme_group_data():
         assert data
         for key, value in data.items():
-            assert key in config.CHECKS, key
-            check, expected = config.CHECKS[key]
+            assert key in checks.CHECKS, key
+            check, expected = checks.CHECKS[key]
             assert check(value), f"{key}: must be {expected}, got {value!r}"
         for index, service in enumerate(data.get("inference_services", [])):
             engines.check_service(index, service)

@@ -8,8 +8,9 @@ import os
 
 import pytest
 
-from operations import docker_engine, docker_images, hf_hub, weights
-from operations.errors import ConfigError
+from operations.container import docker, images as docker_images
+from operations.weights import hub as hf_hub, volumes as weights
+from operations.core.errors import ConfigError
 
 REG = "10.0.0.5:5000/team/llama-server"
 DIGEST = "sha256:" + "a" * 64
@@ -92,17 +93,17 @@ def test_login_file_must_be_private_and_well_formed(tmp_path):
     login.write_text("ops:s3cret\n")
     login.chmod(0o644)
     with pytest.raises(ConfigError, match=r"readable by others than its owner \(mode 644\); chmod 600"):
-        docker_engine.read_login(str(login))
+        docker.read_login(str(login))
     login.chmod(0o600)
-    assert docker_engine.read_login(str(login)) == ("ops", "s3cret")
+    assert docker.read_login(str(login)) == ("ops", "s3cret")
     login.write_text("just-a-password\n")
     with pytest.raises(ConfigError, match="its first line must be USERNAME:PASSWORD"):
-        docker_engine.read_login(str(login))
+        docker.read_login(str(login))
 
 
 def test_mirrors_go_into_daemon_json_only_when_set():
-    assert "registry-mirrors" not in docker_engine.daemon_settings("50m", 3, {})
-    assert docker_engine.daemon_settings("50m", 3, {}, ["https://m:5000"])["registry-mirrors"] == ["https://m:5000"]
+    assert "registry-mirrors" not in docker.daemon_settings("50m", 3, {})
+    assert docker.daemon_settings("50m", 3, {}, ["https://m:5000"])["registry-mirrors"] == ["https://m:5000"]
 
 
 @pytest.mark.parametrize("spec, message", [

@@ -1,7 +1,7 @@
 import pytest
 
-from operations import cuda_gate
-from operations.errors import ConfigError
+from operations.driver import cuda_gate
+from operations.core.errors import ConfigError
 
 
 @pytest.mark.parametrize("cuda, driver", [

@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from operations import apt_pin, driver_plan
-from operations.driver_facts import AptPackages, KernelImages, image_meta
+from operations.core import apt_pin
+from operations.driver import plan as driver_plan
+from operations.driver.facts import AptPackages, KernelImages, image_meta
 from tests.fixtures.ubuntu_double import apt_view
 
 DATA = Path(__file__).resolve().parents[1] / "data"

@@ -1,12 +1,12 @@
 """Engine arguments are checked against what each engine's command line really accepts (its captured
---help or reference, operations/engine_cli/), and flags gpufleet sets itself are refused by name."""
+--help or reference, operations/services/engine_cli/), and flags gpufleet sets itself are refused by name."""
 
 import subprocess
 
 import pytest
 
-from operations import engines
-from operations.errors import ConfigError
+from operations.services import engines
+from operations.core.errors import ConfigError
 from tests.lab import llamacpp
 from tests.unit.test_inference import SERVICE
 

@@ -8,8 +8,8 @@ from pyinfra.api.operation import OperationMeta
 from pyinfra.connectors.util import CommandOutput
 from pyinfra.context import ctx_host
 
-from operations import host_memo
-from operations.host_memo import until_changed
+from operations.core import host_memo
+from operations.core.host_memo import until_changed
 
 
 class Host:

@@ -2,8 +2,9 @@
 
 import pytest
 
-from operations import auth_proxy, engines, inference, staging
-from operations.errors import ConfigError
+from operations.offline import staging
+from operations.services import auth_proxy, engines, inference
+from operations.core.errors import ConfigError
 
 SERVICE = {"name": "chat", "engine": "llamacpp", "image": "ghcr.io/ggml-org/llama.cpp:server-b4500",
            "model": "tiny/tiny.gguf", "memory": "2g", "args": ["--ctx-size", "256"]}

@@ -5,10 +5,13 @@ from pathlib import Path
 
 import pytest
 
-from operations import apt_pin, config, containerd_engine, nvidia_driver, nvidia_toolkit
-from operations.errors import ConfigError
-from operations.gpu_facts import DevCharLinks, missing_dev_char_links
-from operations.json_facts import JsonFile
+from operations.container import containerd
+from operations.core import apt_pin, checks
+from operations.driver import install as nvidia_driver
+from operations.toolkit import install as nvidia_toolkit
+from operations.core.errors import ConfigError
+from operations.driver.devices import DevCharLinks, missing_dev_char_links
+from operations.core.json_files import JsonFile
 
 from .test_inference import SERVICE
 
@@ -122,12 +125,12 @@ NVIDIA_V3_DROP_IN = ['[plugins."io.containerd.cri.v1.runtime".containerd]', '  d
 def containerd_files(**files):
     lines = []
     for path, content in files.items():
-        lines += [containerd_engine.FILE_MARK + path.replace("__", "/"), *content]
+        lines += [containerd.FILE_MARK + path.replace("__", "/"), *content]
     return lines
 
 
 def test_containerd_runtimes_from_debian_config_and_drop_ins():
-    fact = containerd_engine.ContainerdRuntimes()
+    fact = containerd.ContainerdRuntimes()
     assert fact.process(containerd_files(config=DEBIAN_CONTAINERD)) == {"runtimes": {}, "default": None}
     assert fact.process(containerd_files(config=DEBIAN_CONTAINERD + NVIDIA_V2)) == {
         "runtimes": {"nvidia": "/usr/bin/nvidia-container-runtime"}, "default": None}
@@ -137,7 +140,7 @@ def test_containerd_runtimes_from_debian_config_and_drop_ins():
 
 
 def test_containerd_runtime_configured_only_when_missing(run_op):
-    fact = containerd_engine.ContainerdRuntimes()
+    fact = containerd.ContainerdRuntimes()
     bare = fact.process(containerd_files(config=DEBIAN_CONTAINERD))
     commands, _ = run_op(nvidia_toolkit.containerd_runtime, {"ContainerdRuntimes": bare})
     assert commands == ["nvidia-ctk runtime configure --runtime=containerd"]
@@ -167,9 +170,9 @@ def test_inference_services_need_the_docker_engine(tmp_path):
     (tmp_path / "tiny.gguf").write_bytes(b"GGUF")
     volumes = {"tiny": {"from": str(tmp_path)}}
     with pytest.raises(ConfigError, match=r"^gpu1: nvidia_toolkit_engine: is 'podman', but the inference services"):
-        config.validate({"nvidia_toolkit_engine": "podman", "inference_services": [SERVICE],
+        checks.validate({"nvidia_toolkit_engine": "podman", "inference_services": [SERVICE],
                          "inference_weight_volumes": volumes}, host_name="gpu1")
-    config.validate({"nvidia_toolkit_engine": "containerd", "inference_services": []})
+    checks.validate({"nvidia_toolkit_engine": "containerd", "inference_services": []})
 
 
 def test_offline_gpu_host_needs_the_check_image_in_its_bundle():

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from operations import driver_plan, nvidia_driver, nvidia_toolkit, proxmox
-from operations.errors import ConfigError, HostStateError
-from operations.gpu_facts import NvidiaDeviceNodes
-from operations.proxmox_facts import (PctConfig, PctStatus, PveVersion, ProcDevices,
-                                      parse_pct_config, parse_property_string)
+from operations.driver import install as nvidia_driver, plan as driver_plan
+from operations.proxmox import passthrough as proxmox
+from operations.toolkit import install as nvidia_toolkit
+from operations.core.errors import ConfigError, HostStateError
+from operations.driver.devices import NvidiaDeviceNodes
+from operations.proxmox.facts import PctConfig, PctStatus, PveVersion, ProcDevices, parse_pct_config, parse_property_string
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 REPO = Path(__file__).resolve().parents[2]
@@ -187,13 +188,13 @@ def test_no_cgroups_fact_and_operation(run_op):
 
 
 def test_config_names_bad_proxmox_fields():
-    from operations import config
+    from operations.core import checks
     with pytest.raises(ConfigError, match="proxmox_vmid"):
-        config.validate({"proxmox_vmid": 42})
+        checks.validate({"proxmox_vmid": 42})
     with pytest.raises(ConfigError, match="proxmox_passthrough"):
-        config.validate({"proxmox_passthrough": "cgroup"})
+        checks.validate({"proxmox_passthrough": "cgroup"})
     with pytest.raises(ConfigError, match="did you mean 'proxmox_vmid'"):
-        config.validate({"proxmox_vimd": 101})
+        checks.validate({"proxmox_vimd": 101})
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mknod needs root")

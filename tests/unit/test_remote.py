@@ -5,8 +5,8 @@ from types import SimpleNamespace
 import pytest
 from pyinfra.api import Config
 
-from operations import remote
-from operations.errors import ConfigError
+from operations.core import remote
+from operations.core.errors import ConfigError
 
 
 def shell(**arguments):

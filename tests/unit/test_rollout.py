@@ -1,6 +1,6 @@
 """The rollout's pure parts: what a bundle offers, and how the probe loop judges who was out of service."""
 
-from operations import offline
+from operations.offline import from_bundle as offline
 from tests.lab import probe
 
 FILES = {"apt/nvidia-kernel-dkms_535.309.01-0+deb12u1_amd64.deb": {}, "apt/nvidia-smi_535.261.03-1_amd64.deb": {},
@@ -34,7 +34,7 @@ def test_a_completion_to_a_closed_port_is_a_miss_not_an_error():
 
 
 def test_prune_reads_images_and_the_ones_containers_use():
-    from operations import prune
+    from operations.container import prune
 
     found = prune.DockerImages().process([
         "gpufleet-lab/llama-server:0.3.36-a9 sha256:aaa", "gpufleet-lab/retired:1 sha256:aaa",
@@ -50,7 +50,7 @@ def test_prune_reads_images_and_the_ones_containers_use():
 def test_a_backup_copy_is_damaged_when_a_file_is_missing_short_or_other_bytes(tmp_path):
     import hashlib
 
-    from operations import weights_backup
+    from operations.weights import backup as weights_backup
 
     (tmp_path / "a.gguf").write_bytes(b"weights")
     (tmp_path / "sub").mkdir()

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from operations import bundle, remote, staging
-from operations.staging import wire
-from operations.staging.relay import RELAY_SENDER, authorized_line, relay_key
+from operations.core import remote
+from operations.offline import bundle, staging
+from operations.offline.staging import wire
+from operations.offline.staging.relay import RELAY_SENDER, authorized_line, relay_key
 
 
 def receive(dest, stream, mode="444"):
@@ -174,8 +175,8 @@ def test_relay_key_is_restricted_to_the_sender_and_expires():
 
 
 def test_room_is_the_bytes_to_receive_plus_the_margin():
-    from operations.config import size_bytes
-    from operations.staging.facts import FreeSpace, room_shortfall
+    from operations.core.checks import size_bytes
+    from operations.offline.staging.facts import FreeSpace, room_shortfall
 
     free = FreeSpace().process(["/dev/vda1  268435456000  214748364800  52613349376  81% /srv"])
     assert free == {"available": 52613349376, "mount": "/srv"}
@@ -188,7 +189,7 @@ def test_room_is_the_bytes_to_receive_plus_the_margin():
 
 
 def test_relay_keys_left_are_counted_in_the_logins_file():
-    from operations.staging.relay import RelayKeysLeft
+    from operations.offline.staging.relay import RelayKeysLeft
 
     assert RelayKeysLeft().process(["/home/ops/.ssh/authorized_keys", "2"]) == \
         {"path": "/home/ops/.ssh/authorized_keys", "count": 2}

@@ -6,8 +6,9 @@ import subprocess
 
 import pytest
 
-from operations import engines, inference, systemd_syntax
-from operations.errors import ConfigError
+from operations.core import systemd_syntax
+from operations.services import engines, inference
+from operations.core.errors import ConfigError
 from tests.unit.test_inference import SERVICE
 
 HARD = ["100%{x}", "$HOME", "${HOME}", "it's", 'a "b"', "back\\slash", "\\n", ";", "", "two words", "-x=1"]

@@ -1,0 +1,147 @@
+"""Docker engine: distro packages, /etc/docker/daemon.json merged (log rotation, registry
+mirrors), the service; a site's private registries (their CA, root-only logins)."""
+
+import os
+import stat
+from pathlib import Path
+
+from pyinfra import host
+from pyinfra.api import deploy
+from pyinfra.operations import apt, files, systemd
+from pyinfra.operations.util import any_changed
+
+from operations import TEMPLATES, TOOLS_DIR
+from operations.container import images as docker_images
+from operations.core import checks, json_files, settings
+from operations.core.errors import ConfigError
+
+DAEMON_JSON = "/etc/docker/daemon.json"
+CERTS_DIR = "/etc/docker/certs.d"
+
+
+
+def _is_registry_map(value):
+    return isinstance(value, dict) and all(checks._is_str(k) and checks._is_str(v) for k, v in value.items())
+
+
+def read_login(path, field="docker_registry_logins", host_name=None):
+    """``(username, password)`` from a control-node file holding ``USERNAME:PASSWORD`` on its first
+    line; a file that others than its owner can read is refused, naming it."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as error:
+        raise ConfigError(field, f"{path}: {error.strerror}", host=host_name) from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(field, f"{path}: readable by others than its owner (mode {stat.S_IMODE(mode):o}); "
+                                 f"chmod 600 {path}", host=host_name)
+    lines = Path(path).read_text().splitlines()
+    username, sep, password = lines[0].partition(":") if lines else ("", "", "")
+    if not sep or not username or not password:
+        raise ConfigError(field, f"{path}: its first line must be USERNAME:PASSWORD", host=host_name)
+    return username, password
+
+
+def _check(data, host_name):
+    for registry, path in (data.get("docker_registry_logins") or {}).items():
+        read_login(path, field=f"docker_registry_logins[{registry!r}]", host_name=host_name)
+    for registry, path in (data.get("docker_registry_ca_files") or {}).items():
+        if not Path(path).is_file():
+            raise ConfigError(f"docker_registry_ca_files[{registry!r}]", f"{path}: no such file on the control node",
+                              host=host_name)
+
+
+checks.register({
+    "docker_registry_mirrors": (lambda v: isinstance(v, list) and all(checks._is_str(m) and m.startswith(("http://", "https://"))
+                                                                      for m in v),
+                                "a list of mirror URLs such as 'https://mirror.example:5000'"),
+    "docker_registry_ca_files": (_is_registry_map, "a dict of registry ('host:port') -> CA certificate file on "
+                                                   "the control node"),
+    "docker_registry_logins": (_is_registry_map, "a dict of registry ('host:port') -> root-only file on the "
+                                                 "control node holding USERNAME:PASSWORD"),
+}, cross_check=_check)
+
+
+def daemon_settings(log_max_size, log_max_file, extra, mirrors=()):
+    """What gpufleet merges into daemon.json: json-file logs, rotated, registry mirrors, extra keys."""
+    return {
+        "log-driver": "json-file",
+        "log-opts": {"max-size": str(log_max_size), "max-file": str(log_max_file)},
+        **({"registry-mirrors": list(mirrors)} if mirrors else {}),
+        **extra,
+    }
+
+
+@deploy("Install Docker engine", data_defaults=settings.DEFAULTS)
+def install_docker(packages=None, log_max_size=None, log_max_file=None, extra_settings=None, mirrors=None):
+    """
+    Install Docker from the distro and merge log rotation into daemon.json (other keys kept).
+
+    + packages: apt packages of the engine (``docker_packages``)
+    + log_max_size: json-file ``max-size`` per container log (``docker_log_max_size``)
+    + log_max_file: rotated files kept (``docker_log_max_file``)
+    + extra_settings: more daemon.json keys to merge (``docker_daemon_settings``)
+    + mirrors: pull-through caches for Docker Hub (``docker_registry_mirrors``)
+
+    Returns the daemon.json operation: pass it to ``restart_on_change``.
+    """
+    packages = packages or host.data.docker_packages
+    log_max_size = log_max_size or host.data.docker_log_max_size
+    log_max_file = log_max_file or host.data.docker_log_max_file
+    extra_settings = extra_settings if extra_settings is not None else host.data.docker_daemon_settings
+    mirrors = host.data.docker_registry_mirrors if mirrors is None else mirrors
+
+    apt.packages(
+        name="Install the Docker engine packages",
+        packages=packages,
+        update=not host.data.get("gpufleet_offline"),
+        cache_time=3600,
+        no_recommends=True,
+    )
+    files.directory(name="Ensure /etc/docker exists", path="/etc/docker", mode="755")
+    return json_files.merged(
+        name=f"Merge log rotation into {DAEMON_JSON}",
+        path=DAEMON_JSON,
+        settings=daemon_settings(log_max_size, log_max_file, extra_settings, mirrors),
+    )
+
+
+@deploy("Reach the site's container registries", data_defaults=settings.DEFAULTS)
+def registry_access(ca_files=None, logins=None):
+    """
+    Trust each private registry's CA (``/etc/docker/certs.d/REGISTRY/ca.crt``, read by Docker at
+    each connection: no restart), keep Docker logged in to those that need credentials, and install
+    ``gpufleet-registry-digest`` (what a tag names in its registry now).
+
+    + ca_files: registry -> CA certificate file on the control node (``docker_registry_ca_files``)
+    + logins: registry -> root-only file on the control node holding ``USERNAME:PASSWORD``
+      (``docker_registry_logins``); the password reaches the host on stdin only
+    """
+    ca_files = host.data.docker_registry_ca_files if ca_files is None else ca_files
+    logins = host.data.docker_registry_logins if logins is None else logins
+    files.directory(name=f"Ensure {TOOLS_DIR} exists", path=TOOLS_DIR, mode="755", user="root", group="root")
+    files.put(name="Install the registry digest check", src=str(TEMPLATES / "gpufleet-registry-digest"),
+              dest=f"{TOOLS_DIR}/gpufleet-registry-digest", mode="755", user="root", group="root",
+              create_remote_dir=False)  # ensured just above
+    for registry, path in sorted(ca_files.items()):
+        files.directory(name=f"Ensure {CERTS_DIR}/{registry} exists", path=f"{CERTS_DIR}/{registry}", mode="755")
+        files.put(name=f"Trust {registry}'s CA", src=path, dest=f"{CERTS_DIR}/{registry}/ca.crt", mode="644",
+                  user="root", group="root")
+    for registry, path in sorted(logins.items()):
+        username, password = read_login(path)
+        docker_images.logged_in(name=f"Log Docker in to {registry} as {username}", registry=registry,
+                                username=username, password=password)
+
+
+@deploy("Apply Docker configuration")
+def restart_on_change(config_ops):
+    """
+    Keep Docker enabled and running, restarting it only when one of ``config_ops`` changed.
+
+    + config_ops: operations that write Docker's configuration (daemon.json, runtimes)
+
+    Returns the restart (a handler: it runs only after a change).
+    """
+    restart = systemd.service(name="Restart Docker if its configuration changed", service="docker",
+                              restarted=True, _if=any_changed(*config_ops))
+    systemd.service(name="Keep Docker enabled and running", service="docker", running=True, enabled=True)
+    return restart

@@ -1,0 +1,388 @@
+"""NVIDIA driver from the distro, NVIDIA's CUDA repository or a local repository: pinned (a branch or
+an exact version), held, nouveau blacklisted, its kernel module precompiled (Ubuntu's signed ones)
+or built by DKMS against the running kernel's headers and checked, Secure Boot gated, persistence
+mode, Fabric Manager on NVSwitch systems, reboot only when needed and allowed.
+
+What is installed comes from ``driver_plan`` (pure), fed with what apt offers on the host. The plan
+is made when the deploy is planned, to refuse bad input before any host changes, and again when its
+operations run, after the driver's apt sources are in place."""
+
+import re
+import shlex
+from io import StringIO
+
+from pyinfra import host, logger
+from pyinfra.api import OperationError, deploy, operation
+from pyinfra.facts.deb import DebPackages
+from pyinfra.facts.files import File
+from pyinfra.facts.server import LinuxDistribution
+from pyinfra.operations import apt, files, server, systemd
+
+from operations.core import apt_pin, base, checks, host_memo, settings
+from operations.driver import plan as driver_plan
+from operations.offline import from_bundle as offline
+from operations.driver.facts import AptPackages, KernelImages, NvidiaModuleFor, PersistencedUser, image_meta, upstream
+from operations.core.errors import ConfigError, HostStateError
+from operations.driver.devices import KernelHeaders, NvidiaKernelModule, NvidiaPciDevices, SecureBoot
+from operations.core.host_memo import until_changed
+from operations.proxmox.facts import PveVersion
+
+SOURCES = ("distro", "cuda-repo", "local-repo", "bundle")
+CUDA_REPO_URL = "https://developer.download.nvidia.com/compute/cuda/repos/{distro}{release}/x86_64/"
+CUDA_KEYRING = "/usr/share/keyrings/nvidia-cuda-archive-keyring.asc"  # apt reads armored .asc keys
+SOURCE_LISTS = {"local-repo": "/etc/apt/sources.list.d/gpufleet-local.list",
+                "cuda-repo": "/etc/apt/sources.list.d/nvidia-cuda.list",
+                "distro": "/etc/apt/sources.list.d/gpufleet-debian-nonfree.list"}
+PIN_PATTERNS = ["*nvidia*", "libcuda*", "libnvcuvid*", "libnvoptix*", "cuda-drivers*"]
+NOUVEAU_BLACKLIST = "/etc/modprobe.d/gpufleet-blacklist-nouveau.conf"
+PERSISTENCED_DROPIN = "/etc/systemd/system/nvidia-persistenced.service.d/gpufleet.conf"
+# The user each distro's nvidia-persistenced package creates (and its unit passes to --user):
+# Debian's nvidia-persistenced postinst makes nvpd; Ubuntu's nvidia-compute-utils-<branch> makes
+# nvidia-persistenced. The installed unit, when there is one, says it for certain.
+PERSISTENCED_USERS = {"Debian": "nvpd", "Ubuntu": "nvidia-persistenced"}
+VERSION = re.compile(r"\d{3}(\.\d+){0,2}")
+
+
+
+def _check(data, host_name):
+    version = data.get("nvidia_driver_version")
+    if "nvidia_driver_version" in data and not VERSION.fullmatch(str(version or "")):
+        raise ConfigError("nvidia_driver_version", f"must be a branch such as '580' (its newest, then held) or an "
+                          f"exact version such as '580.173.02', got {version!r}", host=host_name)
+
+
+checks.register({
+    "nvidia_driver_source": (lambda v: v in SOURCES, f"one of {', '.join(SOURCES)}"),
+    "nvidia_driver_version": (lambda v: isinstance(v, str), "a branch such as '580' or a version such as '580.173.02'"),
+    "nvidia_driver_open": (checks._is_bool, "true or false"),
+    "nvidia_driver_debian_mirror": (checks._is_str, "a Debian mirror URL"),
+    "nvidia_driver_debian_security_mirror": (checks._is_str, "a Debian security mirror URL"),
+    "nvidia_driver_cuda_repo_url": (checks._is_str, "a URL of NVIDIA's CUDA apt repository"),
+    "nvidia_driver_local_repo": (checks._is_str, "a directory on the host holding a flat apt repository"),
+    "nvidia_driver_secure_boot_signed": (checks._is_bool, "true or false"),
+    "nvidia_driver_reboot": (checks._is_bool, "true or false"),
+    "nvidia_driver_reboot_timeout": (checks._is_positive_int, "seconds, above 0"),
+}, cross_check=_check)
+
+
+def branch(version):
+    return version.split(".")[0]
+
+
+def debian_nonfree_lines(mirror, security_mirror, codename):
+    components = "contrib non-free non-free-firmware"
+    return [f"deb {mirror} {codename} {components}",
+            f"deb {mirror} {codename}-updates {components}",
+            f"deb {security_mirror} {codename}-security {components}"]
+
+
+def _proxmox_major():
+    """The Proxmox VE major release of this host (its headers package is named after it), or None."""
+    if "proxmox_hosts" not in host.groups:
+        return None
+    return ((host.get_fact(PveVersion) or {}).get("release") or (8, 0))[0]
+
+
+@until_changed
+def host_plan(source, requested, kernel_module=True, open_modules=False):
+    """The driver plan for this host, from what apt offers here now (``driver_plan.plan``); worked
+    out again only once an operation changed the host (``host_memo``)."""
+    distro = host_memo.fact(LinuxDistribution)["name"]
+    kernel = host_memo.fact(KernelHeaders)["kernel"]
+    meta = image_meta(host.get_fact(KernelImages)) if distro == "Ubuntu" else None
+    nvswitch = any(d["kind"] == "nvswitch" for d in host_memo.fact(NvidiaPciDevices))
+    proxmox = _proxmox_major()
+    names = driver_plan.relevant_packages(source, distro, driver_plan.branch_of(requested), kernel, meta,
+                                          open_modules, proxmox)
+    apt_knows = host.get_fact(AptPackages, packages=names)
+    installed = host_memo.fact(DebPackages)
+    result = driver_plan.plan(source, distro, requested, kernel, meta, apt_knows, installed, open_modules,
+                              nvswitch, kernel_module, proxmox)
+    if proxmox and host.data.get("proxmox_kernel_headers"):
+        result.headers = host.data.proxmox_kernel_headers
+    result.apt = {name: apt_knows.get(name) for name in names}
+    return result
+
+
+def _plan_in_operation(source, requested, kernel_module=True, open_modules=False):
+    """The plan inside an operation: when it runs, a PlanError fails the host naming the setting; when
+    the deploy is being planned (before the driver's apt sources may exist), None."""
+    try:
+        return host_plan(source, requested, kernel_module, open_modules)
+    except driver_plan.PlanError as error:
+        if host.state.is_executing:
+            raise OperationError(f"{host.name}: {error.field}: {error}") from None
+        return None
+
+
+def _anchor_known(source, requested, kernel_module):
+    """True when apt offers (or the host has) any version of the package the driver's version is read from."""
+    distro = host_memo.fact(LinuxDistribution)["name"]
+    name = driver_plan.anchor(source, distro, driver_plan.branch_of(requested), kernel_module)
+    info = host.get_fact(AptPackages, packages=[name]).get(name)
+    return bool(info and (info["versions"] or info["installed"]))
+
+
+def _source_in_place(source):
+    """True when the driver's apt source needs nothing from this run (Ubuntu's own archive, or the
+    source's list already on the host): what apt offers now is what the operations will see."""
+    if source == "bundle":
+        return False  # the bundle's repository is staged by this run, perhaps a newer one
+    if source == "distro" and host_memo.fact(LinuxDistribution)["name"] == "Ubuntu":
+        return True
+    return bool(host.get_fact(File, path=SOURCE_LISTS[source]))
+
+
+def _plan_or_refuse(source, requested, kernel_module, open_modules):
+    """The plan when apt can tell it now; a PlanError it can already tell is refused before any host
+    changes. When apt does not know the driver's packages yet (their source is added by this run),
+    None: the operations plan again once the source is there."""
+    try:
+        return host_plan(source, requested, kernel_module, open_modules)
+    except driver_plan.PlanError as error:
+        if error.field == "nvidia_driver_version" and source == "bundle" and _bundle_offers(requested, kernel_module):
+            return None  # the bundle staged by this run has it: the operations plan once it is there
+        if (error.field != "nvidia_driver_version" or _source_in_place(source)
+                or _anchor_known(source, requested, kernel_module)):
+            raise ConfigError(error.field, str(error), host=host.name) from None
+        return None
+
+
+def _bundle_offers(requested, kernel_module):
+    distro = host_memo.fact(LinuxDistribution)["name"]
+    name = driver_plan.anchor("bundle", distro, driver_plan.branch_of(requested), kernel_module)
+    return offline.offers(host.data.get("gpufleet_bundle"), name, requested)
+
+
+def installed_version(source=None, requested=None, kernel_module=True):
+    """The upstream version of the installed driver (its anchor package), or None."""
+    source = source or host.data.nvidia_driver_source
+    requested = requested or host.data.nvidia_driver_version
+    distro = host_memo.fact(LinuxDistribution)["name"]
+    name = driver_plan.anchor(source, distro, driver_plan.branch_of(requested), kernel_module)
+    versions = host_memo.fact(DebPackages).get(name) or []
+    return upstream(sorted(versions)[0]) if versions else None
+
+
+def upgrade_from(source=None, requested=None, kernel_module=True):
+    """``(installed, pinned)`` when the installed driver is not the pinned one (a branch pin: not of
+    its branch, or not the branch's newest that apt offers); None when it is, or none is installed."""
+    source = source or host.data.nvidia_driver_source
+    requested = requested or host.data.nvidia_driver_version
+    installed = installed_version(source, requested, kernel_module)
+    if installed is None:
+        return None
+    try:
+        wanted = host_plan(source, requested, kernel_module, host.data.nvidia_driver_open).version
+    except driver_plan.PlanError:
+        wanted = requested  # apt does not offer it yet (a bundle staged by this run)
+    if installed == wanted or ("." not in wanted and installed.split(".")[0] == wanted):
+        return None
+    return installed, wanted
+
+
+@operation()
+def kernel_headers(source, requested, open_modules=False, gpus=0):
+    """
+    Install the running kernel's headers when DKMS will build the NVIDIA module (before the DKMS
+    package, whose installation builds it). Without a headers package for the running kernel: a
+    host with a GPU is refused (the module cannot be built); one without is told and left alone.
+    """
+    plan = _plan_in_operation(source, requested, True, open_modules)
+    if plan is None:
+        yield "true  # the kernel headers DKMS needs are decided once the driver's apt sources are in place"
+        return
+    kernel = host_memo.fact(KernelHeaders)
+    if not plan.dkms:
+        host.noop(f"no DKMS: {plan.notes[-1]}")
+        return
+    # What apt said of the headers when the plan was made (it asks about them), unless the plan named others.
+    known = (plan.apt[plan.headers] if plan.headers in plan.apt
+             else host.get_fact(AptPackages, packages=[plan.headers]).get(plan.headers))
+    if known and known["installed"]:
+        host.noop(f"{plan.headers} installed")
+    elif known and known["candidate"]:
+        yield f"{apt_pin.APT_INSTALL} {shlex.quote(plan.headers)}"
+    elif kernel["headers"]:
+        host.noop(f"no {plan.headers} package; headers for {kernel['kernel']} are at /lib/modules/{kernel['kernel']}/build")
+    elif gpus:
+        raise OperationError(f"{host.name}: DKMS builds the NVIDIA module against the running kernel "
+                             f"{kernel['kernel']}'s headers, and the host's apt sources have no {plan.headers} "
+                             f"(nor is /lib/modules/{kernel['kernel']}/build there). Install them, or boot a "
+                             "kernel of the distribution; nothing of the driver was installed")
+    else:
+        logger.warning(f"[{host.name}] no {plan.headers} in the host's apt sources for the running kernel "
+                       f"{kernel['kernel']}: DKMS cannot build the NVIDIA module for it (no GPU here: skipped)")
+        host.noop(f"no headers for {kernel['kernel']}")
+
+
+@operation()
+def driver_installed(source, requested, pin_name, kernel_module=True, open_modules=False):
+    """
+    Install the plan's packages at its version and hold them, its precompiled module packages (never
+    held: kernel upgrades bring theirs), and remove what a former plan installed instead.
+    """
+    plan = _plan_in_operation(source, requested, kernel_module, open_modules)
+    if plan is None:
+        yield "true  # the driver's packages are decided once its apt sources are in place"
+        return
+    for note in plan.notes:
+        host.log(note)
+    yield from apt_pin.installed._inner(packages=plan.packages, version=plan.version, pin_name=pin_name,
+                                        pin_patterns=PIN_PATTERNS, unversioned=plan.modules, remove=plan.remove)
+
+
+@operation()
+def module_built(source, requested, open_modules=False, log_glob="/var/lib/dkms/*/{version}/build/make.log"):
+    """
+    The NVIDIA module of the driver's version exists for the running kernel (``modinfo -k``): a
+    DKMS module not built yet is built (``dkms autoinstall``); one that cannot be is an error naming
+    the DKMS build log. Skipped, and said, where there are no headers to build against.
+    """
+    plan = _plan_in_operation(source, requested, True, open_modules)
+    if plan is None:
+        yield "true  # checked once the driver is installed"
+        return
+    kernel = host_memo.fact(KernelHeaders)
+    found = host.get_fact(NvidiaModuleFor, kernel=kernel["kernel"])
+    if found and found["version"] == plan.version:
+        host.noop(f"{found['module']} {found['version']} for {kernel['kernel']} ({found['filename']})")
+        return
+    if plan.dkms and not kernel["headers"]:
+        host.noop(f"no headers for {kernel['kernel']}: the module is not built here")
+        return
+    if not plan.dkms:
+        raise OperationError(f"{host.name}: no NVIDIA module {plan.version} for the running kernel "
+                             f"{kernel['kernel']} after installing {', '.join(plan.modules)} (modinfo says: "
+                             f"{found['version'] if found else 'none'})")
+    logs = log_glob.format(version=plan.version)
+    k = shlex.quote(kernel["kernel"])
+    yield (f"dkms autoinstall -k {k} >/dev/null 2>&1; v=''; for m in nvidia nvidia-current nvidia-current-open; do "
+           f"v=$(modinfo -k {k} -F version $m 2>/dev/null) && [ -n \"$v\" ] && break; done; "
+           f"[ \"$v\" = {shlex.quote(plan.version)} ] || {{ echo \"NVIDIA module {plan.version} is not built for the "
+           f"running kernel {kernel['kernel']} (found: ${{v:-none}}); DKMS build log: $(ls {logs} 2>/dev/null || "
+           f"echo 'none under /var/lib/dkms')\" >&2; dkms status >&2; exit 1; }}")
+
+
+@deploy("Install NVIDIA driver", data_defaults=settings.DEFAULTS)
+def install_driver(source=None, version=None, reboot=None, kernel_module=True, open_modules=None):
+    """
+    Install the pinned NVIDIA driver, hold it, blacklist nouveau, and reboot only if needed and allowed.
+
+    + source: ``distro`` (Debian non-free, Ubuntu's server drivers), ``cuda-repo``, ``local-repo``
+      or ``bundle`` (the offline bundle staged by ``offline.stage_packages``)
+    + version: a branch (``580``: its newest, then held) or an exact version (``nvidia_driver_version``)
+    + reboot: allow a reboot when the driver or blacklist changed on a GPU host (``nvidia_driver_reboot``)
+    + kernel_module: False for an LXC guest: user-space libraries only (its Proxmox host loads the
+      module), no nouveau blacklist, headers, persistence daemon or reboot
+    + open_modules: NVIDIA's open kernel modules (``nvidia_driver_open``; Turing and later, and the
+      only ones Blackwell runs)
+
+    Returns the package operation, so later steps can react to a driver change.
+    """
+    source = source or host.data.nvidia_driver_source
+    version = version or host.data.nvidia_driver_version
+    reboot = host.data.nvidia_driver_reboot if reboot is None else reboot
+    open_modules = host.data.nvidia_driver_open if open_modules is None else open_modules
+    distro = host_memo.fact(LinuxDistribution)
+    codename = (distro["release_meta"].get("VERSION_CODENAME") or "").lower()
+    gpus = base.gpus()
+    nvswitch = any(d["kind"] == "nvswitch" for d in host_memo.fact(NvidiaPciDevices))
+
+    if kernel_module:
+        try:
+            driver_plan.check_kernel_module_kind(gpus, open_modules)
+        except driver_plan.PlanError as error:
+            raise ConfigError(error.field, str(error), host=host.name) from None
+        if nvswitch and distro["name"] == "Debian" and source not in ("cuda-repo",):
+            raise ConfigError("nvidia_driver_source", "this host has NVSwitches, which need NVIDIA Fabric Manager "
+                              "at the driver's version, and Debian's archive has none: use nvidia_driver_source = "
+                              "'cuda-repo'", host=host.name)
+    plan = _plan_or_refuse(source, version, kernel_module, open_modules)
+    dkms = plan.dkms if plan else (distro["name"] != "Ubuntu" or source == "cuda-repo")
+    if kernel_module and dkms and host.get_fact(SecureBoot) and not host.data.nvidia_driver_secure_boot_signed:
+        raise HostStateError(
+            f"{host.name}: Secure Boot is on and the {source} driver's module is built by DKMS, unsigned, for "
+            f"{host_memo.fact(KernelHeaders)['kernel']}: the kernel would refuse to load it. Enrol a MOK and let "
+            "DKMS sign with it (mokutil --import /var/lib/dkms/mok.pub, reboot, confirm), then set "
+            "nvidia_driver_secure_boot_signed = True; or, on Ubuntu, run a kernel Canonical ships signed "
+            "precompiled NVIDIA modules for. Nothing was changed.")
+    if plan:
+        logger.info(f"[{host.name}] NVIDIA driver {plan.version} ({version} pinned): {'; '.join(plan.notes) or 'user space only'}")
+
+    if source == "local-repo":
+        repo = files.line(name="Add the local driver repository", path=SOURCE_LISTS["local-repo"],
+                          line=f"deb [trusted=yes] file:{host.data.nvidia_driver_local_repo} ./")
+    elif source == "cuda-repo":
+        url = host.data.nvidia_driver_cuda_repo_url or CUDA_REPO_URL.format(
+            distro=distro["name"].lower(), release=distro["release_meta"].get("VERSION_ID", "").replace(".", ""))
+        files.download(name="Download NVIDIA's CUDA repository key", src=f"{url}3bf863cc.pub",
+                       dest=CUDA_KEYRING, mode="644")
+        repo = files.line(name="Add NVIDIA's CUDA repository", path=SOURCE_LISTS["cuda-repo"],
+                          line=f"deb [signed-by={CUDA_KEYRING}] {url} /")
+    elif source == "bundle":
+        repo = None  # offline.stage_packages staged the repository and updated apt's lists
+    elif distro["name"] == "Debian":
+        repo = files.put(name="Enable Debian's contrib, non-free and non-free-firmware",
+                         src=StringIO("\n".join(debian_nonfree_lines(
+                             host.data.nvidia_driver_debian_mirror,
+                             host.data.nvidia_driver_debian_security_mirror, codename)) + "\n"),
+                         dest=SOURCE_LISTS["distro"], mode="644", create_remote_dir=False)
+    else:
+        repo = None  # Ubuntu's restricted component is in its default sources
+    if repo is not None:
+        apt.update(name="Update apt lists after the driver source changed", _if=repo.did_change)
+
+    what = "NVIDIA driver" if kernel_module else "NVIDIA user-space driver (no kernel module)"
+    if kernel_module:
+        kernel_headers(name="Install the running kernel's headers for DKMS", source=source, requested=version,
+                       open_modules=open_modules, gpus=len(gpus))
+    driver = driver_installed(name=f"Install {what} {version} and hold it", source=source, requested=version,
+                              pin_name="gpufleet-nvidia-driver", kernel_module=kernel_module,
+                              open_modules=open_modules)
+    files.put(name="Keep NVIDIA packages out of unattended upgrades",
+              src=StringIO('Unattended-Upgrade::Package-Blacklist {\n    "nvidia-";\n    "libnvidia-";\n'
+                        '    "libcuda";\n    "cuda-drivers";\n};\n'),
+              dest="/etc/apt/apt.conf.d/51gpufleet-nvidia-no-unattended", mode="644", create_remote_dir=False)
+    if not kernel_module:
+        return driver
+
+    module_built(name="Check the NVIDIA module is built for the running kernel", source=source, requested=version,
+                 open_modules=open_modules)
+    blacklist = files.put(name="Blacklist nouveau", src=StringIO("blacklist nouveau\noptions nouveau modeset=0\n"),
+                          dest=NOUVEAU_BLACKLIST, mode="644")
+    server.shell(name="Rebuild the initramfs without nouveau", _if=blacklist.did_change,
+                 commands=["if command -v update-initramfs >/dev/null; then update-initramfs -u; "
+                           "else echo 'no initramfs-tools on this host: nothing to rebuild'; fi"])
+
+    user = host.get_fact(PersistencedUser) or PERSISTENCED_USERS.get(distro["name"], "nvidia-persistenced")
+    dropin = files.put(name="Run nvidia-persistenced in persistence mode",
+                       src=StringIO("[Service]\nExecStart=\nExecStart=/usr/bin/nvidia-persistenced "
+                                    f"--user {user} --persistence-mode --verbose\n"),
+                       dest=PERSISTENCED_DROPIN, mode="644")
+    systemd.daemon_reload(name="Reload systemd after the persistenced drop-in changed", _if=dropin.did_change)
+
+    if not gpus:
+        return driver
+    if distro["name"] == "Debian" and source != "cuda-repo":
+        apt.packages(name="Install nvidia-persistenced", packages=["nvidia-persistenced"], no_recommends=True)
+    systemd.service(name="Restart nvidia-persistenced after its drop-in changed", service="nvidia-persistenced",
+                    restarted=True, _if=dropin.did_change)
+    systemd.service(name="Enable nvidia-persistenced", service="nvidia-persistenced", running=True, enabled=True)
+    if nvswitch:
+        systemd.service(name="Restart NVIDIA Fabric Manager after the driver changed", service="nvidia-fabricmanager",
+                        restarted=True, _if=driver.did_change)
+        systemd.service(name="Run NVIDIA Fabric Manager (NVSwitch)", service="nvidia-fabricmanager", running=True,
+                        enabled=True)
+    loaded = host.get_fact(NvidiaKernelModule)
+    wanted = plan.version if plan else version
+    stale = loaded is not None and loaded["version"] != wanted
+    why = f"loaded module {loaded['version']} is not {wanted}" if stale else "driver or nouveau blacklist changed"
+    if reboot and host.connector_cls.__name__ != "LocalConnector":
+        server.reboot(name=f"Reboot to load NVIDIA driver {wanted} ({why})",
+                      reboot_timeout=host.data.nvidia_driver_reboot_timeout,
+                      _if=lambda: stale or driver.did_change() or blacklist.did_change())
+    elif stale or driver.will_change or blacklist.will_change:  # a message, not an operation: said up front
+        logger.warning(f"[{host.name}] reboot needed to load NVIDIA driver {wanted} ({why}); "
+                       "not rebooting: set nvidia_driver_reboot = True to allow it")
+    return driver

@@ -1,0 +1,133 @@
+"""
+The host firewall for inference ports: one nftables table of gpufleet's own (``inet gpufleet``)
+that admits connections to the services' ports only from ``inference_allowed_sources`` and the
+host itself, and refuses the rest with a TCP reset. It sits beside the host's other rules (Docker's,
+ufw's, firewalld's): a packet must pass every table's hook, so this table only ever narrows.
+
+Ports of services on the host network are filtered on the input hook; ports Docker publishes from
+a bridge network are filtered on the forward hook by their original destination port (Docker
+rewrote it). A boot unit loads the table before Docker starts; the table carries the SHA-256 of
+the file it came from, so a deploy sees whether what is loaded is what it wrote.
+"""
+
+import hashlib
+import ipaddress
+from io import StringIO
+
+from jinja2 import Template
+from pyinfra import host
+from pyinfra.api import FactBase, deploy
+from pyinfra.operations import apt, files, server, systemd
+
+from operations import TEMPLATES
+from operations.core import checks, settings
+
+TABLE = "inet gpufleet"
+RULES_FILE = "firewall.nft"  # in gpufleet_config_dir
+UNIT = "gpufleet-firewall.service"
+UNIT_PATH = f"/etc/systemd/system/{UNIT}"
+
+
+def _is_source_list(value):
+    if not isinstance(value, list):
+        return False
+    try:
+        for source in value:
+            ipaddress.ip_network(source, strict=False)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+checks.register({
+    "inference_allowed_sources": (_is_source_list, "a list of addresses or networks ('10.0.0.0/8', '192.0.2.7', "
+                                                   "'fd00::/8')"),
+    "inference_firewall": (checks._is_bool, "true or false"),
+})
+
+
+class LoadedFirewall(FactBase):
+    """
+    Returns the digest the loaded ``inet gpufleet`` table carries in its comment, "" when the table
+    has none, or None when no such table is loaded (or nft is not installed).
+
+    .. code:: python
+
+        "sha256:1f2e..."
+    """
+
+    requires_command = "nft"
+
+    def command(self):
+        return f"nft list table {TABLE} 2>/dev/null || echo __absent__"
+
+    def process(self, output):
+        if not output or output[-1] == "__absent__":
+            return None
+        for line in output:
+            words = line.strip().split(" ", 1)
+            if words[0] == "comment" and len(words) == 2:
+                return words[1].strip('"')
+        return ""
+
+
+def sources_by_family(sources):
+    """``inference_allowed_sources`` split into IPv4 and IPv6 networks (pure)."""
+    networks = sorted({ipaddress.ip_network(source, strict=False) for source in sources},
+                      key=lambda network: (network.version, network))
+    return ([str(n) for n in networks if n.version == 4], [str(n) for n in networks if n.version == 6])
+
+
+def rules(ports, sources):
+    """The nftables file for ``ports`` admitted from ``sources`` (pure: unit-tested with ``nft -c``).
+    Its table comment is the SHA-256 of the rest, which the deploy compares with the loaded table's."""
+    ipv4, ipv6 = sources_by_family(sources)
+    body = Template((TEMPLATES / "gpufleet-firewall.nft.j2").read_text(), keep_trailing_newline=True,
+                    trim_blocks=True, lstrip_blocks=True).render(
+        table=TABLE, ports=", ".join(str(p) for p in sorted(set(ports))), ipv4=", ".join(ipv4),
+        ipv6=", ".join(ipv6), digest="@DIGEST@")
+    digest = "sha256:" + hashlib.sha256(body.encode()).hexdigest()
+    return body.replace("@DIGEST@", digest), digest
+
+
+@deploy("Admit inference ports only from the allowed sources", data_defaults=settings.DEFAULTS)
+def admit_only_allowed(ports, sources=None, config_dir=None):
+    """
+    Load the ``inet gpufleet`` table for ``ports`` and keep it loaded at boot; with no ports, remove
+    the table and its unit (nothing of gpufleet's is left to guard).
+
+    + ports: every TCP port an inference service or its proxy listens on
+    + sources: addresses and networks that may connect (``inference_allowed_sources``); the host
+      itself always may
+    + config_dir: where the rules file lives (``gpufleet_config_dir``)
+    """
+    sources = host.data.inference_allowed_sources if sources is None else sources
+    config_dir = config_dir or host.data.gpufleet_config_dir
+    rules_path = f"{config_dir}/{RULES_FILE}"
+    if not ports:
+        _remove(rules_path)
+        return
+    text, digest = rules(ports, sources)
+    apt.packages(name="Install nftables", packages=["nftables"])
+    rules_file = files.put(name=f"Write {rules_path} (ports {', '.join(str(p) for p in sorted(set(ports)))})",
+                           src=StringIO(text), dest=rules_path, mode="644", user="root", group="root")
+    unit_text = Template((TEMPLATES / f"{UNIT}.j2").read_text(), keep_trailing_newline=True).render(
+        rules_path=rules_path)
+    unit = files.put(name=f"Install unit {UNIT}", src=StringIO(unit_text), dest=UNIT_PATH, mode="644",
+                     user="root", group="root", create_remote_dir=False)
+    systemd.daemon_reload(name=f"Reload systemd for {UNIT}", _if=unit.did_change)
+    loaded = host.get_fact(LoadedFirewall)
+    systemd.service(name=f"Load the rules ({UNIT}) after they changed, or when the loaded table is not theirs",
+                    service=UNIT, restarted=True,
+                    _if=lambda: rules_file.did_change() or unit.did_change() or loaded != digest)
+    systemd.service(name=f"Keep {UNIT} enabled at boot", service=UNIT, running=True, enabled=True)
+
+
+def _remove(rules_path):
+    """No service to guard: the unit, the rules file and the loaded table go (each only if there)."""
+    systemd.service(name=f"Stop {UNIT}", service=UNIT, running=False, enabled=False)
+    unit = files.file(name=f"Remove unit {UNIT} (no inference port to guard)", path=UNIT_PATH, present=False)
+    systemd.daemon_reload(name=f"Reload systemd without {UNIT}", _if=unit.did_change)
+    files.file(name=f"Remove {rules_path}", path=rules_path, present=False)
+    if host.get_fact(LoadedFirewall) is not None:
+        server.shell(name=f"Unload the nftables table {TABLE}", commands=[f"nft delete table {TABLE}"])

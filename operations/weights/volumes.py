@@ -1,0 +1,194 @@
+"""
+Weight volumes: one directory per volume under ``inference_weights_root``, root-owned and read-only,
+mounted ``:ro`` by the services, with the record the services' start-time check reads
+(templates/gpufleet-verify-weights). A volume comes from the offline bundle, from a directory on the
+control node (staged: resumable, verified, skipped when intact) or from a Hugging Face hub (fetched
+on the host at a pinned commit). A host gets only the volumes its services use.
+"""
+
+import functools
+import hashlib
+import json
+import os
+import posixpath
+import stat
+from pathlib import Path
+
+from pyinfra import host
+from pyinfra.api import deploy
+from pyinfra.operations import files
+
+from operations.core import checks, settings
+from operations.offline import bundle, staging
+from operations.services import secret_files
+from operations.weights import hub as hf_hub
+from operations.core.errors import ConfigError
+
+HASH_CACHE = Path(os.environ.get("GPUFLEET_CACHE", Path.home() / ".cache" / "gpufleet")) / "hashes"
+
+
+def volume_of(model):
+    """The volume a service's ``model`` path lives in: its first component."""
+    return model.split("/")[0]
+
+
+def _refuse(field, message, host_name):
+    raise ConfigError(f"inference_weight_volumes[{field!r}]", message, host=host_name)
+
+
+def root_only(path):
+    """True when no one but the file's owner may read it (a secret on the control node)."""
+    return not os.stat(path).st_mode & (stat.S_IRWXG | stat.S_IRWXO)
+
+
+def check_volume(name, spec, data, host_name):
+    if not isinstance(spec, dict) or sorted(set(spec) & {"from", "hf"}) not in (["from"], ["hf"]):
+        _refuse(name, "a dict with 'from' (a directory on the control node) or 'hf' (a hub repository)", host_name)
+    if "from" in spec:
+        unknown = set(spec) - {"from"}
+        if unknown:
+            _refuse(name, f"unknown key {sorted(unknown)[0]!r} for a directory volume (known: from)", host_name)
+        if not Path(spec["from"]).expanduser().is_dir():
+            _refuse(name, f"{spec['from']}: no such directory on the control node", host_name)
+        return
+    unknown = set(spec) - {"hf", "revision", "token_file"}
+    if unknown:
+        _refuse(name, f"unknown key {sorted(unknown)[0]!r} for a hub volume (known: hf, revision, token_file)",
+                host_name)
+    if not isinstance(spec["hf"], str) or not hf_hub.REPO.fullmatch(spec["hf"]):
+        _refuse(name, f"hf: {spec['hf']!r} is not a repository id such as 'org/name'", host_name)
+    revision = spec.get("revision")
+    if not isinstance(revision, str) or not revision:
+        _refuse(name, "revision: required: the 40-hex commit to fetch", host_name)
+    if not hf_hub.COMMIT.fullmatch(revision) and not data.get("inference_weights_follow_branch"):
+        _refuse(name, f"revision: {revision!r} is a branch or tag, which moves; pin the commit it names, or set "
+                      "inference_weights_follow_branch = True to follow it", host_name)
+    token = spec.get("token_file")
+    if token is not None:
+        if not Path(token).is_file():
+            _refuse(name, f"token_file: {token}: no such file on the control node", host_name)
+        if not root_only(token):
+            _refuse(name, f"token_file: {token}: readable by others than its owner; chmod 600 {token}", host_name)
+    if data.get("gpufleet_offline"):
+        _refuse(name, "a hub volume on an offline host, which reaches no hub: put it in the bundle", host_name)
+
+
+def _check(data, host_name):
+    volumes = data.get("inference_weight_volumes") or {}
+    if not isinstance(volumes, dict):
+        raise ConfigError("inference_weight_volumes", "a dict of volume name -> source", host=host_name)
+    bundled = bundle.load(data["gpufleet_bundle"]).get("weights", {}) if data.get("gpufleet_bundle") else {}
+    for name, spec in volumes.items():
+        if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+            raise ConfigError("inference_weight_volumes", f"{name!r}: a volume name is one path component",
+                              host=host_name)
+        if name in bundled:
+            _refuse(name, f"the bundle {data['gpufleet_bundle']} has a volume {name!r} too: name one source",
+                    host_name)
+        check_volume(name, spec, data, host_name)
+
+
+checks.register({
+    "inference_weights_root": (checks._is_str, "an absolute path on the host"),
+    "inference_weight_volumes": (lambda v: isinstance(v, dict), "a dict of volume name -> {'from': DIR} or "
+                                                                "{'hf': 'org/name', 'revision': COMMIT}"),
+    "inference_hf_endpoint": (lambda v: checks._is_str(v) and v.startswith(("http://", "https://")),
+                              "the hub's URL, such as 'https://huggingface.co' or a site mirror"),
+    "inference_weights_follow_branch": (checks._is_bool, "true or false"),
+}, cross_check=_check)
+
+
+def sources(data):
+    """Every volume a host could have: name -> ("bundle", prefix) | ("dir", path) | ("hf", spec)."""
+    found = {}
+    if data.get("gpufleet_bundle"):
+        found.update({name: ("bundle", prefix) for name, prefix in
+                      bundle.load(data.get("gpufleet_bundle")).get("weights", {}).items()})
+    for name, spec in (data.get("inference_weight_volumes") or {}).items():
+        found[name] = ("dir", str(Path(spec["from"]).expanduser())) if "from" in spec else ("hf", spec)
+    return found
+
+
+def check_model(index, model, data, host_name):
+    """Refuse a service whose model is in no volume, or missing from the one it names (hub volumes are
+    listed by the hub itself: checked on the host when fetched)."""
+    volume, inside = volume_of(model), model[len(volume_of(model)) + 1:].rstrip("/")
+    known = sources(data)
+    field = f"inference_services[{index}].model"
+    if volume not in known:
+        raise ConfigError(field, f"{model}: volume {volume!r} is in no source: neither the bundle's weight volumes "
+                                 f"nor inference_weight_volumes ({', '.join(sorted(known)) or 'none'})", host=host_name)
+    kind, where = known[volume]
+    if kind == "bundle":
+        paths = bundle.part(bundle.load(data["gpufleet_bundle"]), where)
+    elif kind == "dir":
+        paths = directory_manifest(where)
+    else:
+        return
+    if inside and not any(p == inside or p.startswith(inside + "/") for p in paths):
+        raise ConfigError(field, f"{model}: no {inside!r} in volume {volume!r} ({where})", host=host_name)
+
+
+@functools.lru_cache(maxsize=None)
+def directory_manifest(path):
+    """Every file below ``path`` on the control node: relative path -> size and SHA-256. Hashes are
+    kept in ~/.cache/gpufleet/hashes and trusted while a file's size and mtime stay the same."""
+    root = Path(path)
+    cache = HASH_CACHE / (hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:24] + ".json")
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    manifest, fresh = {}, {}
+    for full in sorted(p for p in root.rglob("*") if p.is_file()):
+        relative = str(full.relative_to(root))
+        info = full.stat()
+        digest = bundle.cached_sha256(full, info, known.get(relative))
+        manifest[relative] = {"size": info.st_size, "sha256": digest}
+        fresh[relative] = [info.st_size, info.st_mtime_ns, digest]
+    if fresh != known:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(fresh))
+    return manifest
+
+
+@deploy("Stage weight volumes", data_defaults=settings.DEFAULTS)
+def stage_volumes(volumes, weights_root=None, endpoint=None):
+    """
+    Bring the named weight volumes under ``weights_root`` (files 0444, owned by root), each from its
+    source: the bundle or a control-node directory (staged), or a hub (fetched on the host).
+
+    + volumes: the volume names this host's services use (only these are sent)
+    + weights_root: where volumes live on the host (``inference_weights_root``)
+    + endpoint: the hub for ``hf`` volumes (``inference_hf_endpoint``; None: huggingface.co)
+
+    Returns the operation that brings each volume, by name.
+    """
+    weights_root = weights_root or host.data.inference_weights_root
+    endpoint = endpoint or host.data.inference_hf_endpoint
+    files.directory(name=f"Ensure {weights_root} exists", path=weights_root, mode="755", user="root", group="root")
+    known = sources(host.data)
+    if any(known[name][0] == "hf" for name in volumes):
+        hf_hub.install_client()
+    operations = {}
+    for name in sorted(volumes):
+        kind, where = known[name]
+        dest = posixpath.join(weights_root, name)
+        if kind == "bundle":
+            operations[name] = staging.stage(
+                name=f"Stage weight volume {name}", src=f"{host.data.gpufleet_bundle}/{where}", dest=dest,
+                files=bundle.part(bundle.load(host.data.gpufleet_bundle), where), mode="444")
+        elif kind == "dir":
+            operations[name] = staging.stage(name=f"Stage weight volume {name} from {where}", src=where, dest=dest,
+                                             files=directory_manifest(where), mode="444")
+        else:
+            token = None
+            if where.get("token_file"):
+                token = posixpath.join(host.data.gpufleet_config_dir, "secrets", f"hf-{name}.token")
+                secret_files.secret_file(name=f"Write the hub token of volume {name} (root only)", dest=token,
+                                    content=Path(where["token_file"]).read_bytes())
+            operations[name] = hf_hub.fetched(
+                name=f"Fetch weight volume {name} ({where['hf']}@{where['revision'][:12]})", repo=where["hf"],
+                revision=where["revision"], dest=dest, endpoint=endpoint, token_file=token,
+                state_dir=host.data.gpufleet_state_dir, margin=checks.size_bytes(host.data.gpufleet_free_space_margin))
+    return operations
