@@ -34,7 +34,7 @@ def stream(address, port, key, max_tokens):
         if line.startswith(b"data: ") and json.loads(line[6:])["choices"][0].get("text"):
             stamps.append(time.perf_counter())
     connection.close()
-    return stamps[0] - started, [b - a for a, b in zip(stamps, stamps[1:])]
+    return stamps[0] - started, [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
 
 
 def percentile(values, p):
@@ -51,7 +51,7 @@ def measure(runs=40, max_tokens=32, log=print):
     address = state["hosts"][0]["address"]
     key = (lab.STATE_DIR / "secrets" / "chat-api-key").read_text().strip()
     result = {"runs": runs, "max_tokens": max_tokens}
-    for network, port in (("host", 8080), ("bridge", 8081)):
+    for _network, port in (("host", 8080), ("bridge", 8081)):
         stream(address, port, key, max_tokens)  # warm-up
     samples = {"host": ([], []), "bridge": ([], [])}
     for _ in range(runs):  # interleaved, so drift on the machine hits both alike

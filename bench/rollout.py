@@ -58,7 +58,7 @@ def measure(log=print):
     ends = gates[1:] + [marks.get("--> Disconnecting from hosts...", ended)]
     longest, host = probe.longest_window(rounds)
     result = {"hosts": len(HOSTS), "from": OLD, "to": NEW, "wall_s": round(ended - started, 1),
-              "batch_s": [round(end - start, 1) for start, end in zip(gates, ends)],
+              "batch_s": [round(end - start, 1) for start, end in zip(gates, ends, strict=False)],
               "longest_out_of_service_s": round(longest, 1), "longest_out_of_service_host": host,
               "fewest_answering": probe.fewest_answering(rounds), "probe_rounds": len(rounds)}
     log(f"rollout: {result}")

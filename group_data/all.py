@@ -23,6 +23,7 @@ gpufleet_stage_via = None
 # ssh_config_file and known_hosts, AES-GCM first, never prompting) while pyinfra keeps the control;
 # a login with a password, key passphrase or sudo password, or an `ssh` that cannot connect, falls
 # back to pyinfra's own connection. "paramiko": always pyinfra's connection.
+# One of: openssh | paramiko
 gpufleet_stage_transport = "openssh"
 # How the other hosts of the site reach this one when it is a seed (default: its ssh_hostname).
 gpufleet_site_address = None
@@ -49,7 +50,7 @@ gpufleet_prune = False
 ssh_paramiko_connect_kwargs = {"disabled_algorithms": {"ciphers": [
     "aes128-ctr", "aes192-ctr", "aes256-ctr", "aes128-cbc", "aes192-cbc", "aes256-cbc", "3des-cbc"]}}
 
-# --- docker_ (container engine) ----------------------------------------------------------
+# --- docker_ (the container runtime) ------------------------------------------------
 # apt packages of the engine (Debian/Ubuntu's own docker.io by default).
 docker_packages = ["docker.io"]
 # Container log rotation merged into /etc/docker/daemon.json (json-file driver).
@@ -70,7 +71,10 @@ docker_registry_logins = {}
 
 # --- nvidia_driver_ (NVIDIA driver) ------------------------------------------------------
 # Where the driver comes from: "distro" (Debian non-free; Ubuntu's server branch with Canonical's
-# signed precompiled modules), "cuda-repo" (NVIDIA's CUDA apt repository) or "local-repo".
+# signed precompiled modules), "cuda-repo" (NVIDIA's CUDA apt repository), "local-repo" (a flat
+# repository already on the host, nvidia_driver_local_repo) or "bundle" (the offline bundle's
+# repository, staged by the run; what airgapped hosts use).
+# One of: distro | cuda-repo | local-repo | bundle
 nvidia_driver_source = "distro"
 # The driver: a branch ("580": the newest version apt offers of it when first installed, then held
 # there) or an exact upstream version ("580.173.02", any distro revision of it). An exact version
@@ -97,14 +101,17 @@ nvidia_driver_reboot_timeout = 600
 # --- nvidia_toolkit_ (NVIDIA Container Toolkit) ------------------------------------------
 # The four toolkit packages are installed at <version>-1, held and pinned.
 nvidia_toolkit_version = "1.17.8"
-# "nvidia-repo" (NVIDIA's apt repository, signed-by keyring) or "local-repo" (staged on the host).
+# "nvidia-repo" (NVIDIA's apt repository, signed-by keyring), "local-repo" (staged on the host) or
+# "bundle" (the offline bundle's repository).
+# One of: nvidia-repo | local-repo | bundle
 nvidia_toolkit_source = "nvidia-repo"
 # Where the local repository lives on the host, and (optionally) a control-node directory to stage.
 nvidia_toolkit_local_repo = "/var/lib/gpufleet/toolkit-repo"
 nvidia_toolkit_local_repo_src = None
-# The engine GPU hosts run: "docker" (the inference services need it), "containerd" (Kubernetes
+# The container runtime GPU hosts run: "docker" (the inference services need it), "containerd" (Kubernetes
 # nodes, nerdctl: the nvidia runtime in its CRI config, containerd restarted on change) or "podman"
 # (a CDI spec /etc/cdi/nvidia.yaml, generated on hosts with GPUs).
+# One of: docker | containerd | podman
 nvidia_toolkit_engine = "docker"
 # Make nvidia Docker's default runtime (otherwise containers ask for it with --gpus / --runtime).
 nvidia_toolkit_set_as_default = False
@@ -195,6 +202,7 @@ proxmox_host = None
 proxmox_vmid = None
 # How devices are passed: "dev" (devN entries, Proxmox VE 8.1+), "lxc" (lxc.cgroup2.devices.allow
 # per major + lxc.mount.entry per node) or "auto" (dev from 8.1, lxc before).
+# One of: auto | dev | lxc
 proxmox_passthrough = "auto"
 # Restart a running guest when its devices or features changed (at the end of the run); otherwise
 # the deploy says a restart is needed.

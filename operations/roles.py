@@ -17,15 +17,17 @@ from pyinfra.api import deploy
 from operations import rollout
 from operations.container import containerd, docker, podman
 from operations.core import base, checks, remote
+from operations.driver import devices
 from operations.driver import install as nvidia_driver
-from operations.offline import from_bundle as offline, staging
+from operations.offline import from_bundle as offline
+from operations.offline import staging
 from operations.proxmox import passthrough as proxmox
-from operations.services import engines, inference
+from operations.services import inference
 from operations.toolkit import install as nvidia_toolkit
 
-# nvidia_toolkit_engine -> (its install deploy, returning its configuration operation or None;
-#                           the deploy that restarts it after any of the given operations changed)
-ENGINES = {
+# The container runtime a GPU host runs (nvidia_toolkit_engine) -> (its install deploy, returning its
+# configuration operation or None; the deploy that restarts it after any of the given operations changed)
+CONTAINER_RUNTIMES = {
     "docker": (docker.install_docker, docker.restart_on_change),
     "containerd": (containerd.install_containerd, containerd.restart_on_change),
     "podman": (podman.install_podman, podman.restart_on_change),
@@ -51,7 +53,7 @@ def every_host():
     staging.serve_relays()
     if host.data.get("gpufleet_bundle"):
         offline.stage_packages()
-    return {"groups": sorted(host.groups), "gpus": len(base.gpus()), "docker": False, "services": []}
+    return {"groups": sorted(host.groups), "gpus": len(devices.gpus()), "docker": False, "services": []}
 
 
 @deploy("Proxmox host")
@@ -81,11 +83,11 @@ def rolled_gpu_host():
     driver and toolkit, services started again), then verify it serves before the next batch."""
     services = host.data.inference_services
     rollout.drained(name="Drain the inference services: open requests finish, then they stop",
-                    ports=[port for service in services for port in (engines.port(service), service.get("proxy_port")) if port],
+                    ports=inference.guarded_ports(services),
                     timeout=host.data.gpufleet_upgrade_drain_timeout)
     summary = gpu_host()
     rollout.verified(name="Verify the host serves again (loaded module on a GPU host, every service's endpoint)",
-                     services=services, gpus=len(base.gpus()))
+                     services=services, gpus=len(devices.gpus()))
     return summary
 
 
@@ -105,40 +107,53 @@ def lxc_guest(driver_version):
 
 def _serving_stack(driver, no_cgroups=False, dev_char_symlinks=None):
     """
-    Container engine, NVIDIA Container Toolkit, the GPU container check, images and inference services.
+    Container runtime, NVIDIA Container Toolkit, the GPU container check, images and inference services.
 
     + driver: the driver's package operation (the toolkit and the GPU check react to its change)
     + no_cgroups: leave device cgroups to the host (an unprivileged LXC guest)
     + dev_char_symlinks: keep /dev/char links (None: ``nvidia_toolkit_dev_char_symlinks``)
     """
-    gpus = len(base.gpus())
-    engine = host.data.nvidia_toolkit_engine
-    install_engine, restart_engine = ENGINES[engine]
-    engine_config = install_engine()
-    runtime, toolkit = nvidia_toolkit.install_toolkit(no_cgroups=no_cgroups, dev_char_symlinks=dev_char_symlinks,
-                                                      gpus=gpus, driver=driver)
-    engine_ready = restart_engine([op for op in (engine_config, runtime) if op])
-    docker = engine == "docker"
-    image_ops = {}
-    if docker:
-        docker.registry_access()
-        check_image = host.data.nvidia_toolkit_check_image
-        images = [service["image"] for service in host.data.inference_services]
-        if gpus and offline.carries(host.data.get("gpufleet_bundle"), check_image):
-            images.append(check_image)  # otherwise the check's `docker run --pull missing` fetches it
-        image_ops = inference.install_images(images)
+    gpus = len(devices.gpus())
+    runtime_name = host.data.nvidia_toolkit_engine
+    on_docker = runtime_name == "docker"
+    runtime_ready, toolkit = _runtime_with_toolkit(runtime_name, driver, gpus, no_cgroups, dev_char_symlinks)
+    image_ops = _images(gpus) if on_docker else {}
     if gpus:
-        nvidia_toolkit.check_gpu_container(after=[op for op in (driver, toolkit, engine_ready) if op], engine=engine)
-    services = []
-    if docker:
-        results = inference.install_services(gpus=gpus, image_ops=image_ops)
-        inference.summary(results)
-        services = [inference.intent(service, ready is not None, where) for service, ready, where in results]
-    guarded = docker and host.data.inference_firewall and bool(services)
-    return {"engine": engine, "docker": docker, "services": services, "firewall": guarded,
+        nvidia_toolkit.check_gpu_container(after=[op for op in (driver, toolkit, runtime_ready) if op],
+                                           engine=runtime_name)
+    services = _services(gpus, image_ops) if on_docker else []
+    guarded = on_docker and host.data.inference_firewall and bool(services)
+    return {"engine": runtime_name, "docker": on_docker, "services": services, "firewall": guarded,
             "allowed_sources": list(host.data.inference_allowed_sources) if guarded else [],
             "nvidia_toolkit_version": host.data.nvidia_toolkit_version,
             "nvidia_toolkit_check_image": host.data.nvidia_toolkit_check_image}
+
+
+def _runtime_with_toolkit(runtime_name, driver, gpus, no_cgroups, dev_char_symlinks):
+    """The container runtime and the toolkit wired into it; the runtime restarted when either changed
+    its configuration. Returns ``(the restart operation or None, the toolkit's package operation)``."""
+    install_runtime, restart_runtime = CONTAINER_RUNTIMES[runtime_name]
+    runtime_config = install_runtime()
+    toolkit_runtime, toolkit = nvidia_toolkit.install_toolkit(no_cgroups=no_cgroups, dev_char_symlinks=dev_char_symlinks,
+                                                              gpus=gpus, driver=driver)
+    return restart_runtime([op for op in (runtime_config, toolkit_runtime) if op]), toolkit
+
+
+def _images(gpus):
+    """Registry access, then every image the host runs (the GPU check's too, where the bundle carries it)."""
+    docker.registry_access()
+    check_image = host.data.nvidia_toolkit_check_image
+    images = [service["image"] for service in host.data.inference_services]
+    if gpus and offline.carries(host.data.get("gpufleet_bundle"), check_image):
+        images.append(check_image)  # otherwise the check's `docker run --pull missing` fetches it
+    return inference.install_images(images)
+
+
+def _services(gpus, image_ops):
+    """The inference services, said one line each; returns what host.json records of them."""
+    results = inference.install_services(gpus=gpus, image_ops=image_ops)
+    inference.summary(results)
+    return [inference.intent(service, ready is not None, where) for service, ready, where in results]
 
 
 def finish(summary, guest_changes=()):

@@ -18,26 +18,20 @@ from pyinfra.api.exceptions import OperationError
 from pyinfra.context import ctx_host
 from pyinfra.facts.systemd import SystemdStatus
 
-from operations.core import checks
-from operations.driver import install as nvidia_driver
-from operations.services import auth_proxy
-from operations.toolkit import install as nvidia_toolkit
+from operations.core import base
 from operations.core.errors import ConfigError
+from operations.driver import install as nvidia_driver
 from operations.driver.devices import NvidiaKernelModule
-from operations.services.inference import InstalledServices, ServiceReady, readiness, with_listen
+from operations.services import auth_proxy
+from operations.services.facts import InstalledServices, ServiceReady
+from operations.services.inference import readiness, with_listen
+from operations.toolkit import install as nvidia_toolkit
 
 # host name -> what its upgrade changes (computed once per run, when its deploy is planned)
 _PENDING = {}
 # hosts whose services this run has drained (their drain ran)
 DRAINED = set()
 
-
-checks.register({
-    "gpufleet_upgrade_batch": (checks._is_positive_int, "a whole number above 0 (hosts upgraded at once)"),
-    "gpufleet_upgrade_max_failed": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-                                    "a whole number, 0 or more (failed hosts a rollout goes on past)"),
-    "gpufleet_upgrade_drain_timeout": (checks._is_positive_int, "seconds (a whole number above 0)"),
-})
 
 
 def rolls(candidate):
@@ -152,7 +146,7 @@ def verified(services, gpus):
         if not ready["ready"]:
             problems.append(f"service {service['name']} not ready: {ready['reason']}")
         elif service.get("proxy_port"):
-            key_file = posixpath.join(host.data.gpufleet_config_dir, "secrets", f"{service['name']}.key")
+            key_file = posixpath.join(base.secrets_dir(), f"{service['name']}.key")
             ready = host.get_fact(ServiceReady, urls=auth_proxy.ready_urls(service), key_file=key_file, key_var="")
             if not ready["ready"]:
                 problems.append(f"service {service['name']}'s proxy not ready: {ready['reason']}")

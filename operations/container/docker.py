@@ -12,7 +12,7 @@ from pyinfra.operations.util import any_changed
 
 from operations import TEMPLATES, TOOLS_DIR
 from operations.container import images as docker_images
-from operations.core import checks, json_files, settings
+from operations.core import json_files, settings
 from operations.core.errors import ConfigError
 
 DAEMON_JSON = "/etc/docker/daemon.json"
@@ -20,8 +20,6 @@ CERTS_DIR = "/etc/docker/certs.d"
 
 
 
-def _is_registry_map(value):
-    return isinstance(value, dict) and all(checks._is_str(k) and checks._is_str(v) for k, v in value.items())
 
 
 def read_login(path, field="docker_registry_logins", host_name=None):
@@ -41,7 +39,7 @@ def read_login(path, field="docker_registry_logins", host_name=None):
     return username, password
 
 
-def _check(data, host_name):
+def check_registry_files(data, host_name):
     for registry, path in (data.get("docker_registry_logins") or {}).items():
         read_login(path, field=f"docker_registry_logins[{registry!r}]", host_name=host_name)
     for registry, path in (data.get("docker_registry_ca_files") or {}).items():
@@ -49,16 +47,6 @@ def _check(data, host_name):
             raise ConfigError(f"docker_registry_ca_files[{registry!r}]", f"{path}: no such file on the control node",
                               host=host_name)
 
-
-checks.register({
-    "docker_registry_mirrors": (lambda v: isinstance(v, list) and all(checks._is_str(m) and m.startswith(("http://", "https://"))
-                                                                      for m in v),
-                                "a list of mirror URLs such as 'https://mirror.example:5000'"),
-    "docker_registry_ca_files": (_is_registry_map, "a dict of registry ('host:port') -> CA certificate file on "
-                                                   "the control node"),
-    "docker_registry_logins": (_is_registry_map, "a dict of registry ('host:port') -> root-only file on the "
-                                                 "control node holding USERNAME:PASSWORD"),
-}, cross_check=_check)
 
 
 def daemon_settings(log_max_size, log_max_file, extra, mirrors=()):

@@ -14,13 +14,9 @@ from pyinfra.api import FactBase, operation
 from operations import TOOLS_DIR
 from operations.core.remote import HostFunction
 
-PINNED = re.compile(r"^[\w.\-/:]+(:[\w.\-]+|@sha256:[0-9a-f]{64})$")
-
-
-def pinned(image):
-    """True for an image named by a tag other than ``latest``, or by digest."""
-    return bool(PINNED.match(image)) and not image.endswith(":latest") and ":" in image.rsplit("/", 1)[-1]
-
+# Go templates for `docker image inspect --format`, shell-quoted.
+ID_AND_DIGESTS = "'{{.Id}} {{json .RepoDigests}}'"
+DIGESTS = "'{{json .RepoDigests}}'"
 
 class DockerImageIds(FactBase):
     """
@@ -72,7 +68,7 @@ class LocalImage(FactBase):
     requires_command = "docker"
 
     def command(self, image):
-        return (f"docker image inspect --format '{{{{.Id}}}} {{{{json .RepoDigests}}}}' {shlex.quote(image)} "
+        return (f"docker image inspect --format {ID_AND_DIGESTS} {shlex.quote(image)} "
                 "2>/dev/null || true")
 
     def process(self, output):
@@ -133,7 +129,7 @@ def pulled(image, follow_tag=False, state_dir="/var/lib/gpufleet"):
     local = host.get_fact(LocalImage, image=image)
     record = shlex.quote(record_path(state_dir, image))
     pull = (f"docker pull -q {shlex.quote(image)} && mkdir -p {shlex.quote(posixpath.dirname(record_path(state_dir, image)))}"
-            f" && docker image inspect --format '{{{{json .RepoDigests}}}}' {shlex.quote(image)} > {record}")
+            f" && docker image inspect --format {DIGESTS} {shlex.quote(image)} > {record}")
     if not local:
         yield pull
         return

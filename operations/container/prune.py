@@ -10,10 +10,6 @@ import shlex
 from pyinfra import host
 from pyinfra.api import FactBase, operation
 
-from operations.core import checks
-
-checks.register({"gpufleet_prune": (checks._is_bool, "true or false")})
-
 
 class DockerImages(FactBase):
     """

@@ -4,12 +4,24 @@ import shlex
 from io import StringIO
 
 from pyinfra import host
-from pyinfra.api import operation
+from pyinfra.api import FactBase, operation
 from pyinfra.facts.deb import DebPackages
 from pyinfra.operations import files
 
 from operations.core import host_memo
-from operations.driver.devices import AptHeldPackages
+
+
+class AptHeldPackages(FactBase):
+    """Returns the set of packages held with ``apt-mark hold``."""
+
+    default = set
+
+    def command(self):
+        return "apt-mark showhold 2>/dev/null; true"
+
+    def process(self, output):
+        return {line.strip() for line in output if line.strip()}
+
 
 APT_INSTALL = ("DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "
                "--allow-downgrades --allow-change-held-packages "

@@ -1,19 +1,18 @@
 """What every gpufleet host gets: its directories, and a plain statement of its GPUs."""
 
+import posixpath
 from io import StringIO
 
 from pyinfra import host, logger
 from pyinfra.api import deploy
 from pyinfra.operations import files
 
-from operations.core import host_memo, json_files, settings
-from operations.driver.devices import NvidiaPciDevices
+from operations.core import json_files, settings
 
 
-
-def gpus():
-    """The NVIDIA GPUs this host really has (PCI vendor 0x10de, display class)."""
-    return [device for device in host_memo.fact(NvidiaPciDevices) if device["kind"] == "gpu"]
+def secrets_dir(config_dir=None):
+    """The root-only directory (0700) of the host's secret files: ``<gpufleet_config_dir>/secrets``."""
+    return posixpath.join(config_dir or host.data.gpufleet_config_dir, "secrets")
 
 
 def say_no_gpu(skipped):
@@ -33,7 +32,7 @@ def prepare(config_dir=None, state_dir=None):
     config_dir = config_dir or host.data.gpufleet_config_dir
     state_dir = state_dir or host.data.gpufleet_state_dir
     files.directory(name=f"Ensure {config_dir} exists", path=config_dir, mode="755", user="root", group="root")
-    files.directory(name=f"Ensure {config_dir}/secrets is root-only", path=f"{config_dir}/secrets",
+    files.directory(name=f"Ensure {config_dir}/secrets is root-only", path=secrets_dir(config_dir),
                     mode="700", user="root", group="root")
     files.directory(name=f"Ensure {state_dir} exists", path=state_dir, mode="755", user="root", group="root")
 

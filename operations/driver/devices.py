@@ -5,6 +5,8 @@ import re
 
 from pyinfra.api import FactBase
 
+from operations.core import host_memo
+
 NVIDIA_PCI_VENDOR = "0x10de"
 
 
@@ -176,18 +178,6 @@ class KernelHeaders(FactBase):
         return {"kernel": output[0].strip(), "headers": output[1].strip() == "yes"}
 
 
-class AptHeldPackages(FactBase):
-    """Returns the set of packages held with ``apt-mark hold``."""
-
-    default = set
-
-    def command(self):
-        return "apt-mark showhold 2>/dev/null; true"
-
-    def process(self, output):
-        return {line.strip() for line in output if line.strip()}
-
-
 class NvidiaDeviceNodes(FactBase):
     """
     Returns the NVIDIA character device nodes under /dev with their major and minor numbers:
@@ -237,3 +227,8 @@ class DevCharLinks(FactBase):
 def missing_dev_char_links(nodes, links):
     """The device nodes (path -> (major, minor)) that have no /dev/char/MAJOR:MINOR link to them."""
     return sorted(path for path, (major, minor) in nodes.items() if links.get(f"{major}:{minor}") != path)
+
+
+def gpus():
+    """The NVIDIA GPUs this host really has (PCI vendor 0x10de, display class)."""
+    return [device for device in host_memo.fact(NvidiaPciDevices) if device["kind"] == "gpu"]

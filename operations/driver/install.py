@@ -18,23 +18,27 @@ from pyinfra.facts.files import File
 from pyinfra.facts.server import LinuxDistribution
 from pyinfra.operations import apt, files, server, systemd
 
-from operations.core import apt_pin, base, checks, host_memo, settings
-from operations.driver import plan as driver_plan
-from operations.offline import from_bundle as offline
-from operations.driver.facts import AptPackages, KernelImages, NvidiaModuleFor, PersistencedUser, image_meta, upstream
+from operations import TEMPLATES
+from operations.core import apt_pin, apt_sources, host_memo, settings
 from operations.core.errors import ConfigError, HostStateError
-from operations.driver.devices import KernelHeaders, NvidiaKernelModule, NvidiaPciDevices, SecureBoot
 from operations.core.host_memo import until_changed
+from operations.driver import devices
+from operations.driver import plan as driver_plan
+from operations.driver.devices import KernelHeaders, NvidiaKernelModule, NvidiaPciDevices, SecureBoot
+from operations.driver.facts import AptPackages, KernelImages, NvidiaModuleFor, PersistencedUser, image_meta, upstream
+from operations.offline import from_bundle as offline
 from operations.proxmox.facts import PveVersion
 
-SOURCES = ("distro", "cuda-repo", "local-repo", "bundle")
 CUDA_REPO_URL = "https://developer.download.nvidia.com/compute/cuda/repos/{distro}{release}/x86_64/"
 CUDA_KEYRING = "/usr/share/keyrings/nvidia-cuda-archive-keyring.asc"  # apt reads armored .asc keys
 SOURCE_LISTS = {"local-repo": "/etc/apt/sources.list.d/gpufleet-local.list",
                 "cuda-repo": "/etc/apt/sources.list.d/nvidia-cuda.list",
                 "distro": "/etc/apt/sources.list.d/gpufleet-debian-nonfree.list"}
+# Builds the module with DKMS for a kernel and checks modinfo says the wanted version (sent inline).
+MODULE_CHECK = (TEMPLATES / "gpufleet-module-check").read_text()
 PIN_PATTERNS = ["*nvidia*", "libcuda*", "libnvcuvid*", "libnvoptix*", "cuda-drivers*"]
 NOUVEAU_BLACKLIST = "/etc/modprobe.d/gpufleet-blacklist-nouveau.conf"
+UNATTENDED_BLACKLIST = "/etc/apt/apt.conf.d/51gpufleet-nvidia-no-unattended"
 PERSISTENCED_DROPIN = "/etc/systemd/system/nvidia-persistenced.service.d/gpufleet.conf"
 # The user each distro's nvidia-persistenced package creates (and its unit passes to --user):
 # Debian's nvidia-persistenced postinst makes nvpd; Ubuntu's nvidia-compute-utils-<branch> makes
@@ -44,29 +48,12 @@ VERSION = re.compile(r"\d{3}(\.\d+){0,2}")
 
 
 
-def _check(data, host_name):
+def check_version(data, host_name):
     version = data.get("nvidia_driver_version")
     if "nvidia_driver_version" in data and not VERSION.fullmatch(str(version or "")):
         raise ConfigError("nvidia_driver_version", f"must be a branch such as '580' (its newest, then held) or an "
                           f"exact version such as '580.173.02', got {version!r}", host=host_name)
 
-
-checks.register({
-    "nvidia_driver_source": (lambda v: v in SOURCES, f"one of {', '.join(SOURCES)}"),
-    "nvidia_driver_version": (lambda v: isinstance(v, str), "a branch such as '580' or a version such as '580.173.02'"),
-    "nvidia_driver_open": (checks._is_bool, "true or false"),
-    "nvidia_driver_debian_mirror": (checks._is_str, "a Debian mirror URL"),
-    "nvidia_driver_debian_security_mirror": (checks._is_str, "a Debian security mirror URL"),
-    "nvidia_driver_cuda_repo_url": (checks._is_str, "a URL of NVIDIA's CUDA apt repository"),
-    "nvidia_driver_local_repo": (checks._is_str, "a directory on the host holding a flat apt repository"),
-    "nvidia_driver_secure_boot_signed": (checks._is_bool, "true or false"),
-    "nvidia_driver_reboot": (checks._is_bool, "true or false"),
-    "nvidia_driver_reboot_timeout": (checks._is_positive_int, "seconds, above 0"),
-}, cross_check=_check)
-
-
-def branch(version):
-    return version.split(".")[0]
 
 
 def debian_nonfree_lines(mirror, security_mirror, codename):
@@ -255,13 +242,8 @@ def module_built(source, requested, open_modules=False, log_glob="/var/lib/dkms/
         raise OperationError(f"{host.name}: no NVIDIA module {plan.version} for the running kernel "
                              f"{kernel['kernel']} after installing {', '.join(plan.modules)} (modinfo says: "
                              f"{found['version'] if found else 'none'})")
-    logs = log_glob.format(version=plan.version)
-    k = shlex.quote(kernel["kernel"])
-    yield (f"dkms autoinstall -k {k} >/dev/null 2>&1; v=''; for m in nvidia nvidia-current nvidia-current-open; do "
-           f"v=$(modinfo -k {k} -F version $m 2>/dev/null) && [ -n \"$v\" ] && break; done; "
-           f"[ \"$v\" = {shlex.quote(plan.version)} ] || {{ echo \"NVIDIA module {plan.version} is not built for the "
-           f"running kernel {kernel['kernel']} (found: ${{v:-none}}); DKMS build log: $(ls {logs} 2>/dev/null || "
-           f"echo 'none under /var/lib/dkms')\" >&2; dkms status >&2; exit 1; }}")
+    yield (f"sh -c {shlex.quote(MODULE_CHECK)} gpufleet-module-check {shlex.quote(kernel['kernel'])} "
+           f"{shlex.quote(plan.version)} {shlex.quote(log_glob.format(version=plan.version))}")
 
 
 @deploy("Install NVIDIA driver", data_defaults=settings.DEFAULTS)
@@ -270,7 +252,7 @@ def install_driver(source=None, version=None, reboot=None, kernel_module=True, o
     Install the pinned NVIDIA driver, hold it, blacklist nouveau, and reboot only if needed and allowed.
 
     + source: ``distro`` (Debian non-free, Ubuntu's server drivers), ``cuda-repo``, ``local-repo``
-      or ``bundle`` (the offline bundle staged by ``offline.stage_packages``)
+      or ``bundle`` (the offline bundle staged by ``from_bundle.stage_packages``)
     + version: a branch (``580``: its newest, then held) or an exact version (``nvidia_driver_version``)
     + reboot: allow a reboot when the driver or blacklist changed on a GPU host (``nvidia_driver_reboot``)
     + kernel_module: False for an LXC guest: user-space libraries only (its Proxmox host loads the
@@ -285,54 +267,87 @@ def install_driver(source=None, version=None, reboot=None, kernel_module=True, o
     reboot = host.data.nvidia_driver_reboot if reboot is None else reboot
     open_modules = host.data.nvidia_driver_open if open_modules is None else open_modules
     distro = host_memo.fact(LinuxDistribution)
-    codename = (distro["release_meta"].get("VERSION_CODENAME") or "").lower()
-    gpus = base.gpus()
+    gpus = devices.gpus()
     nvswitch = any(d["kind"] == "nvswitch" for d in host_memo.fact(NvidiaPciDevices))
 
     if kernel_module:
-        try:
-            driver_plan.check_kernel_module_kind(gpus, open_modules)
-        except driver_plan.PlanError as error:
-            raise ConfigError(error.field, str(error), host=host.name) from None
-        if nvswitch and distro["name"] == "Debian" and source not in ("cuda-repo",):
-            raise ConfigError("nvidia_driver_source", "this host has NVSwitches, which need NVIDIA Fabric Manager "
-                              "at the driver's version, and Debian's archive has none: use nvidia_driver_source = "
-                              "'cuda-repo'", host=host.name)
+        _refuse_unfit_modules(source, distro, gpus, open_modules, nvswitch)
     plan = _plan_or_refuse(source, version, kernel_module, open_modules)
+    if kernel_module:
+        _refuse_unsigned_module_under_secure_boot(source, distro, plan)
+    if plan:
+        logger.info(f"[{host.name}] NVIDIA driver {plan.version} ({version} pinned): "
+                    f"{'; '.join(plan.notes) or 'user space only'}")
+
+    _apt_source(source, distro)
+    driver = _packages(source, version, kernel_module, open_modules, gpus)
+    if not kernel_module:
+        return driver
+    module_built(name="Check the NVIDIA module is built for the running kernel", source=source, requested=version,
+                 open_modules=open_modules)
+    blacklist = _nouveau_blacklisted()
+    dropin = _persistenced_dropin(distro)
+    if gpus:
+        _persistence_daemon(source, distro, dropin)
+        if nvswitch:
+            _fabric_manager(driver)
+        _reboot_when_needed(plan.version if plan else version, reboot, driver, blacklist)
+    return driver
+
+
+def _refuse_unfit_modules(source, distro, gpus, open_modules, nvswitch):
+    """Refuse, before any host changes, kernel modules that cannot drive these GPUs (open or proprietary),
+    and an NVSwitch host on Debian's archive, which has no Fabric Manager."""
+    try:
+        driver_plan.check_kernel_module_kind(gpus, open_modules)
+    except driver_plan.PlanError as error:
+        raise ConfigError(error.field, str(error), host=host.name) from None
+    if nvswitch and distro["name"] == "Debian" and source not in ("cuda-repo",):
+        raise ConfigError("nvidia_driver_source", "this host has NVSwitches, which need NVIDIA Fabric Manager "
+                          "at the driver's version, and Debian's archive has none: use nvidia_driver_source = "
+                          "'cuda-repo'", host=host.name)
+
+
+def _refuse_unsigned_module_under_secure_boot(source, distro, plan):
+    """Refuse a DKMS-built (unsigned) module on a host whose Secure Boot would not load it."""
     dkms = plan.dkms if plan else (distro["name"] != "Ubuntu" or source == "cuda-repo")
-    if kernel_module and dkms and host.get_fact(SecureBoot) and not host.data.nvidia_driver_secure_boot_signed:
+    if dkms and host.get_fact(SecureBoot) and not host.data.nvidia_driver_secure_boot_signed:
         raise HostStateError(
             f"{host.name}: Secure Boot is on and the {source} driver's module is built by DKMS, unsigned, for "
             f"{host_memo.fact(KernelHeaders)['kernel']}: the kernel would refuse to load it. Enrol a MOK and let "
             "DKMS sign with it (mokutil --import /var/lib/dkms/mok.pub, reboot, confirm), then set "
             "nvidia_driver_secure_boot_signed = True; or, on Ubuntu, run a kernel Canonical ships signed "
             "precompiled NVIDIA modules for. Nothing was changed.")
-    if plan:
-        logger.info(f"[{host.name}] NVIDIA driver {plan.version} ({version} pinned): {'; '.join(plan.notes) or 'user space only'}")
 
+
+def _apt_source(source, distro):
+    """The driver's apt source (none for the bundle, staged already, or Ubuntu, whose restricted
+    component is in its default sources), apt's lists updated when it changed."""
+    codename = (distro["release_meta"].get("VERSION_CODENAME") or "").lower()
     if source == "local-repo":
         repo = files.line(name="Add the local driver repository", path=SOURCE_LISTS["local-repo"],
-                          line=f"deb [trusted=yes] file:{host.data.nvidia_driver_local_repo} ./")
+                          line=apt_sources.local_line(host.data.nvidia_driver_local_repo))
     elif source == "cuda-repo":
         url = host.data.nvidia_driver_cuda_repo_url or CUDA_REPO_URL.format(
             distro=distro["name"].lower(), release=distro["release_meta"].get("VERSION_ID", "").replace(".", ""))
         files.download(name="Download NVIDIA's CUDA repository key", src=f"{url}3bf863cc.pub",
                        dest=CUDA_KEYRING, mode="644")
         repo = files.line(name="Add NVIDIA's CUDA repository", path=SOURCE_LISTS["cuda-repo"],
-                          line=f"deb [signed-by={CUDA_KEYRING}] {url} /")
-    elif source == "bundle":
-        repo = None  # offline.stage_packages staged the repository and updated apt's lists
-    elif distro["name"] == "Debian":
+                          line=apt_sources.signed_line(CUDA_KEYRING, url))
+    elif source == "distro" and distro["name"] == "Debian":
         repo = files.put(name="Enable Debian's contrib, non-free and non-free-firmware",
                          src=StringIO("\n".join(debian_nonfree_lines(
                              host.data.nvidia_driver_debian_mirror,
                              host.data.nvidia_driver_debian_security_mirror, codename)) + "\n"),
                          dest=SOURCE_LISTS["distro"], mode="644", create_remote_dir=False)
     else:
-        repo = None  # Ubuntu's restricted component is in its default sources
-    if repo is not None:
-        apt.update(name="Update apt lists after the driver source changed", _if=repo.did_change)
+        return
+    apt_sources.update_after("driver", [repo])
 
+
+def _packages(source, version, kernel_module, open_modules, gpus):
+    """The running kernel's headers where DKMS builds the module, the driver's packages held at their
+    version, and NVIDIA's packages kept out of unattended upgrades. Returns the package operation."""
     what = "NVIDIA driver" if kernel_module else "NVIDIA user-space driver (no kernel module)"
     if kernel_module:
         kernel_headers(name="Install the running kernel's headers for DKMS", source=source, requested=version,
@@ -342,47 +357,69 @@ def install_driver(source=None, version=None, reboot=None, kernel_module=True, o
                               open_modules=open_modules)
     files.put(name="Keep NVIDIA packages out of unattended upgrades",
               src=StringIO('Unattended-Upgrade::Package-Blacklist {\n    "nvidia-";\n    "libnvidia-";\n'
-                        '    "libcuda";\n    "cuda-drivers";\n};\n'),
-              dest="/etc/apt/apt.conf.d/51gpufleet-nvidia-no-unattended", mode="644", create_remote_dir=False)
-    if not kernel_module:
-        return driver
+                           '    "libcuda";\n    "cuda-drivers";\n};\n'),
+              dest=UNATTENDED_BLACKLIST, mode="644", create_remote_dir=False)
+    return driver
 
-    module_built(name="Check the NVIDIA module is built for the running kernel", source=source, requested=version,
-                 open_modules=open_modules)
+
+def _nouveau_blacklisted():
+    """nouveau blacklisted, and the initramfs rebuilt without it when that changed."""
     blacklist = files.put(name="Blacklist nouveau", src=StringIO("blacklist nouveau\noptions nouveau modeset=0\n"),
                           dest=NOUVEAU_BLACKLIST, mode="644")
     server.shell(name="Rebuild the initramfs without nouveau", _if=blacklist.did_change,
                  commands=["if command -v update-initramfs >/dev/null; then update-initramfs -u; "
                            "else echo 'no initramfs-tools on this host: nothing to rebuild'; fi"])
+    return blacklist
 
+
+def _persistenced_dropin(distro):
+    """nvidia-persistenced's drop-in: persistence mode, as the user its distro's package made."""
     user = host.get_fact(PersistencedUser) or PERSISTENCED_USERS.get(distro["name"], "nvidia-persistenced")
     dropin = files.put(name="Run nvidia-persistenced in persistence mode",
                        src=StringIO("[Service]\nExecStart=\nExecStart=/usr/bin/nvidia-persistenced "
                                     f"--user {user} --persistence-mode --verbose\n"),
                        dest=PERSISTENCED_DROPIN, mode="644")
     systemd.daemon_reload(name="Reload systemd after the persistenced drop-in changed", _if=dropin.did_change)
+    return dropin
 
-    if not gpus:
-        return driver
+
+def _persistence_daemon(source, distro, dropin):
+    """nvidia-persistenced installed (Debian ships it apart), restarted after its drop-in changed, running."""
     if distro["name"] == "Debian" and source != "cuda-repo":
         apt.packages(name="Install nvidia-persistenced", packages=["nvidia-persistenced"], no_recommends=True)
     systemd.service(name="Restart nvidia-persistenced after its drop-in changed", service="nvidia-persistenced",
                     restarted=True, _if=dropin.did_change)
     systemd.service(name="Enable nvidia-persistenced", service="nvidia-persistenced", running=True, enabled=True)
-    if nvswitch:
-        systemd.service(name="Restart NVIDIA Fabric Manager after the driver changed", service="nvidia-fabricmanager",
-                        restarted=True, _if=driver.did_change)
-        systemd.service(name="Run NVIDIA Fabric Manager (NVSwitch)", service="nvidia-fabricmanager", running=True,
-                        enabled=True)
+
+
+def _fabric_manager(driver):
+    """NVIDIA Fabric Manager (NVSwitch systems): restarted after the driver changed, running."""
+    systemd.service(name="Restart NVIDIA Fabric Manager after the driver changed", service="nvidia-fabricmanager",
+                    restarted=True, _if=driver.did_change)
+    systemd.service(name="Run NVIDIA Fabric Manager (NVSwitch)", service="nvidia-fabricmanager", running=True,
+                    enabled=True)
+
+
+def _reboot_when_needed(wanted, reboot, driver, blacklist):
+    """Reboot to load the driver when its module is stale or it (or the blacklist) changed, if allowed
+    (never the control node); otherwise say that a reboot is needed."""
     loaded = host.get_fact(NvidiaKernelModule)
-    wanted = plan.version if plan else version
     stale = loaded is not None and loaded["version"] != wanted
     why = f"loaded module {loaded['version']} is not {wanted}" if stale else "driver or nouveau blacklist changed"
     if reboot and host.connector_cls.__name__ != "LocalConnector":
         server.reboot(name=f"Reboot to load NVIDIA driver {wanted} ({why})",
                       reboot_timeout=host.data.nvidia_driver_reboot_timeout,
-                      _if=lambda: stale or driver.did_change() or blacklist.did_change())
+                      _if=reboot_needed(stale, driver, blacklist))
     elif stale or driver.will_change or blacklist.will_change:  # a message, not an operation: said up front
         logger.warning(f"[{host.name}] reboot needed to load NVIDIA driver {wanted} ({why}); "
                        "not rebooting: set nvidia_driver_reboot = True to allow it")
-    return driver
+
+
+def reboot_needed(stale, driver, blacklist):
+    """The condition pyinfra checks (``_if``) once the driver's operations ran: reboot when the loaded
+    module was not the wanted one, or the driver's packages or the nouveau blacklist changed."""
+
+    def needed():
+        return stale or driver.did_change() or blacklist.did_change()
+
+    return needed

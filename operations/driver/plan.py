@@ -23,7 +23,7 @@ from operations.driver.facts import upstream
 # NVIDIA PCI device ids -> chip and generation, from pci.ids (scripts/gpu-generations.py).
 GENERATIONS = json.loads(Path(__file__).resolve().with_name("nvidia_generations.json").read_text())
 
-BRANCH = re.compile(r"\d{3}")
+
 EXACT = re.compile(r"\d{3}\.\d+(\.\d+)?")
 
 

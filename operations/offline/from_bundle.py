@@ -11,9 +11,9 @@ from pyinfra.api import deploy
 from pyinfra.operations import apt, files, server
 
 from operations.container import images as docker_images
-from operations.core import checks, settings
-from operations.offline import bundle, staging
+from operations.core import settings
 from operations.core.errors import ConfigError
+from operations.offline import bundle, staging
 
 SOURCE_LIST = "/etc/apt/sources.list.d/gpufleet-bundle.list"
 # Update only the bundle's source, and keep the lists of the others (unreachable, not wrong).
@@ -22,7 +22,7 @@ OFFLINE_UPDATE = (f"apt-get update -o Dir::Etc::SourceList={SOURCE_LIST} -o Dir:
 
 
 
-def _check(data, host_name):
+def check_bundle(data, host_name):
     if data.get("gpufleet_bundle") and data.get("gpufleet_bundle_signers"):
         bundle.check_signature(data["gpufleet_bundle"], data["gpufleet_bundle_signers"])
     if not data.get("gpufleet_offline"):
@@ -34,12 +34,6 @@ def _check(data, host_name):
         if data.get(field) not in (None, "bundle"):
             raise ConfigError(field, f"must be 'bundle' on an offline host, got {data[field]!r}", host=host_name)
 
-
-checks.register({
-    "gpufleet_bundle": (checks._is_str, "a bundle directory on the control node"),
-    "gpufleet_bundle_dir": (checks._is_str, "an absolute path on the host"),
-    "gpufleet_bundle_signers": (checks._is_str, "an ssh-keygen allowed_signers file on the control node"),
-}, cross_check=_check)
 
 
 @deploy("Stage the bundle's packages", data_defaults=settings.DEFAULTS)

@@ -16,10 +16,18 @@ from pyinfra.operations import files, server, systemd
 from pyinfra.operations.util import any_changed
 
 from operations import TEMPLATES, TOOLS_DIR
-from operations.core import base, checks, settings
+from operations.core import settings
 from operations.core.errors import ConfigError, HostStateError
+from operations.driver import devices
 from operations.driver.devices import NvidiaDeviceNodes, NvidiaKernelModule
-from operations.proxmox.facts import GPU_DEVICE_NAMES, PctConfig, PctStatus, ProcDevices, PveVersion, parse_property_string
+from operations.proxmox.facts import (
+    GPU_DEVICE_NAMES,
+    PctConfig,
+    PctStatus,
+    ProcDevices,
+    PveVersion,
+    parse_property_string,
+)
 
 SYNTAXES = ("auto", "dev", "lxc")
 CONF_DIR = "/etc/pve/lxc"
@@ -29,15 +37,6 @@ NODES_UNIT = "gpufleet-nvidia-device-nodes"
 GUEST_NODE = re.compile(r"^/dev/(nvidia\d+|nvidiactl|nvidia-uvm|nvidia-uvm-tools|nvidia-modeset|"
                         r"nvidia-caps/nvidia-cap\d+)$")
 
-
-checks.register({
-    "proxmox_host": (checks._is_str, "the inventory name of the guest's Proxmox VE host"),
-    "proxmox_vmid": (lambda v: str(v).isdigit() and int(v) >= 100, "the guest's VMID, a whole number from 100"),
-    "proxmox_passthrough": (lambda v: v in SYNTAXES, f"one of {', '.join(SYNTAXES)}"),
-    "proxmox_guest_restart": (checks._is_bool, "true or false"),
-    "proxmox_docker_features": (checks._is_bool, "true or false"),
-    "proxmox_kernel_headers": (checks._is_str, "the apt package of the running Proxmox kernel's headers"),
-})
 
 
 # --- pure rules (unit-tested) ---------------------------------------------------------------
@@ -271,7 +270,7 @@ def prepare_host():
                      "[Install]\nWantedBy=multi-user.target\n"),
         dest=f"/etc/systemd/system/{NODES_UNIT}.service", mode="644")
     systemd.daemon_reload(name="Reload systemd after the device node unit changed", _if=unit.did_change)
-    has_gpu = bool(base.gpus())
+    has_gpu = bool(devices.gpus())
     if has_gpu:
         systemd.service(name=f"Restart {NODES_UNIT} after it changed", service=f"{NODES_UNIT}.service",
                         restarted=True, _if=any_changed(script, unit))

@@ -18,12 +18,7 @@ from pyinfra.operations import apt, files, systemd
 from operations import TEMPLATES, TOOLS_DIR
 from operations.core import settings, systemd_syntax
 from operations.services import engines
-
-UNIT_DIR = "/etc/systemd/system"
-
-
-def unit_name(service):
-    return f"gpufleet-{service['name']}-proxy.service"
+from operations.services.names import proxy_unit_name, unit_path
 
 
 def engine_side(service):
@@ -64,16 +59,25 @@ def install(service, user, key_file, new_key, ready, start_timeout=None):
     + start_timeout: seconds the proxy may take to answer (``inference_start_timeout``)
     """
     start_timeout = start_timeout or host.data.inference_start_timeout
-    unit = unit_name(service)
+    unit = proxy_unit_name(service["name"])
     apt.packages(name="Install python3 (the proxy's interpreter)", packages=["python3"])
     script = files.put(name="Install the authenticating proxy", src=str(TEMPLATES / "gpufleet-auth-proxy"),
                        dest=f"{TOOLS_DIR}/gpufleet-auth-proxy", mode="755")
     unit_op = files.put(name=f"Install unit {unit}", src=StringIO(unit_text(service, user, key_file, start_timeout)),
-                        dest=f"{UNIT_DIR}/{unit}", mode="644", user="root", group="root", create_remote_dir=False)
+                        dest=unit_path(unit), mode="644", user="root", group="root", create_remote_dir=False)
     systemd.daemon_reload(name=f"Reload systemd for {unit}", _if=unit_op.did_change)
     systemd.service(name=f"Restart {unit} after its unit, script or key changed, or it was not ready",
                     service=unit, restarted=True,
-                    _if=lambda: (not ready["ready"] or unit_op.did_change() or script.did_change()
-                                 or new_key))
+                    _if=restart_needed(ready, new_key, unit_op, script))
     systemd.service(name=f"Run {unit} on {engines.listen(service)}:{service['proxy_port']} and wait until ready",
                     service=unit, running=True, enabled=True)
+
+
+def restart_needed(ready, new_key, unit_op, script):
+    """The condition pyinfra checks (``_if``) once the earlier operations ran: restart the proxy when it
+    did not answer with the key before this run, its key's bytes change, or its unit or script changed."""
+
+    def needed():
+        return not ready["ready"] or new_key or unit_op.did_change() or script.did_change()
+
+    return needed

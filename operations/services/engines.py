@@ -8,10 +8,9 @@ import ipaddress
 import re
 from pathlib import Path
 
-from operations.core import systemd_syntax
-from operations.core.checks import _is_size
-from operations.container.images import pinned
+from operations.core import checks, systemd_syntax
 from operations.core.errors import ConfigError
+from operations.services.names import managed_name
 
 CLI_DIR = Path(__file__).resolve().parent / "engine_cli"
 WEIGHTS_MOUNT = "/models"
@@ -114,14 +113,6 @@ FIELDS = {"name", "engine", "image", "model", "port", "gpus", "memory", "shm_siz
           "hf_token_file", "network", "cuda", "user", "served_name", "start_timeout", "listen", "proxy_port"}
 
 
-def is_address(value):
-    try:
-        ipaddress.ip_address(value)
-    except (TypeError, ValueError):
-        return False
-    return True
-
-
 def is_loopback(address):
     return ipaddress.ip_address(address).is_loopback
 
@@ -145,7 +136,7 @@ def check_service(index, service, host_name=None):
     if service["engine"] not in ENGINES:
         _fail(index, "engine", f"unknown engine {service['engine']!r} (one of {', '.join(ENGINES)})", host_name)
     image = service["image"]
-    if not pinned(image):
+    if not checks.is_pinned_image(image):
         _fail(index, "image", f"{image!r} must be pinned by tag or digest, never latest", host_name)
     if service["model"].startswith("/") or ".." in service["model"].split("/"):
         _fail(index, "model", "a path inside the weight volumes root, such as 'tiny/tiny.gguf'", host_name)
@@ -157,9 +148,9 @@ def check_service(index, service, host_name=None):
                                         all(isinstance(g, int) and g >= 0 for g in gpus))):
         _fail(index, "gpus", "'all', 'none' or a list of GPU indices", host_name)
     for field in ("memory", "shm_size"):
-        if service.get(field) is not None and not _is_size(service[field]):
+        if service.get(field) is not None and not checks.is_size(service[field]):
             _fail(index, field, "a size such as '16g' (k, m or g)", host_name)
-    if service.get("listen") is not None and not is_address(service["listen"]):
+    if service.get("listen") is not None and not checks.is_address(service["listen"]):
         _fail(index, "listen", "an IP address of the host (127.0.0.1, 10.0.0.5, 0.0.0.0 for all)", host_name)
     if service.get("network", "host") not in ("host", "bridge"):
         _fail(index, "network", "'host' (default: lowest streaming latency) or 'bridge'", host_name)
@@ -244,7 +235,7 @@ def gpu_count(gpus, available):
 def docker_args(service, weights_root, env_file, use_gpus, user=DEFAULT_USER, key_file=None):
     """The ``docker run`` arguments for a service (pure: unit-tested)."""
     profile = ENGINES[service["engine"]]
-    name = f"gpufleet-{service['name']}"
+    name = managed_name(service["name"])
     listen_port = port(service)
     bind = listen(service) if service.get("network", "host") == "host" else "0.0.0.0"
     gpus = service.get("gpus", "all")

@@ -20,7 +20,7 @@ from pyinfra.api import FactBase, deploy
 from pyinfra.operations import apt, files, server, systemd
 
 from operations import TEMPLATES
-from operations.core import checks, settings
+from operations.core import settings
 
 TABLE = "inet gpufleet"
 RULES_FILE = "firewall.nft"  # in gpufleet_config_dir
@@ -28,22 +28,7 @@ UNIT = "gpufleet-firewall.service"
 UNIT_PATH = f"/etc/systemd/system/{UNIT}"
 
 
-def _is_source_list(value):
-    if not isinstance(value, list):
-        return False
-    try:
-        for source in value:
-            ipaddress.ip_network(source, strict=False)
-    except (TypeError, ValueError):
-        return False
-    return True
 
-
-checks.register({
-    "inference_allowed_sources": (_is_source_list, "a list of addresses or networks ('10.0.0.0/8', '192.0.2.7', "
-                                                   "'fd00::/8')"),
-    "inference_firewall": (checks._is_bool, "true or false"),
-})
 
 
 class LoadedFirewall(FactBase):

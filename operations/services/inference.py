@@ -1,39 +1,46 @@
 """
 Inference services (vLLM, TGI, Ollama, llama.cpp) as systemd-managed containers: one unit per
-service, secrets in a root-only environment file, restarted only when something it uses changed,
-and ready on its real endpoint before the deploy moves on.
+service, secrets in root-only files, restarted only when something it uses changed, and ready on its
+real endpoint before the deploy moves on. Its facts are in ``facts``, the removal of services the
+inventory no longer names in ``removal``, each engine's command line in ``engines``.
 """
 
 import posixpath
-import re
 import shlex
 from io import StringIO
 from pathlib import Path
 
 from jinja2 import Template
 from pyinfra import host, logger
-from pyinfra.api import FactBase, deploy
-from pyinfra.operations import files, server, systemd
+from pyinfra.api import deploy
+from pyinfra.operations import files, systemd
 
 from operations import TEMPLATES, TOOLS_DIR
-from operations.container import images as docker_images, prune
-from operations.core import checks, settings, systemd_syntax
-from operations.driver import cuda_gate
-from operations.offline import from_bundle as offline, staging
-from operations.services import auth_proxy, engines, firewall, secret_files
-from operations.weights import volumes as weights
-from operations.services.accounts import service_account
+from operations.container import images as docker_images
+from operations.container import prune
+from operations.core import base, settings, systemd_syntax
 from operations.core.errors import ConfigError
 from operations.core.remote import Shell
+from operations.driver import cuda_gate
+from operations.offline import from_bundle as offline
+from operations.offline import staging
+from operations.services import auth_proxy, engines, firewall, secret_files
+from operations.services.accounts import service_account
+from operations.services.facts import ServiceAccounts, ServiceReady
+from operations.services.names import managed_name, unit_name, unit_path
+from operations.services.removal import remove_services, stale_units
+from operations.weights import volumes as weights
 
-UNIT_DIR = "/etc/systemd/system"
 # Ids of the services' own accounts (gpufleet-<name>): within Debian's 60000-64999, allocated on
 # demand (its packages' fixed ids sit at 64000 and above), below systemd's DynamicUser range
 # (61184-65519), above login users. The first id no account or group holds is taken, and kept.
 SERVICE_IDS = range(60600, 61184)
+# Go templates for `docker inspect -f`: the image a container runs, an image's ID.
+CONTAINER_IMAGE = shlex.quote("{{.Image}}")
+IMAGE_ID = shlex.quote("{{.Id}}")
 
 
-def _check(data, host_name):
+def check_services(data, host_name):
     services = data.get("inference_services") or []
     if not isinstance(services, list):
         raise ConfigError("inference_services", "a list of services", host=host_name)
@@ -83,14 +90,6 @@ def _check(data, host_name):
                               "images, and this offline host cannot pull it: add it to the bundle", host=host_name)
 
 
-checks.register({
-    "inference_services": (lambda v: isinstance(v, list), "a list of services (see group_data/all.py)"),
-    "inference_start_timeout": (checks._is_positive_int, "seconds, above 0"),
-    "inference_image_follow_tag": (checks._is_bool, "true or false"),
-    "inference_listen": (engines.is_address, "an IP address of the host (127.0.0.1, 10.0.0.5, 0.0.0.0 for all)"),
-    "inference_expose_unauthenticated": (checks._is_bool, "true or false"),
-}, cross_check=_check)
-
 
 @deploy("Provide the services' container images", data_defaults=settings.DEFAULTS)
 def install_images(images, follow_tag=None):
@@ -114,85 +113,6 @@ def install_images(images, follow_tag=None):
     return operations
 
 
-class ServiceReady(FactBase):
-    """
-    Returns whether a service's readiness endpoints answer now, from the host itself.
-
-    .. code:: python
-
-        {"ready": False, "reason": "http://127.0.0.1:8080/health not ready after 2 s (Connection refused)"}
-    """
-
-    def command(self, urls, key_file, key_var):
-        return (f"GPUFLEET_KEY_FILE={shlex.quote(key_file or '')} GPUFLEET_KEY_VAR={shlex.quote(key_var or '')} "
-                f"{TOOLS_DIR}/gpufleet-wait-ready 2 {' '.join(shlex.quote(u) for u in urls)} 2>&1 "
-                "|| echo __not_ready__")
-
-    def process(self, output):
-        if output and output[-1] == "__not_ready__":
-            text = " ".join(output[:-1])
-            reason = "not installed yet" if "not found" in text else text.replace("gpufleet-wait-ready: ", "")
-            return {"ready": False, "reason": reason}
-        return {"ready": True, "reason": ""}
-
-
-class ServiceAccounts(FactBase):
-    """
-    Returns the host's accounts and groups by name, with their ids (``/etc/passwd``, ``/etc/group``).
-
-    .. code:: python
-
-        {"users": {"root": 0, "gpufleet-chat": 64100}, "groups": {"root": 0, "gpufleet-chat": 64100}}
-    """
-
-    def command(self):
-        return "cut -d: -f1,3 /etc/passwd; echo --; cut -d: -f1,3 /etc/group"
-
-    def process(self, output):
-        found, table = {"users": {}, "groups": {}}, "users"
-        for line in output:
-            if line == "--":
-                table = "groups"
-            elif ":" in line:
-                name, number = line.rsplit(":", 1)
-                found[table][name] = int(number)
-        return found
-
-
-class InstalledServices(FactBase):
-    """
-    Returns the units gpufleet installed for inference services, read from their first line, by unit.
-
-    .. code:: python
-
-        {"gpufleet-chat.service": {"service": "chat", "proxy": False},
-         "gpufleet-chat-proxy.service": {"service": "chat", "proxy": True}}
-    """
-
-    @staticmethod
-    def default():
-        return {}
-
-    def command(self):
-        return f"grep -m1 -H '^# Managed by gpufleet: ' {UNIT_DIR}/gpufleet-*.service 2>/dev/null || true"
-
-    def process(self, output):
-        units = {}
-        for line in output:
-            path, _, text = line.partition(":")
-            match = re.match(r"# Managed by gpufleet: (inference service|authenticating proxy of inference "
-                             r"service) ([a-z0-9-]+)[ .]", text)
-            if match:
-                units[posixpath.basename(path)] = {"service": match.group(2),
-                                                   "proxy": match.group(1).startswith("authenticating")}
-        return units
-
-
-def account(service):
-    """The host account a service's containers run as: ``gpufleet-<name>`` (own UID and group)."""
-    return f"gpufleet-{service['name']}"
-
-
 def service_ids(services, accounts):
     """
     Each service's ``UID:GID`` (pure: unit-tested): its ``user`` setting, or its own account's, which
@@ -206,11 +126,11 @@ def service_ids(services, accounts):
             user = str(service["user"])
             ids[service["name"]] = user if ":" in user else f"{user}:{user}"
             continue
-        existing = accounts["users"].get(account(service))
+        existing = accounts["users"].get(managed_name(service["name"]))
         if existing is None:
             existing = next(number for number in SERVICE_IDS if number not in taken)
             taken.add(existing)
-        ids[service["name"]] = f"{existing}:{accounts['groups'].get(account(service), existing)}"
+        ids[service["name"]] = f"{existing}:{accounts['groups'].get(managed_name(service['name']), existing)}"
     return ids
 
 
@@ -239,7 +159,7 @@ def with_listen(services):
 def readiness(service, secrets_dir=None):
     """How the host checks that ``service`` answers: its engine's endpoints (behind a proxy, on
     loopback), the file its key is read from and the variable naming it: ``ServiceReady``'s arguments."""
-    secrets_dir = secrets_dir or posixpath.join(host.data.gpufleet_config_dir, "secrets")
+    secrets_dir = secrets_dir or base.secrets_dir()
     engine_service = auth_proxy.engine_side(service) if service.get("proxy_port") else service
     where = placement(engine_service, secrets_dir)
     return {"urls": engines.ready_urls(engine_service), "key_file": where["key_source"], "key_var": where["key_var"]}
@@ -248,7 +168,7 @@ def readiness(service, secrets_dir=None):
 def unit_text(service, weights_root, env_file, use_gpus, start_timeout, user=engines.DEFAULT_USER, key_file=None):
     """The systemd unit for ``service`` (pure: unit-tested); its words quoted for systemd, not a shell."""
     profile = engines.ENGINES[service["engine"]]
-    container = f"gpufleet-{service['name']}"
+    container = managed_name(service["name"])
     args = engines.docker_args(service, weights_root, env_file, use_gpus, user=user, key_file=key_file)
     return Template((TEMPLATES / "inference.service.j2").read_text(), keep_trailing_newline=True).render(
         name=service["name"], engine=service["engine"], model=service["model"],
@@ -294,83 +214,108 @@ def install_services(services=None, gpus=0, weights_root=None, start_timeout=Non
     services = with_listen(host.data.inference_services if services is None else services)
     weights_root = weights_root or host.data.inference_weights_root
     start_timeout = start_timeout or host.data.inference_start_timeout
-    secrets_dir = posixpath.join(host.data.gpufleet_config_dir, "secrets")
+    _install_tools(with_weight_check=bool(services))
+    accounts = host.get_fact(ServiceAccounts)
+    volumes = weights.stage_volumes(volumes={weights.volume_of(s["model"]) for s in services},
+                                    weights_root=weights_root) if services else {}
+    # What the inventory no longer names goes now: images and weights are in place, no new unit
+    # has started, and a renamed service's port is free for its successor.
+    remove_services(stale_units(services), accounts, secrets_dir=base.secrets_dir())
+    # Before any new unit listens, its ports (and its proxy's) admit the allowed sources only; off,
+    # gpufleet's table is removed.
+    firewall.admit_only_allowed(ports=guarded_ports(services) if services and host.data.inference_firewall else [])
+    ids = service_ids(services, accounts)
+    results = [_install_service(service, ids[service["name"]], gpus, weights_root, start_timeout,
+                                volumes, image_ops or {}) for service in services]
+    _prune_unused(services, weights_root)
+    return results
+
+
+def _install_tools(with_weight_check):
+    """gpufleet's readiness check, and its weight check when the host has services."""
     files.directory(name=f"Ensure {TOOLS_DIR} exists", path=TOOLS_DIR, mode="755")
     files.put(name="Install the readiness check", src=str(TEMPLATES / "gpufleet-wait-ready"),
               dest=f"{TOOLS_DIR}/gpufleet-wait-ready", mode="755", create_remote_dir=False)  # ensured just above
-    accounts = host.get_fact(ServiceAccounts)
-    if not services:
-        remove_services(stale_units(services), accounts, secrets_dir=secrets_dir)
-        firewall.admit_only_allowed(ports=[])
-        _prune_unused(services, weights_root)
-        return []
-    files.put(name="Install the weight check", src=str(TEMPLATES / "gpufleet-verify-weights"),
-              dest=f"{TOOLS_DIR}/gpufleet-verify-weights", mode="755", create_remote_dir=False)
-    volumes = weights.stage_volumes(volumes={weights.volume_of(s["model"]) for s in services},
-                                    weights_root=weights_root)
-    # What the inventory no longer names goes now: images and weights are in place, no new unit
-    # has started, and a renamed service's port is free for its successor.
-    remove_services(stale_units(services), accounts, secrets_dir=secrets_dir)
-    # Before any new unit listens, its ports (and its proxy's) admit the allowed sources only; off,
-    # gpufleet's table is removed.
-    firewall.admit_only_allowed(ports=guarded_ports(services) if host.data.inference_firewall else [])
+    if with_weight_check:
+        files.put(name="Install the weight check", src=str(TEMPLATES / "gpufleet-verify-weights"),
+                  dest=f"{TOOLS_DIR}/gpufleet-verify-weights", mode="755", create_remote_dir=False)
 
-    ids = service_ids(services, accounts)
-    results = []
-    for service in services:
-        name, engine = service["name"], service["engine"]
-        proxied = bool(service.get("proxy_port"))
-        engine_service = auth_proxy.engine_side(service) if proxied else service
-        user = ids[name]
-        uid, gid = (int(number) for number in user.split(":"))
-        if not service.get("user"):
-            service_account(name=f"Add account {account(service)} (its containers run as it)",
-                            user=account(service), uid=uid, gid=gid)
-        profile = engines.ENGINES[engine]
-        use_gpus = bool(gpus) and service.get("gpus", "all") != "none"
-        if profile["needs_gpu"] and not gpus:
-            logger.warning(f"[{host.name}] {name}: {engine} needs a GPU and this host has none: unit installed, "
-                           "not started")
-        elif not gpus and service.get("gpus", "all") != "none":
-            logger.warning(f"[{host.name}] {name}: no NVIDIA GPU on this host: {engine} runs on the CPU "
-                           "(no --gpus, no layers offloaded)")
-        where = {**placement(engine_service, secrets_dir), "user": user}
-        key_file, env_file = where["key_file"], where["env_file"]
-        if proxied:
-            where["proxy"] = {"listen": engines.listen(service), "port": service["proxy_port"],
-                              "api_key_at": posixpath.join(secrets_dir, f"{name}.key")}
-        new_key, new_secrets = write_secrets(service, engine_service, where, uid, gid)
-        unit_path = f"{UNIT_DIR}/gpufleet-{name}.service"
-        unit = files.put(name=f"Install unit gpufleet-{name}.service",
-                         src=StringIO(unit_text(engine_service, weights_root, env_file, use_gpus, start_timeout,
-                                                user=user, key_file=key_file)),
-                         dest=unit_path, mode="644", user="root", group="root", create_remote_dir=False)
-        systemd.daemon_reload(name=f"Reload systemd for gpufleet-{name}", _if=unit.did_change)
-        if profile["needs_gpu"] and not gpus:
-            results.append((engine_service, None, where))
-            continue
-        ready = host.get_fact(ServiceReady, urls=engines.ready_urls(engine_service), key_file=where["key_source"],
-                              key_var=where["key_var"])
-        volume = weights.volume_of(service["model"])
-        volume_dir = posixpath.join(weights_root, volume)
-        systemd.service(
-            name=f"Restart gpufleet-{name} after its unit, secrets, weights or image changed, or it was not ready",
-            service=f"gpufleet-{name}", restarted=True,
-            _if=lambda ready=ready, unit=unit, new_secrets=new_secrets, image_op=(image_ops or {}).get(service["image"]),
-                volume_op=volumes[volume], volume_dir=volume_dir, image=service["image"], name=name: (
-                not ready["ready"] or unit.did_change() or new_secrets
-                or image_changed(image_op, f"gpufleet-{name}", image) or content_changed(volume_op, volume_dir)),
-        )
-        systemd.service(name=f"Run gpufleet-{name} ({engine}, {service['model']}) and wait until ready",
-                        service=f"gpufleet-{name}", running=True, enabled=True)
-        if proxied:
-            proxy_ready = host.get_fact(ServiceReady, urls=auth_proxy.ready_urls(service),
-                                        key_file=where["proxy"]["api_key_at"], key_var="")
-            auth_proxy.install(service, user=user, key_file=where["proxy"]["api_key_at"], new_key=new_key,
-                               ready=proxy_ready, start_timeout=start_timeout)
-        results.append((engine_service, ready, where))
-    _prune_unused(services, weights_root)
-    return results
+
+def _install_service(service, user, gpus, weights_root, start_timeout, volumes, image_ops):
+    """One service: its account, secrets and unit, then (when it can run here) restarted if anything it
+    uses changed, running and ready, with its proxy. Returns ``(engine side, ready fact or None, where)``."""
+    name = service["name"]
+    engine_service = auth_proxy.engine_side(service) if service.get("proxy_port") else service
+    uid, gid = (int(number) for number in user.split(":"))
+    if not service.get("user"):
+        service_account(name=f"Add account {managed_name(name)} (its containers run as it)",
+                        user=managed_name(name), uid=uid, gid=gid)
+    runs_here = _says_where_it_runs(service, gpus)
+    where = _placement_with_proxy(service, engine_service, user)
+    new_key, new_secrets = write_secrets(service, engine_service, where, uid, gid)
+    use_gpus = bool(gpus) and service.get("gpus", "all") != "none"
+    unit = files.put(name=f"Install unit {unit_name(name)}",
+                     src=StringIO(unit_text(engine_service, weights_root, where["env_file"], use_gpus, start_timeout,
+                                            user=user, key_file=where["key_file"])),
+                     dest=unit_path(unit_name(name)), mode="644", user="root", group="root", create_remote_dir=False)
+    systemd.daemon_reload(name=f"Reload systemd for {managed_name(name)}", _if=unit.did_change)
+    if not runs_here:
+        return engine_service, None, where
+    ready = host.get_fact(ServiceReady, urls=engines.ready_urls(engine_service), key_file=where["key_source"],
+                          key_var=where["key_var"])
+    volume = weights.volume_of(service["model"])
+    systemd.service(
+        name=f"Restart {managed_name(name)} after its unit, secrets, weights or image changed, or it was not ready",
+        service=managed_name(name), restarted=True,
+        _if=restart_needed(service, ready, unit, new_secrets, image_ops.get(service["image"]), volumes[volume],
+                           posixpath.join(weights_root, volume)),
+    )
+    systemd.service(name=f"Run {managed_name(name)} ({service['engine']}, {service['model']}) and wait until ready",
+                    service=managed_name(name), running=True, enabled=True)
+    if service.get("proxy_port"):
+        proxy_ready = host.get_fact(ServiceReady, urls=auth_proxy.ready_urls(service),
+                                    key_file=where["proxy"]["api_key_at"], key_var="")
+        auth_proxy.install(service, user=user, key_file=where["proxy"]["api_key_at"], new_key=new_key,
+                           ready=proxy_ready, start_timeout=start_timeout)
+    return engine_service, ready, where
+
+
+def _says_where_it_runs(service, gpus):
+    """Whether the service can run on this host: an engine that needs a GPU on a host without one gets its
+    unit, not started; a CPU engine on a host without a GPU is said to run on the CPU."""
+    name, engine = service["name"], service["engine"]
+    if engines.ENGINES[engine]["needs_gpu"] and not gpus:
+        logger.warning(f"[{host.name}] {name}: {engine} needs a GPU and this host has none: unit installed, "
+                       "not started")
+        return False
+    if not gpus and service.get("gpus", "all") != "none":
+        logger.warning(f"[{host.name}] {name}: no NVIDIA GPU on this host: {engine} runs on the CPU "
+                       "(no --gpus, no layers offloaded)")
+    return True
+
+
+def _placement_with_proxy(service, engine_service, user):
+    """``placement`` of the engine's secrets, the account it runs as, and its proxy's address and key file."""
+    where = {**placement(engine_service, base.secrets_dir()), "user": user}
+    if service.get("proxy_port"):
+        where["proxy"] = {"listen": engines.listen(service), "port": service["proxy_port"],
+                          "api_key_at": posixpath.join(base.secrets_dir(), f"{service['name']}.key")}
+    return where
+
+
+def restart_needed(service, ready, unit, new_secrets, image_op, volume_op, volume_dir):
+    """
+    The condition pyinfra checks (``_if``) once the earlier operations ran: restart ``service`` when it
+    was not ready before this run, its unit or secrets changed, its image moved to another ID, or its
+    weight volume's bytes changed.
+    """
+
+    def needed():
+        return (not ready["ready"] or unit.did_change() or new_secrets
+                or image_changed(image_op, managed_name(service["name"]), service["image"])
+                or content_changed(volume_op, volume_dir))
+
+    return needed
 
 
 def _prune_unused(services, weights_root):
@@ -417,52 +362,6 @@ def guarded_ports(services):
                    if port})
 
 
-def wanted_units(services):
-    """The unit of each service, and of its proxy when it has a proxy_port (pure)."""
-    units = {f"gpufleet-{service['name']}.service" for service in services}
-    return units | {auth_proxy.unit_name(service) for service in services if service.get("proxy_port")}
-
-
-def stale_units(services):
-    """The inference units on the host that ``services`` no longer name."""
-    installed = host.get_fact(InstalledServices)
-    wanted = wanted_units(services)
-    return {unit: found for unit, found in installed.items() if unit not in wanted}
-
-
-@deploy("Remove services the inventory no longer names", data_defaults=settings.DEFAULTS)
-def remove_services(stale, accounts, secrets_dir=None):
-    """
-    Stop, disable and delete what gpufleet installed for services that are gone: their units
-    (proxies first), and for a service gone entirely its container, secrets and account. Its image
-    and weight volumes stay (other services, or a later one, may use them).
-
-    + stale: unit -> ``{"service": name, "proxy": bool}`` (``stale_units``)
-    + accounts: the host's accounts (``ServiceAccounts``)
-    + secrets_dir: where the services' secret files are
-    """
-    secrets_dir = secrets_dir or posixpath.join(host.data.gpufleet_config_dir, "secrets")
-    removed = []
-    for unit, found in sorted(stale.items(), key=lambda item: not item[1]["proxy"]):
-        systemd.service(name=f"Stop and disable {unit} (no longer in inference_services)", service=unit,
-                        running=False, enabled=False)
-        removed.append(files.file(name=f"Remove unit {unit}", path=f"{UNIT_DIR}/{unit}", present=False))
-    for name in sorted({found["service"] for found in stale.values() if not found["proxy"]}):
-        server.shell(name=f"Remove container gpufleet-{name} if it is left",
-                     commands=[f"docker rm -f gpufleet-{name} >/dev/null 2>&1 || true"])
-        for suffix in ("env", "key"):
-            files.file(name=f"Remove {name}'s {suffix} file", path=posixpath.join(secrets_dir, f"{name}.{suffix}"),
-                       present=False)
-        who = f"gpufleet-{name}"
-        if who in accounts["users"] or who in accounts["groups"]:
-            server.shell(name=f"Remove account {who}",
-                         commands=[f"if getent passwd {who} >/dev/null; then userdel {who}; fi; "
-                                   f"if getent group {who} >/dev/null; then groupdel {who}; fi"])
-    if removed:
-        systemd.daemon_reload(name="Reload systemd without the removed units",
-                              _if=lambda: any(op.did_change() for op in removed))
-
-
 def image_changed(image_op, container, image):
     """Whether the container must move to another image: the image's operation changed something and
     the image's ID now differs from the one the container runs (a re-pull or re-load of the same
@@ -470,8 +369,8 @@ def image_changed(image_op, container, image):
     if image_op is None or not image_op.did_change():
         return False
     shell = Shell.of(host.state, host)
-    running = shell.run(f"docker inspect -f '{{{{.Image}}}}' {container} 2>/dev/null || true")
-    current = shell.run(f"docker image inspect -f '{{{{.Id}}}}' {shlex.quote(image)} 2>/dev/null || true")
+    running = shell.run(f"docker inspect -f {CONTAINER_IMAGE} {shlex.quote(container)} 2>/dev/null || true")
+    current = shell.run(f"docker image inspect -f {IMAGE_ID} {shlex.quote(image)} 2>/dev/null || true")
     return not running or not current or running != current
 
 

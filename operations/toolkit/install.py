@@ -11,21 +11,18 @@ from pyinfra import host, logger
 from pyinfra.api import FactBase, OperationError, deploy, operation
 from pyinfra.facts.deb import DebPackages
 from pyinfra.facts.files import File
-from pyinfra.operations import apt, files
+from pyinfra.operations import files
 
 from operations import TEMPLATES
 from operations.container import docker
-from operations.core import apt_pin, checks, host_memo, json_files, settings
-from operations.offline import bundle
 from operations.container.containerd import ContainerdRuntimes
+from operations.core import apt_pin, apt_sources, host_memo, json_files, settings
 from operations.core.errors import ConfigError
-from operations.container.images import pinned
 from operations.driver.devices import DevCharLinks, NvidiaDeviceNodes, missing_dev_char_links
+from operations.offline import bundle
 
 PACKAGES = ["libnvidia-container1", "libnvidia-container-tools",
             "nvidia-container-toolkit-base", "nvidia-container-toolkit"]
-SOURCES = ("nvidia-repo", "local-repo", "bundle")
-ENGINES = ("docker", "containerd", "podman")
 CDI_SPEC = "/etc/cdi/nvidia.yaml"
 NVIDIA_REPO = "https://nvidia.github.io/libnvidia-container/stable/deb/$(ARCH)"
 NVIDIA_KEY_URL = "https://nvidia.github.io/libnvidia-container/gpgkey"
@@ -35,25 +32,12 @@ RUNTIME_CONFIG = "/etc/nvidia-container-runtime/config.toml"
 DEV_CHAR_RULE = "/lib/udev/rules.d/71-nvidia-dev-char.rules"
 
 
-def _check(data, host_name):
+def check_runtime(data, host_name):
     engine = data.get("nvidia_toolkit_engine", "docker")
     if engine != "docker" and data.get("inference_services"):
         raise ConfigError("nvidia_toolkit_engine", f"is {engine!r}, but the inference services run as Docker "
                           "containers: use 'docker' on hosts with inference_services", host=host_name)
 
-
-checks.register({
-    "nvidia_toolkit_version": (lambda v: isinstance(v, str) and v.count(".") == 2 and v != "latest",
-                               "a pinned version such as '1.17.8'"),
-    "nvidia_toolkit_source": (lambda v: v in SOURCES, f"one of {', '.join(SOURCES)}"),
-    "nvidia_toolkit_local_repo": (checks._is_str, "a directory on the host for a flat apt repository"),
-    "nvidia_toolkit_local_repo_src": (checks._is_str, "a directory on the control node to stage from"),
-    "nvidia_toolkit_engine": (lambda v: v in ENGINES, f"one of {', '.join(ENGINES)}"),
-    "nvidia_toolkit_set_as_default": (checks._is_bool, "true or false"),
-    "nvidia_toolkit_dev_char_symlinks": (checks._is_bool, "true or false"),
-    "nvidia_toolkit_check_image": (lambda v: isinstance(v, str) and pinned(v),
-                                   "a CUDA image pinned by tag or digest (never 'latest')"),
-}, cross_check=_check)
 
 
 def has_nvidia_runtime(daemon):
@@ -120,28 +104,7 @@ def install_toolkit(version=None, source=None, engine=None, set_as_default=None,
     if dev_char_symlinks is None:
         dev_char_symlinks = host.data.nvidia_toolkit_dev_char_symlinks
 
-    if source == "local-repo":
-        repo_dir = host.data.nvidia_toolkit_local_repo
-        staged = files.sync(name="Stage the toolkit repository", src=host.data.nvidia_toolkit_local_repo_src,
-                            dest=repo_dir, delete=True) if host.data.nvidia_toolkit_local_repo_src else None
-        repo = files.put(name="Add the local toolkit repository", src=StringIO(f"deb [trusted=yes] file:{repo_dir} ./\n"),
-                         dest="/etc/apt/sources.list.d/gpufleet-toolkit-local.list", mode="644",
-                         create_remote_dir=False)
-        changed = [op for op in (staged, repo) if op is not None]
-    elif source == "bundle":
-        changed = []  # offline.stage_packages staged the repository and updated apt's lists
-    else:
-        key = files.download(name="Download NVIDIA's toolkit repository key", src=NVIDIA_KEY_URL,
-                             dest=KEYRING, mode="644")
-        repo = files.put(name="Add NVIDIA's toolkit repository",
-                         src=StringIO(f"deb [signed-by={KEYRING}] {NVIDIA_REPO} /\n"),
-                         dest="/etc/apt/sources.list.d/nvidia-container-toolkit.list", mode="644",
-                         create_remote_dir=False)
-        changed = [key, repo]
-    if changed:
-        apt.update(name="Update apt lists after the toolkit source changed",
-                   _if=lambda: any(op.did_change() for op in changed))
-
+    _apt_source(source)
     packages = apt_pin.installed(name=f"Install NVIDIA Container Toolkit {version} and hold it", packages=PACKAGES,
                                  version=version, pin_name="gpufleet-nvidia-toolkit", pin_patterns=PACKAGES)
 
@@ -166,6 +129,29 @@ def install_toolkit(version=None, source=None, engine=None, set_as_default=None,
                 cdi_spec(name=f"Regenerate {CDI_SPEC} after the driver changed", regenerate=True,
                          _if=driver.did_change)
     return runtime, packages
+
+
+def _apt_source(source):
+    """The toolkit's apt source (none for the bundle, staged already), apt's lists updated when it changed."""
+    if source == "bundle":
+        return  # from_bundle.stage_packages staged the repository and updated apt's lists
+    if source == "local-repo":
+        repo_dir = host.data.nvidia_toolkit_local_repo
+        staged = files.sync(name="Stage the toolkit repository", src=host.data.nvidia_toolkit_local_repo_src,
+                            dest=repo_dir, delete=True) if host.data.nvidia_toolkit_local_repo_src else None
+        repo = files.put(name="Add the local toolkit repository", src=StringIO(apt_sources.local_line(repo_dir) + "\n"),
+                         dest="/etc/apt/sources.list.d/gpufleet-toolkit-local.list", mode="644",
+                         create_remote_dir=False)
+        changed = [op for op in (staged, repo) if op is not None]
+    else:
+        key = files.download(name="Download NVIDIA's toolkit repository key", src=NVIDIA_KEY_URL,
+                             dest=KEYRING, mode="644")
+        repo = files.put(name="Add NVIDIA's toolkit repository",
+                         src=StringIO(apt_sources.signed_line(KEYRING, NVIDIA_REPO) + "\n"),
+                         dest="/etc/apt/sources.list.d/nvidia-container-toolkit.list", mode="644",
+                         create_remote_dir=False)
+        changed = [key, repo]
+    apt_sources.update_after("toolkit", changed)
 
 
 @operation()

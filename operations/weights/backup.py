@@ -14,7 +14,7 @@ host like any weight volume: resumable, verified on the host, recorded for the s
 
 import json
 import posixpath
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from pyinfra import host, logger
@@ -50,7 +50,7 @@ def _checked(state, host, root, wanted, fetched, manifest_path, source):
         return False
     Path(manifest_path).write_text(json.dumps(
         {"volume": Path(root).name, "host": host.name, "path": source,
-         "taken": datetime.now(timezone.utc).isoformat(timespec="seconds"), "files": wanted},
+         "taken": datetime.now(UTC).isoformat(timespec="seconds"), "files": wanted},
         indent=2, sort_keys=True) + "\n")
     logger.info(f"[{host.name}] {source}: {len(wanted)} file(s) in {root}, each matching the host's "
                 "record")

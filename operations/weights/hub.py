@@ -26,14 +26,17 @@ from pyinfra.api import FactBase, deploy, operation
 from pyinfra.operations import files
 
 from operations import TEMPLATES, TOOLS_DIR
-from operations.offline import staging
 from operations.core.errors import ConfigError
+from operations.offline import staging
 
 LOCK = Path(__file__).resolve().with_name("hf_fetch.lock.json")
 CACHE = Path(os.environ.get("GPUFLEET_CACHE", Path.home() / ".cache" / "gpufleet")) / "wheels"
 CLIENT_DIR = f"{TOOLS_DIR}/hf"
 FETCH = f"{TOOLS_DIR}/gpufleet-hf-fetch"
 SOURCE = ".gpufleet-hf.json"
+# Scripts run on the host with python3 -c (templates/, read here once).
+HUB_VOLUME = (TEMPLATES / "gpufleet-hub-volume.py").read_text()
+UNPACK = (TEMPLATES / "gpufleet-unpack-wheels.py").read_text()
 COMMIT = re.compile(r"[0-9a-f]{40}")
 REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
@@ -62,7 +65,7 @@ def _target_flags(target):
     return flags
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def wheelhouse(target, log=print):
     """
     The locked wheels for ``target`` on the control node: (directory, manifest for staging). Downloaded
@@ -102,12 +105,6 @@ class UnpackedWheels(FactBase):
 
     def process(self, output):
         return output[0].strip() if output else None
-
-
-UNPACK = ("import sys, zipfile, pathlib\n"
-          "wheels, site = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])\n"
-          "for wheel in sorted(wheels.glob('*.whl')):\n"
-          "    zipfile.ZipFile(wheel).extractall(site)\n")
 
 
 @operation()
@@ -153,15 +150,7 @@ class HubVolume(FactBase):
     """
 
     def command(self, path):
-        script = ("import json, os, sys\nd = sys.argv[1]\n"
-                  "def load(name):\n    try:\n        return json.load(open(os.path.join(d, name)))\n"
-                  "    except (OSError, ValueError):\n        return None\n"
-                  f"source, record = load({SOURCE!r}), load('.gpufleet-staged.json') or {{}}\n"
-                  "def same(path, entry):\n    try:\n        s = os.stat(os.path.join(d, path))\n"
-                  "    except OSError:\n        return False\n    return [s.st_size, int(s.st_mtime)] == entry[:2]\n"
-                  "print(json.dumps({'source': source, 'files': len(record), "
-                  "'intact': bool(record) and all(same(p, e) for p, e in record.items())}))")
-        return f"python3 -c {shlex.quote(script)} {shlex.quote(path)}"
+        return f"python3 -c {shlex.quote(HUB_VOLUME)} {shlex.quote(path)} {shlex.quote(SOURCE)}"
 
     def process(self, output):
         return json.loads(output[-1])

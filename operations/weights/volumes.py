@@ -18,11 +18,11 @@ from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.operations import files
 
-from operations.core import checks, settings
+from operations.core import base, checks, settings
+from operations.core.errors import ConfigError
 from operations.offline import bundle, staging
 from operations.services import secret_files
 from operations.weights import hub as hf_hub
-from operations.core.errors import ConfigError
 
 HASH_CACHE = Path(os.environ.get("GPUFLEET_CACHE", Path.home() / ".cache" / "gpufleet")) / "hashes"
 
@@ -73,7 +73,7 @@ def check_volume(name, spec, data, host_name):
         _refuse(name, "a hub volume on an offline host, which reaches no hub: put it in the bundle", host_name)
 
 
-def _check(data, host_name):
+def check_volumes(data, host_name):
     volumes = data.get("inference_weight_volumes") or {}
     if not isinstance(volumes, dict):
         raise ConfigError("inference_weight_volumes", "a dict of volume name -> source", host=host_name)
@@ -87,15 +87,6 @@ def _check(data, host_name):
                     host_name)
         check_volume(name, spec, data, host_name)
 
-
-checks.register({
-    "inference_weights_root": (checks._is_str, "an absolute path on the host"),
-    "inference_weight_volumes": (lambda v: isinstance(v, dict), "a dict of volume name -> {'from': DIR} or "
-                                                                "{'hf': 'org/name', 'revision': COMMIT}"),
-    "inference_hf_endpoint": (lambda v: checks._is_str(v) and v.startswith(("http://", "https://")),
-                              "the hub's URL, such as 'https://huggingface.co' or a site mirror"),
-    "inference_weights_follow_branch": (checks._is_bool, "true or false"),
-}, cross_check=_check)
 
 
 def sources(data):
@@ -129,7 +120,7 @@ def check_model(index, model, data, host_name):
         raise ConfigError(field, f"{model}: no {inside!r} in volume {volume!r} ({where})", host=host_name)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def directory_manifest(path):
     """Every file below ``path`` on the control node: relative path -> size and SHA-256. Hashes are
     kept in ~/.cache/gpufleet/hashes and trusted while a file's size and mtime stay the same."""
@@ -184,7 +175,7 @@ def stage_volumes(volumes, weights_root=None, endpoint=None):
         else:
             token = None
             if where.get("token_file"):
-                token = posixpath.join(host.data.gpufleet_config_dir, "secrets", f"hf-{name}.token")
+                token = posixpath.join(base.secrets_dir(), f"hf-{name}.token")
                 secret_files.secret_file(name=f"Write the hub token of volume {name} (root only)", dest=token,
                                     content=Path(where["token_file"]).read_bytes())
             operations[name] = hf_hub.fetched(

@@ -6,6 +6,7 @@ answer; what goes wrong is named, and nothing is half-applied."""
 import hashlib
 import json
 import re
+
 import pytest
 
 from tests.lab import hosts as lab_hosts
@@ -172,7 +173,7 @@ def test_moved_tag_is_reported_and_followed_only_when_asked(second_deploy, addre
         assert container_id() == running
         followed = run_deploy("--limit", HOST, "--data", "inference_image_follow_tag=True")
         assert followed.rc == 0, followed.output[-3000:]
-        assert f"following the tag from" in followed.output
+        assert "following the tag from" in followed.output
         assert sh(f"docker image inspect -f '{{{{.Id}}}}' {image}").stdout.strip() != before
         assert container_id() != running and answers(8080)  # restarted onto the new image, and serving
         assert container_id("chat-dir") and answers(8081)

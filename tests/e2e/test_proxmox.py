@@ -9,8 +9,8 @@ import pytest
 
 from operations.proxmox.facts import parse_pct_config, parse_proc_devices
 from tests.e2e.conftest import run_deploy
-from tests.lab import hosts as lab_hosts
 from tests.fixtures.proxmox_double import HERE as DOUBLE
+from tests.lab import hosts as lab_hosts
 
 PAIR = ["--limit", "lab-pve-1", "--limit", "lab-ct-1"]
 

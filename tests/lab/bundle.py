@@ -9,9 +9,10 @@ from pathlib import Path
 import yaml
 
 from operations.core import settings
-from operations.driver import install as nvidia_driver, plan as driver_plan
-from operations.toolkit import install as nvidia_toolkit
+from operations.driver import install as nvidia_driver
+from operations.driver import plan as driver_plan
 from operations.offline.bundle import builder
+from operations.toolkit import install as nvidia_toolkit
 
 from . import image, llamacpp, models
 

@@ -2,9 +2,9 @@
 
 import json
 import os
+import secrets
 import shlex
 import subprocess
-import secrets
 import time
 from pathlib import Path
 

@@ -33,4 +33,4 @@ def table(lab_hosts):
     header = ["host", "gpus", "docker", "runtimes", "nvidia packages", "nvidia-smi"]
     rows = [header] + [host_row(h) for h in lab_hosts]
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)).rstrip() for row in rows)

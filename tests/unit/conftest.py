@@ -3,8 +3,8 @@
 from types import SimpleNamespace
 
 import pytest
-from pyinfra.api.command import FileUploadCommand, StringCommand
 from pyinfra.api import Config
+from pyinfra.api.command import FileUploadCommand, StringCommand
 from pyinfra.context import ctx_host, ctx_state
 
 from operations.core import host_memo

@@ -7,9 +7,9 @@ import subprocess
 
 import pytest
 
+from operations.core.errors import ConfigError
 from operations.offline import bundle
 from operations.offline.bundle import builder
-from operations.core.errors import ConfigError
 
 
 def make(tmp_path, files):

@@ -3,11 +3,10 @@ from pathlib import Path
 
 import pytest
 
-from operations.core import checks, settings
-from operations.services import engines
-from operations.core.errors import ConfigError
 import operations
-import operations.roles  # noqa: F401  (imports every concern module: each registers its checks)
+from operations.core import checks, settings
+from operations.core.errors import ConfigError
+from operations.services import engines
 
 OPERATIONS_DIR = Path(operations.__file__).resolve().parent
 
@@ -108,3 +107,38 @@ def test_readme_group_data_examples_are_known_settings_of_the_right_type():
             assert check(value), f"{key}: must be {expected}, got {value!r}"
         for index, service in enumerate(data.get("inference_services", [])):
             engines.check_service(index, service)
+
+
+def documented_value_sets():
+    """Each setting of group_data/all.py whose comment ends with a line ``# One of: a | b | c``: its values."""
+    documented, comment = {}, []
+    for line in settings.GROUP_DATA_ALL.read_text().splitlines():
+        if line.startswith("#"):
+            comment.append(line)
+            continue
+        name = line.split("=", 1)[0].strip()
+        if comment and comment[-1].startswith("# One of: ") and name.isidentifier():
+            documented[name] = tuple(value.strip() for value in comment[-1][len("# One of: "):].split("|"))
+        comment = []
+    return documented
+
+
+def test_documented_value_sets_are_what_the_checks_accept():
+    accepted = {name: check.values for name, (check, _) in checks.CHECKS.items() if isinstance(check, checks.OneOf)}
+    assert documented_value_sets() == accepted
+
+
+def test_documented_engines_are_the_engine_profiles():
+    text = settings.GROUP_DATA_ALL.read_text()
+    listed = re.search(r"engine \(([a-z. |]+)\)", text).group(1)
+    assert tuple(value.strip() for value in listed.split("|")) == tuple(engines.ENGINES)
+
+
+def test_every_cross_check_the_table_names_exists():
+    assert [function.__name__ for function in checks.cross_checks()] == [
+        reference.split(":")[1] for reference in checks.CROSS_CHECKS]
+
+
+def test_a_value_outside_a_set_is_refused_naming_the_values():
+    with pytest.raises(ConfigError, match="nvidia_driver_source: must be one of distro, cuda-repo, local-repo, bundle"):
+        checks.validate({"nvidia_driver_source": "ppa"})

@@ -8,9 +8,11 @@ import os
 
 import pytest
 
-from operations.container import docker, images as docker_images
-from operations.weights import hub as hf_hub, volumes as weights
+from operations.container import docker
+from operations.container import images as docker_images
 from operations.core.errors import ConfigError
+from operations.weights import hub as hf_hub
+from operations.weights import volumes as weights
 
 REG = "10.0.0.5:5000/team/llama-server"
 DIGEST = "sha256:" + "a" * 64
@@ -116,16 +118,16 @@ def test_mirrors_go_into_daemon_json_only_when_set():
 ])
 def test_bad_volume_names_the_field(spec, message):
     with pytest.raises(ConfigError) as error:
-        weights._check({"inference_weight_volumes": {"qwen": spec}}, "gpu-3")
+        weights.check_volumes({"inference_weight_volumes": {"qwen": spec}}, "gpu-3")
     assert error.value.field == "inference_weight_volumes['qwen']"
     assert message in str(error.value) and "gpu-3" in str(error.value)
 
 
 def test_branch_accepted_when_followed_and_hub_volume_refused_offline():
-    weights._check({"inference_weight_volumes": {"q": {"hf": "org/model", "revision": "main"}},
+    weights.check_volumes({"inference_weight_volumes": {"q": {"hf": "org/model", "revision": "main"}},
                     "inference_weights_follow_branch": True}, "gpu-3")
     with pytest.raises(ConfigError, match="a hub volume on an offline host"):
-        weights._check({"inference_weight_volumes": {"q": {"hf": "org/model", "revision": COMMIT}},
+        weights.check_volumes({"inference_weight_volumes": {"q": {"hf": "org/model", "revision": COMMIT}},
                         "gpufleet_offline": True}, "gpu-3")
 
 
@@ -134,7 +136,7 @@ def test_token_file_must_be_root_only(tmp_path):
     token.write_text("hf_x\n")
     token.chmod(0o640)
     with pytest.raises(ConfigError, match="token_file: .*readable by others than its owner"):
-        weights._check({"inference_weight_volumes": {"q": {"hf": "o/m", "revision": COMMIT,
+        weights.check_volumes({"inference_weight_volumes": {"q": {"hf": "o/m", "revision": COMMIT,
                                                             "token_file": str(token)}}}, "h")
 
 

@@ -1,7 +1,7 @@
 import pytest
 
-from operations.driver import cuda_gate
 from operations.core.errors import ConfigError
+from operations.driver import cuda_gate
 
 
 @pytest.mark.parametrize("cuda, driver", [

@@ -5,8 +5,8 @@ import subprocess
 
 import pytest
 
-from operations.services import engines
 from operations.core.errors import ConfigError
+from operations.services import engines
 from tests.lab import llamacpp
 from tests.unit.test_inference import SERVICE
 

@@ -51,7 +51,7 @@ def test_fresh_fetch_lands_every_file_read_only_with_its_record(hub, tmp_path):
     assert result.returncode == 0, result.stderr
     record = json.loads((dest / ".gpufleet-staged.json").read_text())
     assert sorted(record) == ["config.json", "model.gguf", "sub/tokenizer.json"]
-    for path, (size, mtime, sha256) in record.items():
+    for path, (_size, _mtime, sha256) in record.items():
         assert (dest / path).read_bytes() == (repo / path).read_bytes()
         assert sha256 == hashlib.sha256((repo / path).read_bytes()).hexdigest()
         assert oct((dest / path).stat().st_mode & 0o777) == "0o444"

@@ -2,9 +2,9 @@
 
 import pytest
 
-from operations.offline import staging
-from operations.services import auth_proxy, engines, inference
 from operations.core.errors import ConfigError
+from operations.offline import staging
+from operations.services import auth_proxy, engines, facts, inference, removal
 
 SERVICE = {"name": "chat", "engine": "llamacpp", "image": "ghcr.io/ggml-org/llama.cpp:server-b4500",
            "model": "tiny/tiny.gguf", "memory": "2g", "args": ["--ctx-size", "256"]}
@@ -33,7 +33,7 @@ def test_bad_service_names_the_field(change, field, message):
 def test_cuda_gate_refuses_image_for_newer_driver():
     data = {"inference_services": [{**SERVICE, "cuda": "12.4"}], "nvidia_driver_version": "535.261.03"}
     with pytest.raises(ConfigError) as error:
-        inference._check(data, "gpu-1")
+        inference.check_services(data, "gpu-1")
     assert error.value.field == "inference_services[0].image"
     assert "needs NVIDIA driver >= 550.54.14" in str(error.value)
 
@@ -125,7 +125,7 @@ def test_service_user_must_be_numeric():
 
 
 def test_service_accounts_fact_reads_passwd_and_group():
-    fact = inference.ServiceAccounts()
+    fact = facts.ServiceAccounts()
     assert fact.process(["root:0", "gpufleet-chat:60600", "--", "root:0", "gpufleet-chat:60600", "docker:998"]) == \
         {"users": {"root": 0, "gpufleet-chat": 60600}, "groups": {"root": 0, "gpufleet-chat": 60600, "docker": 998}}
 
@@ -151,10 +151,10 @@ def test_a_service_without_a_key_is_not_exposed_beyond_loopback_unless_asked(ser
     (tmp_path / "tiny.gguf").write_bytes(b"GGUF")
     data = {**data, "inference_services": [service], "inference_weight_volumes": {"tiny": {"from": str(tmp_path)}}}
     with pytest.raises(ConfigError, match=rf"^{field}: .*no (API key|api_key_file).*inference_expose_unauthenticated"):
-        inference._check(data, None)
-    inference._check({**data, "inference_expose_unauthenticated": True, "inference_allowed_sources": ["10.0.0.0/8"]},
+        inference.check_services(data, None)
+    inference.check_services({**data, "inference_expose_unauthenticated": True, "inference_allowed_sources": ["10.0.0.0/8"]},
                      None)
-    inference._check({**data, "inference_listen": "127.0.0.1", "inference_services": [
+    inference.check_services({**data, "inference_listen": "127.0.0.1", "inference_services": [
         {key: value for key, value in service.items() if key != "listen"}]}, None)  # loopback: fine
 
 
@@ -170,13 +170,13 @@ def test_vllm_with_its_own_key_is_not_exposed_its_key_leaves_invocations_open(tm
     vllm = {**SERVICE, "engine": "vllm", "args": []}
     with pytest.raises(ConfigError, match=r"^inference_listen: 0\.0\.0\.0: service chat is keyed, but vllm's key "
                                           r"leaves some routes open \(vLLM: /invocations"):
-        inference._check(_exposed(tmp_path, vllm), None)
-    inference._check(_exposed(tmp_path, {**vllm, "proxy_port": 8443}), None)  # the proxy guards every route
+        inference.check_services(_exposed(tmp_path, vllm), None)
+    inference.check_services(_exposed(tmp_path, {**vllm, "proxy_port": 8443}), None)  # the proxy guards every route
 
 
 def test_ollama_behind_the_proxy_may_listen_beyond_loopback(tmp_path):
     ollama = {**SERVICE, "engine": "ollama", "args": [], "proxy_port": 11443}
-    inference._check(_exposed(tmp_path, ollama), None)
+    inference.check_services(_exposed(tmp_path, ollama), None)
     assert engines.guarded(ollama) and engines.exposed_ports(ollama) == [11443]
 
 
@@ -184,8 +184,8 @@ def test_listening_beyond_loopback_needs_allowed_sources_unless_the_firewall_is_
     data = _exposed(tmp_path, SERVICE, inference_allowed_sources=[])
     with pytest.raises(ConfigError, match=r"^inference_listen: 0\.0\.0\.0: service chat listens beyond this host, "
                                           r"but inference_allowed_sources is empty"):
-        inference._check(data, None)
-    inference._check({**data, "inference_firewall": False}, None)
+        inference.check_services(data, None)
+    inference.check_services({**data, "inference_firewall": False}, None)
 
 
 def test_a_proxy_port_taken_by_another_service_is_named(tmp_path):
@@ -193,7 +193,7 @@ def test_a_proxy_port_taken_by_another_service_is_named(tmp_path):
     data["inference_services"].append({**data["inference_services"][0], "name": "other", "port": 9000,
                                        "proxy_port": 9001})
     with pytest.raises(ConfigError, match=r"^inference_services\[1\]\.port: port 9000 is used twice"):
-        inference._check(data, None)
+        inference.check_services(data, None)
 
 
 def test_a_proxied_engine_listens_on_loopback_with_no_key_and_the_proxy_takes_the_key(tmp_path):
@@ -202,7 +202,7 @@ def test_a_proxied_engine_listens_on_loopback_with_no_key_and_the_proxy_takes_th
     assert engine["listen"] == "127.0.0.1" and "api_key_file" not in engine and "proxy_port" not in engine
     assert inference.placement(engine, "/etc/gpufleet/secrets")["key_file"] is None
     assert auth_proxy.ready_urls(service) == ["http://127.0.0.1:8443/health", "http://127.0.0.1:8443/v1/models"]
-    assert inference.wanted_units([service, {**SERVICE, "name": "plain"}]) == {
+    assert removal.wanted_units([service, {**SERVICE, "name": "plain"}]) == {
         "gpufleet-chat.service", "gpufleet-chat-proxy.service", "gpufleet-plain.service"}
 
 
@@ -212,6 +212,6 @@ def test_installed_services_are_read_from_the_units_first_lines():
               "/etc/systemd/system/gpufleet-chat-proxy.service:# Managed by gpufleet: authenticating proxy of "
               "inference service chat. Edits are overwritten.",
               "/etc/systemd/system/gpufleet-firewall.service:# Managed by gpufleet: loads its nftables table"]
-    assert inference.InstalledServices().process(output) == {
+    assert facts.InstalledServices().process(output) == {
         "gpufleet-chat.service": {"service": "chat", "proxy": False},
         "gpufleet-chat-proxy.service": {"service": "chat", "proxy": True}}

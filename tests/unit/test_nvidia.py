@@ -7,11 +7,11 @@ import pytest
 
 from operations.container import containerd
 from operations.core import apt_pin, checks
-from operations.driver import install as nvidia_driver
-from operations.toolkit import install as nvidia_toolkit
 from operations.core.errors import ConfigError
-from operations.driver.devices import DevCharLinks, missing_dev_char_links
 from operations.core.json_files import JsonFile
+from operations.driver import install as nvidia_driver
+from operations.driver.devices import DevCharLinks, missing_dev_char_links
+from operations.toolkit import install as nvidia_toolkit
 
 from .test_inference import SERVICE
 

@@ -8,12 +8,19 @@ from pathlib import Path
 
 import pytest
 
-from operations.driver import install as nvidia_driver, plan as driver_plan
-from operations.proxmox import passthrough as proxmox
-from operations.toolkit import install as nvidia_toolkit
 from operations.core.errors import ConfigError, HostStateError
+from operations.driver import plan as driver_plan
 from operations.driver.devices import NvidiaDeviceNodes
-from operations.proxmox.facts import PctConfig, PctStatus, PveVersion, ProcDevices, parse_pct_config, parse_property_string
+from operations.proxmox import passthrough as proxmox
+from operations.proxmox.facts import (
+    PctConfig,
+    PctStatus,
+    ProcDevices,
+    PveVersion,
+    parse_pct_config,
+    parse_property_string,
+)
+from operations.toolkit import install as nvidia_toolkit
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 REPO = Path(__file__).resolve().parents[2]

@@ -7,8 +7,8 @@ import subprocess
 import pytest
 
 from operations.core import systemd_syntax
-from operations.services import engines, inference
 from operations.core.errors import ConfigError
+from operations.services import engines, inference
 from tests.unit.test_inference import SERVICE
 
 HARD = ["100%{x}", "$HOME", "${HOME}", "it's", 'a "b"', "back\\slash", "\\n", ";", "", "two words", "-x=1"]

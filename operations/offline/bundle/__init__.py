@@ -11,7 +11,19 @@ Three parts: ``manifest`` reads and verifies a bundle (what deploys use, re-expo
 ``builder`` makes one, ``__main__`` is the command line.
 """
 
-from operations.offline.bundle.manifest import CHUNK, MANIFEST, SIGNATURE, cached_sha256, check_signature, load, part, read_manifest, sha256_file, verify, vouched_sha256
+from operations.offline.bundle.manifest import (
+           CHUNK,
+           MANIFEST,
+           SIGNATURE,
+           cached_sha256,
+           check_signature,
+           load,
+           part,
+           read_manifest,
+           sha256_file,
+           verify,
+           vouched_sha256,
+)
 
 __all__ = ["CHUNK", "MANIFEST", "SIGNATURE", "cached_sha256", "check_signature", "load", "part", "read_manifest",
            "sha256_file", "verify", "vouched_sha256"]

@@ -17,9 +17,19 @@ import time
 from pathlib import Path
 
 from operations.core.apt_pin import pin_file
-from operations.container.images import pinned
+from operations.core.checks import is_pinned_image
 from operations.core.errors import ConfigError
-from operations.offline.bundle.manifest import FORMAT, MANIFEST, SIGNATURE, NAMESPACE, VERIFIED, cached_sha256, check_signature, load, read_record
+from operations.offline.bundle.manifest import (
+    FORMAT,
+    MANIFEST,
+    NAMESPACE,
+    SIGNATURE,
+    VERIFIED,
+    cached_sha256,
+    check_signature,
+    load,
+    read_record,
+)
 
 # What gpufleet itself installs on hosts besides the spec's packages: every apt bundle carries them
 # (nftables for the inference firewall, python3 for the authenticating proxy and gpufleet's checks).
@@ -104,7 +114,7 @@ def _images(names, out, log):
     out.mkdir(parents=True, exist_ok=True)
     images = []
     for name in names:
-        if not pinned(name):
+        if not is_pinned_image(name):
             raise ConfigError("images", f"{name}: pin it by tag or digest, never latest")
         image_id = subprocess.run(["docker", "image", "inspect", "--format", "{{.Id}}", name],
                                   capture_output=True, text=True, check=True).stdout.strip()

@@ -15,7 +15,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from operations.container.images import pinned
+from operations.core.checks import is_pinned_image
 from operations.core.errors import ConfigError
 
 FORMAT = 1
@@ -92,7 +92,7 @@ def _check_manifest(bundle, manifest):
     for image in manifest.get("images", []):
         if image.get("file") not in files:
             _refuse(bundle, f"{MANIFEST}: image {image.get('name')}: archive {image.get('file')} is not listed")
-        if not pinned(image["name"]):
+        if not is_pinned_image(image["name"]):
             _refuse(bundle, f"{MANIFEST}: image {image['name']}: must be pinned by tag or digest, not latest")
     for volume, prefix in manifest.get("weights", {}).items():
         if not any(path.startswith(prefix + "/") for path in files):
@@ -135,7 +135,7 @@ def read_manifest(bundle):
     return manifest
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load(bundle):
     """The verified manifest of the bundle at ``bundle`` (checked once per run, for every host)."""
     if not Path(bundle).is_dir():
@@ -143,7 +143,7 @@ def load(bundle):
     return verify(bundle)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def check_signature(bundle, signers):
     """
     The principal of ``signers`` (an ssh-keygen allowed_signers file) whose key signed the bundle's

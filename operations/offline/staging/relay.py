@@ -25,13 +25,6 @@ RELAY_SENDER = f"{TOOLS_DIR}/gpufleet-relay-send"
 RELAY_LOCK = "~/.ssh/.gpufleet-relay.lock"
 
 
-checks.register({
-    "gpufleet_stage_via": (checks._is_str, "the name of another host in the run to pull staged files from"),
-    "gpufleet_site_address": (checks._is_str, "the address other hosts of the site reach this one at"),
-    "gpufleet_site_port": (checks._is_positive_int, "the SSH port other hosts of the site reach this one at"),
-    "gpufleet_stage_transport": (lambda v: v in ("openssh", "paramiko"), "'openssh' or 'paramiko'"),
-})
-
 
 def relay_seed(target=None):
     """

@@ -20,8 +20,8 @@ import gevent
 from pyinfra import logger
 
 from operations import TEMPLATES
-from operations.offline.bundle import CHUNK, vouched_sha256
 from operations.core.remote import FileSpan
+from operations.offline.bundle import CHUNK, vouched_sha256
 from operations.offline.staging.facts import RECORD, StagedFiles
 
 # (host name, directory) -> whether this run changed a staged file's bytes there. A run that only
