@@ -92,7 +92,7 @@ def rolled_gpu_host():
 
 
 @deploy("LXC guest")
-def lxc_guest(driver_version):
+def lxc_guest(driver_version: str):
     """
     The driver's user-space libraries at ``driver_version`` (its Proxmox host's loaded module, from
     ``proxmox.guest_driver_version``), then the serving stack, device cgroups left to the host when

@@ -74,7 +74,7 @@ def batches():
 
 
 @operation()
-def batch_gate(number, batches, max_failed):
+def batch_gate(number: int, batches: list[list[str]], max_failed: int):
     """
     Before batch ``number``: once more than ``max_failed`` hosts have failed, every host of this and
     the later batches fails here, left as it was, naming the hosts that failed. Every host takes
@@ -104,7 +104,7 @@ def batch_gate(number, batches, max_failed):
 
 
 @operation()
-def drained(ports, timeout):
+def drained(ports: list[int], timeout: int):
     """
     Let this host's inference services finish their requests, then stop them: waits until no
     connection to ``ports`` is established (at most ``timeout`` seconds), then stops the proxies,
@@ -129,7 +129,7 @@ def drained(ports, timeout):
 
 
 @operation()
-def verified(services, gpus):
+def verified(services: list[dict], gpus: int):
     """
     Fail this host, saying it is left drained, unless it serves again: on a GPU host the loaded
     module is the installed driver's version; every service of the host answers on its endpoint.

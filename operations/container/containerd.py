@@ -5,6 +5,7 @@ import tomllib
 
 from pyinfra import host
 from pyinfra.api import FactBase, deploy
+from pyinfra.api.operation import OperationMeta
 from pyinfra.operations import apt, systemd
 from pyinfra.operations.util import any_changed
 
@@ -58,7 +59,7 @@ def install_containerd():
 
 
 @deploy("Apply containerd configuration")
-def restart_on_change(config_ops):
+def restart_on_change(config_ops: list[OperationMeta]):
     """
     Keep containerd enabled and running, restarting it only when one of ``config_ops`` changed.
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pyinfra import host
 from pyinfra.api import deploy
+from pyinfra.api.operation import OperationMeta
 from pyinfra.operations import apt, files, systemd
 from pyinfra.operations.util import any_changed
 
@@ -60,7 +61,7 @@ def daemon_settings(log_max_size, log_max_file, extra, mirrors=()):
 
 
 @deploy("Install Docker engine", data_defaults=settings.DEFAULTS)
-def install_docker(packages=None, log_max_size=None, log_max_file=None, extra_settings=None, mirrors=None):
+def install_docker(packages: list[str] | None = None, log_max_size: str | None = None, log_max_file: int | None = None, extra_settings: dict | None = None, mirrors: list[str] | None = None):
     """
     Install Docker from the distro and merge log rotation into daemon.json (other keys kept).
 
@@ -94,7 +95,7 @@ def install_docker(packages=None, log_max_size=None, log_max_file=None, extra_se
 
 
 @deploy("Reach the site's container registries", data_defaults=settings.DEFAULTS)
-def registry_access(ca_files=None, logins=None):
+def registry_access(ca_files: dict | None = None, logins: dict | None = None):
     """
     Trust each private registry's CA (``/etc/docker/certs.d/REGISTRY/ca.crt``, read by Docker at
     each connection: no restart), keep Docker logged in to those that need credentials, and install
@@ -121,7 +122,7 @@ def registry_access(ca_files=None, logins=None):
 
 
 @deploy("Apply Docker configuration")
-def restart_on_change(config_ops):
+def restart_on_change(config_ops: list[OperationMeta]):
     """
     Keep Docker enabled and running, restarting it only when one of ``config_ops`` changed.
 

@@ -41,7 +41,7 @@ class DockerImageIds(FactBase):
 
 
 @operation()
-def loaded(image, image_id, archive):
+def loaded(image: str, image_id: str, archive: str):
     """
     Load ``image`` from ``archive`` on the host unless Docker already holds ``image_id`` under that name.
 
@@ -114,7 +114,7 @@ def record_path(state_dir, image):
 
 
 @operation()
-def pulled(image, follow_tag=False, state_dir="/var/lib/gpufleet"):
+def pulled(image: str, follow_tag: bool = False, state_dir: str = "/var/lib/gpufleet"):
     """
     Pull ``image`` from its registry when Docker lacks it; record what was pulled on the host.
 
@@ -174,7 +174,7 @@ def _login(state, host, shell, registry, username, password):
 
 
 @operation()
-def logged_in(registry, username, password):
+def logged_in(registry: str, username: str, password: str):
     """
     Keep Docker logged in to ``registry`` as ``username`` (root's /root/.docker/config.json, 0600).
 

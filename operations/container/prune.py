@@ -66,7 +66,7 @@ def unused_images(found, keep):
 
 
 @operation()
-def pruned(keep_images, keep_volumes, weights_root):
+def pruned(keep_images: list[str], keep_volumes: list[str], weights_root: str):
     """
     Remove the images no container uses and ``keep_images`` does not name, and the weight volumes
     under ``weights_root`` that ``keep_volumes`` does not name (hidden directories are left alone).

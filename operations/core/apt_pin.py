@@ -39,7 +39,7 @@ def matches(installed_versions, version):
 
 
 @operation()
-def installed(packages, version, pin_name, pin_patterns=None, unversioned=(), remove=()):
+def installed(packages: list[str], version: str, pin_name: str, pin_patterns: list[str] | None = None, unversioned: tuple | list = (), remove: tuple | list = ()):
     """
     Install ``packages`` at upstream ``version``, hold them, and pin their kin to that version.
 

@@ -22,7 +22,7 @@ def say_no_gpu(skipped):
 
 
 @deploy("Prepare gpufleet host", data_defaults=settings.DEFAULTS)
-def prepare(config_dir=None, state_dir=None):
+def prepare(config_dir: str | None = None, state_dir: str | None = None):
     """
     Create gpufleet's configuration (root-only secrets within) and state directories.
 
@@ -38,7 +38,7 @@ def prepare(config_dir=None, state_dir=None):
 
 
 @deploy("Record what gpufleet deployed")
-def record(intent, config_dir=None):
+def record(intent: dict, config_dir: str | None = None):
     """
     Write what this host is meant to be to <config_dir>/host.json, for the checks to compare with.
 

@@ -68,7 +68,7 @@ def read(path):
 
 
 @operation()
-def merged(path, settings, mode="644"):
+def merged(path: str, settings: dict, mode: str = "644"):
     """
     Merge ``settings`` into the JSON object in ``path``, keeping every other key.
 

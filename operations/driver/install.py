@@ -169,7 +169,7 @@ def upgrade_from(source=None, requested=None, kernel_module=True):
 
 
 @operation()
-def kernel_headers(source, requested, open_modules=False, gpus=0):
+def kernel_headers(source: str, requested: str, open_modules: bool = False, gpus: int = 0):
     """
     Install the running kernel's headers when DKMS will build the NVIDIA module (before the DKMS
     package, whose installation builds it). Without a headers package for the running kernel: a
@@ -204,7 +204,7 @@ def kernel_headers(source, requested, open_modules=False, gpus=0):
 
 
 @operation()
-def driver_installed(source, requested, pin_name, kernel_module=True, open_modules=False):
+def driver_installed(source: str, requested: str, pin_name: str, kernel_module: bool = True, open_modules: bool = False):
     """
     Install the plan's packages at its version and hold them, its precompiled module packages (never
     held: kernel upgrades bring theirs), and remove what a former plan installed instead.
@@ -220,7 +220,7 @@ def driver_installed(source, requested, pin_name, kernel_module=True, open_modul
 
 
 @operation()
-def module_built(source, requested, open_modules=False, log_glob="/var/lib/dkms/*/{version}/build/make.log"):
+def module_built(source: str, requested: str, open_modules: bool = False, log_glob: str = "/var/lib/dkms/*/{version}/build/make.log"):
     """
     The NVIDIA module of the driver's version exists for the running kernel (``modinfo -k``): a
     DKMS module not built yet is built (``dkms autoinstall``); one that cannot be is an error naming
@@ -247,7 +247,7 @@ def module_built(source, requested, open_modules=False, log_glob="/var/lib/dkms/
 
 
 @deploy("Install NVIDIA driver", data_defaults=settings.DEFAULTS)
-def install_driver(source=None, version=None, reboot=None, kernel_module=True, open_modules=None):
+def install_driver(source: str | None = None, version: str | None = None, reboot: bool | None = None, kernel_module: bool = True, open_modules: bool | None = None):
     """
     Install the pinned NVIDIA driver, hold it, blacklist nouveau, and reboot only if needed and allowed.
 

@@ -37,7 +37,7 @@ def check_bundle(data, host_name):
 
 
 @deploy("Stage the bundle's packages", data_defaults=settings.DEFAULTS)
-def stage_packages(bundle_path=None, bundle_dir=None, offline=None):
+def stage_packages(bundle_path: str | None = None, bundle_dir: str | None = None, offline: bool | None = None):
     """
     Stage the bundle's apt repository on the host and make it an apt source.
 
@@ -65,7 +65,7 @@ def stage_packages(bundle_path=None, bundle_dir=None, offline=None):
 
 
 @deploy("Load the bundle's container images", data_defaults=settings.DEFAULTS)
-def load_images(images, bundle_path=None, bundle_dir=None):
+def load_images(images: list[str], bundle_path: str | None = None, bundle_dir: str | None = None):
     """
     Stage the archives of ``images`` from the bundle and ``docker load`` each one Docker does not hold yet.
 

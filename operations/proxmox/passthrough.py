@@ -200,7 +200,7 @@ def guest_is_unprivileged(guest=None):
 # --- operations -----------------------------------------------------------------------------
 
 @operation()
-def guest_devices(vmid, nodes, syntax, majors, record):
+def guest_devices(vmid: int, nodes: list[str], syntax: str, majors: dict, record: dict):
     """
     Give guest ``vmid`` exactly ``nodes``: ``devN`` entries (``pct set``) or raw LXC lines in its
     .conf (cgroup2 allow per major + bind mounts), removing what gpufleet gave it before.
@@ -235,7 +235,7 @@ def guest_devices(vmid, nodes, syntax, majors, record):
 
 
 @operation()
-def guest_features(vmid, unprivileged):
+def guest_features(vmid: int, unprivileged: bool):
     """
     Turn on the features Docker inside an LXC guest needs (nesting; keyctl when unprivileged),
     keeping the others.
@@ -317,7 +317,7 @@ def configure_guests():
 
 
 @deploy("Restart LXC guests whose config changed")
-def restart_guests(results):
+def restart_guests(results: list):
     """
     Restart a running guest whose passthrough or features changed, when its ``proxmox_guest_restart``
     allows it; otherwise say it needs one. Runs last, after the guest's own steps.

@@ -70,7 +70,7 @@ def account_commands(name, uid, gid, found):
 
 
 @operation()
-def service_account(user, uid, gid):
+def service_account(user: str, uid: int, gid: int):
     """
     A system account ``user`` with ``uid``, in a group of its own name with ``gid``, with no login
     shell and no home: what a service's containers run as.

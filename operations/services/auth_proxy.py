@@ -45,7 +45,7 @@ def unit_text(service, user, key_file, start_timeout):
 
 
 @deploy("Run the authenticating proxy", data_defaults=settings.DEFAULTS)
-def install(service, user, key_file, new_key, ready, start_timeout=None):
+def install(service: dict, user: str, key_file: str, new_key: bool, ready: dict, start_timeout: int | None = None):
     """
     Install and run ``service``'s proxy, restarted when its unit, its script or its key changed,
     or when it did not answer with the key; it is ready when the engine's endpoints answer through it.

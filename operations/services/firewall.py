@@ -76,7 +76,7 @@ def rules(ports, sources):
 
 
 @deploy("Admit inference ports only from the allowed sources", data_defaults=settings.DEFAULTS)
-def admit_only_allowed(ports, sources=None, config_dir=None):
+def admit_only_allowed(ports: list[int], sources: list[str] | None = None, config_dir: str | None = None):
     """
     Load the ``inet gpufleet`` table for ``ports`` and keep it loaded at boot; with no ports, remove
     the table and its unit (nothing of gpufleet's is left to guard).

@@ -92,7 +92,7 @@ def check_services(data, host_name):
 
 
 @deploy("Provide the services' container images", data_defaults=settings.DEFAULTS)
-def install_images(images, follow_tag=None):
+def install_images(images: list[str], follow_tag: bool | None = None):
     """
     Give Docker each of ``images``: loaded from the offline bundle when it carries the image (only
     those archives are sent), otherwise pulled from its registry by the deploy (never at unit start).
@@ -194,7 +194,7 @@ def env_content(service, profile, key_in_file=False):
 
 
 @deploy("Deploy inference services", data_defaults=settings.DEFAULTS)
-def install_services(services=None, gpus=0, weights_root=None, start_timeout=None, image_ops=None):
+def install_services(services: list[dict] | None = None, gpus: int = 0, weights_root: str | None = None, start_timeout: int | None = None, image_ops: dict | None = None):
     """
     Install, start and check every inference service of the host.
 

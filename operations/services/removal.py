@@ -27,7 +27,7 @@ def stale_units(services):
 
 
 @deploy("Remove services the inventory no longer names", data_defaults=settings.DEFAULTS)
-def remove_services(stale, accounts, secrets_dir=None):
+def remove_services(stale: dict, accounts: dict, secrets_dir: str | None = None):
     """
     Stop, disable and delete what gpufleet installed for services that are gone: their units
     (proxies first), and for a service gone entirely its container, secrets and account. Its image

@@ -36,7 +36,7 @@ def content_differs(dest, content):
 
 
 @operation()
-def secret_file(dest, content, mode="600", uid=0, gid=0):
+def secret_file(dest: str, content: bytes, mode: str = "600", uid: int = 0, gid: int = 0):
     """
     Make ``dest`` hold ``content`` (bytes) with ``mode``, owned by ``uid:gid``, without ever showing it.
 

@@ -9,6 +9,7 @@ from io import StringIO
 
 from pyinfra import host, logger
 from pyinfra.api import FactBase, OperationError, deploy, operation
+from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.deb import DebPackages
 from pyinfra.facts.files import File
 from pyinfra.operations import files
@@ -75,8 +76,8 @@ def upgrade_from(version=None):
 
 
 @deploy("Install NVIDIA Container Toolkit", data_defaults=settings.DEFAULTS)
-def install_toolkit(version=None, source=None, engine=None, set_as_default=None, no_cgroups=False,
-                    dev_char_symlinks=None, gpus=0, driver=None):
+def install_toolkit(version: str | None = None, source: str | None = None, engine: str | None = None, set_as_default: bool | None = None, no_cgroups: bool = False,
+                    dev_char_symlinks: bool | None = None, gpus: int = 0, driver: OperationMeta | None = None):
     """
     Install the toolkit's four packages at one pinned version and wire the engine to it.
 
@@ -155,7 +156,7 @@ def _apt_source(source):
 
 
 @operation()
-def docker_runtime(set_as_default=False):
+def docker_runtime(set_as_default: bool = False):
     """
     Run ``nvidia-ctk runtime configure --runtime=docker`` only when daemon.json lacks the runtime.
 
@@ -172,7 +173,7 @@ def docker_runtime(set_as_default=False):
 
 
 @operation()
-def containerd_runtime(set_as_default=False):
+def containerd_runtime(set_as_default: bool = False):
     """
     Run ``nvidia-ctk runtime configure --runtime=containerd`` only when no containerd config file
     (config.toml or a conf.d drop-in) has the nvidia runtime.
@@ -190,7 +191,7 @@ def containerd_runtime(set_as_default=False):
 
 
 @operation()
-def cdi_spec(regenerate=False):
+def cdi_spec(regenerate: bool = False):
     """
     Write the CDI specification of this host's GPUs with ``nvidia-ctk cdi generate`` when it is
     missing, or when ``regenerate`` (the driver, whose libraries it lists, changed).
@@ -230,7 +231,7 @@ def check_command(image, offline=False, engine="docker"):
 
 
 @operation(is_idempotent=False)
-def gpu_container_run(image, offline=False, engine="docker"):
+def gpu_container_run(image: str, offline: bool = False, engine: str = "docker"):
     """
     Prove the toolkit hands GPUs to containers: run nvidia-smi in ``image`` with every GPU.
 
@@ -242,7 +243,7 @@ def gpu_container_run(image, offline=False, engine="docker"):
 
 
 @deploy("Check GPUs in a container", data_defaults=settings.DEFAULTS)
-def check_gpu_container(after, image=None, engine=None):
+def check_gpu_container(after: list[OperationMeta], image: str | None = None, engine: str | None = None):
     """
     Run a CUDA container with every GPU when ``after`` (driver, toolkit, engine operations) changed.
 

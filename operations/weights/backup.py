@@ -58,7 +58,7 @@ def _checked(state, host, root, wanted, fetched, manifest_path, source):
 
 
 @operation()
-def backed_up(volume, dest, weights_root=None):
+def backed_up(volume: str, dest: str, weights_root: str | None = None):
     """
     Copy weight volume ``volume`` of the host into ``dest/volume`` on the control node, verified.
 
@@ -82,7 +82,7 @@ def backed_up(volume, dest, weights_root=None):
 
 
 @operation()
-def restored(volume, src, weights_root=None):
+def restored(volume: str, src: str, weights_root: str | None = None):
     """
     Stage the backup ``src/volume`` (checked against ``src/volume.gpufleet-backup.json`` first) onto
     the host as weight volume ``volume``, verified; nothing is sent when the host's copy is intact.

@@ -108,7 +108,7 @@ class UnpackedWheels(FactBase):
 
 
 @operation()
-def unpacked(wheels_dir, site, digest):
+def unpacked(wheels_dir: str, site: str, digest: str):
     """
     Unpack the wheels in ``wheels_dir`` into ``site`` (a fresh directory, swapped in whole) unless
     it already holds the set ``digest`` names.
@@ -177,7 +177,7 @@ def fetch_env(endpoint, state_dir):
 
 
 @operation()
-def fetched(repo, revision, dest, endpoint=None, token_file=None, state_dir="/var/lib/gpufleet", margin=0):
+def fetched(repo: str, revision: str, dest: str, endpoint: str | None = None, token_file: str | None = None, state_dir: str = "/var/lib/gpufleet", margin: int = 0):
     """
     Make ``dest`` hold ``repo`` at ``revision`` from a hub, every file checked (``gpufleet-hf-fetch``).
 

@@ -144,7 +144,7 @@ def directory_manifest(path):
 
 
 @deploy("Stage weight volumes", data_defaults=settings.DEFAULTS)
-def stage_volumes(volumes, weights_root=None, endpoint=None):
+def stage_volumes(volumes: set[str], weights_root: str | None = None, endpoint: str | None = None):
     """
     Bring the named weight volumes under ``weights_root`` (files 0444, owned by root), each from its
     source: the bundle or a control-node directory (staged), or a hub (fetched on the host).

@@ -8,6 +8,8 @@ import json
 
 import pytest
 
+from tests.checks.meant import only_where
+
 
 @pytest.fixture
 def intent(host):
@@ -19,6 +21,4 @@ def intent(host):
 @pytest.fixture
 def docker_host(host, intent):
     """A host meant to run Docker (a GPU host whose engine is Docker)."""
-    if not intent["docker"]:
-        pytest.skip(f"{host.backend.get_hostname()}: not meant to run Docker (groups {intent['groups']})")
-    return host
+    return only_where(host, intent["docker"], f"not meant to run Docker (groups {intent['groups']})")

@@ -7,6 +7,8 @@ import re
 
 import pytest
 
+from tests.checks.meant import only_where
+
 PIN = "/etc/apt/preferences.d/gpufleet-nvidia-driver"
 # The package each distro's driver version is read from: Debian's nvidia-smi, Ubuntu's nvidia-utils-<branch>-server.
 UTILS = re.compile(r"^(nvidia-smi|nvidia-utils-\d+-server)$")
@@ -16,30 +18,22 @@ TOOLKIT_PACKAGES = ["libnvidia-container1", "libnvidia-container-tools",
 
 @pytest.fixture
 def driver_host(host, intent):
-    if "nvidia_driver_version" not in intent:
-        pytest.skip(f"{host.backend.get_hostname()}: no NVIDIA driver here (groups {intent['groups']})")
-    return host
+    return only_where(host, "nvidia_driver_version" in intent, f"no NVIDIA driver here (groups {intent['groups']})")
 
 
 @pytest.fixture
 def gpu_host(driver_host, intent):
-    if "engine" not in intent:
-        pytest.skip(f"{driver_host.backend.get_hostname()}: no container engine here (a Proxmox host)")
-    return driver_host
+    return only_where(driver_host, "engine" in intent, "no container engine here (a Proxmox host)")
 
 
 @pytest.fixture
 def containerd_host(gpu_host, intent):
-    if intent["engine"] != "containerd":
-        pytest.skip(f"{gpu_host.backend.get_hostname()}: its engine is {intent['engine']}, not containerd")
-    return gpu_host
+    return only_where(gpu_host, intent["engine"] == "containerd", f"its engine is {intent['engine']}, not containerd")
 
 
 @pytest.fixture
 def kernel_host(driver_host, intent):
-    if "lxc" in intent:
-        pytest.skip(f"{driver_host.backend.get_hostname()}: an LXC guest: its Proxmox host owns the kernel module")
-    return driver_host
+    return only_where(driver_host, "lxc" not in intent, "an LXC guest: its Proxmox host owns the kernel module")
 
 
 def held(host):

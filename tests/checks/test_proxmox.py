@@ -7,20 +7,17 @@ import re
 import pytest
 
 from operations.proxmox.facts import parse_pct_config
+from tests.checks.meant import only_where
 
 
 @pytest.fixture
 def proxmox_host(host, intent):
-    if "lxc_guests" not in intent:
-        pytest.skip(f"{host.backend.get_hostname()}: not a Proxmox VE host")
-    return host
+    return only_where(host, "lxc_guests" in intent, "not a Proxmox VE host")
 
 
 @pytest.fixture
 def guest(host, intent):
-    if "lxc" not in intent:
-        pytest.skip(f"{host.backend.get_hostname()}: not an LXC guest")
-    return host
+    return only_where(host, "lxc" in intent, "not an LXC guest")
 
 
 def test_modules_load_at_boot(proxmox_host):

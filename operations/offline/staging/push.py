@@ -13,7 +13,7 @@ from operations.offline.staging.wire import transfer
 
 
 @operation()
-def staged(src, dest, files, mode="444", rehash=False, pulled_from=None):
+def staged(src: str, dest: str, files: dict, mode: str = "444", rehash: bool = False, pulled_from: str | None = None):
     """
     Make ``dest`` on the host hold ``files`` from ``src`` on the control node, verified.
 

@@ -137,7 +137,7 @@ def _relay(state, host, shell, seed, keys_dir, dest, wanted, send, mode):
 
 
 @operation()
-def relayed(seed, dest, files, mode="444"):
+def relayed(seed: str, dest: str, files: dict, mode: str = "444"):
     """
     Make ``dest`` on the host hold ``files``, pulled over the site's network from ``seed``, which
     staged them from the control node in an earlier operation of this run.
