@@ -31,8 +31,12 @@ if "gpu_hosts" in host.groups and not rolling:
     summary.update(roles.lxc_guest(guest_driver) if "lxc_guests" in host.groups else roles.gpu_host())
 for number in host.loop(range(len(batches))):
     # every host takes each batch's gate: batch N+1's steps wait for batch N's
-    rollout.batch_gate(name=f"Rollout batch {number + 1} of {len(batches)}: go on unless too many hosts failed",
-                       number=number, batches=batches, max_failed=host.data.gpufleet_upgrade_max_failed)
+    rollout.batch_gate(
+        name=f"Rollout batch {number + 1} of {len(batches)}: go on unless too many hosts failed",
+        number=number,
+        batches=batches,
+        max_failed=host.data.gpufleet_upgrade_max_failed,
+    )
     if host.name in batches[number]:
         summary.update(roles.rolled_gpu_host())
 roles.finish(summary, guest_changes)

@@ -19,8 +19,9 @@ from . import fleet, latency, record, report, rollout, staging
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--only", default=",".join(record.PARTS), help="parts to run, comma-separated")
     parser.add_argument("--fleet", default="1,4", help="host counts for the fleet runs")
     parser.add_argument("--variants", default=",".join(fleet.VARIANTS), help="fleet variants to run")
@@ -37,11 +38,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     command = " ".join(["python -m bench", *argv])
     parts = {part: part in args.only.split(",") for part in record.PARTS}
-    runs = {"fleet": lambda: fleet.measure([int(n) for n in args.fleet.split(",")], args.variants.split(",")),
-            "staging": lambda: staging.measure(fan_out=args.fan_out, repeats=args.repeats, size=args.size),
-            "sudo": lambda: staging.sudo_vs_root(runs=args.sudo_runs, size=args.size),
-            "latency": lambda: latency.measure(runs=args.runs),
-            "rollout": rollout.measure}
+    runs = {
+        "fleet": lambda: fleet.measure([int(n) for n in args.fleet.split(",")], args.variants.split(",")),
+        "staging": lambda: staging.measure(fan_out=args.fan_out, repeats=args.repeats, size=args.size),
+        "sudo": lambda: staging.sudo_vs_root(runs=args.sudo_runs, size=args.size),
+        "latency": lambda: latency.measure(runs=args.runs),
+        "rollout": rollout.measure,
+    }
     started = time.time()
     try:
         for part, wanted in parts.items():

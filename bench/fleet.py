@@ -35,8 +35,10 @@ def ansible_inventory(state):
     lines = ["[lab]"]
     for host in state["hosts"]:
         become = "" if host["user"] == "root" else " ansible_become=true"  # a sudo login, as gpufleet uses
-        lines.append(f"{host['name']} ansible_host=127.0.0.1 ansible_port={host['port']} ansible_user={host['user']} "
-                     f"ansible_ssh_private_key_file={lab.KEY_FILE}{become}")
+        lines.append(
+            f"{host['name']} ansible_host=127.0.0.1 ansible_port={host['port']} ansible_user={host['user']} "
+            f"ansible_ssh_private_key_file={lab.KEY_FILE}{become}"
+        )
     path = OUT / "ansible-inventory.ini"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -50,16 +52,37 @@ VARIANTS = ("gpufleet", *ANSIBLE)
 def ansible(state, forks, tuned=False, mitogen=False):
     manifest = json.loads((lab.STATE_DIR / "bundle" / "manifest.json").read_text())
     image = manifest["images"][0]
-    extra = {"bundle_dir": str(lab.STATE_DIR / "bundle"), "ref_dir": str(REF), "repo_dir": str(REPO),
-             "image_tag": image["name"], "image_file": image["file"], "tuned": tuned,
-             **json.loads((REF / "account.json").read_text())}
+    extra = {
+        "bundle_dir": str(lab.STATE_DIR / "bundle"),
+        "ref_dir": str(REF),
+        "repo_dir": str(REPO),
+        "image_tag": image["name"],
+        "image_file": image["file"],
+        "tuned": tuned,
+        **json.loads((REF / "account.json").read_text()),
+    }
     env = {**os.environ, "ANSIBLE_CONFIG": str(REPO / "bench/ansible/ansible.cfg")}
     if mitogen:
         import ansible_mitogen
-        env |= {"ANSIBLE_STRATEGY_PLUGINS": str(Path(ansible_mitogen.__file__).parent / "plugins" / "strategy"),
-                "ANSIBLE_STRATEGY": "mitogen_linear"}
-    return procmem.run([str(BIN / "ansible-playbook"), "-i", str(ansible_inventory(state)), "-f", str(forks),
-                        "-e", json.dumps(extra), "bench/ansible/site.yml"], cwd=REPO, env=env)
+
+        env |= {
+            "ANSIBLE_STRATEGY_PLUGINS": str(Path(ansible_mitogen.__file__).parent / "plugins" / "strategy"),
+            "ANSIBLE_STRATEGY": "mitogen_linear",
+        }
+    return procmem.run(
+        [
+            str(BIN / "ansible-playbook"),
+            "-i",
+            str(ansible_inventory(state)),
+            "-f",
+            str(forks),
+            "-e",
+            json.dumps(extra),
+            "bench/ansible/site.yml",
+        ],
+        cwd=REPO,
+        env=env,
+    )
 
 
 def ansible_changes(output):
@@ -72,12 +95,15 @@ def save_reference(state):
     """Files gpufleet computed on a converged host, for the playbook to write identically."""
     REF.mkdir(parents=True, exist_ok=True)
     host = state["hosts"][0]
-    for remote, name in (("/etc/docker/daemon.json", "daemon.json"), ("/etc/gpufleet/secrets/chat.key", "chat.key"),
-                         ("/etc/systemd/system/gpufleet-chat.service", "gpufleet-chat.service"),
-                         ("/etc/gpufleet/firewall.nft", "firewall.nft"),
-                         ("/etc/systemd/system/gpufleet-firewall.service", "gpufleet-firewall.service"),
-                         ("/etc/gpufleet/host.json", "host.json"),
-                         ("/srv/gpufleet/weights/tiny/.gpufleet-staged.json", "weights-record.json")):
+    for remote, name in (
+        ("/etc/docker/daemon.json", "daemon.json"),
+        ("/etc/gpufleet/secrets/chat.key", "chat.key"),
+        ("/etc/systemd/system/gpufleet-chat.service", "gpufleet-chat.service"),
+        ("/etc/gpufleet/firewall.nft", "firewall.nft"),
+        ("/etc/systemd/system/gpufleet-firewall.service", "gpufleet-firewall.service"),
+        ("/etc/gpufleet/host.json", "host.json"),
+        ("/srv/gpufleet/weights/tiny/.gpufleet-staged.json", "weights-record.json"),
+    ):
         (REF / name).write_text(lab.ssh(host, f"cat {remote}").stdout)
     (REF / "chat.key").chmod(0o600)
     account = lab.ssh(host, "getent passwd gpufleet-chat").stdout.split(":")
@@ -88,9 +114,24 @@ def checks(state):
     """The testinfra suite any fleet is checked with, on these hosts: (passed, failed) and the tail of
     its report."""
     hosts = ",".join(f"ssh://{host['name']}" for host in state["hosts"])
-    done = subprocess.run([str(BIN / "python"), "-m", "pytest", "-p", "no:cacheprovider", "-q", "tests/checks",
-                           f"--hosts={hosts}", f"--ssh-config={lab.SSH_CONFIG}", "--sudo"], cwd=REPO,
-                          capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [
+            str(BIN / "python"),
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            "tests/checks",
+            f"--hosts={hosts}",
+            f"--ssh-config={lab.SSH_CONFIG}",
+            "--sudo",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     counts = {word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|error)", done.stdout)}
     return counts.get("passed", 0), counts.get("failed", 0) + counts.get("error", 0), done.stdout[-2000:]
 
@@ -117,8 +158,10 @@ def one(variant, count, log):
         log(f"fleet {count} {variant}: the checks failed ({cell['checks_failed']}): its times do not count")
     if variant == "gpufleet":
         save_reference(state)
-    log(f"fleet {count} {variant}: first {cell['first_s']:.1f}s, no-op {cell['noop_s']:.1f}s, "
-        f"checks {cell['checks_passed']} passed / {cell['checks_failed']} failed")
+    log(
+        f"fleet {count} {variant}: first {cell['first_s']:.1f}s, no-op {cell['noop_s']:.1f}s, "
+        f"checks {cell['checks_passed']} passed / {cell['checks_failed']} failed"
+    )
     return cell
 
 
@@ -128,8 +171,15 @@ def measure(sizes, variants=VARIANTS, log=print):
     rows = []
     try:
         for count in sizes:
-            rows.append({"hosts": count, **{variant: one(variant, count, log) for variant in
-                                            ("gpufleet", *[v for v in variants if v != "gpufleet"])}})
+            rows.append(
+                {
+                    "hosts": count,
+                    **{
+                        variant: one(variant, count, log)
+                        for variant in ("gpufleet", *[v for v in variants if v != "gpufleet"])
+                    },
+                }
+            )
     finally:
         shutil.rmtree(REF, ignore_errors=True)  # holds a copy of the lab's API key
     return rows

@@ -18,11 +18,16 @@ BIN = Path(sys.executable).parent
 def stream(address, port, key, max_tokens):
     """(time to first token, [gaps between tokens]) of one streamed completion, in seconds."""
     connection = http.client.HTTPConnection(address, port, timeout=60)
-    body = json.dumps({"prompt": "Once upon a time", "max_tokens": max_tokens, "stream": True,
-                       "temperature": 0, "seed": 1})
+    body = json.dumps(
+        {"prompt": "Once upon a time", "max_tokens": max_tokens, "stream": True, "temperature": 0, "seed": 1}
+    )
     started = time.perf_counter()
-    connection.request("POST", "/v1/completions", body=body, headers={
-        "Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+    connection.request(
+        "POST",
+        "/v1/completions",
+        body=body,
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
+    )
     response = connection.getresponse()
     if response.status != 200:
         raise RuntimeError(f"{address}:{port}: HTTP {response.status}: {response.read()[:200]!r}")
@@ -44,8 +49,9 @@ def percentile(values, p):
 
 def measure(runs=40, max_tokens=32, log=print):
     state = lab.up(count=1, airgapped=0, proxmox=0, log=lambda *_: None)
-    deployed = subprocess.run([str(BIN / "pyinfra"), "-y", "bench/inventory.py", "deploy.py"], cwd=REPO,
-                              capture_output=True, text=True)
+    deployed = subprocess.run(
+        [str(BIN / "pyinfra"), "-y", "bench/inventory.py", "deploy.py"], cwd=REPO, capture_output=True, text=True
+    )
     if deployed.returncode:
         raise RuntimeError(deployed.stdout[-3000:] + deployed.stderr[-2000:])
     address = state["hosts"][0]["address"]
@@ -60,8 +66,14 @@ def measure(runs=40, max_tokens=32, log=print):
             samples[network][0].append(ttft)
             samples[network][1].extend(gaps)
     for network, (ttfts, gaps) in samples.items():
-        result[network] = {"ttft_p50_ms": statistics.median(ttfts) * 1e3, "ttft_p99_ms": percentile(ttfts, 99) * 1e3,
-                           "gap_p50_ms": statistics.median(gaps) * 1e3, "gap_p99_ms": percentile(gaps, 99) * 1e3,
-                           "tokens": len(gaps) + runs}
-    log(f"latency: TTFT p50 host {result['host']['ttft_p50_ms']:.2f} ms, bridge {result['bridge']['ttft_p50_ms']:.2f} ms")
+        result[network] = {
+            "ttft_p50_ms": statistics.median(ttfts) * 1e3,
+            "ttft_p99_ms": percentile(ttfts, 99) * 1e3,
+            "gap_p50_ms": statistics.median(gaps) * 1e3,
+            "gap_p99_ms": percentile(gaps, 99) * 1e3,
+            "tokens": len(gaps) + runs,
+        }
+    log(
+        f"latency: TTFT p50 host {result['host']['ttft_p50_ms']:.2f} ms, bridge {result['bridge']['ttft_p50_ms']:.2f} ms"
+    )
     return result

@@ -37,13 +37,16 @@ def machine():
     meminfo = Path("/proc/meminfo").read_text()
     rsync = _first_line(["rsync", "--version"])
     return {
-        "cpu": next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
-                    platform.processor()),
+        "cpu": next(
+            (line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
+            platform.processor(),
+        ),
         "cores": os.cpu_count(),
         "aes_ni": " aes " in f" {cpuinfo} ",
         "memory_gib": round(int(re.search(r"MemTotal:\s+(\d+)", meminfo).group(1)) / 2**20),
         "kernel": platform.release(),
-        "os": platform.freedesktop_os_release().get("PRETTY_NAME") if hasattr(platform, "freedesktop_os_release")
+        "os": platform.freedesktop_os_release().get("PRETTY_NAME")
+        if hasattr(platform, "freedesktop_os_release")
         else None,
         "versions": {
             "python": platform.python_version(),
@@ -62,9 +65,13 @@ def machine():
 def save(part, results, out=RESULTS, command=None):
     """Write ``out/part.json``: the part's results, the machine, the date and the command."""
     out.mkdir(parents=True, exist_ok=True)
-    document = {"part": part, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                "command": command or " ".join(["python -m bench", *sys.argv[1:]]), "machine": machine(),
-                "results": results}
+    document = {
+        "part": part,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": command or " ".join(["python -m bench", *sys.argv[1:]]),
+        "machine": machine(),
+        "results": results,
+    }
     (out / f"{part}.json").write_text(json.dumps(document, indent=1, sort_keys=True) + "\n")
     return document
 

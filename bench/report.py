@@ -10,12 +10,17 @@ from . import record
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BEGIN, END = "<!-- bench:begin (made by `python -m bench report` from bench/results/*.json) -->", "<!-- bench:end -->"
-NAMES = {"gpufleet": "gpufleet (`deploy.py`)", "ansible_naive": "Ansible, naive (`copy` per directory)",
-         "ansible_tuned": "Ansible, tuned (`synchronize`)", "ansible_mitogen": "Ansible, tuned + Mitogen",
-         "rsync": "rsync -a (OpenSSH's default cipher)", "rsync_gcm": "rsync -a (AES-128-GCM)",
-         "gpufleet_paramiko": "gpufleet, pyinfra's connection (paramiko, AES-128-GCM)",
-         "gpufleet_openssh": "gpufleet, OpenSSH client (AES-128-GCM; the default)",
-         "gpufleet_openssh_cold": "gpufleet, OpenSSH client, set never hashed before (hashes it first)"}
+NAMES = {
+    "gpufleet": "gpufleet (`deploy.py`)",
+    "ansible_naive": "Ansible, naive (`copy` per directory)",
+    "ansible_tuned": "Ansible, tuned (`synchronize`)",
+    "ansible_mitogen": "Ansible, tuned + Mitogen",
+    "rsync": "rsync -a (OpenSSH's default cipher)",
+    "rsync_gcm": "rsync -a (AES-128-GCM)",
+    "gpufleet_paramiko": "gpufleet, pyinfra's connection (paramiko, AES-128-GCM)",
+    "gpufleet_openssh": "gpufleet, OpenSSH client (AES-128-GCM; the default)",
+    "gpufleet_openssh_cold": "gpufleet, OpenSSH client, set never hashed before (hashes it first)",
+}
 
 
 def _mark(ok):
@@ -25,10 +30,12 @@ def _mark(ok):
 def _machine(document):
     m = document["machine"]
     v = m["versions"]
-    return (f"{m['cores']} × {m['cpu']} (AES-NI: {'yes' if m['aes_ni'] else 'no'}), {m['memory_gib']} GiB, "
-            f"Linux {m['kernel']}, {m['os']}; Python {v['python']}, pyinfra {v['pyinfra']}, paramiko "
-            f"{v['paramiko']}, {v['openssh']}, {v['rsync']}, ansible-core {v['ansible-core']}, Mitogen "
-            f"{v['mitogen']}, Docker {v['docker']}")
+    return (
+        f"{m['cores']} × {m['cpu']} (AES-NI: {'yes' if m['aes_ni'] else 'no'}), {m['memory_gib']} GiB, "
+        f"Linux {m['kernel']}, {m['os']}; Python {v['python']}, pyinfra {v['pyinfra']}, paramiko "
+        f"{v['paramiko']}, {v['openssh']}, {v['rsync']}, ansible-core {v['ansible-core']}, Mitogen "
+        f"{v['mitogen']}, Docker {v['docker']}"
+    )
 
 
 def _spread(cell, scale=1):
@@ -36,26 +43,40 @@ def _spread(cell, scale=1):
 
 
 def fleet_table(rows):
-    lines = ["| hosts | tool | first run (s) | no-op (s) | gpufleet's no-op ÷ this (target ≤ 0.33 vs tuned) | "
-             "changes on no-op | checks (passed / failed) | peak RSS first / no-op (MiB) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| hosts | tool | first run (s) | no-op (s) | gpufleet's no-op ÷ this (target ≤ 0.33 vs tuned) | "
+        "changes on no-op | checks (passed / failed) | peak RSS first / no-op (MiB) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         ours = row["gpufleet"]["noop_s"]
         for variant in [v for v in NAMES if v in row]:
             cell = row[variant]
             counts = not cell["checks_failed"] and cell["checks_passed"]
-            ratio = "—" if variant == "gpufleet" else f"{ours / cell['noop_s']:.2f}" + (
-                f" ({_mark(ours / cell['noop_s'] <= 1 / 3)})" if variant == "ansible_tuned" else "")
-            times = (f"{cell['first_s']:.1f} | {cell['noop_s']:.2f}" if counts else
-                     f"~~{cell['first_s']:.1f}~~ | ~~{cell['noop_s']:.2f}~~ (checks failed: not counted)")
-            lines.append(f"| {row['hosts']} | {NAMES[variant]} | {times} | {ratio} | {cell['noop_changes']} | "
-                         f"{cell['checks_passed']} / {cell['checks_failed']} | {cell['first_mib']:.0f} / "
-                         f"{cell['noop_mib']:.0f} |")
+            ratio = (
+                "—"
+                if variant == "gpufleet"
+                else f"{ours / cell['noop_s']:.2f}"
+                + (f" ({_mark(ours / cell['noop_s'] <= 1 / 3)})" if variant == "ansible_tuned" else "")
+            )
+            times = (
+                f"{cell['first_s']:.1f} | {cell['noop_s']:.2f}"
+                if counts
+                else f"~~{cell['first_s']:.1f}~~ | ~~{cell['noop_s']:.2f}~~ (checks failed: not counted)"
+            )
+            lines.append(
+                f"| {row['hosts']} | {NAMES[variant]} | {times} | {ratio} | {cell['noop_changes']} | "
+                f"{cell['checks_passed']} / {cell['checks_failed']} | {cell['first_mib']:.0f} / "
+                f"{cell['noop_mib']:.0f} |"
+            )
     if len(rows) > 1:
         first, last = rows[0], rows[-1]
         per_host = (last["gpufleet"]["noop_s"] - first["gpufleet"]["noop_s"]) / (last["hosts"] - first["hosts"])
-        lines += ["", f"gpufleet's no-op time added per extra host ({first['hosts']} → {last['hosts']} hosts): "
-                      f"{per_host:.2f} s (target ≤ 0.5 s: {_mark(per_host <= 0.5)})."]
+        lines += [
+            "",
+            f"gpufleet's no-op time added per extra host ({first['hosts']} → {last['hosts']} hosts): "
+            f"{per_host:.2f} s (target ≤ 0.5 s: {_mark(per_host <= 0.5)}).",
+        ]
     return lines
 
 
@@ -63,40 +84,51 @@ def staging_table(stage):
     mb = stage["bytes"] / 1e6
     one = stage["one_host"]
     base = one["rsync_gcm"]["median"]
-    lines = [f"To one host ({stage['host']}), {stage['files']} files, {mb / 1e3:.2f} GB of random bytes, "
-             f"{stage['repeats']} repeats per row, the rows' order rotated each repeat, the source's pages warm "
-             "and the host's writes flushed before every run; whole commands timed (gpufleet's includes "
-             "starting pyinfra, making the directory's manifest as a `dir` weight volume does, connecting "
-             "and its facts):", "",
-             "| how | seconds, median (min–max) | MB/s (median) | ÷ rsync AES-128-GCM |", "|---|---|---|---|"]
+    lines = [
+        f"To one host ({stage['host']}), {stage['files']} files, {mb / 1e3:.2f} GB of random bytes, "
+        f"{stage['repeats']} repeats per row, the rows' order rotated each repeat, the source's pages warm "
+        "and the host's writes flushed before every run; whole commands timed (gpufleet's includes "
+        "starting pyinfra, making the directory's manifest as a `dir` weight volume does, connecting "
+        "and its facts):",
+        "",
+        "| how | seconds, median (min–max) | MB/s (median) | ÷ rsync AES-128-GCM |",
+        "|---|---|---|---|",
+    ]
     for cell in [c for c in NAMES if c in one]:
         ratio = base / one[cell]["median"]
         lines.append(f"| {NAMES[cell]} | {_spread(one[cell])} | {mb / one[cell]['median']:.0f} | {ratio:.2f}× |")
     ours = base / one["gpufleet_openssh"]["median"]
     lines += ["", f"Target: gpufleet ≥ 0.9× rsync with the same cipher: {ours:.2f}× ({_mark(ours >= 0.9)}).", ""]
-    lines += ["| measure | gpufleet | rsync -a (AES-128-GCM) | target |", "|---|---|---|---|",
-              f"| no-op re-stage, 1 host | {stage['gpufleet_noop_1_s']:.2f} s | {stage['rsync_noop_1_s']:.2f} s | "
-              f"< 1 s per host: {_mark(stage['gpufleet_noop_1_s'] < 1)} |"]
+    lines += [
+        "| measure | gpufleet | rsync -a (AES-128-GCM) | target |",
+        "|---|---|---|---|",
+        f"| no-op re-stage, 1 host | {stage['gpufleet_noop_1_s']:.2f} s | {stage['rsync_noop_1_s']:.2f} s | "
+        f"< 1 s per host: {_mark(stage['gpufleet_noop_1_s'] < 1)} |",
+    ]
     n = stage["fan_out"]
     if n > 1:
         single = one["gpufleet_openssh"]["median"]
         fan = stage[f"gpufleet_{n}_s"] / single
         relay = stage[f"relay_{n}_s"] / single
         noop = stage[f"gpufleet_noop_{n}_s"] / n
-        lines += [f"| {n} hosts, all from the control node (one sample) | {stage[f'gpufleet_{n}_s']:.1f} s "
-                  f"({fan:.2f}× one host) | {stage[f'rsync_{n}_s']:.1f} s "
-                  f"({stage[f'rsync_{n}_s'] / base:.2f}×) | ≤ 1.5× one host: {_mark(fan <= 1.5)} |",
-                  f"| {n} hosts, fan-out inside the site (1 seed, {n - 1} pull from it; one sample) | "
-                  f"{stage[f'relay_{n}_s']:.1f} s ({relay:.2f}× one host); the control node sent "
-                  f"{stage[f'relay_{n}_control_bytes'] / 1e6:.0f} MB (1 copy, not {n}) | — | ≤ 1.5× one host: "
-                  f"{_mark(relay <= 1.5)} |",
-                  f"| no-op re-stage, {n} hosts | {noop:.2f} s per host | — | < 1 s per host: {_mark(noop < 1)} |"]
+        lines += [
+            f"| {n} hosts, all from the control node (one sample) | {stage[f'gpufleet_{n}_s']:.1f} s "
+            f"({fan:.2f}× one host) | {stage[f'rsync_{n}_s']:.1f} s "
+            f"({stage[f'rsync_{n}_s'] / base:.2f}×) | ≤ 1.5× one host: {_mark(fan <= 1.5)} |",
+            f"| {n} hosts, fan-out inside the site (1 seed, {n - 1} pull from it; one sample) | "
+            f"{stage[f'relay_{n}_s']:.1f} s ({relay:.2f}× one host); the control node sent "
+            f"{stage[f'relay_{n}_control_bytes'] / 1e6:.0f} MB (1 copy, not {n}) | — | ≤ 1.5× one host: "
+            f"{_mark(relay <= 1.5)} |",
+            f"| no-op re-stage, {n} hosts | {noop:.2f} s per host | — | < 1 s per host: {_mark(noop < 1)} |",
+        ]
     rest = stage["bytes"] - stage["resume_on_host_bytes"]
-    lines += [f"| killed half-way, run again | {stage['resume_on_host_bytes'] / 1e6:.0f} MB were on the host; "
-              f"{stage['resume_sent_bytes'] / 1e6:.0f} MB sent ({stage['resume_s']:.1f} s) | — | only the rest: "
-              f"{_mark(stage['resume_sent_bytes'] <= rest + (1 << 20))} |",
-              f"| SHA-256 of the set | {mb / stage['hash_gpufleet_s']:.0f} MB/s (hashlib) | "
-              f"{mb / stage['hash_sha256sum_s']:.0f} MB/s (sha256sum) | — |"]
+    lines += [
+        f"| killed half-way, run again | {stage['resume_on_host_bytes'] / 1e6:.0f} MB were on the host; "
+        f"{stage['resume_sent_bytes'] / 1e6:.0f} MB sent ({stage['resume_s']:.1f} s) | — | only the rest: "
+        f"{_mark(stage['resume_sent_bytes'] <= rest + (1 << 20))} |",
+        f"| SHA-256 of the set | {mb / stage['hash_gpufleet_s']:.0f} MB/s (hashlib) | "
+        f"{mb / stage['hash_sha256sum_s']:.0f} MB/s (sha256sum) | — |",
+    ]
     return lines
 
 
@@ -104,45 +136,64 @@ def sudo_table(sudo):
     mb = sudo["bytes"] / 1e6
     root, through = median(sudo["root_s"]), median(sudo["sudo_s"])
     ratio = root / through
-    return [f"{sudo['files']} files, {mb / 1e3:.2f} GB to {sudo['host']}, logged in as root and as a sudo user, "
-            f"{sudo['runs']} runs each, interleaved (median, min–max):", "",
-            "| login | seconds | MB/s |", "|---|---|---|",
-            f"| root | {root:.1f} ({min(sudo['root_s']):.1f}–{max(sudo['root_s']):.1f}) | {mb / root:.0f} |",
-            f"| sudo user (`sudo -H -n sh -c`) | {through:.1f} ({min(sudo['sudo_s']):.1f}–{max(sudo['sudo_s']):.1f}) "
-            f"| {mb / through:.0f} |", "",
-            f"Through sudo: {ratio:.2f}× root's throughput (target ≥ 0.90: {_mark(ratio >= 0.9)})."]
+    return [
+        f"{sudo['files']} files, {mb / 1e3:.2f} GB to {sudo['host']}, logged in as root and as a sudo user, "
+        f"{sudo['runs']} runs each, interleaved (median, min–max):",
+        "",
+        "| login | seconds | MB/s |",
+        "|---|---|---|",
+        f"| root | {root:.1f} ({min(sudo['root_s']):.1f}–{max(sudo['root_s']):.1f}) | {mb / root:.0f} |",
+        f"| sudo user (`sudo -H -n sh -c`) | {through:.1f} ({min(sudo['sudo_s']):.1f}–{max(sudo['sudo_s']):.1f}) "
+        f"| {mb / through:.0f} |",
+        "",
+        f"Through sudo: {ratio:.2f}× root's throughput (target ≥ 0.90: {_mark(ratio >= 0.9)}).",
+    ]
 
 
 def latency_table(latency):
-    lines = [f"llama.cpp tiny model, {latency['runs']} completions × {latency['max_tokens']} tokens per network "
-             "mode, interleaved:", "",
-             "| network | TTFT p50 (ms) | TTFT p99 (ms) | inter-token p50 (ms) | inter-token p99 (ms) |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"llama.cpp tiny model, {latency['runs']} completions × {latency['max_tokens']} tokens per network "
+        "mode, interleaved:",
+        "",
+        "| network | TTFT p50 (ms) | TTFT p99 (ms) | inter-token p50 (ms) | inter-token p99 (ms) |",
+        "|---|---|---|---|---|",
+    ]
     for mode in ("host", "bridge"):
         r = latency[mode]
-        lines.append(f"| {mode} | {r['ttft_p50_ms']:.2f} | {r['ttft_p99_ms']:.2f} | {r['gap_p50_ms']:.2f} | "
-                     f"{r['gap_p99_ms']:.2f} |")
+        lines.append(
+            f"| {mode} | {r['ttft_p50_ms']:.2f} | {r['ttft_p99_ms']:.2f} | {r['gap_p50_ms']:.2f} | "
+            f"{r['gap_p99_ms']:.2f} |"
+        )
     return lines
 
 
 def rollout_table(rollout):
-    return [f"{rollout['from']} → {rollout['to']} with `upgrade.py`, batches of one, {rollout['hosts']} hosts serving "
-            "llama.cpp, each sent a completion twice a second from the control node:", "",
-            "| measure | value |", "|---|---|",
-            f"| rollout wall time | {rollout['wall_s']:.0f} s |",
-            f"| per host (batch) | {', '.join(f'{s:.0f} s' for s in rollout['batch_s'])} |",
-            f"| longest any host was out of service | {rollout['longest_out_of_service_s']:.1f} s "
-            f"({rollout['longest_out_of_service_host']}) |",
-            f"| fewest hosts answering in any of {rollout['probe_rounds']} rounds | "
-            f"{rollout['fewest_answering']} of {rollout['hosts']} |"]
+    return [
+        f"{rollout['from']} → {rollout['to']} with `upgrade.py`, batches of one, {rollout['hosts']} hosts serving "
+        "llama.cpp, each sent a completion twice a second from the control node:",
+        "",
+        "| measure | value |",
+        "|---|---|",
+        f"| rollout wall time | {rollout['wall_s']:.0f} s |",
+        f"| per host (batch) | {', '.join(f'{s:.0f} s' for s in rollout['batch_s'])} |",
+        f"| longest any host was out of service | {rollout['longest_out_of_service_s']:.1f} s "
+        f"({rollout['longest_out_of_service_host']}) |",
+        f"| fewest hosts answering in any of {rollout['probe_rounds']} rounds | "
+        f"{rollout['fewest_answering']} of {rollout['hosts']} |",
+    ]
 
 
-TABLES = {"fleet": ("Fleet convergence: full deploy without a GPU (bundle staging, driver, Docker, toolkit, image "
-                    "load, weights, llama.cpp service ready), fresh lab hosts per tool", fleet_table),
-          "staging": ("Weight staging", staging_table),
-          "sudo": ("Staging through a sudo login", sudo_table),
-          "latency": ("Streaming latency", latency_table),
-          "rollout": ("Rolling driver upgrade", rollout_table)}
+TABLES = {
+    "fleet": (
+        "Fleet convergence: full deploy without a GPU (bundle staging, driver, Docker, toolkit, image "
+        "load, weights, llama.cpp service ready), fresh lab hosts per tool",
+        fleet_table,
+    ),
+    "staging": ("Weight staging", staging_table),
+    "sudo": ("Staging through a sudo login", sudo_table),
+    "latency": ("Streaming latency", latency_table),
+    "rollout": ("Rolling driver upgrade", rollout_table),
+}
 
 
 def markdown(documents):
@@ -152,8 +203,12 @@ def markdown(documents):
         if part in documents:
             document = documents[part]
             where = f"; on {_machine(document)}" if not lines else ""
-            lines += [f"**{title}** ({document['date']}, `{document['command']}`{where}):", "",
-                      *table(document["results"]), ""]
+            lines += [
+                f"**{title}** ({document['date']}, `{document['command']}`{where}):",
+                "",
+                *table(document["results"]),
+                "",
+            ]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -166,16 +221,22 @@ def plot(documents, path):
         return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     rows = documents.get("fleet", {}).get("results") or []
     if rows:
         hosts = [row["hosts"] for row in rows]
-        for variant, style in (("gpufleet", "o-"), ("ansible_naive", "s-"), ("ansible_tuned", "^-"),
-                               ("ansible_mitogen", "v-")):
+        for variant, style in (
+            ("gpufleet", "o-"),
+            ("ansible_naive", "s-"),
+            ("ansible_tuned", "^-"),
+            ("ansible_mitogen", "v-"),
+        ):
             if all(variant in row for row in rows):
                 axes[0].plot(hosts, [row[variant]["noop_s"] for row in rows], style, label=f"{variant} no-op")
-                axes[0].plot(hosts, [row[variant]["first_s"] for row in rows], style.replace("-", "--"),
-                             label=f"{variant} first")
+                axes[0].plot(
+                    hosts, [row[variant]["first_s"] for row in rows], style.replace("-", "--"), label=f"{variant} first"
+                )
         axes[0].set(xlabel="hosts", ylabel="seconds", title="Fleet convergence", yscale="log")
         axes[0].legend(fontsize=7)
     stage = documents.get("staging", {}).get("results")
@@ -206,5 +267,5 @@ def write(out=record.RESULTS, readme=True):
         if readme_section(current) is None:
             raise SystemExit(f"{README}: no bench section ({BEGIN} ... {END})")
         start = current.index(BEGIN) + len(BEGIN) + 1
-        README.write_text(current[:start] + text + current[current.index(END, start):])
+        README.write_text(current[:start] + text + current[current.index(END, start) :])
     return text

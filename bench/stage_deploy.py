@@ -10,5 +10,9 @@ from operations.offline import staging
 from operations.weights.volumes import directory_manifest
 
 staging.serve_relays()
-staging.stage(name="Stage the benchmark weight set", src=os.environ["BENCH_WEIGHTS"],
-              dest=os.environ["BENCH_DEST"], files=directory_manifest(os.environ["BENCH_WEIGHTS"]))
+staging.stage(
+    name="Stage the benchmark weight set",
+    src=os.environ["BENCH_WEIGHTS"],
+    dest=os.environ["BENCH_DEST"],
+    files=directory_manifest(os.environ["BENCH_WEIGHTS"]),
+)

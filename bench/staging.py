@@ -30,8 +30,10 @@ GCM = "aes128-gcm@openssh.com"
 CELLS = ("rsync", "rsync_gcm", "gpufleet_paramiko", "gpufleet_openssh", "gpufleet_openssh_cold")
 # gpufleet's control-node hash cache for the bench's runs (GPUFLEET_CACHE), not the user's.
 CACHE = OUT / "cache"
-SIZES = {"full": {"large": 4, "large_mib": 500, "small": 256, "small_kib": 64},
-         "small": {"large": 2, "large_mib": 8, "small": 16, "small_kib": 16}}
+SIZES = {
+    "full": {"large": 4, "large_mib": 500, "small": 256, "small_kib": 64},
+    "small": {"large": 2, "large_mib": 8, "small": 16, "small_kib": 16},
+}
 
 
 def make_weight_set(size="full", log=print):
@@ -42,8 +44,11 @@ def make_weight_set(size="full", log=print):
     manifest_path = where.with_name(f"{where.name}-manifest.json")
     wanted = {f"model-{i:02d}.safetensors": shape["large_mib"] << 20 for i in range(shape["large"])}
     wanted |= {f"tokenizer/shard-{i:03d}.json": shape["small_kib"] << 10 for i in range(shape["small"])}
-    if manifest_path.exists() and set(json.loads(manifest_path.read_text())) == set(wanted) and all(
-            (where / p).exists() and (where / p).stat().st_size == s for p, s in wanted.items()):
+    if (
+        manifest_path.exists()
+        and set(json.loads(manifest_path.read_text())) == set(wanted)
+        and all((where / p).exists() and (where / p).stat().st_size == s for p, s in wanted.items())
+    ):
         return where, manifest_path, json.loads(manifest_path.read_text())
     for path, size_bytes in wanted.items():
         target = where / path
@@ -72,11 +77,23 @@ def gpufleet_stage(weights, names, dest, background=False, via=None, login=(), t
         command += ["--data", f"gpufleet_stage_transport={transport}"]
     for item in login:
         command += ["--data", item]
-    env = {**os.environ, "BENCH_WEIGHTS": str(weights[0]), "BENCH_DEST": dest, "GPUFLEET_CACHE": str(CACHE),
-           "PYTHONPATH": str(REPO)}
+    env = {
+        **os.environ,
+        "BENCH_WEIGHTS": str(weights[0]),
+        "BENCH_DEST": dest,
+        "GPUFLEET_CACHE": str(CACHE),
+        "PYTHONPATH": str(REPO),
+    }
     if background:
-        return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, start_new_session=True)
+        return subprocess.Popen(
+            command,
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
     seconds, _, result = procmem.run(command, cwd=REPO, env=env)
     if result.returncode:
         raise RuntimeError(result.stdout[-3000:])
@@ -115,7 +132,7 @@ def one_host(weights, host, total, repeats, log=print):
     """Every cell of CELLS ``repeats`` times to ``host``; the order rotates by one each repeat."""
     seconds = {cell: [] for cell in CELLS}
     for repeat in range(repeats):
-        order = CELLS[repeat % len(CELLS):] + CELLS[:repeat % len(CELLS)]
+        order = CELLS[repeat % len(CELLS) :] + CELLS[: repeat % len(CELLS)]
         for cell in order:
             settle(weights, [host])
             if cell.startswith("rsync"):
@@ -123,8 +140,7 @@ def one_host(weights, host, total, repeats, log=print):
             else:
                 if cell.endswith("_cold"):
                     shutil.rmtree(CACHE, ignore_errors=True)
-                took, sent = gpufleet_stage(weights, [host["name"]], "/srv/bench/copy",
-                                            transport=cell.split("_")[1])
+                took, sent = gpufleet_stage(weights, [host["name"]], "/srv/bench/copy", transport=cell.split("_")[1])
                 assert sent == total, (cell, sent, total)
             seconds[cell].append(took)
         log(f"staging repeat {repeat + 1}/{repeats}: " + ", ".join(f"{c} {seconds[c][-1]:.1f}s" for c in CELLS))
@@ -141,15 +157,21 @@ def sudo_vs_root(runs=3, size="full", log=print):
     logins = {"root": (), "sudo": (f"ssh_user={lab.SUDO_USER}", "_sudo=True")}
     seconds = {name: [] for name in logins}
     for run in range(runs):
-        for name in (logins if run % 2 == 0 else reversed(list(logins))):
+        for name in logins if run % 2 == 0 else reversed(list(logins)):
             settle(weights, [host])
             took, sent = gpufleet_stage(weights, [host["name"]], "/srv/bench/gpufleet", login=logins[name])
             assert sent == total, (name, sent, total)
             seconds[name].append(took)
     on_hosts([host], "rm -rf /srv/bench")
     log(f"staging as root {sorted(seconds['root'])}, through sudo {sorted(seconds['sudo'])}")
-    return {"bytes": total, "files": len(weights[2]), "runs": runs, "host": host["name"],
-            "root_s": seconds["root"], "sudo_s": seconds["sudo"]}
+    return {
+        "bytes": total,
+        "files": len(weights[2]),
+        "runs": runs,
+        "host": host["name"],
+        "root_s": seconds["root"],
+        "sudo_s": seconds["sudo"],
+    }
 
 
 def on_hosts(hosts, command):
@@ -163,9 +185,18 @@ def measure(fan_out=4, repeats=5, size="full", log=print):
     total = sum(entry["size"] for entry in manifest.values())
     state = lab.up(count=fan_out + 1, airgapped=0, proxmox=0, log=lambda *_: None)  # lab-1 logs in through sudo
     hosts = [h for h in state["hosts"] if h["user"] == "root"][:fan_out]
-    on_hosts(hosts, "command -v rsync >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rsync >/dev/null)")
-    result = {"bytes": total, "files": len(manifest), "repeats": repeats, "cipher": GCM, "host": hosts[0]["name"],
-              "one_host": one_host(weights, hosts[0], total, repeats, log=log)}
+    on_hosts(
+        hosts,
+        "command -v rsync >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rsync >/dev/null)",
+    )
+    result = {
+        "bytes": total,
+        "files": len(manifest),
+        "repeats": repeats,
+        "cipher": GCM,
+        "host": hosts[0]["name"],
+        "one_host": one_host(weights, hosts[0], total, repeats, log=log),
+    }
 
     settle(weights, hosts)
     gpufleet_stage(weights, [hosts[0]["name"]], "/srv/bench/gpufleet")  # staged: the next run has nothing to do
@@ -184,7 +215,8 @@ def measure(fan_out=4, repeats=5, size="full", log=print):
         # Fan-out inside the site: the first host stages from the control node, the others pull from it.
         settle(weights, hosts)
         result[f"relay_{fan_out}_s"], result[f"relay_{fan_out}_control_bytes"] = gpufleet_stage(
-            weights, names, "/srv/bench/relay", via=hosts[0]["name"])
+            weights, names, "/srv/bench/relay", via=hosts[0]["name"]
+        )
 
     # Kill a transfer once about half the bytes are on the host, then run again.
     settle(weights, hosts[:1])
@@ -192,15 +224,23 @@ def measure(fan_out=4, repeats=5, size="full", log=print):
     on_host, deadline = 0, time.monotonic() + 600
     while on_host < total // 2 and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
-        on_host = int(lab.ssh(hosts[0], "du -sb --apparent-size /srv/bench/resume 2>/dev/null | cut -f1 || echo 0",
-                              check=False).stdout.strip() or 0)
+        on_host = int(
+            lab.ssh(
+                hosts[0], "du -sb --apparent-size /srv/bench/resume 2>/dev/null | cut -f1 || echo 0", check=False
+            ).stdout.strip()
+            or 0
+        )
     try:
         os.killpg(process.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass  # done already (a small set)
     process.wait()
-    on_host = int(lab.ssh(hosts[0], "du -sb --apparent-size /srv/bench/resume 2>/dev/null | cut -f1 || echo 0",
-                          check=False).stdout.strip() or 0)
+    on_host = int(
+        lab.ssh(
+            hosts[0], "du -sb --apparent-size /srv/bench/resume 2>/dev/null | cut -f1 || echo 0", check=False
+        ).stdout.strip()
+        or 0
+    )
     result["resume_on_host_bytes"] = on_host
     result["resume_s"], result["resume_sent_bytes"] = gpufleet_stage(weights, [hosts[0]["name"]], "/srv/bench/resume")
 

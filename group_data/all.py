@@ -47,8 +47,11 @@ gpufleet_prune = False
 # Use AES-GCM only: with paramiko, AES-CTR + HMAC-SHA2 streams at about 130 MB/s on the benchmark
 # machine and AES-GCM at about 200 MB/s (staging of weights and bundles). Every OpenSSH since 6.2
 # offers AES-GCM; for an sshd that does not, set this to {} for its group.
-ssh_paramiko_connect_kwargs = {"disabled_algorithms": {"ciphers": [
-    "aes128-ctr", "aes192-ctr", "aes256-ctr", "aes128-cbc", "aes192-cbc", "aes256-cbc", "3des-cbc"]}}
+ssh_paramiko_connect_kwargs = {
+    "disabled_algorithms": {
+        "ciphers": ["aes128-ctr", "aes192-ctr", "aes256-ctr", "aes128-cbc", "aes192-cbc", "aes256-cbc", "3des-cbc"]
+    }
+}
 
 # --- docker_ (the container runtime) ------------------------------------------------
 # apt packages of the engine (Debian/Ubuntu's own docker.io by default).

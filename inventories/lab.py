@@ -36,8 +36,13 @@ def _connected(host):
 
     address = _SITE["address"]
     image = site.image(address)
-    service = {"engine": "llamacpp", "image": image, "memory": "1g", "args": ["--ctx-size", "256", "--threads", "1"],
-               "api_key_file": str(_LAB / "secrets" / "chat-api-key")}
+    service = {
+        "engine": "llamacpp",
+        "image": image,
+        "memory": "1g",
+        "args": ["--ctx-size", "256", "--threads", "1"],
+        "api_key_file": str(_LAB / "secrets" / "chat-api-key"),
+    }
     return {
         **_ssh(host),
         "gpufleet_bundle": None,
@@ -63,9 +68,14 @@ def _ubuntu(host):
     carrying real package records, the generic kernel meta packages, a running 6.8.0-136-generic):
     Ubuntu's server driver of branch 580, as ubuntu-drivers picks it. No bundle: Docker from Debian's
     archive, the toolkit doubles staged from here. No inference service: it is here for its driver."""
-    return {**_ssh(host), "gpufleet_bundle": None, "nvidia_driver_version": "580",
-            "nvidia_toolkit_source": "local-repo", "nvidia_toolkit_local_repo_src": str(_LAB / "toolkit-repo"),
-            "inference_services": []}
+    return {
+        **_ssh(host),
+        "gpufleet_bundle": None,
+        "nvidia_driver_version": "580",
+        "nvidia_toolkit_source": "local-repo",
+        "nvidia_toolkit_local_repo_src": str(_LAB / "toolkit-repo"),
+        "inference_services": [],
+    }
 
 
 def _data(host):
@@ -81,8 +91,7 @@ def _data(host):
 def _guest(host):
     """A lab-ct-N host plays the LXC guest 101 of lab-pve-N (restarts allowed: the double records them)."""
     number = host["name"].rsplit("-", 1)[1]
-    return {**_ssh(host), "proxmox_host": f"lab-pve-{number}", "proxmox_vmid": 101,
-            "proxmox_guest_restart": True}
+    return {**_ssh(host), "proxmox_host": f"lab-pve-{number}", "proxmox_vmid": 101, "proxmox_guest_restart": True}
 
 
 # lab-pve-N: a Proxmox VE host double (tests/fixtures/proxmox_double: pct, /etc/pve, a loaded

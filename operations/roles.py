@@ -33,16 +33,24 @@ CONTAINER_RUNTIMES = {
     "podman": (podman.install_podman, podman.restart_on_change),
 }
 # What a host without a GPU skips, said plainly at the end of its run.
-GPU_ONLY_STEPS = ["driver module checks", "persistence daemon", "reboot", "/dev/char links", "GPU container run",
-                  "GPU-only inference services"]
+GPU_ONLY_STEPS = [
+    "driver module checks",
+    "persistence daemon",
+    "reboot",
+    "/dev/char links",
+    "GPU container run",
+    "GPU-only inference services",
+]
 
 
 def check_settings():
     """Refuse bad data and a login that cannot become root, before any host changes; warn of unknown groups."""
     checks.validate(checks.host_settings(host), host.name)
     for group in checks.unknown_groups(host.groups):
-        logger.warning(f"[{host.name}] group {group!r}: gpufleet does not know it and no group_data/{group}.py "
-                       "names it, so it changes nothing for this host (a misspelt group?)")
+        logger.warning(
+            f"[{host.name}] group {group!r}: gpufleet does not know it and no group_data/{group}.py "
+            "names it, so it changes nothing for this host (a misspelt group?)"
+        )
     remote.require_root(host)
 
 
@@ -65,9 +73,13 @@ def proxmox_host():
     nvidia_driver.install_driver()
     proxmox.prepare_host()
     guest_changes = proxmox.configure_guests()
-    return ({"nvidia_driver_version": host.data.nvidia_driver_version,
-             "lxc_guests": sorted(int(guest.data.proxmox_vmid) for guest, _ in guest_changes)},
-            guest_changes)
+    return (
+        {
+            "nvidia_driver_version": host.data.nvidia_driver_version,
+            "lxc_guests": sorted(int(guest.data.proxmox_vmid) for guest, _ in guest_changes),
+        },
+        guest_changes,
+    )
 
 
 @deploy("GPU host")
@@ -82,12 +94,17 @@ def rolled_gpu_host():
     """``upgrade.py``, in this host's batch: drain its services, run the GPU host role (the pinned
     driver and toolkit, services started again), then verify it serves before the next batch."""
     services = host.data.inference_services
-    rollout.drained(name="Drain the inference services: open requests finish, then they stop",
-                    ports=inference.guarded_ports(services),
-                    timeout=host.data.gpufleet_upgrade_drain_timeout)
+    rollout.drained(
+        name="Drain the inference services: open requests finish, then they stop",
+        ports=inference.guarded_ports(services),
+        timeout=host.data.gpufleet_upgrade_drain_timeout,
+    )
     summary = gpu_host()
-    rollout.verified(name="Verify the host serves again (loaded module on a GPU host, every service's endpoint)",
-                     services=services, gpus=len(devices.gpus()))
+    rollout.verified(
+        name="Verify the host serves again (loaded module on a GPU host, every service's endpoint)",
+        services=services,
+        gpus=len(devices.gpus()),
+    )
     return summary
 
 
@@ -101,8 +118,11 @@ def lxc_guest(driver_version: str):
     driver = nvidia_driver.install_driver(version=driver_version, kernel_module=False)
     unprivileged = proxmox.guest_is_unprivileged()
     lxc = {"proxmox_host": host.data.proxmox_host, "vmid": int(host.data.proxmox_vmid), "unprivileged": unprivileged}
-    return {"nvidia_driver_version": driver_version, "lxc": lxc,
-            **_serving_stack(driver, no_cgroups=unprivileged, dev_char_symlinks=False)}
+    return {
+        "nvidia_driver_version": driver_version,
+        "lxc": lxc,
+        **_serving_stack(driver, no_cgroups=unprivileged, dev_char_symlinks=False),
+    }
 
 
 def _serving_stack(driver, no_cgroups=False, dev_char_symlinks=None):
@@ -119,14 +139,20 @@ def _serving_stack(driver, no_cgroups=False, dev_char_symlinks=None):
     runtime_ready, toolkit = _runtime_with_toolkit(runtime_name, driver, gpus, no_cgroups, dev_char_symlinks)
     image_ops = _images(gpus) if on_docker else {}
     if gpus:
-        nvidia_toolkit.check_gpu_container(after=[op for op in (driver, toolkit, runtime_ready) if op],
-                                           engine=runtime_name)
+        nvidia_toolkit.check_gpu_container(
+            after=[op for op in (driver, toolkit, runtime_ready) if op], engine=runtime_name
+        )
     services = _services(gpus, image_ops) if on_docker else []
     guarded = on_docker and host.data.inference_firewall and bool(services)
-    return {"engine": runtime_name, "docker": on_docker, "services": services, "firewall": guarded,
-            "allowed_sources": list(host.data.inference_allowed_sources) if guarded else [],
-            "nvidia_toolkit_version": host.data.nvidia_toolkit_version,
-            "nvidia_toolkit_check_image": host.data.nvidia_toolkit_check_image}
+    return {
+        "engine": runtime_name,
+        "docker": on_docker,
+        "services": services,
+        "firewall": guarded,
+        "allowed_sources": list(host.data.inference_allowed_sources) if guarded else [],
+        "nvidia_toolkit_version": host.data.nvidia_toolkit_version,
+        "nvidia_toolkit_check_image": host.data.nvidia_toolkit_check_image,
+    }
 
 
 def _runtime_with_toolkit(runtime_name, driver, gpus, no_cgroups, dev_char_symlinks):
@@ -134,8 +160,9 @@ def _runtime_with_toolkit(runtime_name, driver, gpus, no_cgroups, dev_char_symli
     its configuration. Returns ``(the restart operation or None, the toolkit's package operation)``."""
     install_runtime, restart_runtime = CONTAINER_RUNTIMES[runtime_name]
     runtime_config = install_runtime()
-    toolkit_runtime, toolkit = nvidia_toolkit.install_toolkit(no_cgroups=no_cgroups, dev_char_symlinks=dev_char_symlinks,
-                                                              gpus=gpus, driver=driver)
+    toolkit_runtime, toolkit = nvidia_toolkit.install_toolkit(
+        no_cgroups=no_cgroups, dev_char_symlinks=dev_char_symlinks, gpus=gpus, driver=driver
+    )
     return restart_runtime([op for op in (runtime_config, toolkit_runtime) if op]), toolkit
 
 

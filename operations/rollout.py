@@ -33,7 +33,6 @@ _PENDING = {}
 DRAINED = set()
 
 
-
 def rolls(candidate):
     """True for a host ``upgrade.py`` rolls: a GPU host that is not an LXC guest (a guest follows its
     Proxmox host, and both are upgraded in place, as ``deploy.py`` does)."""
@@ -66,11 +65,15 @@ def batches():
     members = [other for other in host.inventory if other in host.state.active_hosts and rolls(other)]
     sizes = {other.name: other.data.gpufleet_upgrade_batch for other in members}
     if len(set(sizes.values())) > 1:
-        raise ConfigError("gpufleet_upgrade_batch", "must be the same on every host of a rollout, got "
-                          + ", ".join(f"{name}: {size}" for name, size in sizes.items()), host=host.name)
+        raise ConfigError(
+            "gpufleet_upgrade_batch",
+            "must be the same on every host of a rollout, got "
+            + ", ".join(f"{name}: {size}" for name, size in sizes.items()),
+            host=host.name,
+        )
     size = host.data.gpufleet_upgrade_batch
     names = [other.name for other in members if pending_of(other)]
-    return [names[start:start + size] for start in range(0, len(names), size)]
+    return [names[start : start + size] for start in range(0, len(names), size)]
 
 
 @operation()
@@ -92,12 +95,14 @@ def batch_gate(number: int, batches: list[list[str]], max_failed: int):
             f"{host.name}: rollout halted before {where}: {len(failed)} host(s) failed ({', '.join(failed)}), "
             f"more than gpufleet_upgrade_max_failed = {max_failed}. {host.name} was left as it was (serving, "
             "not upgraded)"
-            + (f"; left drained (services stopped) until a run converges them: {', '.join(drained)}"
-               if drained else "")
-            + ". Fix what failed, then run upgrade.py again: it goes on from there")
+            + (f"; left drained (services stopped) until a run converges them: {', '.join(drained)}" if drained else "")
+            + ". Fix what failed, then run upgrade.py again: it goes on from there"
+        )
     if host.name in batch:
-        host.noop(f"{where}: {'; '.join(_PENDING.get(host.name, []))}; {len(failed)} failed so far "
-                  f"(gpufleet_upgrade_max_failed = {max_failed})")
+        host.noop(
+            f"{where}: {'; '.join(_PENDING.get(host.name, []))}; {len(failed)} failed so far "
+            f"(gpufleet_upgrade_max_failed = {max_failed})"
+        )
     else:
         host.noop(f"{where}: this host's batch comes later")
     yield from ()
@@ -113,18 +118,21 @@ def drained(ports: list[int], timeout: int):
     DRAINED.add(host.name)
     installed = host.get_fact(InstalledServices)
     running = host.get_fact(SystemdStatus, services=sorted(installed)) if installed else {}
-    units = sorted((unit for unit in installed if running.get(unit)),
-                   key=lambda unit: (not installed[unit]["proxy"], unit))
+    units = sorted(
+        (unit for unit in installed if running.get(unit)), key=lambda unit: (not installed[unit]["proxy"], unit)
+    )
     if not units:
         host.noop("no inference service running")
         return
     filters = " or ".join(f"sport = :{port}" for port in sorted(set(ports)))
     if filters:
-        yield (f"deadline=$(( $(date +%s) + {int(timeout)} )); "
-               f"while [ \"$(date +%s)\" -lt \"$deadline\" ] && ss -Htn state established '( {filters} )' "
-               "| grep -q .; do sleep 1; done; "
-               f"if ss -Htn state established '( {filters} )' | grep -q .; then echo \"{host.name}: requests "
-               f"still open after {int(timeout)} s (gpufleet_upgrade_drain_timeout): stopping anyway\" >&2; fi")
+        yield (
+            f"deadline=$(( $(date +%s) + {int(timeout)} )); "
+            f'while [ "$(date +%s)" -lt "$deadline" ] && ss -Htn state established \'( {filters} )\' '
+            "| grep -q .; do sleep 1; done; "
+            f"if ss -Htn state established '( {filters} )' | grep -q .; then echo \"{host.name}: requests "
+            f'still open after {int(timeout)} s (gpufleet_upgrade_drain_timeout): stopping anyway" >&2; fi'
+        )
     yield f"systemctl stop {' '.join(units)}"
 
 
@@ -139,8 +147,10 @@ def verified(services: list[dict], gpus: int):
         loaded = host.get_fact(NvidiaKernelModule)
         installed = nvidia_driver.installed_version()
         if loaded is None or loaded["version"] != installed:
-            problems.append(f"loaded NVIDIA module {loaded and loaded['version']} is not the installed driver "
-                            f"{installed} (reboot it: nvidia_driver_reboot = True lets the rollout do so)")
+            problems.append(
+                f"loaded NVIDIA module {loaded and loaded['version']} is not the installed driver "
+                f"{installed} (reboot it: nvidia_driver_reboot = True lets the rollout do so)"
+            )
     for service in with_listen(services):
         ready = host.get_fact(ServiceReady, **readiness(service))
         if not ready["ready"]:
@@ -152,8 +162,7 @@ def verified(services: list[dict], gpus: int):
                 problems.append(f"service {service['name']}'s proxy not ready: {ready['reason']}")
     if problems:
         raise OperationError(f"{host.name}: upgraded but not serving, left drained: {'; '.join(problems)}")
-    host.noop(f"{'; '.join(_PENDING.get(host.name, [])) or 'converged'}; "
-              f"{len(services)} service(s) ready")
+    host.noop(f"{'; '.join(_PENDING.get(host.name, [])) or 'converged'}; {len(services)} service(s) ready")
     yield from ()
 
 
@@ -169,5 +178,6 @@ def log_plan(plan):
     for number, batch in enumerate(plan):
         hosts = ", ".join(f"{name} ({'; '.join(_PENDING[name])})" for name in batch)
         described.append(f"batch {number + 1}: {hosts}")
-    logger.info("Rollout: " + ("; ".join(described) or "every host's driver and toolkit are the pinned ones: "
-                                                       "nothing to roll"))
+    logger.info(
+        "Rollout: " + ("; ".join(described) or "every host's driver and toolkit are the pinned ones: nothing to roll")
+    )

@@ -14,8 +14,17 @@ REPO = Path(__file__).resolve().parents[1]
 SOURCE = REPO / "tests" / "data" / "pci" / "nvidia-devices.txt"
 OUT = REPO / "operations" / "driver" / "nvidia_generations.json"
 # Chip prefixes, oldest first (NVIDIA's own code names).
-GENERATIONS = [("GK", "Kepler"), ("GM", "Maxwell"), ("GP", "Pascal"), ("GV", "Volta"), ("TU", "Turing"),
-               ("GA", "Ampere"), ("AD", "Ada"), ("GH", "Hopper"), ("GB", "Blackwell")]
+GENERATIONS = [
+    ("GK", "Kepler"),
+    ("GM", "Maxwell"),
+    ("GP", "Pascal"),
+    ("GV", "Volta"),
+    ("TU", "Turing"),
+    ("GA", "Ampere"),
+    ("AD", "Ada"),
+    ("GH", "Hopper"),
+    ("GB", "Blackwell"),
+]
 
 
 def main():
@@ -27,9 +36,18 @@ def main():
         device, chip, prefix, rest = match.groups()
         generation = dict(GENERATIONS)[prefix]
         devices[f"0x{device}"] = {"chip": chip, "name": f"{chip}{rest}".strip(), "generation": generation}
-    OUT.write_text(json.dumps({"source": "pci.ids 2025.06.09 (Debian trixie pci.ids 0.0~2025.06.09-1)",
-                               "order": [name for _, name in GENERATIONS], "devices": devices},
-                              indent=0, sort_keys=True) + "\n")
+    OUT.write_text(
+        json.dumps(
+            {
+                "source": "pci.ids 2025.06.09 (Debian trixie pci.ids 0.0~2025.06.09-1)",
+                "order": [name for _, name in GENERATIONS],
+                "devices": devices,
+            },
+            indent=0,
+            sort_keys=True,
+        )
+        + "\n"
+    )
     print(f"{OUT}: {len(devices)} devices")
 
 

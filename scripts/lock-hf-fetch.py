@@ -33,8 +33,19 @@ def pinned_version():
 
 def target_flags(python, arch):
     abi = "cp" + python.replace(".", "")
-    flags = ["--only-binary=:all:", "--python-version", python, "--implementation", "cp",
-             "--abi", abi, "--abi", "abi3", "--abi", "none"]
+    flags = [
+        "--only-binary=:all:",
+        "--python-version",
+        python,
+        "--implementation",
+        "cp",
+        "--abi",
+        abi,
+        "--abi",
+        "abi3",
+        "--abi",
+        "none",
+    ]
     for tag in MANYLINUX:
         flags += ["--platform", f"{tag}_{arch}"]
     return flags
@@ -46,11 +57,25 @@ def main():
     for python in PYTHONS:
         for arch in ARCHES:
             with tempfile.TemporaryDirectory() as out:
-                subprocess.run([sys.executable, "-m", "pip", "download", "-q", *target_flags(python, arch), "-d", out,
-                                f"huggingface_hub=={version}"], check=True)
+                subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "pip",
+                        "download",
+                        "-q",
+                        *target_flags(python, arch),
+                        "-d",
+                        out,
+                        f"huggingface_hub=={version}",
+                    ],
+                    check=True,
+                )
                 targets[f"cp{python.replace('.', '')}-{arch}"] = {
-                    wheel.name: hashlib.sha256(wheel.read_bytes()).hexdigest() for wheel in sorted(Path(out).iterdir())
-                    if not wheel.name.startswith("hf_xet-")}
+                    wheel.name: hashlib.sha256(wheel.read_bytes()).hexdigest()
+                    for wheel in sorted(Path(out).iterdir())
+                    if not wheel.name.startswith("hf_xet-")
+                }
     LOCK.write_text(json.dumps({"huggingface_hub": version, "targets": targets}, indent=1, sort_keys=True) + "\n")
     print(f"{LOCK}: huggingface_hub {version}, {len(targets)} targets")
 

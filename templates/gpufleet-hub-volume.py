@@ -24,5 +24,8 @@ def same(path, entry):
 
 
 source, record = load(source_file), load(".gpufleet-staged.json") or {}
-print(json.dumps({"source": source, "files": len(record),
-                  "intact": bool(record) and all(same(p, e) for p, e in record.items())}))
+print(
+    json.dumps(
+        {"source": source, "files": len(record), "intact": bool(record) and all(same(p, e) for p, e in record.items())}
+    )
+)

@@ -26,14 +26,13 @@ class ContainerdRuntimes(FactBase):
     """
 
     def command(self):
-        return (f'for f in {CONFIG} {DROP_IN_DIR}/*.toml; do [ -f "$f" ] && echo "{FILE_MARK}$f" && cat "$f"; '
-                "done; true")
+        return f'for f in {CONFIG} {DROP_IN_DIR}/*.toml; do [ -f "$f" ] && echo "{FILE_MARK}$f" && cat "$f"; done; true'
 
     def process(self, output):
         texts, path = {}, None
         for line in output:
             if line.startswith(FILE_MARK):
-                path = line[len(FILE_MARK):]
+                path = line[len(FILE_MARK) :]
                 texts[path] = []
             elif path:
                 texts[path].append(line)
@@ -54,8 +53,13 @@ class ContainerdRuntimes(FactBase):
 @deploy("Install containerd")
 def install_containerd():
     """Install containerd from the distro (an offline host: from the staged repository only)."""
-    apt.packages(name="Install containerd", packages=["containerd"], no_recommends=True,
-                 update=not host.data.get("gpufleet_offline"), cache_time=3600)
+    apt.packages(
+        name="Install containerd",
+        packages=["containerd"],
+        no_recommends=True,
+        update=not host.data.get("gpufleet_offline"),
+        cache_time=3600,
+    )
 
 
 @deploy("Apply containerd configuration")
@@ -67,7 +71,11 @@ def restart_on_change(config_ops: list[OperationMeta]):
 
     Returns the restart (a handler: it runs only after a change).
     """
-    restart = systemd.service(name="Restart containerd if its configuration changed", service="containerd",
-                              restarted=True, _if=any_changed(*config_ops))
+    restart = systemd.service(
+        name="Restart containerd if its configuration changed",
+        service="containerd",
+        restarted=True,
+        _if=any_changed(*config_ops),
+    )
     systemd.service(name="Keep containerd enabled and running", service="containerd", running=True, enabled=True)
     return restart

@@ -20,9 +20,6 @@ DAEMON_JSON = "/etc/docker/daemon.json"
 CERTS_DIR = "/etc/docker/certs.d"
 
 
-
-
-
 def read_login(path, field="docker_registry_logins", host_name=None):
     """``(username, password)`` from a control-node file holding ``USERNAME:PASSWORD`` on its first
     line; a file that others than its owner can read is refused, naming it."""
@@ -31,8 +28,11 @@ def read_login(path, field="docker_registry_logins", host_name=None):
     except OSError as error:
         raise ConfigError(field, f"{path}: {error.strerror}", host=host_name) from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(field, f"{path}: readable by others than its owner (mode {stat.S_IMODE(mode):o}); "
-                                 f"chmod 600 {path}", host=host_name)
+        raise ConfigError(
+            field,
+            f"{path}: readable by others than its owner (mode {stat.S_IMODE(mode):o}); chmod 600 {path}",
+            host=host_name,
+        )
     lines = Path(path).read_text().splitlines()
     username, sep, password = lines[0].partition(":") if lines else ("", "", "")
     if not sep or not username or not password:
@@ -45,9 +45,9 @@ def check_registry_files(data, host_name):
         read_login(path, field=f"docker_registry_logins[{registry!r}]", host_name=host_name)
     for registry, path in (data.get("docker_registry_ca_files") or {}).items():
         if not Path(path).is_file():
-            raise ConfigError(f"docker_registry_ca_files[{registry!r}]", f"{path}: no such file on the control node",
-                              host=host_name)
-
+            raise ConfigError(
+                f"docker_registry_ca_files[{registry!r}]", f"{path}: no such file on the control node", host=host_name
+            )
 
 
 def daemon_settings(log_max_size, log_max_file, extra, mirrors=()):
@@ -61,7 +61,13 @@ def daemon_settings(log_max_size, log_max_file, extra, mirrors=()):
 
 
 @deploy("Install Docker engine", data_defaults=settings.DEFAULTS)
-def install_docker(packages: list[str] | None = None, log_max_size: str | None = None, log_max_file: int | None = None, extra_settings: dict | None = None, mirrors: list[str] | None = None):
+def install_docker(
+    packages: list[str] | None = None,
+    log_max_size: str | None = None,
+    log_max_file: int | None = None,
+    extra_settings: dict | None = None,
+    mirrors: list[str] | None = None,
+):
     """
     Install Docker from the distro and merge log rotation into daemon.json (other keys kept).
 
@@ -108,17 +114,30 @@ def registry_access(ca_files: dict | None = None, logins: dict | None = None):
     ca_files = host.data.docker_registry_ca_files if ca_files is None else ca_files
     logins = host.data.docker_registry_logins if logins is None else logins
     files.directory(name=f"Ensure {TOOLS_DIR} exists", path=TOOLS_DIR, mode="755", user="root", group="root")
-    files.put(name="Install the registry digest check", src=str(TEMPLATES / "gpufleet-registry-digest"),
-              dest=f"{TOOLS_DIR}/gpufleet-registry-digest", mode="755", user="root", group="root",
-              create_remote_dir=False)  # ensured just above
+    files.put(
+        name="Install the registry digest check",
+        src=str(TEMPLATES / "gpufleet-registry-digest"),
+        dest=f"{TOOLS_DIR}/gpufleet-registry-digest",
+        mode="755",
+        user="root",
+        group="root",
+        create_remote_dir=False,
+    )  # ensured just above
     for registry, path in sorted(ca_files.items()):
         files.directory(name=f"Ensure {CERTS_DIR}/{registry} exists", path=f"{CERTS_DIR}/{registry}", mode="755")
-        files.put(name=f"Trust {registry}'s CA", src=path, dest=f"{CERTS_DIR}/{registry}/ca.crt", mode="644",
-                  user="root", group="root")
+        files.put(
+            name=f"Trust {registry}'s CA",
+            src=path,
+            dest=f"{CERTS_DIR}/{registry}/ca.crt",
+            mode="644",
+            user="root",
+            group="root",
+        )
     for registry, path in sorted(logins.items()):
         username, password = read_login(path)
-        docker_images.logged_in(name=f"Log Docker in to {registry} as {username}", registry=registry,
-                                username=username, password=password)
+        docker_images.logged_in(
+            name=f"Log Docker in to {registry} as {username}", registry=registry, username=username, password=password
+        )
 
 
 @deploy("Apply Docker configuration")
@@ -130,7 +149,11 @@ def restart_on_change(config_ops: list[OperationMeta]):
 
     Returns the restart (a handler: it runs only after a change).
     """
-    restart = systemd.service(name="Restart Docker if its configuration changed", service="docker",
-                              restarted=True, _if=any_changed(*config_ops))
+    restart = systemd.service(
+        name="Restart Docker if its configuration changed",
+        service="docker",
+        restarted=True,
+        _if=any_changed(*config_ops),
+    )
     systemd.service(name="Keep Docker enabled and running", service="docker", running=True, enabled=True)
     return restart

@@ -18,6 +18,7 @@ from operations.core.remote import HostFunction
 ID_AND_DIGESTS = "'{{.Id}} {{json .RepoDigests}}'"
 DIGESTS = "'{{json .RepoDigests}}'"
 
+
 class DockerImageIds(FactBase):
     """
     Returns the image IDs Docker holds, each with its tags.
@@ -68,8 +69,7 @@ class LocalImage(FactBase):
     requires_command = "docker"
 
     def command(self, image):
-        return (f"docker image inspect --format {ID_AND_DIGESTS} {shlex.quote(image)} "
-                "2>/dev/null || true")
+        return f"docker image inspect --format {ID_AND_DIGESTS} {shlex.quote(image)} 2>/dev/null || true"
 
     def process(self, output):
         if not output or not output[0].strip():
@@ -128,8 +128,10 @@ def pulled(image: str, follow_tag: bool = False, state_dir: str = "/var/lib/gpuf
     """
     local = host.get_fact(LocalImage, image=image)
     record = shlex.quote(record_path(state_dir, image))
-    pull = (f"docker pull -q {shlex.quote(image)} && mkdir -p {shlex.quote(posixpath.dirname(record_path(state_dir, image)))}"
-            f" && docker image inspect --format {DIGESTS} {shlex.quote(image)} > {record}")
+    pull = (
+        f"docker pull -q {shlex.quote(image)} && mkdir -p {shlex.quote(posixpath.dirname(record_path(state_dir, image)))}"
+        f" && docker image inspect --format {DIGESTS} {shlex.quote(image)} > {record}"
+    )
     if not local:
         yield pull
         return
@@ -138,8 +140,10 @@ def pulled(image: str, follow_tag: bool = False, state_dir: str = "/var/lib/gpuf
         return
     remote = host.get_fact(RegistryDigest, image=image)
     if "error" in remote:
-        logger.warning(f"[{host.name}] {image}: could not ask its registry for the tag's digest ({remote['error']}); "
-                       f"keeping the image this host has ({local['id'][:19]})")
+        logger.warning(
+            f"[{host.name}] {image}: could not ask its registry for the tag's digest ({remote['error']}); "
+            f"keeping the image this host has ({local['id'][:19]})"
+        )
         host.noop(f"{image} present; registry not checked")
         return
     if has_digest(local, image, remote["digest"]):
@@ -147,8 +151,10 @@ def pulled(image: str, follow_tag: bool = False, state_dir: str = "/var/lib/gpuf
         return
     held = ", ".join(local["repo_digests"]) or local["id"]
     if not follow_tag:
-        logger.warning(f"[{host.name}] {image}: its registry now serves {remote['digest']} for this tag; this host "
-                       f"keeps {held}. Set inference_image_follow_tag = True to follow the tag, or pin by digest")
+        logger.warning(
+            f"[{host.name}] {image}: its registry now serves {remote['digest']} for this tag; this host "
+            f"keeps {held}. Set inference_image_follow_tag = True to follow the tag, or pin by digest"
+        )
         host.noop(f"{image}: tag moved in the registry; not followed")
         return
     logger.info(f"[{host.name}] {image}: following the tag from {held} to {remote['digest']}")
@@ -159,8 +165,10 @@ class RegistryLogin(FactBase):
     """Returns the SHA-256 of the ``auth`` value Docker keeps for a registry (never the value), or None."""
 
     def command(self, registry):
-        script = ("import hashlib,json,sys\ntry:\n a=json.load(open('/root/.docker/config.json'))['auths'][sys.argv[1]]['auth']\n"
-                  "except Exception:\n a=''\nprint(hashlib.sha256(a.encode()).hexdigest() if a else 'none')")
+        script = (
+            "import hashlib,json,sys\ntry:\n a=json.load(open('/root/.docker/config.json'))['auths'][sys.argv[1]]['auth']\n"
+            "except Exception:\n a=''\nprint(hashlib.sha256(a.encode()).hexdigest() if a else 'none')"
+        )
         return f"python3 -c {shlex.quote(script)} {shlex.quote(registry)}"
 
     def process(self, output):
@@ -169,8 +177,9 @@ class RegistryLogin(FactBase):
 
 def _login(state, host, shell, registry, username, password):
     """The password goes to ``docker login --password-stdin`` on the channel's stdin, never in argv."""
-    shell.send(f"docker login --username {shlex.quote(username)} --password-stdin {shlex.quote(registry)} >/dev/null",
-               password)
+    shell.send(
+        f"docker login --username {shlex.quote(username)} --password-stdin {shlex.quote(registry)} >/dev/null", password
+    )
 
 
 @operation()

@@ -9,8 +9,13 @@ from pyinfra.operations import apt
 @deploy("Install Podman")
 def install_podman():
     """Install Podman from the distro (daemonless: nothing to restart when the CDI spec changes)."""
-    apt.packages(name="Install Podman", packages=["podman"], no_recommends=True,
-                 update=not host.data.get("gpufleet_offline"), cache_time=3600)
+    apt.packages(
+        name="Install Podman",
+        packages=["podman"],
+        no_recommends=True,
+        update=not host.data.get("gpufleet_offline"),
+        cache_time=3600,
+    )
 
 
 def restart_on_change(config_ops):

@@ -27,9 +27,11 @@ class DockerImages(FactBase):
         return {"images": {}, "in_use": []}
 
     def command(self):
-        return ("command -v docker >/dev/null || exit 0; "
-                "docker image ls --no-trunc --format '{{.Repository}}:{{.Tag}} {{.ID}}'; echo --; "
-                "docker ps -a -q --no-trunc | xargs -r docker inspect -f '{{.Image}}'")
+        return (
+            "command -v docker >/dev/null || exit 0; "
+            "docker image ls --no-trunc --format '{{.Repository}}:{{.Tag}} {{.ID}}'; echo --; "
+            "docker ps -a -q --no-trunc | xargs -r docker inspect -f '{{.Image}}'"
+        )
 
     def process(self, output):
         found, in_use, part = {}, [], "images"
@@ -61,8 +63,9 @@ class WeightVolumes(FactBase):
 def unused_images(found, keep):
     """The images (by name, or ID when untagged) that no container was made from and ``keep`` does
     not name (pure)."""
-    return sorted(name for name, image_id in found["images"].items()
-                  if name not in keep and image_id not in found["in_use"])
+    return sorted(
+        name for name, image_id in found["images"].items() if name not in keep and image_id not in found["in_use"]
+    )
 
 
 @operation()
@@ -72,8 +75,11 @@ def pruned(keep_images: list[str], keep_volumes: list[str], weights_root: str):
     under ``weights_root`` that ``keep_volumes`` does not name (hidden directories are left alone).
     """
     images = unused_images(host.get_fact(DockerImages), set(keep_images))
-    volumes = [name for name in host.get_fact(WeightVolumes, root=weights_root)
-               if name not in set(keep_volumes) and not name.startswith(".")]
+    volumes = [
+        name
+        for name in host.get_fact(WeightVolumes, root=weights_root)
+        if name not in set(keep_volumes) and not name.startswith(".")
+    ]
     if images:
         yield f"docker image rm {' '.join(shlex.quote(image) for image in images)}"
     for name in volumes:

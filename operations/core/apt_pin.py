@@ -23,9 +23,11 @@ class AptHeldPackages(FactBase):
         return {line.strip() for line in output if line.strip()}
 
 
-APT_INSTALL = ("DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "
-               "--allow-downgrades --allow-change-held-packages "
-               "-o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold")
+APT_INSTALL = (
+    "DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "
+    "--allow-downgrades --allow-change-held-packages "
+    "-o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold"
+)
 
 
 def pin_file(patterns, version):
@@ -39,7 +41,14 @@ def matches(installed_versions, version):
 
 
 @operation()
-def installed(packages: list[str], version: str, pin_name: str, pin_patterns: list[str] | None = None, unversioned: tuple | list = (), remove: tuple | list = ()):
+def installed(
+    packages: list[str],
+    version: str,
+    pin_name: str,
+    pin_patterns: list[str] | None = None,
+    unversioned: tuple | list = (),
+    remove: tuple | list = (),
+):
     """
     Install ``packages`` at upstream ``version``, hold them, and pin their kin to that version.
 
@@ -59,7 +68,10 @@ def installed(packages: list[str], version: str, pin_name: str, pin_patterns: li
     held = host_memo.fact(AptHeldPackages)
     yield from files.put._inner(
         src=StringIO(pin_file(pin_patterns or packages, version)),
-        dest=f"/etc/apt/preferences.d/{pin_name}", mode="644", user="root", group="root",
+        dest=f"/etc/apt/preferences.d/{pin_name}",
+        mode="644",
+        user="root",
+        group="root",
         create_remote_dir=False,  # apt ships /etc/apt/preferences.d
     )
     wrong = [name for name in packages if not matches(current.get(name), version)]

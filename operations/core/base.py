@@ -17,8 +17,9 @@ def secrets_dir(config_dir=None):
 
 def say_no_gpu(skipped):
     """Tell the operator plainly that GPU-only steps were skipped on this host."""
-    logger.warning(f"[{host.name}] no NVIDIA GPU on this host (no PCI device of vendor 0x10de): "
-                   f"skipped {', '.join(skipped)}")
+    logger.warning(
+        f"[{host.name}] no NVIDIA GPU on this host (no PCI device of vendor 0x10de): skipped {', '.join(skipped)}"
+    )
 
 
 @deploy("Prepare gpufleet host", data_defaults=settings.DEFAULTS)
@@ -32,8 +33,13 @@ def prepare(config_dir: str | None = None, state_dir: str | None = None):
     config_dir = config_dir or host.data.gpufleet_config_dir
     state_dir = state_dir or host.data.gpufleet_state_dir
     files.directory(name=f"Ensure {config_dir} exists", path=config_dir, mode="755", user="root", group="root")
-    files.directory(name=f"Ensure {config_dir}/secrets is root-only", path=secrets_dir(config_dir),
-                    mode="700", user="root", group="root")
+    files.directory(
+        name=f"Ensure {config_dir}/secrets is root-only",
+        path=secrets_dir(config_dir),
+        mode="700",
+        user="root",
+        group="root",
+    )
     files.directory(name=f"Ensure {state_dir} exists", path=state_dir, mode="755", user="root", group="root")
 
 
@@ -49,5 +55,7 @@ def record(intent: dict, config_dir: str | None = None):
         name=f"Write {config_dir}/host.json",
         src=StringIO(json_files.render(intent)),
         dest=f"{config_dir}/host.json",
-        mode="644", user="root", group="root",
+        mode="644",
+        user="root",
+        group="root",
     )

@@ -87,8 +87,12 @@ def is_registry_map(value):
 
 def is_pinned_image(image):
     """True for an image named by a tag other than ``latest``, or by digest."""
-    return (isinstance(image, str) and bool(PINNED_IMAGE.match(image)) and not image.endswith(":latest")
-            and ":" in image.rsplit("/", 1)[-1])
+    return (
+        isinstance(image, str)
+        and bool(PINNED_IMAGE.match(image))
+        and not image.endswith(":latest")
+        and ":" in image.rsplit("/", 1)[-1]
+    )
 
 
 def is_pinned_version(value):
@@ -151,10 +155,14 @@ CHECKS = {
     "docker_log_max_file": (is_positive_int, "a whole number above 0"),
     "docker_daemon_settings": (is_dict, "a dict of daemon.json keys"),
     "docker_registry_mirrors": (is_url_list, "a list of mirror URLs such as 'https://mirror.example:5000'"),
-    "docker_registry_ca_files": (is_registry_map, "a dict of registry ('host:port') -> CA certificate file on "
-                                                  "the control node"),
-    "docker_registry_logins": (is_registry_map, "a dict of registry ('host:port') -> root-only file on the "
-                                                "control node holding USERNAME:PASSWORD"),
+    "docker_registry_ca_files": (
+        is_registry_map,
+        "a dict of registry ('host:port') -> CA certificate file on the control node",
+    ),
+    "docker_registry_logins": (
+        is_registry_map,
+        "a dict of registry ('host:port') -> root-only file on the control node holding USERNAME:PASSWORD",
+    ),
     # NVIDIA driver
     "nvidia_driver_source": (DRIVER_SOURCES, str(DRIVER_SOURCES)),
     "nvidia_driver_version": (is_str, "a branch such as '580' or a version such as '580.173.02'"),
@@ -183,15 +191,19 @@ CHECKS = {
     "inference_services": (is_list, "a list of services (see group_data/all.py)"),
     "inference_listen": (is_address, "an IP address of the host (127.0.0.1, 10.0.0.5, 0.0.0.0 for all)"),
     "inference_expose_unauthenticated": TRUE_OR_FALSE,
-    "inference_allowed_sources": (is_network_list, "a list of addresses or networks ('10.0.0.0/8', '192.0.2.7', "
-                                                   "'fd00::/8')"),
+    "inference_allowed_sources": (
+        is_network_list,
+        "a list of addresses or networks ('10.0.0.0/8', '192.0.2.7', 'fd00::/8')",
+    ),
     "inference_firewall": TRUE_OR_FALSE,
     "inference_start_timeout": SECONDS,
     "inference_image_follow_tag": TRUE_OR_FALSE,
     # weights
     "inference_weights_root": (is_str, "an absolute path on the host"),
-    "inference_weight_volumes": (is_dict, "a dict of volume name -> {'from': DIR} or "
-                                          "{'hf': 'org/name', 'revision': COMMIT}"),
+    "inference_weight_volumes": (
+        is_dict,
+        "a dict of volume name -> {'from': DIR} or {'hf': 'org/name', 'revision': COMMIT}",
+    ),
     "inference_hf_endpoint": (is_url, "the hub's URL, such as 'https://huggingface.co' or a site mirror"),
     "inference_weights_follow_branch": TRUE_OR_FALSE,
     # Proxmox VE
@@ -252,8 +264,11 @@ def validate(data, host_name=None):
             continue
         if key not in CHECKS:
             close = difflib.get_close_matches(key, [*CHECKS, *known], n=1)
-            hint = (f" (did you mean {close[0]!r}?)" if close
-                    else "; data your own deploys read goes in gpufleet_other_data")
+            hint = (
+                f" (did you mean {close[0]!r}?)"
+                if close
+                else "; data your own deploys read goes in gpufleet_other_data"
+            )
             raise ConfigError(key, f"unknown setting{hint}", host=host_name)
         check, expected = CHECKS[key]
         value = data[key]

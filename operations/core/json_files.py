@@ -42,7 +42,6 @@ class JsonFile(FactBase):
         return value
 
 
-
 def deep_merge(current, settings):
     """Return ``current`` with ``settings`` merged in; nested objects merge, other values replace."""
     merged = dict(current)

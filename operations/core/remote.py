@@ -23,8 +23,16 @@ from pyinfra.connectors.util import make_unix_command_for_host
 from operations.core.errors import ConfigError
 
 # Connector arguments that say how a command runs (not what runs): kept out of the command line.
-_RUN_ONLY = ("_get_pty", "_timeout", "_stdin", "_success_exit_codes", "_retries", "_retry_delay",
-             "_retry_until", "_temp_dir")
+_RUN_ONLY = (
+    "_get_pty",
+    "_timeout",
+    "_stdin",
+    "_success_exit_codes",
+    "_retries",
+    "_retry_delay",
+    "_retry_until",
+    "_temp_dir",
+)
 
 
 class FileSpan:
@@ -77,7 +85,7 @@ def _write_frame(pipe, frame):
     for block in blocks:
         view = memoryview(block)
         while view:
-            view = view[os.write(pipe, view):]
+            view = view[os.write(pipe, view) :]
 
 
 def frame_bytes(frames):
@@ -147,17 +155,21 @@ class Shell:
         process reads and hashes), else on pyinfra's own connection. ``frames`` is a callable
         returning a fresh iterable: if the client cannot connect at all, it starts again on
         pyinfra's connection."""
-        argv = openssh_argv(self.host, self.wrap(command)) \
-            if self.host.data.gpufleet_stage_transport == "openssh" and not self.arguments.get("_sudo_password") \
+        argv = (
+            openssh_argv(self.host, self.wrap(command))
+            if self.host.data.gpufleet_stage_transport == "openssh" and not self.arguments.get("_sudo_password")
             else None
+        )
         if argv:
             status, lines, stderr = _openssh_stream(argv, frames())
             if status != 255 or lines:
                 self.bulk_transport = "the OpenSSH client"
                 return status, lines, stderr
-            logger.warning(f"[{self.host.name}] the OpenSSH client could not reach the host ({stderr.strip()}); "
-                           "staging on pyinfra's connection instead (gpufleet_stage_transport = 'paramiko' skips "
-                           "the attempt)")
+            logger.warning(
+                f"[{self.host.name}] the OpenSSH client could not reach the host ({stderr.strip()}); "
+                "staging on pyinfra's connection instead (gpufleet_stage_transport = 'paramiko' skips "
+                "the attempt)"
+            )
         self.bulk_transport = "pyinfra's connection"
         return self.stream(command, frames())
 
@@ -241,8 +253,10 @@ def write_file_command(dest, mode="600", owner="root:root"):
     """A command that writes its stdin to ``dest`` atomically, created with ``mode`` from the first byte
     (``owner``: ``USER:GROUP``, names or numbers)."""
     tmp = shlex.quote(f"{dest}.gpufleet-new")
-    return (f"umask 077 && cat > {tmp} && chmod {mode} {tmp} && chown {shlex.quote(owner)} {tmp} && "
-            f"mv -f {tmp} {shlex.quote(dest)}")
+    return (
+        f"umask 077 && cat > {tmp} && chmod {mode} {tmp} && chown {shlex.quote(owner)} {tmp} && "
+        f"mv -f {tmp} {shlex.quote(dest)}"
+    )
 
 
 class LoginPrivilege(FactBase):
@@ -257,15 +271,21 @@ class LoginPrivilege(FactBase):
     """
 
     def command(self):
-        return ('echo "uid=$(id -u) user=$(id -un)"; '
-                'if command -v sudo >/dev/null 2>&1; then sudo -n true 2>&1; echo "sudo_rc=$?"; '
-                'else echo "sudo: command not found"; echo sudo_rc=127; fi')
+        return (
+            'echo "uid=$(id -u) user=$(id -un)"; '
+            'if command -v sudo >/dev/null 2>&1; then sudo -n true 2>&1; echo "sudo_rc=$?"; '
+            'else echo "sudo: command not found"; echo sudo_rc=127; fi'
+        )
 
     def process(self, output):
         head = dict(part.split("=", 1) for part in output[0].split())
         rc = int(output[-1].split("=", 1)[1])
-        return {"uid": int(head["uid"]), "user": head["user"], "sudo_ok": rc == 0,
-                "sudo_message": " ".join(line.strip() for line in output[1:-1]) or f"exit {rc}"}
+        return {
+            "uid": int(head["uid"]),
+            "user": head["user"],
+            "sudo_ok": rc == 0,
+            "sudo_message": " ".join(line.strip() for line in output[1:-1]) or f"exit {rc}",
+        }
 
 
 class PrivilegeWorks(FactBase):
@@ -291,16 +311,31 @@ def require_root(host):
     who = f"logs in as {login['user']} (uid {login['uid']})"
     wrappers = [key for key in ("_sudo", "_su_user", "_doas", "_dzdo") if arguments.get(key)]
     if not wrappers:
-        raise ConfigError("_sudo", f"{who}, not root, and no privilege wrapper is set: set `_sudo = True` "
-                          "in its data (or pass --sudo), or log in as root", host=host.name)
+        raise ConfigError(
+            "_sudo",
+            f"{who}, not root, and no privilege wrapper is set: set `_sudo = True` "
+            "in its data (or pass --sudo), or log in as root",
+            host=host.name,
+        )
     if wrappers == ["_sudo"] and not arguments.get("_sudo_password") and not arguments.get("_sudo_user"):
         if not login["sudo_ok"]:
-            raise ConfigError("_sudo", f"{who}; tried `sudo -n true`: {login['sudo_message']}. Give "
-                              f"{login['user']} passwordless sudo, or set `_sudo_password`", host=host.name)
+            raise ConfigError(
+                "_sudo",
+                f"{who}; tried `sudo -n true`: {login['sudo_message']}. Give "
+                f"{login['user']} passwordless sudo, or set `_sudo_password`",
+                host=host.name,
+            )
         return
     became = host.get_fact(PrivilegeWorks, _ignore_errors=True)
     if became != 0:
-        tried = ", ".join(f"{key}={'***' if key.endswith('password') else arguments[key]!r}"
-                          for key in (*wrappers, "_sudo_password", "_sudo_user") if arguments.get(key))
-        raise ConfigError(wrappers[0], f"{who}; tried `id -u` through {tried}: it did not run as root "
-                          f"({'failed' if became is None else f'uid {became}'})", host=host.name)
+        tried = ", ".join(
+            f"{key}={'***' if key.endswith('password') else arguments[key]!r}"
+            for key in (*wrappers, "_sudo_password", "_sudo_user")
+            if arguments.get(key)
+        )
+        raise ConfigError(
+            wrappers[0],
+            f"{who}; tried `id -u` through {tried}: it did not run as root "
+            f"({'failed' if became is None else f'uid {became}'})",
+            host=host.name,
+        )

@@ -23,8 +23,13 @@ def read(path=GROUP_DATA_ALL):
 def read_source(source, filename="<group data>"):
     """The gpufleet settings assigned in ``source`` (Python of literal assignments), by name."""
     tree = ast.parse(source, filename=filename)
-    return {target.id: ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
-            for target in node.targets if target.id.startswith(PREFIXES)}
+    return {
+        target.id: ast.literal_eval(node.value)
+        for node in tree.body
+        if isinstance(node, ast.Assign)
+        for target in node.targets
+        if target.id.startswith(PREFIXES)
+    }
 
 
 DEFAULTS = read()

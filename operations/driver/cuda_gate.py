@@ -34,5 +34,8 @@ def check(cuda, driver, field="image", host_name=None):
     """Raise ConfigError naming ``field`` when ``driver`` is too old for ``cuda``."""
     needed = minimum_driver(cuda)
     if _numbers(driver) < _numbers(needed):
-        raise ConfigError(field, f"needs CUDA {cuda}, which needs NVIDIA driver >= {needed}; "
-                                 f"the host's driver is {driver}", host=host_name)
+        raise ConfigError(
+            field,
+            f"needs CUDA {cuda}, which needs NVIDIA driver >= {needed}; the host's driver is {driver}",
+            host=host_name,
+        )

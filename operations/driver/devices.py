@@ -59,7 +59,7 @@ class NvidiaSmi(FactBase):
         return (
             "if command -v nvidia-smi >/dev/null; then "
             "nvidia-smi --query-gpu=driver_version,name,pci.bus_id,memory.total "
-            "--format=csv,noheader,nounits 2>&1; echo \"rc=$?\"; "
+            '--format=csv,noheader,nounits 2>&1; echo "rc=$?"; '
             "else echo 'nvidia-smi: not installed'; echo rc=127; fi"
         )
 
@@ -71,8 +71,7 @@ class NvidiaSmi(FactBase):
         gpus = []
         for line in lines:
             version, name, bus_id, memory = [part.strip() for part in line.split(",")]
-            gpus.append({"driver_version": version, "name": name, "bus_id": bus_id,
-                         "memory_mib": int(memory)})
+            gpus.append({"driver_version": version, "name": name, "bus_id": bus_id, "memory_mib": int(memory)})
         return {"ok": True, "gpus": gpus}
 
 
@@ -154,11 +153,15 @@ class DkmsStatus(FactBase):
                 rest = parts[1:]
             else:  # dkms 2: "nvidia, 535.54.03, 5.15.0-76-generic, x86_64: installed"
                 module, version, rest = parts[0], parts[1], parts[2:]
-            modules.append({
-                "module": module, "version": version,
-                "kernel": rest[0] if rest else None, "arch": rest[1] if len(rest) > 1 else None,
-                "state": state.strip().split()[0] if state.strip() else "",
-            })
+            modules.append(
+                {
+                    "module": module,
+                    "version": version,
+                    "kernel": rest[0] if rest else None,
+                    "arch": rest[1] if len(rest) > 1 else None,
+                    "state": state.strip().split()[0] if state.strip() else "",
+                }
+            )
         return modules
 
 
@@ -190,8 +193,7 @@ class NvidiaDeviceNodes(FactBase):
     default = dict
 
     def command(self):
-        return ("for f in /dev/nvidia* /dev/nvidia-caps/*; do "
-                '[ -c "$f" ] && stat -c "%n %t %T" "$f"; done; true')
+        return 'for f in /dev/nvidia* /dev/nvidia-caps/*; do [ -c "$f" ] && stat -c "%n %t %T" "$f"; done; true'
 
     def process(self, output):
         nodes = {}

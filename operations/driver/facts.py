@@ -31,9 +31,11 @@ class AptPackages(FactBase):
     def command(self, packages):
         # One cache load per apt-cache call: every package in one policy call, then their candidates' records.
         names = " ".join(shlex.quote(name) for name in packages)
-        return (f"apt-cache policy {names} 2>/dev/null; echo '@@ records'; "
-                f"apt-cache show --no-all-versions {names} 2>/dev/null | grep -E '^(Package|Version|Section|Depends):'; "
-                "true")
+        return (
+            f"apt-cache policy {names} 2>/dev/null; echo '@@ records'; "
+            f"apt-cache show --no-all-versions {names} 2>/dev/null | grep -E '^(Package|Version|Section|Depends):'; "
+            "true"
+        )
 
     def process(self, output):
         found, entry, in_table, records = {}, None, False, False
@@ -47,8 +49,13 @@ class AptPackages(FactBase):
                 elif entry is not None and field in ("Section", "Depends"):
                     entry[field.lower()] = value.strip()
             elif re.match(r"^\S+:$", line):
-                entry = found[line[:-1]] = {"installed": None, "candidate": None, "versions": [], "section": None,
-                                            "depends": ""}
+                entry = found[line[:-1]] = {
+                    "installed": None,
+                    "candidate": None,
+                    "versions": [],
+                    "section": None,
+                    "depends": "",
+                }
                 in_table = False
             elif entry is not None:
                 field, _, value = line.strip().partition(": ")
@@ -78,8 +85,10 @@ class KernelImages(FactBase):
         return {"images": {}, "metas": {}}
 
     def command(self):
-        return ("dpkg-query -W -f '${db:Status-Abbrev} ${Package} ${Version} ${Depends}\\n' 'linux-image-*' "
-                "2>/dev/null; true")
+        return (
+            "dpkg-query -W -f '${db:Status-Abbrev} ${Package} ${Version} ${Depends}\\n' 'linux-image-*' "
+            "2>/dev/null; true"
+        )
 
     def process(self, output):
         found = self.default()
@@ -93,9 +102,12 @@ class KernelImages(FactBase):
             if abi:
                 found["images"][f"{abi.group(1)}-{abi.group(2)}"] = version
             elif name.startswith("linux-image-"):
-                found["metas"][name[len("linux-image-"):]] = [
-                    item.strip().split(" ")[0] for alternatives in depends.split(",") for item in alternatives.split("|")
-                    if item.strip().startswith("linux-image-")]
+                found["metas"][name[len("linux-image-") :]] = [
+                    item.strip().split(" ")[0]
+                    for alternatives in depends.split(",")
+                    for item in alternatives.split("|")
+                    if item.strip().startswith("linux-image-")
+                ]
         return found
 
 
@@ -131,9 +143,11 @@ class NvidiaModuleFor(FactBase):
 
     def command(self, kernel):
         kernel = shlex.quote(kernel)
-        return ("for m in nvidia nvidia-current nvidia-current-open; do "
-                f"v=$(modinfo -k {kernel} -F version $m 2>/dev/null) && [ -n \"$v\" ] && "
-                f"echo \"$m $v $(modinfo -k {kernel} -n $m 2>/dev/null)\" && break; done; true")
+        return (
+            "for m in nvidia nvidia-current nvidia-current-open; do "
+            f'v=$(modinfo -k {kernel} -F version $m 2>/dev/null) && [ -n "$v" ] && '
+            f'echo "$m $v $(modinfo -k {kernel} -n $m 2>/dev/null)" && break; done; true'
+        )
 
     def process(self, output):
         for line in output:
@@ -147,9 +161,11 @@ class PersistencedUser(FactBase):
     """Returns the user the installed nvidia-persistenced unit runs the daemon as (``--user``), or None."""
 
     def command(self):
-        return ("for f in /etc/systemd/system/nvidia-persistenced.service /lib/systemd/system/nvidia-persistenced.service "
-                "/usr/lib/systemd/system/nvidia-persistenced.service; do [ -f $f ] && grep -h '^ExecStart=.*--user' $f "
-                "&& break; done; true")
+        return (
+            "for f in /etc/systemd/system/nvidia-persistenced.service /lib/systemd/system/nvidia-persistenced.service "
+            "/usr/lib/systemd/system/nvidia-persistenced.service; do [ -f $f ] && grep -h '^ExecStart=.*--user' $f "
+            "&& break; done; true"
+        )
 
     def process(self, output):
         for line in output:

@@ -31,9 +31,11 @@ from operations.proxmox.facts import PveVersion
 
 CUDA_REPO_URL = "https://developer.download.nvidia.com/compute/cuda/repos/{distro}{release}/x86_64/"
 CUDA_KEYRING = "/usr/share/keyrings/nvidia-cuda-archive-keyring.asc"  # apt reads armored .asc keys
-SOURCE_LISTS = {"local-repo": "/etc/apt/sources.list.d/gpufleet-local.list",
-                "cuda-repo": "/etc/apt/sources.list.d/nvidia-cuda.list",
-                "distro": "/etc/apt/sources.list.d/gpufleet-debian-nonfree.list"}
+SOURCE_LISTS = {
+    "local-repo": "/etc/apt/sources.list.d/gpufleet-local.list",
+    "cuda-repo": "/etc/apt/sources.list.d/nvidia-cuda.list",
+    "distro": "/etc/apt/sources.list.d/gpufleet-debian-nonfree.list",
+}
 # Builds the module with DKMS for a kernel and checks modinfo says the wanted version (sent inline).
 MODULE_CHECK = (TEMPLATES / "gpufleet-module-check").read_text()
 PIN_PATTERNS = ["*nvidia*", "libcuda*", "libnvcuvid*", "libnvoptix*", "cuda-drivers*"]
@@ -47,20 +49,24 @@ PERSISTENCED_USERS = {"Debian": "nvpd", "Ubuntu": "nvidia-persistenced"}
 VERSION = re.compile(r"\d{3}(\.\d+){0,2}")
 
 
-
 def check_version(data, host_name):
     version = data.get("nvidia_driver_version")
     if "nvidia_driver_version" in data and not VERSION.fullmatch(str(version or "")):
-        raise ConfigError("nvidia_driver_version", f"must be a branch such as '580' (its newest, then held) or an "
-                          f"exact version such as '580.173.02', got {version!r}", host=host_name)
-
+        raise ConfigError(
+            "nvidia_driver_version",
+            f"must be a branch such as '580' (its newest, then held) or an "
+            f"exact version such as '580.173.02', got {version!r}",
+            host=host_name,
+        )
 
 
 def debian_nonfree_lines(mirror, security_mirror, codename):
     components = "contrib non-free non-free-firmware"
-    return [f"deb {mirror} {codename} {components}",
-            f"deb {mirror} {codename}-updates {components}",
-            f"deb {security_mirror} {codename}-security {components}"]
+    return [
+        f"deb {mirror} {codename} {components}",
+        f"deb {mirror} {codename}-updates {components}",
+        f"deb {security_mirror} {codename}-security {components}",
+    ]
 
 
 def _proxmox_major():
@@ -79,12 +85,14 @@ def host_plan(source, requested, kernel_module=True, open_modules=False):
     meta = image_meta(host.get_fact(KernelImages)) if distro == "Ubuntu" else None
     nvswitch = any(d["kind"] == "nvswitch" for d in host_memo.fact(NvidiaPciDevices))
     proxmox = _proxmox_major()
-    names = driver_plan.relevant_packages(source, distro, driver_plan.branch_of(requested), kernel, meta,
-                                          open_modules, proxmox)
+    names = driver_plan.relevant_packages(
+        source, distro, driver_plan.branch_of(requested), kernel, meta, open_modules, proxmox
+    )
     apt_knows = host.get_fact(AptPackages, packages=names)
     installed = host_memo.fact(DebPackages)
-    result = driver_plan.plan(source, distro, requested, kernel, meta, apt_knows, installed, open_modules,
-                              nvswitch, kernel_module, proxmox)
+    result = driver_plan.plan(
+        source, distro, requested, kernel, meta, apt_knows, installed, open_modules, nvswitch, kernel_module, proxmox
+    )
     if proxmox and host.data.get("proxmox_kernel_headers"):
         result.headers = host.data.proxmox_kernel_headers
     result.apt = {name: apt_knows.get(name) for name in names}
@@ -129,8 +137,11 @@ def _plan_or_refuse(source, requested, kernel_module, open_modules):
     except driver_plan.PlanError as error:
         if error.field == "nvidia_driver_version" and source == "bundle" and _bundle_offers(requested, kernel_module):
             return None  # the bundle staged by this run has it: the operations plan once it is there
-        if (error.field != "nvidia_driver_version" or _source_in_place(source)
-                or _anchor_known(source, requested, kernel_module)):
+        if (
+            error.field != "nvidia_driver_version"
+            or _source_in_place(source)
+            or _anchor_known(source, requested, kernel_module)
+        ):
             raise ConfigError(error.field, str(error), host=host.name) from None
         return None
 
@@ -184,27 +195,38 @@ def kernel_headers(source: str, requested: str, open_modules: bool = False, gpus
         host.noop(f"no DKMS: {plan.notes[-1]}")
         return
     # What apt said of the headers when the plan was made (it asks about them), unless the plan named others.
-    known = (plan.apt[plan.headers] if plan.headers in plan.apt
-             else host.get_fact(AptPackages, packages=[plan.headers]).get(plan.headers))
+    known = (
+        plan.apt[plan.headers]
+        if plan.headers in plan.apt
+        else host.get_fact(AptPackages, packages=[plan.headers]).get(plan.headers)
+    )
     if known and known["installed"]:
         host.noop(f"{plan.headers} installed")
     elif known and known["candidate"]:
         yield f"{apt_pin.APT_INSTALL} {shlex.quote(plan.headers)}"
     elif kernel["headers"]:
-        host.noop(f"no {plan.headers} package; headers for {kernel['kernel']} are at /lib/modules/{kernel['kernel']}/build")
+        host.noop(
+            f"no {plan.headers} package; headers for {kernel['kernel']} are at /lib/modules/{kernel['kernel']}/build"
+        )
     elif gpus:
-        raise OperationError(f"{host.name}: DKMS builds the NVIDIA module against the running kernel "
-                             f"{kernel['kernel']}'s headers, and the host's apt sources have no {plan.headers} "
-                             f"(nor is /lib/modules/{kernel['kernel']}/build there). Install them, or boot a "
-                             "kernel of the distribution; nothing of the driver was installed")
+        raise OperationError(
+            f"{host.name}: DKMS builds the NVIDIA module against the running kernel "
+            f"{kernel['kernel']}'s headers, and the host's apt sources have no {plan.headers} "
+            f"(nor is /lib/modules/{kernel['kernel']}/build there). Install them, or boot a "
+            "kernel of the distribution; nothing of the driver was installed"
+        )
     else:
-        logger.warning(f"[{host.name}] no {plan.headers} in the host's apt sources for the running kernel "
-                       f"{kernel['kernel']}: DKMS cannot build the NVIDIA module for it (no GPU here: skipped)")
+        logger.warning(
+            f"[{host.name}] no {plan.headers} in the host's apt sources for the running kernel "
+            f"{kernel['kernel']}: DKMS cannot build the NVIDIA module for it (no GPU here: skipped)"
+        )
         host.noop(f"no headers for {kernel['kernel']}")
 
 
 @operation()
-def driver_installed(source: str, requested: str, pin_name: str, kernel_module: bool = True, open_modules: bool = False):
+def driver_installed(
+    source: str, requested: str, pin_name: str, kernel_module: bool = True, open_modules: bool = False
+):
     """
     Install the plan's packages at its version and hold them, its precompiled module packages (never
     held: kernel upgrades bring theirs), and remove what a former plan installed instead.
@@ -215,12 +237,20 @@ def driver_installed(source: str, requested: str, pin_name: str, kernel_module: 
         return
     for note in plan.notes:
         host.log(note)
-    yield from apt_pin.installed._inner(packages=plan.packages, version=plan.version, pin_name=pin_name,
-                                        pin_patterns=PIN_PATTERNS, unversioned=plan.modules, remove=plan.remove)
+    yield from apt_pin.installed._inner(
+        packages=plan.packages,
+        version=plan.version,
+        pin_name=pin_name,
+        pin_patterns=PIN_PATTERNS,
+        unversioned=plan.modules,
+        remove=plan.remove,
+    )
 
 
 @operation()
-def module_built(source: str, requested: str, open_modules: bool = False, log_glob: str = "/var/lib/dkms/*/{version}/build/make.log"):
+def module_built(
+    source: str, requested: str, open_modules: bool = False, log_glob: str = "/var/lib/dkms/*/{version}/build/make.log"
+):
     """
     The NVIDIA module of the driver's version exists for the running kernel (``modinfo -k``): a
     DKMS module not built yet is built (``dkms autoinstall``); one that cannot be is an error naming
@@ -239,15 +269,25 @@ def module_built(source: str, requested: str, open_modules: bool = False, log_gl
         host.noop(f"no headers for {kernel['kernel']}: the module is not built here")
         return
     if not plan.dkms:
-        raise OperationError(f"{host.name}: no NVIDIA module {plan.version} for the running kernel "
-                             f"{kernel['kernel']} after installing {', '.join(plan.modules)} (modinfo says: "
-                             f"{found['version'] if found else 'none'})")
-    yield (f"sh -c {shlex.quote(MODULE_CHECK)} gpufleet-module-check {shlex.quote(kernel['kernel'])} "
-           f"{shlex.quote(plan.version)} {shlex.quote(log_glob.format(version=plan.version))}")
+        raise OperationError(
+            f"{host.name}: no NVIDIA module {plan.version} for the running kernel "
+            f"{kernel['kernel']} after installing {', '.join(plan.modules)} (modinfo says: "
+            f"{found['version'] if found else 'none'})"
+        )
+    yield (
+        f"sh -c {shlex.quote(MODULE_CHECK)} gpufleet-module-check {shlex.quote(kernel['kernel'])} "
+        f"{shlex.quote(plan.version)} {shlex.quote(log_glob.format(version=plan.version))}"
+    )
 
 
 @deploy("Install NVIDIA driver", data_defaults=settings.DEFAULTS)
-def install_driver(source: str | None = None, version: str | None = None, reboot: bool | None = None, kernel_module: bool = True, open_modules: bool | None = None):
+def install_driver(
+    source: str | None = None,
+    version: str | None = None,
+    reboot: bool | None = None,
+    kernel_module: bool = True,
+    open_modules: bool | None = None,
+):
     """
     Install the pinned NVIDIA driver, hold it, blacklist nouveau, and reboot only if needed and allowed.
 
@@ -276,15 +316,21 @@ def install_driver(source: str | None = None, version: str | None = None, reboot
     if kernel_module:
         _refuse_unsigned_module_under_secure_boot(source, distro, plan)
     if plan:
-        logger.info(f"[{host.name}] NVIDIA driver {plan.version} ({version} pinned): "
-                    f"{'; '.join(plan.notes) or 'user space only'}")
+        logger.info(
+            f"[{host.name}] NVIDIA driver {plan.version} ({version} pinned): "
+            f"{'; '.join(plan.notes) or 'user space only'}"
+        )
 
     _apt_source(source, distro)
     driver = _packages(source, version, kernel_module, open_modules, gpus)
     if not kernel_module:
         return driver
-    module_built(name="Check the NVIDIA module is built for the running kernel", source=source, requested=version,
-                 open_modules=open_modules)
+    module_built(
+        name="Check the NVIDIA module is built for the running kernel",
+        source=source,
+        requested=version,
+        open_modules=open_modules,
+    )
     blacklist = _nouveau_blacklisted()
     dropin = _persistenced_dropin(distro)
     if gpus:
@@ -303,9 +349,13 @@ def _refuse_unfit_modules(source, distro, gpus, open_modules, nvswitch):
     except driver_plan.PlanError as error:
         raise ConfigError(error.field, str(error), host=host.name) from None
     if nvswitch and distro["name"] == "Debian" and source not in ("cuda-repo",):
-        raise ConfigError("nvidia_driver_source", "this host has NVSwitches, which need NVIDIA Fabric Manager "
-                          "at the driver's version, and Debian's archive has none: use nvidia_driver_source = "
-                          "'cuda-repo'", host=host.name)
+        raise ConfigError(
+            "nvidia_driver_source",
+            "this host has NVSwitches, which need NVIDIA Fabric Manager "
+            "at the driver's version, and Debian's archive has none: use nvidia_driver_source = "
+            "'cuda-repo'",
+            host=host.name,
+        )
 
 
 def _refuse_unsigned_module_under_secure_boot(source, distro, plan):
@@ -317,7 +367,8 @@ def _refuse_unsigned_module_under_secure_boot(source, distro, plan):
             f"{host_memo.fact(KernelHeaders)['kernel']}: the kernel would refuse to load it. Enrol a MOK and let "
             "DKMS sign with it (mokutil --import /var/lib/dkms/mok.pub, reboot, confirm), then set "
             "nvidia_driver_secure_boot_signed = True; or, on Ubuntu, run a kernel Canonical ships signed "
-            "precompiled NVIDIA modules for. Nothing was changed.")
+            "precompiled NVIDIA modules for. Nothing was changed."
+        )
 
 
 def _apt_source(source, distro):
@@ -325,21 +376,38 @@ def _apt_source(source, distro):
     component is in its default sources), apt's lists updated when it changed."""
     codename = (distro["release_meta"].get("VERSION_CODENAME") or "").lower()
     if source == "local-repo":
-        repo = files.line(name="Add the local driver repository", path=SOURCE_LISTS["local-repo"],
-                          line=apt_sources.local_line(host.data.nvidia_driver_local_repo))
+        repo = files.line(
+            name="Add the local driver repository",
+            path=SOURCE_LISTS["local-repo"],
+            line=apt_sources.local_line(host.data.nvidia_driver_local_repo),
+        )
     elif source == "cuda-repo":
         url = host.data.nvidia_driver_cuda_repo_url or CUDA_REPO_URL.format(
-            distro=distro["name"].lower(), release=distro["release_meta"].get("VERSION_ID", "").replace(".", ""))
-        files.download(name="Download NVIDIA's CUDA repository key", src=f"{url}3bf863cc.pub",
-                       dest=CUDA_KEYRING, mode="644")
-        repo = files.line(name="Add NVIDIA's CUDA repository", path=SOURCE_LISTS["cuda-repo"],
-                          line=apt_sources.signed_line(CUDA_KEYRING, url))
+            distro=distro["name"].lower(), release=distro["release_meta"].get("VERSION_ID", "").replace(".", "")
+        )
+        files.download(
+            name="Download NVIDIA's CUDA repository key", src=f"{url}3bf863cc.pub", dest=CUDA_KEYRING, mode="644"
+        )
+        repo = files.line(
+            name="Add NVIDIA's CUDA repository",
+            path=SOURCE_LISTS["cuda-repo"],
+            line=apt_sources.signed_line(CUDA_KEYRING, url),
+        )
     elif source == "distro" and distro["name"] == "Debian":
-        repo = files.put(name="Enable Debian's contrib, non-free and non-free-firmware",
-                         src=StringIO("\n".join(debian_nonfree_lines(
-                             host.data.nvidia_driver_debian_mirror,
-                             host.data.nvidia_driver_debian_security_mirror, codename)) + "\n"),
-                         dest=SOURCE_LISTS["distro"], mode="644", create_remote_dir=False)
+        repo = files.put(
+            name="Enable Debian's contrib, non-free and non-free-firmware",
+            src=StringIO(
+                "\n".join(
+                    debian_nonfree_lines(
+                        host.data.nvidia_driver_debian_mirror, host.data.nvidia_driver_debian_security_mirror, codename
+                    )
+                )
+                + "\n"
+            ),
+            dest=SOURCE_LISTS["distro"],
+            mode="644",
+            create_remote_dir=False,
+        )
     else:
         return
     apt_sources.update_after("driver", [repo])
@@ -350,35 +418,65 @@ def _packages(source, version, kernel_module, open_modules, gpus):
     version, and NVIDIA's packages kept out of unattended upgrades. Returns the package operation."""
     what = "NVIDIA driver" if kernel_module else "NVIDIA user-space driver (no kernel module)"
     if kernel_module:
-        kernel_headers(name="Install the running kernel's headers for DKMS", source=source, requested=version,
-                       open_modules=open_modules, gpus=len(gpus))
-    driver = driver_installed(name=f"Install {what} {version} and hold it", source=source, requested=version,
-                              pin_name="gpufleet-nvidia-driver", kernel_module=kernel_module,
-                              open_modules=open_modules)
-    files.put(name="Keep NVIDIA packages out of unattended upgrades",
-              src=StringIO('Unattended-Upgrade::Package-Blacklist {\n    "nvidia-";\n    "libnvidia-";\n'
-                           '    "libcuda";\n    "cuda-drivers";\n};\n'),
-              dest=UNATTENDED_BLACKLIST, mode="644", create_remote_dir=False)
+        kernel_headers(
+            name="Install the running kernel's headers for DKMS",
+            source=source,
+            requested=version,
+            open_modules=open_modules,
+            gpus=len(gpus),
+        )
+    driver = driver_installed(
+        name=f"Install {what} {version} and hold it",
+        source=source,
+        requested=version,
+        pin_name="gpufleet-nvidia-driver",
+        kernel_module=kernel_module,
+        open_modules=open_modules,
+    )
+    files.put(
+        name="Keep NVIDIA packages out of unattended upgrades",
+        src=StringIO(
+            'Unattended-Upgrade::Package-Blacklist {\n    "nvidia-";\n    "libnvidia-";\n'
+            '    "libcuda";\n    "cuda-drivers";\n};\n'
+        ),
+        dest=UNATTENDED_BLACKLIST,
+        mode="644",
+        create_remote_dir=False,
+    )
     return driver
 
 
 def _nouveau_blacklisted():
     """nouveau blacklisted, and the initramfs rebuilt without it when that changed."""
-    blacklist = files.put(name="Blacklist nouveau", src=StringIO("blacklist nouveau\noptions nouveau modeset=0\n"),
-                          dest=NOUVEAU_BLACKLIST, mode="644")
-    server.shell(name="Rebuild the initramfs without nouveau", _if=blacklist.did_change,
-                 commands=["if command -v update-initramfs >/dev/null; then update-initramfs -u; "
-                           "else echo 'no initramfs-tools on this host: nothing to rebuild'; fi"])
+    blacklist = files.put(
+        name="Blacklist nouveau",
+        src=StringIO("blacklist nouveau\noptions nouveau modeset=0\n"),
+        dest=NOUVEAU_BLACKLIST,
+        mode="644",
+    )
+    server.shell(
+        name="Rebuild the initramfs without nouveau",
+        _if=blacklist.did_change,
+        commands=[
+            "if command -v update-initramfs >/dev/null; then update-initramfs -u; "
+            "else echo 'no initramfs-tools on this host: nothing to rebuild'; fi"
+        ],
+    )
     return blacklist
 
 
 def _persistenced_dropin(distro):
     """nvidia-persistenced's drop-in: persistence mode, as the user its distro's package made."""
     user = host.get_fact(PersistencedUser) or PERSISTENCED_USERS.get(distro["name"], "nvidia-persistenced")
-    dropin = files.put(name="Run nvidia-persistenced in persistence mode",
-                       src=StringIO("[Service]\nExecStart=\nExecStart=/usr/bin/nvidia-persistenced "
-                                    f"--user {user} --persistence-mode --verbose\n"),
-                       dest=PERSISTENCED_DROPIN, mode="644")
+    dropin = files.put(
+        name="Run nvidia-persistenced in persistence mode",
+        src=StringIO(
+            "[Service]\nExecStart=\nExecStart=/usr/bin/nvidia-persistenced "
+            f"--user {user} --persistence-mode --verbose\n"
+        ),
+        dest=PERSISTENCED_DROPIN,
+        mode="644",
+    )
     systemd.daemon_reload(name="Reload systemd after the persistenced drop-in changed", _if=dropin.did_change)
     return dropin
 
@@ -387,17 +485,26 @@ def _persistence_daemon(source, distro, dropin):
     """nvidia-persistenced installed (Debian ships it apart), restarted after its drop-in changed, running."""
     if distro["name"] == "Debian" and source != "cuda-repo":
         apt.packages(name="Install nvidia-persistenced", packages=["nvidia-persistenced"], no_recommends=True)
-    systemd.service(name="Restart nvidia-persistenced after its drop-in changed", service="nvidia-persistenced",
-                    restarted=True, _if=dropin.did_change)
+    systemd.service(
+        name="Restart nvidia-persistenced after its drop-in changed",
+        service="nvidia-persistenced",
+        restarted=True,
+        _if=dropin.did_change,
+    )
     systemd.service(name="Enable nvidia-persistenced", service="nvidia-persistenced", running=True, enabled=True)
 
 
 def _fabric_manager(driver):
     """NVIDIA Fabric Manager (NVSwitch systems): restarted after the driver changed, running."""
-    systemd.service(name="Restart NVIDIA Fabric Manager after the driver changed", service="nvidia-fabricmanager",
-                    restarted=True, _if=driver.did_change)
-    systemd.service(name="Run NVIDIA Fabric Manager (NVSwitch)", service="nvidia-fabricmanager", running=True,
-                    enabled=True)
+    systemd.service(
+        name="Restart NVIDIA Fabric Manager after the driver changed",
+        service="nvidia-fabricmanager",
+        restarted=True,
+        _if=driver.did_change,
+    )
+    systemd.service(
+        name="Run NVIDIA Fabric Manager (NVSwitch)", service="nvidia-fabricmanager", running=True, enabled=True
+    )
 
 
 def _reboot_when_needed(wanted, reboot, driver, blacklist):
@@ -407,12 +514,16 @@ def _reboot_when_needed(wanted, reboot, driver, blacklist):
     stale = loaded is not None and loaded["version"] != wanted
     why = f"loaded module {loaded['version']} is not {wanted}" if stale else "driver or nouveau blacklist changed"
     if reboot and host.connector_cls.__name__ != "LocalConnector":
-        server.reboot(name=f"Reboot to load NVIDIA driver {wanted} ({why})",
-                      reboot_timeout=host.data.nvidia_driver_reboot_timeout,
-                      _if=reboot_needed(stale, driver, blacklist))
+        server.reboot(
+            name=f"Reboot to load NVIDIA driver {wanted} ({why})",
+            reboot_timeout=host.data.nvidia_driver_reboot_timeout,
+            _if=reboot_needed(stale, driver, blacklist),
+        )
     elif stale or driver.will_change or blacklist.will_change:  # a message, not an operation: said up front
-        logger.warning(f"[{host.name}] reboot needed to load NVIDIA driver {wanted} ({why}); "
-                       "not rebooting: set nvidia_driver_reboot = True to allow it")
+        logger.warning(
+            f"[{host.name}] reboot needed to load NVIDIA driver {wanted} ({why}); "
+            "not rebooting: set nvidia_driver_reboot = True to allow it"
+        )
 
 
 def reboot_needed(stale, driver, blacklist):

@@ -76,15 +76,21 @@ def resolve_version(requested, anchor_name, apt, field="nvidia_driver_version"):
     if EXACT.fullmatch(requested):
         if requested == installed or requested in offered:
             return requested
-        raise PlanError(field, f"{requested} is not in the host's apt sources, and not installed: they offer "
-                               f"{anchor_name} {listing}. Pin one of those, or the branch "
-                               f"({branch_of(requested)!r}) to take its newest")
+        raise PlanError(
+            field,
+            f"{requested} is not in the host's apt sources, and not installed: they offer "
+            f"{anchor_name} {listing}. Pin one of those, or the branch "
+            f"({branch_of(requested)!r}) to take its newest",
+        )
     if installed and branch_of(installed) == requested:
         return installed
     matching = [version for version in offered if branch_of(version) == requested]
     if not matching:
-        raise PlanError(field, f"branch {requested}: the host's apt sources offer no {anchor_name}"
-                               f"{f' of that branch (they have {listing})' if info else ''}")
+        raise PlanError(
+            field,
+            f"branch {requested}: the host's apt sources offer no {anchor_name}"
+            f"{f' of that branch (they have {listing})' if info else ''}",
+        )
     return max(matching, key=version_key)
 
 
@@ -100,7 +106,9 @@ def _offered(apt, name):
 
 def _minimum_common(info, flavour):
     """The driver version (``nvidia-kernel-common-<flavour> (>= X)``) a precompiled module package needs."""
-    match = re.search(rf"nvidia-kernel-common-{re.escape(flavour)} \(>= (\d+(?:\.\d+)*)", (info or {}).get("depends", ""))
+    match = re.search(
+        rf"nvidia-kernel-common-{re.escape(flavour)} \(>= (\d+(?:\.\d+)*)", (info or {}).get("depends", "")
+    )
     return match.group(1) if match else None
 
 
@@ -120,8 +128,11 @@ def ubuntu(branch, version, kernel, meta, apt, installed, open_modules=False):
         plan.remove = [dkms_package] if dkms_package in installed else []
         plan.notes.append(f"Canonical's signed precompiled module for {kernel}: {', '.join(plan.modules)}")
         return plan
-    why = (f"{abi} needs driver >= {needed}" if _offered(apt, abi) else f"no precompiled module for {kernel} "
-           f"({abi} is not in the host's apt sources)")
+    why = (
+        f"{abi} needs driver >= {needed}"
+        if _offered(apt, abi)
+        else f"no precompiled module for {kernel} ({abi} is not in the host's apt sources)"
+    )
     plan.packages.append(dkms_package)
     plan.headers, plan.dkms = f"linux-headers-{kernel}", True
     plan.notes.append(f"{why}: DKMS builds it ({dkms_package}, linux-headers-{kernel})")
@@ -134,36 +145,53 @@ def debian(version, kernel, open_modules=False, proxmox=None):
     headers = f"linux-headers-{kernel}"
     if proxmox:
         headers = f"{'proxmox' if proxmox >= 8 else 'pve'}-headers-{kernel}"
-    return DriverPlan(version=version, packages=[dkms_package, "nvidia-smi", "libcuda1"], headers=headers,
-                      dkms=True, notes=[f"DKMS builds the module ({dkms_package}, {headers})"])
+    return DriverPlan(
+        version=version,
+        packages=[dkms_package, "nvidia-smi", "libcuda1"],
+        headers=headers,
+        dkms=True,
+        notes=[f"DKMS builds the module ({dkms_package}, {headers})"],
+    )
 
 
 def userspace(distro, branch, version):
     """An LXC guest: user-space libraries and nvidia-smi only (its host loads the module)."""
     if distro == "Ubuntu":
-        return DriverPlan(version=version, packages=[f"nvidia-utils-{branch}-server",
-                                                     f"libnvidia-compute-{branch}-server"])
+        return DriverPlan(
+            version=version, packages=[f"nvidia-utils-{branch}-server", f"libnvidia-compute-{branch}-server"]
+        )
     return DriverPlan(version=version, packages=["nvidia-smi", "libcuda1"])
 
 
 def fabric_manager(source, distro, branch, apt):
     """The Fabric Manager package NVSwitch systems need, at the driver's version."""
     for name in (f"nvidia-fabricmanager-{branch}", "nvidia-fabricmanager"):
-        if _offered(apt, name) and (name.endswith(branch) or branch_of(upstream(apt[name]["candidate"] or
-                                                                                 apt[name]["installed"])) == branch):
+        if _offered(apt, name) and (
+            name.endswith(branch) or branch_of(upstream(apt[name]["candidate"] or apt[name]["installed"])) == branch
+        ):
             return name
-    where = "Debian's archive has none; use nvidia_driver_source = 'cuda-repo'" if (
-        distro == "Debian" and source != "cuda-repo") else f"the host's apt sources offer no nvidia-fabricmanager-{branch}"
-    raise PlanError("nvidia_driver_source", f"this host has NVSwitches, which need NVIDIA Fabric Manager at the "
-                                            f"driver's version: {where}")
+    where = (
+        "Debian's archive has none; use nvidia_driver_source = 'cuda-repo'"
+        if (distro == "Debian" and source != "cuda-repo")
+        else f"the host's apt sources offer no nvidia-fabricmanager-{branch}"
+    )
+    raise PlanError(
+        "nvidia_driver_source",
+        f"this host has NVSwitches, which need NVIDIA Fabric Manager at the driver's version: {where}",
+    )
 
 
 def relevant_packages(source, distro, branch, kernel, meta, open_modules=False, proxmox=None):
     """Every package name the plan may ask apt about."""
     if distro == "Ubuntu" and source != "cuda-repo":
         flavour = f"{branch}-server" + ("-open" if open_modules else "")
-        names = [f"nvidia-utils-{branch}-server", f"nvidia-headless-no-dkms-{flavour}", f"nvidia-dkms-{flavour}",
-                 f"linux-modules-nvidia-{flavour}-{kernel}", f"linux-headers-{kernel}"]
+        names = [
+            f"nvidia-utils-{branch}-server",
+            f"nvidia-headless-no-dkms-{flavour}",
+            f"nvidia-dkms-{flavour}",
+            f"linux-modules-nvidia-{flavour}-{kernel}",
+            f"linux-headers-{kernel}",
+        ]
         if meta:
             names.append(f"linux-modules-nvidia-{flavour}-{meta}")
     elif source == "cuda-repo":
@@ -173,24 +201,46 @@ def relevant_packages(source, distro, branch, kernel, meta, open_modules=False, 
     return names + [f"nvidia-fabricmanager-{branch}", "nvidia-fabricmanager"]
 
 
-def plan(source, distro, requested, kernel, meta, apt, installed, open_modules=False, nvswitch=False,
-         kernel_module=True, proxmox=None):
+def plan(
+    source,
+    distro,
+    requested,
+    kernel,
+    meta,
+    apt,
+    installed,
+    open_modules=False,
+    nvswitch=False,
+    kernel_module=True,
+    proxmox=None,
+):
     """The driver for a host, or PlanError naming the setting to change."""
     branch = branch_of(requested)
     if not kernel_module and source == "cuda-repo":
-        raise PlanError("nvidia_driver_source", "an LXC guest takes user-space libraries from 'distro', 'local-repo' "
-                                                "or 'bundle'; NVIDIA's cuda-drivers packages bring a kernel module")
+        raise PlanError(
+            "nvidia_driver_source",
+            "an LXC guest takes user-space libraries from 'distro', 'local-repo' "
+            "or 'bundle'; NVIDIA's cuda-drivers packages bring a kernel module",
+        )
     anchor_name = anchor(source, distro, branch, kernel_module)
     if transitional(apt.get(anchor_name)):
         info = apt[anchor_name]
-        raise PlanError("nvidia_driver_version", f"{anchor_name} {info['candidate']} is a transitional package "
-                        f"({info['depends']}): Ubuntu has moved branch {branch} to another; pin that branch")
+        raise PlanError(
+            "nvidia_driver_version",
+            f"{anchor_name} {info['candidate']} is a transitional package "
+            f"({info['depends']}): Ubuntu has moved branch {branch} to another; pin that branch",
+        )
     version = resolve_version(requested, anchor_name, apt)
     if not kernel_module:
         return userspace(distro, branch, version)
     if source == "cuda-repo":
-        result = DriverPlan(version=version, packages=[anchor_name], headers=f"linux-headers-{kernel}", dkms=True,
-                            notes=[f"NVIDIA's {anchor_name}: DKMS builds the module"])
+        result = DriverPlan(
+            version=version,
+            packages=[anchor_name],
+            headers=f"linux-headers-{kernel}",
+            dkms=True,
+            notes=[f"NVIDIA's {anchor_name}: DKMS builds the module"],
+        )
     elif distro == "Ubuntu":
         result = ubuntu(branch, version, kernel, meta, apt, installed, open_modules)
     else:
@@ -214,8 +264,13 @@ def check_kernel_module_kind(gpus, open_modules):
             continue
         described = f"GPU {gpu['device']} at {gpu['slot']} ({known['name']}, {known['generation']})"
         if open_modules and order.index(known["generation"]) < order.index("Turing"):
-            raise PlanError("nvidia_driver_open", f"{described} is older than Turing: NVIDIA's open kernel modules "
-                                                  "do not support it; set nvidia_driver_open = False")
+            raise PlanError(
+                "nvidia_driver_open",
+                f"{described} is older than Turing: NVIDIA's open kernel modules "
+                "do not support it; set nvidia_driver_open = False",
+            )
         if not open_modules and known["generation"] == "Blackwell":
-            raise PlanError("nvidia_driver_open", f"{described} runs only with NVIDIA's open kernel modules: set "
-                                                  "nvidia_driver_open = True")
+            raise PlanError(
+                "nvidia_driver_open",
+                f"{described} runs only with NVIDIA's open kernel modules: set nvidia_driver_open = True",
+            )

@@ -17,9 +17,9 @@ from operations.offline import bundle, staging
 
 SOURCE_LIST = "/etc/apt/sources.list.d/gpufleet-bundle.list"
 # Update only the bundle's source, and keep the lists of the others (unreachable, not wrong).
-OFFLINE_UPDATE = (f"apt-get update -o Dir::Etc::SourceList={SOURCE_LIST} -o Dir::Etc::SourceParts=- "
-                  "-o APT::Get::List-Cleanup=0")
-
+OFFLINE_UPDATE = (
+    f"apt-get update -o Dir::Etc::SourceList={SOURCE_LIST} -o Dir::Etc::SourceParts=- -o APT::Get::List-Cleanup=0"
+)
 
 
 def check_bundle(data, host_name):
@@ -28,12 +28,14 @@ def check_bundle(data, host_name):
     if not data.get("gpufleet_offline"):
         return
     if not data.get("gpufleet_bundle"):
-        raise ConfigError("gpufleet_bundle", "an offline host needs a bundle to install from "
-                          "(python -m operations.offline.bundle build ...)", host=host_name)
+        raise ConfigError(
+            "gpufleet_bundle",
+            "an offline host needs a bundle to install from (python -m operations.offline.bundle build ...)",
+            host=host_name,
+        )
     for field in ("nvidia_driver_source", "nvidia_toolkit_source"):
         if data.get(field) not in (None, "bundle"):
             raise ConfigError(field, f"must be 'bundle' on an offline host, got {data[field]!r}", host=host_name)
-
 
 
 @deploy("Stage the bundle's packages", data_defaults=settings.DEFAULTS)
@@ -53,10 +55,18 @@ def stage_packages(bundle_path: str | None = None, bundle_dir: str | None = None
     if not packages:
         return
     repo = posixpath.join(bundle_dir, "apt")
-    staged = staging.stage(name="Stage the bundle's apt repository", src=f"{bundle_path}/apt", dest=repo,
-                           files=packages)
-    source = files.put(name="Add the bundle's apt repository", src=StringIO(f"deb [trusted=yes] file:{repo} ./\n"),
-                       dest=SOURCE_LIST, mode="644", user="root", group="root", create_remote_dir=False)
+    staged = staging.stage(
+        name="Stage the bundle's apt repository", src=f"{bundle_path}/apt", dest=repo, files=packages
+    )
+    source = files.put(
+        name="Add the bundle's apt repository",
+        src=StringIO(f"deb [trusted=yes] file:{repo} ./\n"),
+        dest=SOURCE_LIST,
+        mode="644",
+        user="root",
+        group="root",
+        create_remote_dir=False,
+    )
     changed = lambda: staged.did_change() or source.did_change()  # noqa: E731
     if offline:
         server.shell(name="Update apt lists from the bundle only", commands=[OFFLINE_UPDATE], _if=changed)
@@ -82,13 +92,23 @@ def load_images(images: list[str], bundle_path: str | None = None, bundle_dir: s
     if not chosen:
         return {}
     archives = bundle.part(bundle.load(bundle_path), "images")
-    staging.stage(name="Stage the bundle's image archives", src=f"{bundle_path}/images",
-                  dest=posixpath.join(bundle_dir, "images"),
-                  files={path: entry for path, entry in archives.items()
-                         if f"images/{path}" in {image["file"] for image in chosen}})
-    return {image["name"]: docker_images.loaded(name=f"Load image {image['name']}", image=image["name"],
-                                                image_id=image["id"], archive=posixpath.join(bundle_dir, image["file"]))
-            for image in chosen}
+    staging.stage(
+        name="Stage the bundle's image archives",
+        src=f"{bundle_path}/images",
+        dest=posixpath.join(bundle_dir, "images"),
+        files={
+            path: entry for path, entry in archives.items() if f"images/{path}" in {image["file"] for image in chosen}
+        },
+    )
+    return {
+        image["name"]: docker_images.loaded(
+            name=f"Load image {image['name']}",
+            image=image["name"],
+            image_id=image["id"],
+            archive=posixpath.join(bundle_dir, image["file"]),
+        )
+        for image in chosen
+    }
 
 
 def carries(bundle_path, image):

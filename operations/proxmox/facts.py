@@ -95,8 +95,11 @@ class PveVersion(FactBase):
             match = re.match(r"pve-manager/(\d+)\.(\d+)[.-](\S+?)/\S+(?:\s+\(running kernel: (\S+)\))?", line)
             if match:
                 major, minor, rest = match.group(1), match.group(2), match.group(3)
-                return {"version": f"{major}.{minor}.{rest}", "release": (int(major), int(minor)),
-                        "kernel": match.group(4)}
+                return {
+                    "version": f"{major}.{minor}.{rest}",
+                    "release": (int(major), int(minor)),
+                    "kernel": match.group(4),
+                }
         return None
 
 

@@ -34,12 +34,14 @@ CONF_DIR = "/etc/pve/lxc"
 MODULES_LOAD = "/etc/modules-load.d/gpufleet-nvidia.conf"
 NODES_UNIT = "gpufleet-nvidia-device-nodes"
 # Nodes a guest needs: the GPUs, the control device, unified memory, modeset and MIG capabilities.
-GUEST_NODE = re.compile(r"^/dev/(nvidia\d+|nvidiactl|nvidia-uvm|nvidia-uvm-tools|nvidia-modeset|"
-                        r"nvidia-caps/nvidia-cap\d+)$")
-
+GUEST_NODE = re.compile(
+    r"^/dev/(nvidia\d+|nvidiactl|nvidia-uvm|nvidia-uvm-tools|nvidia-modeset|"
+    r"nvidia-caps/nvidia-cap\d+)$"
+)
 
 
 # --- pure rules (unit-tested) ---------------------------------------------------------------
+
 
 def gpu_majors(proc_devices):
     """Majors of the GPU, nvidia-uvm and nvidia-caps devices from /proc/devices (None when absent)."""
@@ -67,7 +69,8 @@ def guest_nodes(nodes, majors, host_name="host"):
             raise HostStateError(
                 f"{host_name}: {path} has major {nodes[path][0]} but /proc/devices gives its device major "
                 f"{expected}: a node left from another driver. Run 'systemctl restart {NODES_UNIT}' "
-                "(or reboot) so it is created again. Nothing was changed.")
+                "(or reboot) so it is created again. Nothing was changed."
+            )
     return chosen
 
 
@@ -92,11 +95,12 @@ def dev_changes(options, nodes):
 
     Returns ``([(key, path), ...] to set, [key, ...] to delete)``.
     """
-    existing = {key: parse_property_string(value) for key, value in options.items()
-                if re.fullmatch(r"dev\d+", key)}
+    existing = {key: parse_property_string(value) for key, value in options.items() if re.fullmatch(r"dev\d+", key)}
     paths = {key: entry.get("path") or entry.get("") for key, entry in existing.items()}
-    delete = sorted((key for key, path in paths.items() if path and path.startswith("/dev/nvidia")
-                     and path not in nodes), key=lambda k: int(k[3:]))
+    delete = sorted(
+        (key for key, path in paths.items() if path and path.startswith("/dev/nvidia") and path not in nodes),
+        key=lambda k: int(k[3:]),
+    )
     have = {path for key, path in paths.items() if key not in delete}
     free = (f"dev{i}" for i in range(256) if f"dev{i}" not in existing or f"dev{i}" in delete)
     to_set = [(next(free), path) for path in nodes if path not in have]
@@ -123,16 +127,18 @@ def conf_edit_command(conf, add, remove):
     script = (
         'BEGIN { n = split(add, A, "\\n"); m = split(del, D, "\\n"); for (i = 1; i <= m; i++) R[D[i]] = 1; main = 1 }\n'
         'main && /^\\[/ { for (i = 1; i <= n; i++) print A[i]; main = 0; for (; b > 0; b--) print ""; print; next }\n'
-        'main && ($0 in R) { next }\n'
-        'main && /^$/ { b++; next }\n'
+        "main && ($0 in R) { next }\n"
+        "main && /^$/ { b++; next }\n"
         'main { for (; b > 0; b--) print "" }\n'
-        '{ print }\n'
-        'END { if (main) for (i = 1; i <= n; i++) print A[i] }\n'
+        "{ print }\n"
+        "END { if (main) for (i = 1; i <= n; i++) print A[i] }\n"
     )
     tmp = f"{conf}.gpufleet-tmp"
-    return (f"awk -v add={shlex.quote(_awk_lines(add))} "
-            f"-v del={shlex.quote(_awk_lines(remove))} {shlex.quote(script)} {conf} > {tmp} && "
-            f"cat {tmp} > {conf} && rm -f {tmp}")
+    return (
+        f"awk -v add={shlex.quote(_awk_lines(add))} "
+        f"-v del={shlex.quote(_awk_lines(remove))} {shlex.quote(script)} {conf} > {tmp} && "
+        f"cat {tmp} > {conf} && rm -f {tmp}"
+    )
 
 
 def _awk_lines(lines):
@@ -142,10 +148,12 @@ def _awk_lines(lines):
 
 # --- inventory model ------------------------------------------------------------------------
 
+
 def guests_of(host_name):
     """The inventory's LXC guests whose ``proxmox_host`` is this host."""
-    return [guest for guest in inventory.get_group("lxc_guests", default=[])
-            if guest.data.get("proxmox_host") == host_name]
+    return [
+        guest for guest in inventory.get_group("lxc_guests", default=[]) if guest.data.get("proxmox_host") == host_name
+    ]
 
 
 def proxmox_host_of(guest):
@@ -153,14 +161,21 @@ def proxmox_host_of(guest):
     name = guest.data.get("proxmox_host")
     vmid = guest.data.get("proxmox_vmid")
     if not name or vmid is None:
-        raise ConfigError("proxmox_host" if not name else "proxmox_vmid",
-                          "an LXC guest names its Proxmox host and VMID", host=guest.name)
+        raise ConfigError(
+            "proxmox_host" if not name else "proxmox_vmid",
+            "an LXC guest names its Proxmox host and VMID",
+            host=guest.name,
+        )
     pve = inventory.get_host(name, default=None)
     if pve is None or pve not in inventory.get_group("proxmox_hosts", default=[]):
         raise ConfigError("proxmox_host", f"{name!r} is not a host of the proxmox_hosts group", host=guest.name)
     if not pve.connected:
-        raise ConfigError("proxmox_host", f"{name} is not in this run (--limit?): the guest's driver is "
-                          "matched to its host's, so both are deployed together", host=guest.name)
+        raise ConfigError(
+            "proxmox_host",
+            f"{name} is not in this run (--limit?): the guest's driver is "
+            "matched to its host's, so both are deployed together",
+            host=guest.name,
+        )
     return pve
 
 
@@ -186,7 +201,9 @@ def guest_driver_version(guest=None):
             "nvidia_driver_version",
             f"pins {pinned} but its Proxmox host {pve.name} has {what} {version}; an LXC guest's "
             f"libraries must be exactly its host's version: pin {version} for the guest, or move the "
-            "host first (install, reboot) and then the guest", host=guest.name)
+            "host first (install, reboot) and then the guest",
+            host=guest.name,
+        )
     return version
 
 
@@ -198,6 +215,7 @@ def guest_is_unprivileged(guest=None):
 
 
 # --- operations -----------------------------------------------------------------------------
+
 
 @operation()
 def guest_devices(vmid: int, nodes: list[str], syntax: str, majors: dict, record: dict):
@@ -257,25 +275,39 @@ def prepare_host():
     """
     if host.get_fact(PveVersion) is None:
         raise HostStateError(f"{host.name}: in group proxmox_hosts but pveversion is missing: not a Proxmox VE host")
-    files.put(name="Load nvidia and nvidia_uvm at boot", src=StringIO("nvidia\nnvidia_uvm\n"),
-              dest=MODULES_LOAD, mode="644")
-    script = files.put(name="Install the device node script", src=str(TEMPLATES / NODES_UNIT),
-                       dest=f"{TOOLS_DIR}/{NODES_UNIT}", mode="755")
+    files.put(
+        name="Load nvidia and nvidia_uvm at boot", src=StringIO("nvidia\nnvidia_uvm\n"), dest=MODULES_LOAD, mode="644"
+    )
+    script = files.put(
+        name="Install the device node script",
+        src=str(TEMPLATES / NODES_UNIT),
+        dest=f"{TOOLS_DIR}/{NODES_UNIT}",
+        mode="755",
+    )
     unit = files.put(
         name=f"Install {NODES_UNIT}.service",
-        src=StringIO("[Unit]\nDescription=gpufleet: NVIDIA device nodes for LXC passthrough\n"
-                     "After=systemd-modules-load.service\nBefore=pve-guests.service\n\n"
-                     "[Service]\nType=oneshot\nRemainAfterExit=yes\n"
-                     f"ExecStart={TOOLS_DIR}/{NODES_UNIT}\n\n"
-                     "[Install]\nWantedBy=multi-user.target\n"),
-        dest=f"/etc/systemd/system/{NODES_UNIT}.service", mode="644")
+        src=StringIO(
+            "[Unit]\nDescription=gpufleet: NVIDIA device nodes for LXC passthrough\n"
+            "After=systemd-modules-load.service\nBefore=pve-guests.service\n\n"
+            "[Service]\nType=oneshot\nRemainAfterExit=yes\n"
+            f"ExecStart={TOOLS_DIR}/{NODES_UNIT}\n\n"
+            "[Install]\nWantedBy=multi-user.target\n"
+        ),
+        dest=f"/etc/systemd/system/{NODES_UNIT}.service",
+        mode="644",
+    )
     systemd.daemon_reload(name="Reload systemd after the device node unit changed", _if=unit.did_change)
     has_gpu = bool(devices.gpus())
     if has_gpu:
-        systemd.service(name=f"Restart {NODES_UNIT} after it changed", service=f"{NODES_UNIT}.service",
-                        restarted=True, _if=any_changed(script, unit))
-    systemd.service(name=f"Enable {NODES_UNIT}", service=f"{NODES_UNIT}.service", enabled=True,
-                    running=True if has_gpu else None)
+        systemd.service(
+            name=f"Restart {NODES_UNIT} after it changed",
+            service=f"{NODES_UNIT}.service",
+            restarted=True,
+            _if=any_changed(script, unit),
+        )
+    systemd.service(
+        name=f"Enable {NODES_UNIT}", service=f"{NODES_UNIT}.service", enabled=True, running=True if has_gpu else None
+    )
 
 
 @deploy("Pass NVIDIA devices to LXC guests")
@@ -297,21 +329,34 @@ def configure_guests():
         unprivileged = conf["options"].get("unprivileged") == "1"
         changed = []
         if majors["gpu"] is None:
-            logger.warning(f"[{host.name}] /proc/devices lists no NVIDIA device (module not loaded: reboot "
-                           f"after the driver install): container {vmid} gets no GPU this run")
+            logger.warning(
+                f"[{host.name}] /proc/devices lists no NVIDIA device (module not loaded: reboot "
+                f"after the driver install): container {vmid} gets no GPU this run"
+            )
         else:
             nodes = guest_nodes(host.get_fact(NvidiaDeviceNodes), majors, host.name)
             syntax = guest.data.get("proxmox_passthrough") or "auto"
             if syntax == "auto":
                 syntax = "dev" if release >= (8, 1) else "lxc"
-            changed.append(guest_devices(
-                name=f"Pass {len(nodes)} NVIDIA device node(s) to container {vmid} ({syntax} entries)",
-                vmid=vmid, nodes=nodes, syntax=syntax, majors=majors,
-                record=f"{host.data.get('gpufleet_state_dir') or settings.DEFAULTS['gpufleet_state_dir']}"
-                       f"/proxmox/{vmid}.lxc-lines"))
+            changed.append(
+                guest_devices(
+                    name=f"Pass {len(nodes)} NVIDIA device node(s) to container {vmid} ({syntax} entries)",
+                    vmid=vmid,
+                    nodes=nodes,
+                    syntax=syntax,
+                    majors=majors,
+                    record=f"{host.data.get('gpufleet_state_dir') or settings.DEFAULTS['gpufleet_state_dir']}"
+                    f"/proxmox/{vmid}.lxc-lines",
+                )
+            )
         if guest.data.get("proxmox_docker_features", True):
-            changed.append(guest_features(name=f"Enable nesting{', keyctl' if unprivileged else ''} "
-                                               f"for container {vmid}", vmid=vmid, unprivileged=unprivileged))
+            changed.append(
+                guest_features(
+                    name=f"Enable nesting{', keyctl' if unprivileged else ''} for container {vmid}",
+                    vmid=vmid,
+                    unprivileged=unprivileged,
+                )
+            )
         results.append((guest, changed))
     return results
 
@@ -326,8 +371,11 @@ def restart_guests(results: list):
         vmid = int(guest.data.proxmox_vmid)
         running = host.get_fact(PctStatus, vmid=vmid) == "running"
         if running and guest.data.get("proxmox_guest_restart"):
-            server.shell(name=f"Restart container {vmid} ({guest.name}) to apply its new devices",
-                         commands=[f"pct reboot {vmid}"], _if=any_changed(*changed))
+            server.shell(
+                name=f"Restart container {vmid} ({guest.name}) to apply its new devices",
+                commands=[f"pct reboot {vmid}"],
+                _if=any_changed(*changed),
+            )
             continue
         # What follows is said, not done: up front, from what the operations above will change.
         if not any(op.will_change for op in changed):
@@ -335,5 +383,7 @@ def restart_guests(results: list):
         if not running:
             logger.info(f"[{host.name}] container {vmid} is not running: its new config applies at its next start")
         else:
-            logger.warning(f"[{host.name}] container {vmid} ({guest.name}) needs a restart to see its new "
-                           f"devices: run 'pct reboot {vmid}', or set proxmox_guest_restart = True for it")
+            logger.warning(
+                f"[{host.name}] container {vmid} ({guest.name}) needs a restart to see its new "
+                f"devices: run 'pct reboot {vmid}', or set proxmox_guest_restart = True for it"
+            )

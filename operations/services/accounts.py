@@ -52,8 +52,10 @@ def account_commands(name, uid, gid, found):
         commands.append(f"groupmod --gid {int(gid)} {quoted}")
     user = found["user"]
     if user is None:
-        commands.append(f"useradd --system --uid {int(uid)} --gid {quoted} --shell {NO_LOGIN} "
-                        f"--home-dir {NO_HOME} --no-create-home {quoted}")
+        commands.append(
+            f"useradd --system --uid {int(uid)} --gid {quoted} --shell {NO_LOGIN} "
+            f"--home-dir {NO_HOME} --no-create-home {quoted}"
+        )
         return commands
     changes = []
     if user["uid"] != uid:

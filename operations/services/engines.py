@@ -36,8 +36,13 @@ ENGINES = {
         # prefixes ... /invocations (which exposes the same inference capabilities as /v1) remain[s]
         # unauthenticated" (its --help): beyond loopback it needs the proxy, like an unkeyed engine.
         "key_guards_every_route": False,
-        "managed": {"--model": "model", "--served-model-name": "served_name", "--host": "port", "--port": "port",
-                    "--api-key": "api_key_file"},
+        "managed": {
+            "--model": "model",
+            "--served-model-name": "served_name",
+            "--host": "port",
+            "--port": "port",
+            "--api-key": "api_key_file",
+        },
         "env": {"HOME": "/tmp", "HF_HOME": "/tmp/hf", "HF_HUB_OFFLINE": "1"},
     },
     "tgi": {
@@ -49,8 +54,16 @@ ENGINES = {
         "flags": "tgi-launcher.flags",
         "key_guards_every_route": True,
         # set by gpufleet from the service's fields: refused in args, naming the field
-        "managed": {"--model-id": "model", "--hostname": "port", "--port": "port", "-p": "port",
-                    "--api-key": "api_key_file", "--ngrok": None, "--ngrok-authtoken": None, "--ngrok-edge": None},
+        "managed": {
+            "--model-id": "model",
+            "--hostname": "port",
+            "--port": "port",
+            "-p": "port",
+            "--api-key": "api_key_file",
+            "--ngrok": None,
+            "--ngrok-authtoken": None,
+            "--ngrok-edge": None,
+        },
         "env": {"HOME": "/tmp", "HF_HOME": "/tmp/hf", "HF_HUB_OFFLINE": "1"},
     },
     "ollama": {
@@ -72,8 +85,16 @@ ENGINES = {
         "needs_gpu": False,
         "flags": "llama-server.help",
         "key_guards_every_route": True,
-        "managed": {"-m": "model", "--model": "model", "-a": "served_name", "--alias": "served_name",
-                    "--host": "port", "--port": "port", "--api-key": "api_key_file", "--api-key-file": "api_key_file"},
+        "managed": {
+            "-m": "model",
+            "--model": "model",
+            "-a": "served_name",
+            "--alias": "served_name",
+            "--host": "port",
+            "--port": "port",
+            "--api-key": "api_key_file",
+            "--api-key-file": "api_key_file",
+        },
         "env": {},
     },
 }
@@ -109,8 +130,26 @@ def accepted_flags(engine):
 
 
 NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,40}")
-FIELDS = {"name", "engine", "image", "model", "port", "gpus", "memory", "shm_size", "args", "api_key_file",
-          "hf_token_file", "network", "cuda", "user", "served_name", "start_timeout", "listen", "proxy_port"}
+FIELDS = {
+    "name",
+    "engine",
+    "image",
+    "model",
+    "port",
+    "gpus",
+    "memory",
+    "shm_size",
+    "args",
+    "api_key_file",
+    "hf_token_file",
+    "network",
+    "cuda",
+    "user",
+    "served_name",
+    "start_timeout",
+    "listen",
+    "proxy_port",
+}
 
 
 def is_loopback(address):
@@ -144,8 +183,10 @@ def check_service(index, service, host_name=None):
     if own_port is not None and not (isinstance(own_port, int) and 0 < own_port < 65536):
         _fail(index, "port", "a TCP port number", host_name)
     gpus = service.get("gpus", "all")
-    if not (gpus in ("all", "none") or (isinstance(gpus, list) and gpus and
-                                        all(isinstance(g, int) and g >= 0 for g in gpus))):
+    if not (
+        gpus in ("all", "none")
+        or (isinstance(gpus, list) and gpus and all(isinstance(g, int) and g >= 0 for g in gpus))
+    ):
         _fail(index, "gpus", "'all', 'none' or a list of GPU indices", host_name)
     for field in ("memory", "shm_size"):
         if service.get(field) is not None and not checks.is_size(service[field]):
@@ -160,20 +201,29 @@ def check_service(index, service, host_name=None):
         if not (isinstance(proxy_port, int) and 0 < proxy_port < 65536) or proxy_port == port(service):
             _fail(index, "proxy_port", "a TCP port number other than the service's own", host_name)
         if not service.get("api_key_file"):
-            _fail(index, "proxy_port", "the proxy checks the service's key: give the service an api_key_file",
-                  host_name)
+            _fail(
+                index, "proxy_port", "the proxy checks the service's key: give the service an api_key_file", host_name
+            )
     elif service.get("api_key_file") and not profile["api_key_env"]:
-        _fail(index, "api_key_file", f"{service['engine']} has no API key of its own: set proxy_port to put "
-                                     "gpufleet's authenticating proxy in front of it, which checks this key",
-              host_name)
+        _fail(
+            index,
+            "api_key_file",
+            f"{service['engine']} has no API key of its own: set proxy_port to put "
+            "gpufleet's authenticating proxy in front of it, which checks this key",
+            host_name,
+        )
     args = service.get("args", [])
     if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
         _fail(index, "args", "a list of strings", host_name)
     for field in ("args", "served_name", "model"):
         values = args if field == "args" else [service.get(field) or ""]
         if any(isinstance(value, str) and systemd_syntax.has_control_characters(value) for value in values):
-            _fail(index, field, "may not hold control characters (a newline, a tab...): systemd cannot pass them "
-                                "to the engine", host_name)
+            _fail(
+                index,
+                field,
+                "may not hold control characters (a newline, a tab...): systemd cannot pass them to the engine",
+                host_name,
+            )
     accepted = accepted_flags(service["engine"])
     spelling = profile.get("flag_spelling") or (lambda flag: flag)
     for arg in args:
@@ -182,13 +232,25 @@ def check_service(index, service, host_name=None):
             continue  # a value (a negative number included)
         if flag in profile["managed"]:
             field = profile["managed"][flag]
-            _fail(index, "args", f"{flag} is set by gpufleet" + (f" from the service's {field}" if field else
-                                 ", never from args"), host_name)
+            _fail(
+                index,
+                "args",
+                f"{flag} is set by gpufleet" + (f" from the service's {field}" if field else ", never from args"),
+                host_name,
+            )
         if accepted is not None and flag not in accepted:
             close = difflib.get_close_matches(flag, sorted(accepted), n=1)
-            _fail(index, "args", f"{service['engine']} does not take {flag}"
-                                 + (f" (did you mean {close[0]}?)" if close else
-                                    f" (it takes: {', '.join(sorted(accepted)) or 'no flags'})"), host_name)
+            _fail(
+                index,
+                "args",
+                f"{service['engine']} does not take {flag}"
+                + (
+                    f" (did you mean {close[0]}?)"
+                    if close
+                    else f" (it takes: {', '.join(sorted(accepted)) or 'no flags'})"
+                ),
+                host_name,
+            )
     if service.get("user") is not None and not re.fullmatch(r"\d+(:\d+)?", str(service["user"])):
         _fail(index, "user", "a numeric UID or UID:GID (default: the service's own account, gpufleet-NAME)", host_name)
     if service.get("cuda") is not None and not re.fullmatch(r"\d+\.\d+(\.\d+)?", str(service["cuda"])):
@@ -240,10 +302,26 @@ def docker_args(service, weights_root, env_file, use_gpus, user=DEFAULT_USER, ke
     bind = listen(service) if service.get("network", "host") == "host" else "0.0.0.0"
     gpus = service.get("gpus", "all")
     # Logs: json-file, rotated as daemon.json says (docker_log_max_size / docker_log_max_file).
-    args = ["run", "--rm", "--name", name, "--init", "--pull", "never",
-            "--user", user, "--read-only", "--tmpfs", "/tmp:rw,size=1g",
-            "--security-opt", "no-new-privileges", "--cap-drop", "ALL",
-            "-v", f"{weights_root}:{WEIGHTS_MOUNT}:ro"]
+    args = [
+        "run",
+        "--rm",
+        "--name",
+        name,
+        "--init",
+        "--pull",
+        "never",
+        "--user",
+        user,
+        "--read-only",
+        "--tmpfs",
+        "/tmp:rw,size=1g",
+        "--security-opt",
+        "no-new-privileges",
+        "--cap-drop",
+        "ALL",
+        "-v",
+        f"{weights_root}:{WEIGHTS_MOUNT}:ro",
+    ]
     host_network = service.get("network", "host") == "host"
     if host_network:
         args += ["--network", "host"]
@@ -263,8 +341,12 @@ def docker_args(service, weights_root, env_file, use_gpus, user=DEFAULT_USER, ke
     for key, value in sorted(profile["env"].items()):
         args += ["-e", f"{key}={value}"]
     if service["engine"] == "ollama":
-        args += ["-e", f"OLLAMA_MODELS={WEIGHTS_MOUNT}/{service['model']}",
-                 "-e", f"OLLAMA_HOST={_url_host(bind)}:{listen_port}"]
+        args += [
+            "-e",
+            f"OLLAMA_MODELS={WEIGHTS_MOUNT}/{service['model']}",
+            "-e",
+            f"OLLAMA_HOST={_url_host(bind)}:{listen_port}",
+        ]
     args.append(service["image"])
     return args + engine_args(service, listen_port, use_gpus, key_in_file=key_file is not None, bind=bind)
 
@@ -279,14 +361,18 @@ def engine_args(service, listen_port, use_gpus, key_in_file=False, bind=LOOPBACK
     if engine == "tgi":
         return ["--model-id", model, "--hostname", bind, "--port", str(listen_port), *extra]
     if engine == "llamacpp":
-        layers = [] if any(a.split("=")[0] in ("-ngl", "--n-gpu-layers") for a in extra) else \
-            ["--n-gpu-layers", "999" if use_gpus else "0"]
+        layers = (
+            []
+            if any(a.split("=")[0] in ("-ngl", "--n-gpu-layers") for a in extra)
+            else ["--n-gpu-layers", "999" if use_gpus else "0"]
+        )
         keyed = ["--api-key-file", KEY_MOUNT] if key_in_file else []
-        return ["-m", model, "--alias", served, "--host", bind, "--port", str(listen_port), *layers, *keyed,
-                *extra]
+        return ["-m", model, "--alias", served, "--host", bind, "--port", str(listen_port), *layers, *keyed, *extra]
     return ["serve"] if engine == "ollama" else []
 
 
 def ready_urls(service):
-    return [f"http://{_url_host(probe_address(service))}:{port(service)}{path}"
-            for path in ENGINES[service["engine"]]["ready"]]
+    return [
+        f"http://{_url_host(probe_address(service))}:{port(service)}{path}"
+        for path in ENGINES[service["engine"]]["ready"]
+    ]

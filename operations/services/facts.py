@@ -21,9 +21,11 @@ class ServiceReady(FactBase):
     """
 
     def command(self, urls, key_file, key_var):
-        return (f"GPUFLEET_KEY_FILE={shlex.quote(key_file or '')} GPUFLEET_KEY_VAR={shlex.quote(key_var or '')} "
-                f"{TOOLS_DIR}/gpufleet-wait-ready 2 {' '.join(shlex.quote(u) for u in urls)} 2>&1 "
-                "|| echo __not_ready__")
+        return (
+            f"GPUFLEET_KEY_FILE={shlex.quote(key_file or '')} GPUFLEET_KEY_VAR={shlex.quote(key_var or '')} "
+            f"{TOOLS_DIR}/gpufleet-wait-ready 2 {' '.join(shlex.quote(u) for u in urls)} 2>&1 "
+            "|| echo __not_ready__"
+        )
 
     def process(self, output):
         if output and output[-1] == "__not_ready__":
@@ -77,9 +79,14 @@ class InstalledServices(FactBase):
         units = {}
         for line in output:
             path, _, text = line.partition(":")
-            match = re.match(r"# Managed by gpufleet: (inference service|authenticating proxy of inference "
-                             r"service) ([a-z0-9-]+)[ .]", text)
+            match = re.match(
+                r"# Managed by gpufleet: (inference service|authenticating proxy of inference "
+                r"service) ([a-z0-9-]+)[ .]",
+                text,
+            )
             if match:
-                units[posixpath.basename(path)] = {"service": match.group(2),
-                                                   "proxy": match.group(1).startswith("authenticating")}
+                units[posixpath.basename(path)] = {
+                    "service": match.group(2),
+                    "proxy": match.group(1).startswith("authenticating"),
+                }
         return units

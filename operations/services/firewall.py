@@ -28,9 +28,6 @@ UNIT = "gpufleet-firewall.service"
 UNIT_PATH = f"/etc/systemd/system/{UNIT}"
 
 
-
-
-
 class LoadedFirewall(FactBase):
     """
     Returns the digest the loaded ``inet gpufleet`` table carries in its comment, "" when the table
@@ -58,8 +55,10 @@ class LoadedFirewall(FactBase):
 
 def sources_by_family(sources):
     """``inference_allowed_sources`` split into IPv4 and IPv6 networks (pure)."""
-    networks = sorted({ipaddress.ip_network(source, strict=False) for source in sources},
-                      key=lambda network: (network.version, network))
+    networks = sorted(
+        {ipaddress.ip_network(source, strict=False) for source in sources},
+        key=lambda network: (network.version, network),
+    )
     return ([str(n) for n in networks if n.version == 4], [str(n) for n in networks if n.version == 6])
 
 
@@ -67,10 +66,18 @@ def rules(ports, sources):
     """The nftables file for ``ports`` admitted from ``sources`` (pure: unit-tested with ``nft -c``).
     Its table comment is the SHA-256 of the rest, which the deploy compares with the loaded table's."""
     ipv4, ipv6 = sources_by_family(sources)
-    body = Template((TEMPLATES / "gpufleet-firewall.nft.j2").read_text(), keep_trailing_newline=True,
-                    trim_blocks=True, lstrip_blocks=True).render(
-        table=TABLE, ports=", ".join(str(p) for p in sorted(set(ports))), ipv4=", ".join(ipv4),
-        ipv6=", ".join(ipv6), digest="@DIGEST@")
+    body = Template(
+        (TEMPLATES / "gpufleet-firewall.nft.j2").read_text(),
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    ).render(
+        table=TABLE,
+        ports=", ".join(str(p) for p in sorted(set(ports))),
+        ipv4=", ".join(ipv4),
+        ipv6=", ".join(ipv6),
+        digest="@DIGEST@",
+    )
     digest = "sha256:" + hashlib.sha256(body.encode()).hexdigest()
     return body.replace("@DIGEST@", digest), digest
 
@@ -94,17 +101,34 @@ def admit_only_allowed(ports: list[int], sources: list[str] | None = None, confi
         return
     text, digest = rules(ports, sources)
     apt.packages(name="Install nftables", packages=["nftables"])
-    rules_file = files.put(name=f"Write {rules_path} (ports {', '.join(str(p) for p in sorted(set(ports)))})",
-                           src=StringIO(text), dest=rules_path, mode="644", user="root", group="root")
+    rules_file = files.put(
+        name=f"Write {rules_path} (ports {', '.join(str(p) for p in sorted(set(ports)))})",
+        src=StringIO(text),
+        dest=rules_path,
+        mode="644",
+        user="root",
+        group="root",
+    )
     unit_text = Template((TEMPLATES / f"{UNIT}.j2").read_text(), keep_trailing_newline=True).render(
-        rules_path=rules_path)
-    unit = files.put(name=f"Install unit {UNIT}", src=StringIO(unit_text), dest=UNIT_PATH, mode="644",
-                     user="root", group="root", create_remote_dir=False)
+        rules_path=rules_path
+    )
+    unit = files.put(
+        name=f"Install unit {UNIT}",
+        src=StringIO(unit_text),
+        dest=UNIT_PATH,
+        mode="644",
+        user="root",
+        group="root",
+        create_remote_dir=False,
+    )
     systemd.daemon_reload(name=f"Reload systemd for {UNIT}", _if=unit.did_change)
     loaded = host.get_fact(LoadedFirewall)
-    systemd.service(name=f"Load the rules ({UNIT}) after they changed, or when the loaded table is not theirs",
-                    service=UNIT, restarted=True,
-                    _if=lambda: rules_file.did_change() or unit.did_change() or loaded != digest)
+    systemd.service(
+        name=f"Load the rules ({UNIT}) after they changed, or when the loaded table is not theirs",
+        service=UNIT,
+        restarted=True,
+        _if=lambda: rules_file.did_change() or unit.did_change() or loaded != digest,
+    )
     systemd.service(name=f"Keep {UNIT} enabled at boot", service=UNIT, running=True, enabled=True)
 
 

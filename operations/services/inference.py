@@ -49,26 +49,42 @@ def check_services(data, host_name):
         engines.check_service(index, service, host_name)
         address = service.get("listen") or data.get("inference_listen") or engines.LOOPBACK
         field = f"inference_services[{index}].listen" if service.get("listen") else "inference_listen"
-        if (not engines.is_loopback(address) and not engines.guarded(service)
-                and not data.get("inference_expose_unauthenticated")):
+        if (
+            not engines.is_loopback(address)
+            and not engines.guarded(service)
+            and not data.get("inference_expose_unauthenticated")
+        ):
             profile = engines.ENGINES[service["engine"]]
             if not profile["api_key_env"]:
                 unkeyed = f"has no API key ({service['engine']} has none)"
             elif not service.get("api_key_file"):
                 unkeyed = "has no api_key_file"
             else:
-                unkeyed = (f"is keyed, but {service['engine']}'s key leaves some routes open (vLLM: "
-                           "/invocations, its --help says)")
-            raise ConfigError(field, f"{address}: service {service['name']} {unkeyed}, so anyone reaching {address}:"
-                              f"{engines.port(service)} could use it. Keep it on 127.0.0.1, set its proxy_port "
-                              "(gpufleet's authenticating proxy, which checks its api_key_file), or set "
-                              "inference_expose_unauthenticated = True", host=host_name)
-        if (not engines.is_loopback(address) and data.get("inference_firewall", True)
-                and not data.get("inference_allowed_sources")):
-            raise ConfigError(field, f"{address}: service {service['name']} listens beyond this host, but "
-                              "inference_allowed_sources is empty, so the firewall admits nobody: name the "
-                              "addresses or networks that may connect (e.g. ['10.0.0.0/8']), or set "
-                              "inference_firewall = False to keep your own firewall", host=host_name)
+                unkeyed = (
+                    f"is keyed, but {service['engine']}'s key leaves some routes open (vLLM: "
+                    "/invocations, its --help says)"
+                )
+            raise ConfigError(
+                field,
+                f"{address}: service {service['name']} {unkeyed}, so anyone reaching {address}:"
+                f"{engines.port(service)} could use it. Keep it on 127.0.0.1, set its proxy_port "
+                "(gpufleet's authenticating proxy, which checks its api_key_file), or set "
+                "inference_expose_unauthenticated = True",
+                host=host_name,
+            )
+        if (
+            not engines.is_loopback(address)
+            and data.get("inference_firewall", True)
+            and not data.get("inference_allowed_sources")
+        ):
+            raise ConfigError(
+                field,
+                f"{address}: service {service['name']} listens beyond this host, but "
+                "inference_allowed_sources is empty, so the firewall admits nobody: name the "
+                "addresses or networks that may connect (e.g. ['10.0.0.0/8']), or set "
+                "inference_firewall = False to keep your own firewall",
+                host=host_name,
+            )
         if service["name"] in names:
             raise ConfigError(f"inference_services[{index}].name", f"{service['name']!r} is used twice", host=host_name)
         for field, port in (("port", engines.port(service)), ("proxy_port", service.get("proxy_port"))):
@@ -79,16 +95,26 @@ def check_services(data, host_name):
         names.add(service["name"])
         for field in ("api_key_file", "hf_token_file"):
             if service.get(field) and not Path(service[field]).is_file():
-                raise ConfigError(f"inference_services[{index}].{field}",
-                                  f"{service[field]}: no such file on the control node", host=host_name)
+                raise ConfigError(
+                    f"inference_services[{index}].{field}",
+                    f"{service[field]}: no such file on the control node",
+                    host=host_name,
+                )
         if service.get("cuda") and data.get("nvidia_driver_version"):
-            cuda_gate.check(service["cuda"], data["nvidia_driver_version"],
-                            field=f"inference_services[{index}].image", host_name=host_name)
+            cuda_gate.check(
+                service["cuda"],
+                data["nvidia_driver_version"],
+                field=f"inference_services[{index}].image",
+                host_name=host_name,
+            )
         weights.check_model(index, service["model"], data, host_name)
         if data.get("gpufleet_offline") and not offline.carries(data.get("gpufleet_bundle"), service["image"]):
-            raise ConfigError(f"inference_services[{index}].image", f"{service['image']} is not among the bundle's "
-                              "images, and this offline host cannot pull it: add it to the bundle", host=host_name)
-
+            raise ConfigError(
+                f"inference_services[{index}].image",
+                f"{service['image']} is not among the bundle's "
+                "images, and this offline host cannot pull it: add it to the bundle",
+                host=host_name,
+            )
 
 
 @deploy("Provide the services' container images", data_defaults=settings.DEFAULTS)
@@ -108,8 +134,9 @@ def install_images(images: list[str], follow_tag: bool | None = None):
     bundled = [image for image in sorted(set(images)) if offline.carries(bundle_path, image)]
     operations = offline.load_images(bundled) if bundled else {}
     for image in sorted(set(images) - set(bundled)):
-        operations[image] = docker_images.pulled(name=f"Pull image {image}", image=image, follow_tag=follow_tag,
-                                                 state_dir=host.data.gpufleet_state_dir)
+        operations[image] = docker_images.pulled(
+            name=f"Pull image {image}", image=image, follow_tag=follow_tag, state_dir=host.data.gpufleet_state_dir
+        )
     return operations
 
 
@@ -146,9 +173,12 @@ def placement(service, secrets_dir):
     key_file = posixpath.join(secrets_dir, f"{service['name']}.key") if keyed and profile["api_key_file_flag"] else None
     in_env = (keyed and not key_file) or bool(service.get("hf_token_file"))
     env_file = posixpath.join(secrets_dir, f"{service['name']}.env") if in_env else None
-    return {"key_file": key_file, "env_file": env_file,
-            "key_source": key_file or (env_file if keyed else None),
-            "key_var": "" if key_file or not keyed else profile["api_key_env"]}
+    return {
+        "key_file": key_file,
+        "env_file": env_file,
+        "key_source": key_file or (env_file if keyed else None),
+        "key_var": "" if key_file or not keyed else profile["api_key_env"],
+    }
 
 
 def with_listen(services):
@@ -171,10 +201,16 @@ def unit_text(service, weights_root, env_file, use_gpus, start_timeout, user=eng
     container = managed_name(service["name"])
     args = engines.docker_args(service, weights_root, env_file, use_gpus, user=user, key_file=key_file)
     return Template((TEMPLATES / "inference.service.j2").read_text(), keep_trailing_newline=True).render(
-        name=service["name"], engine=service["engine"], model=service["model"],
-        port=engines.port(service), container=container, tools_dir=TOOLS_DIR, user=user,
+        name=service["name"],
+        engine=service["engine"],
+        model=service["model"],
+        port=engines.port(service),
+        container=container,
+        tools_dir=TOOLS_DIR,
+        user=user,
         key_source=key_file or (env_file if service.get("api_key_file") else "") or "",
-        key_var="" if key_file else profile["api_key_env"] or "", env_file=env_file or "",
+        key_var="" if key_file else profile["api_key_env"] or "",
+        env_file=env_file or "",
         volume_dir=posixpath.join(weights_root, service["model"].split("/")[0]),
         docker_args=systemd_syntax.command_line(args),
         ready_urls=systemd_syntax.command_line(engines.ready_urls(service)),
@@ -194,7 +230,13 @@ def env_content(service, profile, key_in_file=False):
 
 
 @deploy("Deploy inference services", data_defaults=settings.DEFAULTS)
-def install_services(services: list[dict] | None = None, gpus: int = 0, weights_root: str | None = None, start_timeout: int | None = None, image_ops: dict | None = None):
+def install_services(
+    services: list[dict] | None = None,
+    gpus: int = 0,
+    weights_root: str | None = None,
+    start_timeout: int | None = None,
+    image_ops: dict | None = None,
+):
     """
     Install, start and check every inference service of the host.
 
@@ -216,8 +258,11 @@ def install_services(services: list[dict] | None = None, gpus: int = 0, weights_
     start_timeout = start_timeout or host.data.inference_start_timeout
     _install_tools(with_weight_check=bool(services))
     accounts = host.get_fact(ServiceAccounts)
-    volumes = weights.stage_volumes(volumes={weights.volume_of(s["model"]) for s in services},
-                                    weights_root=weights_root) if services else {}
+    volumes = (
+        weights.stage_volumes(volumes={weights.volume_of(s["model"]) for s in services}, weights_root=weights_root)
+        if services
+        else {}
+    )
     # What the inventory no longer names goes now: images and weights are in place, no new unit
     # has started, and a renamed service's port is free for its successor.
     remove_services(stale_units(services), accounts, secrets_dir=base.secrets_dir())
@@ -225,8 +270,10 @@ def install_services(services: list[dict] | None = None, gpus: int = 0, weights_
     # gpufleet's table is removed.
     firewall.admit_only_allowed(ports=guarded_ports(services) if services and host.data.inference_firewall else [])
     ids = service_ids(services, accounts)
-    results = [_install_service(service, ids[service["name"]], gpus, weights_root, start_timeout,
-                                volumes, image_ops or {}) for service in services]
+    results = [
+        _install_service(service, ids[service["name"]], gpus, weights_root, start_timeout, volumes, image_ops or {})
+        for service in services
+    ]
     _prune_unused(services, weights_root)
     return results
 
@@ -234,11 +281,21 @@ def install_services(services: list[dict] | None = None, gpus: int = 0, weights_
 def _install_tools(with_weight_check):
     """gpufleet's readiness check, and its weight check when the host has services."""
     files.directory(name=f"Ensure {TOOLS_DIR} exists", path=TOOLS_DIR, mode="755")
-    files.put(name="Install the readiness check", src=str(TEMPLATES / "gpufleet-wait-ready"),
-              dest=f"{TOOLS_DIR}/gpufleet-wait-ready", mode="755", create_remote_dir=False)  # ensured just above
+    files.put(
+        name="Install the readiness check",
+        src=str(TEMPLATES / "gpufleet-wait-ready"),
+        dest=f"{TOOLS_DIR}/gpufleet-wait-ready",
+        mode="755",
+        create_remote_dir=False,
+    )  # ensured just above
     if with_weight_check:
-        files.put(name="Install the weight check", src=str(TEMPLATES / "gpufleet-verify-weights"),
-                  dest=f"{TOOLS_DIR}/gpufleet-verify-weights", mode="755", create_remote_dir=False)
+        files.put(
+            name="Install the weight check",
+            src=str(TEMPLATES / "gpufleet-verify-weights"),
+            dest=f"{TOOLS_DIR}/gpufleet-verify-weights",
+            mode="755",
+            create_remote_dir=False,
+        )
 
 
 def _install_service(service, user, gpus, weights_root, start_timeout, volumes, image_ops):
@@ -248,35 +305,74 @@ def _install_service(service, user, gpus, weights_root, start_timeout, volumes, 
     engine_service = auth_proxy.engine_side(service) if service.get("proxy_port") else service
     uid, gid = (int(number) for number in user.split(":"))
     if not service.get("user"):
-        service_account(name=f"Add account {managed_name(name)} (its containers run as it)",
-                        user=managed_name(name), uid=uid, gid=gid)
+        service_account(
+            name=f"Add account {managed_name(name)} (its containers run as it)",
+            user=managed_name(name),
+            uid=uid,
+            gid=gid,
+        )
     runs_here = _says_where_it_runs(service, gpus)
     where = _placement_with_proxy(service, engine_service, user)
     new_key, new_secrets = write_secrets(service, engine_service, where, uid, gid)
     use_gpus = bool(gpus) and service.get("gpus", "all") != "none"
-    unit = files.put(name=f"Install unit {unit_name(name)}",
-                     src=StringIO(unit_text(engine_service, weights_root, where["env_file"], use_gpus, start_timeout,
-                                            user=user, key_file=where["key_file"])),
-                     dest=unit_path(unit_name(name)), mode="644", user="root", group="root", create_remote_dir=False)
+    unit = files.put(
+        name=f"Install unit {unit_name(name)}",
+        src=StringIO(
+            unit_text(
+                engine_service,
+                weights_root,
+                where["env_file"],
+                use_gpus,
+                start_timeout,
+                user=user,
+                key_file=where["key_file"],
+            )
+        ),
+        dest=unit_path(unit_name(name)),
+        mode="644",
+        user="root",
+        group="root",
+        create_remote_dir=False,
+    )
     systemd.daemon_reload(name=f"Reload systemd for {managed_name(name)}", _if=unit.did_change)
     if not runs_here:
         return engine_service, None, where
-    ready = host.get_fact(ServiceReady, urls=engines.ready_urls(engine_service), key_file=where["key_source"],
-                          key_var=where["key_var"])
+    ready = host.get_fact(
+        ServiceReady, urls=engines.ready_urls(engine_service), key_file=where["key_source"], key_var=where["key_var"]
+    )
     volume = weights.volume_of(service["model"])
     systemd.service(
         name=f"Restart {managed_name(name)} after its unit, secrets, weights or image changed, or it was not ready",
-        service=managed_name(name), restarted=True,
-        _if=restart_needed(service, ready, unit, new_secrets, image_ops.get(service["image"]), volumes[volume],
-                           posixpath.join(weights_root, volume)),
+        service=managed_name(name),
+        restarted=True,
+        _if=restart_needed(
+            service,
+            ready,
+            unit,
+            new_secrets,
+            image_ops.get(service["image"]),
+            volumes[volume],
+            posixpath.join(weights_root, volume),
+        ),
     )
-    systemd.service(name=f"Run {managed_name(name)} ({service['engine']}, {service['model']}) and wait until ready",
-                    service=managed_name(name), running=True, enabled=True)
+    systemd.service(
+        name=f"Run {managed_name(name)} ({service['engine']}, {service['model']}) and wait until ready",
+        service=managed_name(name),
+        running=True,
+        enabled=True,
+    )
     if service.get("proxy_port"):
-        proxy_ready = host.get_fact(ServiceReady, urls=auth_proxy.ready_urls(service),
-                                    key_file=where["proxy"]["api_key_at"], key_var="")
-        auth_proxy.install(service, user=user, key_file=where["proxy"]["api_key_at"], new_key=new_key,
-                           ready=proxy_ready, start_timeout=start_timeout)
+        proxy_ready = host.get_fact(
+            ServiceReady, urls=auth_proxy.ready_urls(service), key_file=where["proxy"]["api_key_at"], key_var=""
+        )
+        auth_proxy.install(
+            service,
+            user=user,
+            key_file=where["proxy"]["api_key_at"],
+            new_key=new_key,
+            ready=proxy_ready,
+            start_timeout=start_timeout,
+        )
     return engine_service, ready, where
 
 
@@ -285,12 +381,15 @@ def _says_where_it_runs(service, gpus):
     unit, not started; a CPU engine on a host without a GPU is said to run on the CPU."""
     name, engine = service["name"], service["engine"]
     if engines.ENGINES[engine]["needs_gpu"] and not gpus:
-        logger.warning(f"[{host.name}] {name}: {engine} needs a GPU and this host has none: unit installed, "
-                       "not started")
+        logger.warning(
+            f"[{host.name}] {name}: {engine} needs a GPU and this host has none: unit installed, not started"
+        )
         return False
     if not gpus and service.get("gpus", "all") != "none":
-        logger.warning(f"[{host.name}] {name}: no NVIDIA GPU on this host: {engine} runs on the CPU "
-                       "(no --gpus, no layers offloaded)")
+        logger.warning(
+            f"[{host.name}] {name}: no NVIDIA GPU on this host: {engine} runs on the CPU "
+            "(no --gpus, no layers offloaded)"
+        )
     return True
 
 
@@ -298,8 +397,11 @@ def _placement_with_proxy(service, engine_service, user):
     """``placement`` of the engine's secrets, the account it runs as, and its proxy's address and key file."""
     where = {**placement(engine_service, base.secrets_dir()), "user": user}
     if service.get("proxy_port"):
-        where["proxy"] = {"listen": engines.listen(service), "port": service["proxy_port"],
-                          "api_key_at": posixpath.join(base.secrets_dir(), f"{service['name']}.key")}
+        where["proxy"] = {
+            "listen": engines.listen(service),
+            "port": service["proxy_port"],
+            "api_key_at": posixpath.join(base.secrets_dir(), f"{service['name']}.key"),
+        }
     return where
 
 
@@ -311,9 +413,13 @@ def restart_needed(service, ready, unit, new_secrets, image_op, volume_op, volum
     """
 
     def needed():
-        return (not ready["ready"] or unit.did_change() or new_secrets
-                or image_changed(image_op, managed_name(service["name"]), service["image"])
-                or content_changed(volume_op, volume_dir))
+        return (
+            not ready["ready"]
+            or unit.did_change()
+            or new_secrets
+            or image_changed(image_op, managed_name(service["name"]), service["image"])
+            or content_changed(volume_op, volume_dir)
+        )
 
     return needed
 
@@ -322,10 +428,12 @@ def _prune_unused(services, weights_root):
     """With ``gpufleet_prune``, once the services run: remove the images and weight volumes none of them
     uses (the GPU check's image stays)."""
     if host.data.gpufleet_prune:
-        prune.pruned(name="Remove images and weight volumes no service uses (gpufleet_prune)",
-                     keep_images=[service["image"] for service in services] + [host.data.nvidia_toolkit_check_image],
-                     keep_volumes=sorted({weights.volume_of(service["model"]) for service in services}),
-                     weights_root=weights_root)
+        prune.pruned(
+            name="Remove images and weight volumes no service uses (gpufleet_prune)",
+            keep_images=[service["image"] for service in services] + [host.data.nvidia_toolkit_check_image],
+            keep_volumes=sorted({weights.volume_of(service["model"]) for service in services}),
+            weights_root=weights_root,
+        )
 
 
 def write_secrets(service, engine_service, where, uid, gid):
@@ -343,11 +451,20 @@ def write_secrets(service, engine_service, where, uid, gid):
         key_at = key_file or where["proxy"]["api_key_at"]
         new_key = secret_files.content_differs(key_at, key)
         new_secrets = bool(key_file) and new_key
-        reader = "its account reads it, nobody else" if key_file else \
-            "root only: the proxy reads it before it drops to the service's account"
+        reader = (
+            "its account reads it, nobody else"
+            if key_file
+            else "root only: the proxy reads it before it drops to the service's account"
+        )
         owner = (uid, gid) if key_file else (0, 0)
-        secret_files.secret_file(name=f"Write {name}'s API key file ({reader})", dest=key_at, content=key, mode="400",
-                            uid=owner[0], gid=owner[1])
+        secret_files.secret_file(
+            name=f"Write {name}'s API key file ({reader})",
+            dest=key_at,
+            content=key,
+            mode="400",
+            uid=owner[0],
+            gid=owner[1],
+        )
     if env_file:
         profile = engines.ENGINES[service["engine"]]
         env = env_content(engine_service, profile, key_in_file=bool(key_file))
@@ -358,8 +475,7 @@ def write_secrets(service, engine_service, where, uid, gid):
 
 def guarded_ports(services):
     """Every port the services and their proxies listen on (pure)."""
-    return sorted({port for service in services for port in (engines.port(service), service.get("proxy_port"))
-                   if port})
+    return sorted({port for service in services for port in (engines.port(service), service.get("proxy_port")) if port})
 
 
 def image_changed(image_op, container, image):
@@ -394,16 +510,28 @@ def summary(results):
             state = f"not ready before this run ({ready['reason']}): started; its unit waits until ready"
         proxy = where.get("proxy")
         behind = f" behind its proxy on {proxy['listen']}:{proxy['port']}" if proxy else ""
-        logger.info(f"[{host.name}] service {service['name']}: {service['engine']} {service['model']} "
-                    f"on {engines.listen(service)}:{engines.port(service)}{behind}: {state}")
+        logger.info(
+            f"[{host.name}] service {service['name']}: {service['engine']} {service['model']} "
+            f"on {engines.listen(service)}:{engines.port(service)}{behind}: {state}"
+        )
 
 
 def intent(service, started, where):
     """What the checks expect of a service on the host (written to host.json)."""
     profile = engines.ENGINES[service["engine"]]
-    return {"name": service["name"], "engine": service["engine"], "model": service["model"],
-            "port": engines.port(service), "listen": engines.listen(service), "network": service.get("network", "host"),
-            "ready": profile["ready"], "api_key": bool(service.get("api_key_file")),
-            "api_key_at": where["key_source"], "api_key_var": where["key_var"], "user": where["user"],
-            "served_name": service.get("served_name") or service["name"], "started": started,
-            "proxy": where.get("proxy")}
+    return {
+        "name": service["name"],
+        "engine": service["engine"],
+        "model": service["model"],
+        "port": engines.port(service),
+        "listen": engines.listen(service),
+        "network": service.get("network", "host"),
+        "ready": profile["ready"],
+        "api_key": bool(service.get("api_key_file")),
+        "api_key_at": where["key_source"],
+        "api_key_var": where["key_var"],
+        "user": where["user"],
+        "served_name": service.get("served_name") or service["name"],
+        "started": started,
+        "proxy": where.get("proxy"),
+    }

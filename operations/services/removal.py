@@ -40,19 +40,31 @@ def remove_services(stale: dict, accounts: dict, secrets_dir: str | None = None)
     secrets_dir = secrets_dir or base.secrets_dir()
     removed = []
     for unit, _found in sorted(stale.items(), key=lambda item: not item[1]["proxy"]):
-        systemd.service(name=f"Stop and disable {unit} (no longer in inference_services)", service=unit,
-                        running=False, enabled=False)
+        systemd.service(
+            name=f"Stop and disable {unit} (no longer in inference_services)",
+            service=unit,
+            running=False,
+            enabled=False,
+        )
         removed.append(files.file(name=f"Remove unit {unit}", path=unit_path(unit), present=False))
     for name in sorted({found["service"] for found in stale.values() if not found["proxy"]}):
         who = managed_name(name)
-        server.shell(name=f"Remove container {who} if it is left",
-                     commands=[f"docker rm -f {who} >/dev/null 2>&1 || true"])
+        server.shell(
+            name=f"Remove container {who} if it is left", commands=[f"docker rm -f {who} >/dev/null 2>&1 || true"]
+        )
         for suffix in ("env", "key"):
-            files.file(name=f"Remove {name}'s {suffix} file", path=posixpath.join(secrets_dir, f"{name}.{suffix}"),
-                       present=False)
+            files.file(
+                name=f"Remove {name}'s {suffix} file",
+                path=posixpath.join(secrets_dir, f"{name}.{suffix}"),
+                present=False,
+            )
         if who in accounts["users"] or who in accounts["groups"]:
-            server.shell(name=f"Remove account {who}",
-                         commands=[f"if getent passwd {who} >/dev/null; then userdel {who}; fi; "
-                                   f"if getent group {who} >/dev/null; then groupdel {who}; fi"])
+            server.shell(
+                name=f"Remove account {who}",
+                commands=[
+                    f"if getent passwd {who} >/dev/null; then userdel {who}; fi; "
+                    f"if getent group {who} >/dev/null; then groupdel {who}; fi"
+                ],
+            )
     if removed:
         systemd.daemon_reload(name="Reload systemd without the removed units", _if=any_changed(*removed))

@@ -22,8 +22,12 @@ from operations.core.errors import ConfigError
 from operations.driver.devices import DevCharLinks, NvidiaDeviceNodes, missing_dev_char_links
 from operations.offline import bundle
 
-PACKAGES = ["libnvidia-container1", "libnvidia-container-tools",
-            "nvidia-container-toolkit-base", "nvidia-container-toolkit"]
+PACKAGES = [
+    "libnvidia-container1",
+    "libnvidia-container-tools",
+    "nvidia-container-toolkit-base",
+    "nvidia-container-toolkit",
+]
 CDI_SPEC = "/etc/cdi/nvidia.yaml"
 NVIDIA_REPO = "https://nvidia.github.io/libnvidia-container/stable/deb/$(ARCH)"
 NVIDIA_KEY_URL = "https://nvidia.github.io/libnvidia-container/gpgkey"
@@ -36,9 +40,12 @@ DEV_CHAR_RULE = "/lib/udev/rules.d/71-nvidia-dev-char.rules"
 def check_runtime(data, host_name):
     engine = data.get("nvidia_toolkit_engine", "docker")
     if engine != "docker" and data.get("inference_services"):
-        raise ConfigError("nvidia_toolkit_engine", f"is {engine!r}, but the inference services run as Docker "
-                          "containers: use 'docker' on hosts with inference_services", host=host_name)
-
+        raise ConfigError(
+            "nvidia_toolkit_engine",
+            f"is {engine!r}, but the inference services run as Docker "
+            "containers: use 'docker' on hosts with inference_services",
+            host=host_name,
+        )
 
 
 def has_nvidia_runtime(daemon):
@@ -76,8 +83,16 @@ def upgrade_from(version=None):
 
 
 @deploy("Install NVIDIA Container Toolkit", data_defaults=settings.DEFAULTS)
-def install_toolkit(version: str | None = None, source: str | None = None, engine: str | None = None, set_as_default: bool | None = None, no_cgroups: bool = False,
-                    dev_char_symlinks: bool | None = None, gpus: int = 0, driver: OperationMeta | None = None):
+def install_toolkit(
+    version: str | None = None,
+    source: str | None = None,
+    engine: str | None = None,
+    set_as_default: bool | None = None,
+    no_cgroups: bool = False,
+    dev_char_symlinks: bool | None = None,
+    gpus: int = 0,
+    driver: OperationMeta | None = None,
+):
     """
     Install the toolkit's four packages at one pinned version and wire the engine to it.
 
@@ -106,29 +121,39 @@ def install_toolkit(version: str | None = None, source: str | None = None, engin
         dev_char_symlinks = host.data.nvidia_toolkit_dev_char_symlinks
 
     _apt_source(source)
-    packages = apt_pin.installed(name=f"Install NVIDIA Container Toolkit {version} and hold it", packages=PACKAGES,
-                                 version=version, pin_name="gpufleet-nvidia-toolkit", pin_patterns=PACKAGES)
+    packages = apt_pin.installed(
+        name=f"Install NVIDIA Container Toolkit {version} and hold it",
+        packages=PACKAGES,
+        version=version,
+        pin_name="gpufleet-nvidia-toolkit",
+        pin_patterns=PACKAGES,
+    )
 
     if no_cgroups:
         cgroups_off(name="Leave device cgroups to the LXC host (nvidia-container-cli no-cgroups)")
     if dev_char_symlinks:
-        files.put(name="Link NVIDIA device nodes into /dev/char whenever the driver binds (udev rule)",
-                  src=str(TEMPLATES / "71-nvidia-dev-char.rules"), dest=DEV_CHAR_RULE, mode="644")
+        files.put(
+            name="Link NVIDIA device nodes into /dev/char whenever the driver binds (udev rule)",
+            src=str(TEMPLATES / "71-nvidia-dev-char.rules"),
+            dest=DEV_CHAR_RULE,
+            mode="644",
+        )
         dev_char_links(name="Link the NVIDIA device nodes into /dev/char now")
 
     if engine == "docker":
-        runtime = docker_runtime(name="Configure Docker's nvidia runtime (nvidia-ctk runtime configure)",
-                                 set_as_default=set_as_default)
+        runtime = docker_runtime(
+            name="Configure Docker's nvidia runtime (nvidia-ctk runtime configure)", set_as_default=set_as_default
+        )
     elif engine == "containerd":
-        runtime = containerd_runtime(name="Configure containerd's nvidia runtime (nvidia-ctk runtime configure)",
-                                     set_as_default=set_as_default)
+        runtime = containerd_runtime(
+            name="Configure containerd's nvidia runtime (nvidia-ctk runtime configure)", set_as_default=set_as_default
+        )
     else:
         runtime = None
         if gpus:
             runtime = cdi_spec(name=f"Generate the CDI specification {CDI_SPEC} (nvidia-ctk cdi generate)")
             if driver is not None:  # the spec lists the driver's libraries
-                cdi_spec(name=f"Regenerate {CDI_SPEC} after the driver changed", regenerate=True,
-                         _if=driver.did_change)
+                cdi_spec(name=f"Regenerate {CDI_SPEC} after the driver changed", regenerate=True, _if=driver.did_change)
     return runtime, packages
 
 
@@ -138,19 +163,35 @@ def _apt_source(source):
         return  # from_bundle.stage_packages staged the repository and updated apt's lists
     if source == "local-repo":
         repo_dir = host.data.nvidia_toolkit_local_repo
-        staged = files.sync(name="Stage the toolkit repository", src=host.data.nvidia_toolkit_local_repo_src,
-                            dest=repo_dir, delete=True) if host.data.nvidia_toolkit_local_repo_src else None
-        repo = files.put(name="Add the local toolkit repository", src=StringIO(apt_sources.local_line(repo_dir) + "\n"),
-                         dest="/etc/apt/sources.list.d/gpufleet-toolkit-local.list", mode="644",
-                         create_remote_dir=False)
+        staged = (
+            files.sync(
+                name="Stage the toolkit repository",
+                src=host.data.nvidia_toolkit_local_repo_src,
+                dest=repo_dir,
+                delete=True,
+            )
+            if host.data.nvidia_toolkit_local_repo_src
+            else None
+        )
+        repo = files.put(
+            name="Add the local toolkit repository",
+            src=StringIO(apt_sources.local_line(repo_dir) + "\n"),
+            dest="/etc/apt/sources.list.d/gpufleet-toolkit-local.list",
+            mode="644",
+            create_remote_dir=False,
+        )
         changed = [op for op in (staged, repo) if op is not None]
     else:
-        key = files.download(name="Download NVIDIA's toolkit repository key", src=NVIDIA_KEY_URL,
-                             dest=KEYRING, mode="644")
-        repo = files.put(name="Add NVIDIA's toolkit repository",
-                         src=StringIO(apt_sources.signed_line(KEYRING, NVIDIA_REPO) + "\n"),
-                         dest="/etc/apt/sources.list.d/nvidia-container-toolkit.list", mode="644",
-                         create_remote_dir=False)
+        key = files.download(
+            name="Download NVIDIA's toolkit repository key", src=NVIDIA_KEY_URL, dest=KEYRING, mode="644"
+        )
+        repo = files.put(
+            name="Add NVIDIA's toolkit repository",
+            src=StringIO(apt_sources.signed_line(KEYRING, NVIDIA_REPO) + "\n"),
+            dest="/etc/apt/sources.list.d/nvidia-container-toolkit.list",
+            mode="644",
+            create_remote_dir=False,
+        )
         changed = [key, repo]
     apt_sources.update_after("toolkit", changed)
 
@@ -226,8 +267,10 @@ def check_command(image, offline=False, engine="docker"):
     """Run nvidia-smi in ``image`` with every GPU (Docker's --gpus, or Podman's CDI devices); an
     offline host never pulls."""
     gpus = "--device nvidia.com/gpu=all" if engine == "podman" else "--gpus all"
-    return (f"{engine} run --rm --pull {'never' if offline else 'missing'} {gpus} {shlex.quote(image)} "
-            "nvidia-smi --query-gpu=index,name,driver_version --format=csv,noheader")
+    return (
+        f"{engine} run --rm --pull {'never' if offline else 'missing'} {gpus} {shlex.quote(image)} "
+        "nvidia-smi --query-gpu=index,name,driver_version --format=csv,noheader"
+    )
 
 
 @operation(is_idempotent=False)
@@ -259,12 +302,21 @@ def check_gpu_container(after: list[OperationMeta], image: str | None = None, en
         return
     if offline:
         require_bundled(image, bundle.load(host.data.gpufleet_bundle), host.name)
-    gpu_container_run(name=f"Run nvidia-smi in {image} with every GPU ({engine})", image=image,
-                      offline=offline, engine=engine, _if=lambda: any(op.did_change() for op in after))
+    gpu_container_run(
+        name=f"Run nvidia-smi in {image} with every GPU ({engine})",
+        image=image,
+        offline=offline,
+        engine=engine,
+        _if=lambda: any(op.did_change() for op in after),
+    )
 
 
 def require_bundled(image, manifest, host_name=None):
     """An offline host cannot pull: refuse, before any host changes, a check image the bundle lacks."""
     if image not in {entry["name"] for entry in manifest.get("images", [])}:
-        raise ConfigError("nvidia_toolkit_check_image", f"{image} is not among the bundle's images, and this "
-                          "offline GPU host cannot pull it: add it to the bundle's images", host=host_name)
+        raise ConfigError(
+            "nvidia_toolkit_check_image",
+            f"{image} is not among the bundle's images, and this "
+            "offline GPU host cannot pull it: add it to the bundle's images",
+            host=host_name,
+        )

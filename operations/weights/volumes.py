@@ -53,16 +53,21 @@ def check_volume(name, spec, data, host_name):
         return
     unknown = set(spec) - {"hf", "revision", "token_file"}
     if unknown:
-        _refuse(name, f"unknown key {sorted(unknown)[0]!r} for a hub volume (known: hf, revision, token_file)",
-                host_name)
+        _refuse(
+            name, f"unknown key {sorted(unknown)[0]!r} for a hub volume (known: hf, revision, token_file)", host_name
+        )
     if not isinstance(spec["hf"], str) or not hf_hub.REPO.fullmatch(spec["hf"]):
         _refuse(name, f"hf: {spec['hf']!r} is not a repository id such as 'org/name'", host_name)
     revision = spec.get("revision")
     if not isinstance(revision, str) or not revision:
         _refuse(name, "revision: required: the 40-hex commit to fetch", host_name)
     if not hf_hub.COMMIT.fullmatch(revision) and not data.get("inference_weights_follow_branch"):
-        _refuse(name, f"revision: {revision!r} is a branch or tag, which moves; pin the commit it names, or set "
-                      "inference_weights_follow_branch = True to follow it", host_name)
+        _refuse(
+            name,
+            f"revision: {revision!r} is a branch or tag, which moves; pin the commit it names, or set "
+            "inference_weights_follow_branch = True to follow it",
+            host_name,
+        )
     token = spec.get("token_file")
     if token is not None:
         if not Path(token).is_file():
@@ -80,21 +85,24 @@ def check_volumes(data, host_name):
     bundled = bundle.load(data["gpufleet_bundle"]).get("weights", {}) if data.get("gpufleet_bundle") else {}
     for name, spec in volumes.items():
         if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
-            raise ConfigError("inference_weight_volumes", f"{name!r}: a volume name is one path component",
-                              host=host_name)
+            raise ConfigError(
+                "inference_weight_volumes", f"{name!r}: a volume name is one path component", host=host_name
+            )
         if name in bundled:
-            _refuse(name, f"the bundle {data['gpufleet_bundle']} has a volume {name!r} too: name one source",
-                    host_name)
+            _refuse(name, f"the bundle {data['gpufleet_bundle']} has a volume {name!r} too: name one source", host_name)
         check_volume(name, spec, data, host_name)
-
 
 
 def sources(data):
     """Every volume a host could have: name -> ("bundle", prefix) | ("dir", path) | ("hf", spec)."""
     found = {}
     if data.get("gpufleet_bundle"):
-        found.update({name: ("bundle", prefix) for name, prefix in
-                      bundle.load(data.get("gpufleet_bundle")).get("weights", {}).items()})
+        found.update(
+            {
+                name: ("bundle", prefix)
+                for name, prefix in bundle.load(data.get("gpufleet_bundle")).get("weights", {}).items()
+            }
+        )
     for name, spec in (data.get("inference_weight_volumes") or {}).items():
         found[name] = ("dir", str(Path(spec["from"]).expanduser())) if "from" in spec else ("hf", spec)
     return found
@@ -103,12 +111,16 @@ def sources(data):
 def check_model(index, model, data, host_name):
     """Refuse a service whose model is in no volume, or missing from the one it names (hub volumes are
     listed by the hub itself: checked on the host when fetched)."""
-    volume, inside = volume_of(model), model[len(volume_of(model)) + 1:].rstrip("/")
+    volume, inside = volume_of(model), model[len(volume_of(model)) + 1 :].rstrip("/")
     known = sources(data)
     field = f"inference_services[{index}].model"
     if volume not in known:
-        raise ConfigError(field, f"{model}: volume {volume!r} is in no source: neither the bundle's weight volumes "
-                                 f"nor inference_weight_volumes ({', '.join(sorted(known)) or 'none'})", host=host_name)
+        raise ConfigError(
+            field,
+            f"{model}: volume {volume!r} is in no source: neither the bundle's weight volumes "
+            f"nor inference_weight_volumes ({', '.join(sorted(known)) or 'none'})",
+            host=host_name,
+        )
     kind, where = known[volume]
     if kind == "bundle":
         paths = bundle.part(bundle.load(data["gpufleet_bundle"]), where)
@@ -167,19 +179,37 @@ def stage_volumes(volumes: set[str], weights_root: str | None = None, endpoint: 
         dest = posixpath.join(weights_root, name)
         if kind == "bundle":
             operations[name] = staging.stage(
-                name=f"Stage weight volume {name}", src=f"{host.data.gpufleet_bundle}/{where}", dest=dest,
-                files=bundle.part(bundle.load(host.data.gpufleet_bundle), where), mode="444")
+                name=f"Stage weight volume {name}",
+                src=f"{host.data.gpufleet_bundle}/{where}",
+                dest=dest,
+                files=bundle.part(bundle.load(host.data.gpufleet_bundle), where),
+                mode="444",
+            )
         elif kind == "dir":
-            operations[name] = staging.stage(name=f"Stage weight volume {name} from {where}", src=where, dest=dest,
-                                             files=directory_manifest(where), mode="444")
+            operations[name] = staging.stage(
+                name=f"Stage weight volume {name} from {where}",
+                src=where,
+                dest=dest,
+                files=directory_manifest(where),
+                mode="444",
+            )
         else:
             token = None
             if where.get("token_file"):
                 token = posixpath.join(base.secrets_dir(), f"hf-{name}.token")
-                secret_files.secret_file(name=f"Write the hub token of volume {name} (root only)", dest=token,
-                                    content=Path(where["token_file"]).read_bytes())
+                secret_files.secret_file(
+                    name=f"Write the hub token of volume {name} (root only)",
+                    dest=token,
+                    content=Path(where["token_file"]).read_bytes(),
+                )
             operations[name] = hf_hub.fetched(
-                name=f"Fetch weight volume {name} ({where['hf']}@{where['revision'][:12]})", repo=where["hf"],
-                revision=where["revision"], dest=dest, endpoint=endpoint, token_file=token,
-                state_dir=host.data.gpufleet_state_dir, margin=checks.size_bytes(host.data.gpufleet_free_space_margin))
+                name=f"Fetch weight volume {name} ({where['hf']}@{where['revision'][:12]})",
+                repo=where["hf"],
+                revision=where["revision"],
+                dest=dest,
+                endpoint=endpoint,
+                token_file=token,
+                state_dir=host.data.gpufleet_state_dir,
+                margin=checks.size_bytes(host.data.gpufleet_free_space_margin),
+            )
     return operations

@@ -15,7 +15,7 @@ def test_secrets_dir_is_root_only(host):
 
 def test_recorded_gpu_count_matches_hardware(host, intent):
     found = host.run(
-        "for d in /sys/bus/pci/devices/*; do [ \"$(cat $d/vendor)\" = 0x10de ] && "
+        'for d in /sys/bus/pci/devices/*; do [ "$(cat $d/vendor)" = 0x10de ] && '
         "case $(cat $d/class) in 0x03*) echo $d;; esac; done; true"
     ).stdout.split()
     assert intent["gpus"] == len(found)

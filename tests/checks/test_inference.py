@@ -43,16 +43,20 @@ def test_ports_listening(host, services):
 def test_readiness_endpoints_answer(host, services):
     for service in services:
         for path in service["ready"]:
-            check = host.run(f"{read_key(service)}; "
-                             f"curl -sf -o /dev/null -w '%{{http_code}}' ${{key:+-H \"Authorization: Bearer $key\"}} "
-                             f"http://{probe(service)}:{service['port']}{path}")
+            check = host.run(
+                f"{read_key(service)}; "
+                f"curl -sf -o /dev/null -w '%{{http_code}}' ${{key:+-H \"Authorization: Bearer $key\"}} "
+                f"http://{probe(service)}:{service['port']}{path}"
+            )
             assert check.stdout == "200", f"{service['name']} {path}: {check.stdout or check.stderr}"
 
 
 def test_keyed_services_refuse_requests_without_key(host, services):
     for service in services:
         if service["api_key"] and "/v1/models" in service["ready"]:
-            code = host.run(f"curl -s -o /dev/null -w '%{{http_code}}' http://{probe(service)}:{service['port']}/v1/models")
+            code = host.run(
+                f"curl -s -o /dev/null -w '%{{http_code}}' http://{probe(service)}:{service['port']}/v1/models"
+            )
             assert code.stdout == "401", service["name"]
 
 
@@ -65,8 +69,10 @@ def test_secrets_root_only_and_not_in_units(host, services):
             assert (stored.mode, stored.user) == (0o600, "root")
         else:  # a key file only the service's own account reads (mounted read-only)
             assert stored.mode == 0o400 and stored.uid == int(service["user"].split(":")[0])
-        secret = host.run(f"{read_key(service)}; printf %s \"$key\"").stdout
-        assert secret and secret not in host.file(f"/etc/systemd/system/gpufleet-{service['name']}.service").content_string
+        secret = host.run(f'{read_key(service)}; printf %s "$key"').stdout
+        assert (
+            secret and secret not in host.file(f"/etc/systemd/system/gpufleet-{service['name']}.service").content_string
+        )
         if not service["api_key_var"]:  # in no environment: not in docker inspect either
             assert secret not in host.run(f"docker inspect gpufleet-{service['name']}").stdout, service["name"]
 
@@ -85,8 +91,10 @@ def test_proxies_running_and_refusing_requests_without_the_key(host, services):
         assert (stored.mode, stored.user) == (0o400, "root"), service["name"]
         url = f"http://{probe(proxy)}:{proxy['port']}{service['ready'][0]}"
         keyless = host.run(f"curl -s -o /dev/null -w '%{{http_code}}' {url}")
-        keyed = host.run(f"key=$(head -1 {proxy['api_key_at']}); "
-                         f"curl -s -o /dev/null -w '%{{http_code}}' -H \"Authorization: Bearer $key\" {url}")
+        keyed = host.run(
+            f"key=$(head -1 {proxy['api_key_at']}); "
+            f"curl -s -o /dev/null -w '%{{http_code}}' -H \"Authorization: Bearer $key\" {url}"
+        )
         assert (keyless.stdout, keyed.stdout) == ("401", "200"), service["name"]
 
 

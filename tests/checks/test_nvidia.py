@@ -12,8 +12,12 @@ from tests.checks.meant import only_where
 PIN = "/etc/apt/preferences.d/gpufleet-nvidia-driver"
 # The package each distro's driver version is read from: Debian's nvidia-smi, Ubuntu's nvidia-utils-<branch>-server.
 UTILS = re.compile(r"^(nvidia-smi|nvidia-utils-\d+-server)$")
-TOOLKIT_PACKAGES = ["libnvidia-container1", "libnvidia-container-tools",
-                    "nvidia-container-toolkit-base", "nvidia-container-toolkit"]
+TOOLKIT_PACKAGES = [
+    "libnvidia-container1",
+    "libnvidia-container-tools",
+    "nvidia-container-toolkit-base",
+    "nvidia-container-toolkit",
+]
 
 
 @pytest.fixture
@@ -53,8 +57,9 @@ def test_driver_pin_is_the_configured_version_or_of_its_branch(driver_host, inte
 
 def test_driver_packages_at_the_pinned_version_and_held(driver_host):
     pinned = pinned_version(driver_host)
-    listing = driver_host.check_output("dpkg-query -W -f '${db:Status-Abbrev}${Package} ${Version}\\n' "
-                                       "'*nvidia*' 'libcuda*'").splitlines()
+    listing = driver_host.check_output(
+        "dpkg-query -W -f '${db:Status-Abbrev}${Package} ${Version}\\n' '*nvidia*' 'libcuda*'"
+    ).splitlines()
     # ${db:Status-Abbrev} is three characters: wanted state ("i" install, "h" hold), then "i" when installed.
     installed = dict(line[3:].split(" ", 1) for line in listing if line[1:2] == "i")
     utils = [name for name in installed if UTILS.match(name)]
@@ -72,8 +77,10 @@ def test_driver_packages_at_the_pinned_version_and_held(driver_host):
 def test_the_running_kernel_has_the_nvidia_module_of_the_pinned_version(kernel_host, intent):
     kernel = kernel_host.check_output("uname -r")
     # Ubuntu's and NVIDIA's packages name the module nvidia; Debian's DKMS package nvidia-current.
-    found = kernel_host.run(f"for m in nvidia nvidia-current nvidia-current-open; do "
-                            f"modinfo -k {kernel} -F version $m 2>/dev/null && exit 0; done; exit 1")
+    found = kernel_host.run(
+        f"for m in nvidia nvidia-current nvidia-current-open; do "
+        f"modinfo -k {kernel} -F version $m 2>/dev/null && exit 0; done; exit 1"
+    )
     if found.rc != 0 and not intent["gpus"] and not kernel_host.file(f"/lib/modules/{kernel}/build").exists:
         # Only where apt offers no headers package either: one it offers should have been installed.
         offered = kernel_host.run(f"apt-cache policy linux-headers-{kernel} | grep -q 'Candidate: [^(]'")
@@ -114,14 +121,16 @@ def test_nvidia_smi_reports_the_pinned_driver(gpu_host, intent):
 
 def test_containerd_has_the_nvidia_runtime(containerd_host):
     dump = containerd_host.check_output("containerd config dump")
-    assert 'runtimes.nvidia]' in dump and 'nvidia-container-runtime' in dump
+    assert "runtimes.nvidia]" in dump and "nvidia-container-runtime" in dump
     assert containerd_host.service("containerd").is_running
 
 
 def test_gpus_reach_a_container(docker_host, intent):
     if not intent["gpus"]:
         pytest.skip("no NVIDIA GPU on this host: no container can be given one")
-    listed = docker_host.check_output(f"docker run --rm --gpus all {intent['nvidia_toolkit_check_image']} nvidia-smi -L")
+    listed = docker_host.check_output(
+        f"docker run --rm --gpus all {intent['nvidia_toolkit_check_image']} nvidia-smi -L"
+    )
     assert len([line for line in listed.splitlines() if line.startswith("GPU ")]) == intent["gpus"], listed
 
 

@@ -36,8 +36,11 @@ def test_every_guest_gets_every_nvidia_node(proxmox_host, intent):
     assert nodes, "no NVIDIA device nodes on the Proxmox host"
     for vmid in intent["lxc_guests"]:
         conf = parse_pct_config(proxmox_host.check_output(f"pct config {vmid}").splitlines())
-        passed = {value.split(",")[0].removeprefix("path=") for key, value in conf["options"].items()
-                  if re.fullmatch(r"dev\d+", key)}
+        passed = {
+            value.split(",")[0].removeprefix("path=")
+            for key, value in conf["options"].items()
+            if re.fullmatch(r"dev\d+", key)
+        }
         passed |= {value.split()[0] for key, value in conf["lxc"] if key == "lxc.mount.entry"}
         assert set(nodes) <= passed, (vmid, sorted(set(nodes) - passed))
         features = conf["options"].get("features", "")

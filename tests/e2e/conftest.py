@@ -54,14 +54,17 @@ class Deploy:
 
 
 def run_deploy(*args, deploy="deploy.py", inventory="inventories/lab.py"):
-    completed = subprocess.run([PYINFRA, "-y", inventory, deploy, *args], cwd=REPO,
-                               capture_output=True, text=True, timeout=900)
+    completed = subprocess.run(
+        [PYINFRA, "-y", inventory, deploy, *args], cwd=REPO, capture_output=True, text=True, timeout=900
+    )
     return Deploy(completed)
 
 
 @pytest.fixture(scope="session")
 def lab():
-    state = lab_hosts.up(count=2, airgapped=1, proxmox=1, connected=1, ubuntu=1, fresh=not os.environ.get("GPUFLEET_LAB_REUSE"))
+    state = lab_hosts.up(
+        count=2, airgapped=1, proxmox=1, connected=1, ubuntu=1, fresh=not os.environ.get("GPUFLEET_LAB_REUSE")
+    )
     yield {host["name"]: host for host in state["hosts"]}
     if not os.environ.get("GPUFLEET_LAB_KEEP"):
         lab_hosts.down()
@@ -82,6 +85,8 @@ def second_deploy(first_deploy):
 @pytest.fixture(scope="session")
 def lab_host(lab):
     """testinfra host for a lab host name, over real SSH, through sudo (some logins are not root)."""
+
     def connect(name):
         return testinfra.get_host(f"ssh://{name}", ssh_config=str(lab_hosts.SSH_CONFIG), sudo=True)
+
     return connect

@@ -39,8 +39,10 @@ def container_id(service="chat"):
 
 def answers(port):
     key = KEY.read_text().strip()
-    result = sh(f"curl -sf -H 'Authorization: Bearer {key}' http://127.0.0.1:{port}/v1/completions "
-                "-d '{\"prompt\": \"hello\", \"max_tokens\": 4}'")
+    result = sh(
+        f"curl -sf -H 'Authorization: Bearer {key}' http://127.0.0.1:{port}/v1/completions "
+        '-d \'{"prompt": "hello", "max_tokens": 4}\''
+    )
     return result.returncode == 0 and json.loads(result.stdout)["usage"]["completion_tokens"] == 4
 
 
@@ -57,24 +59,30 @@ def test_image_pulled_from_the_registry_with_its_digest_recorded(second_deploy, 
     assert repo_digests == [f"{image.rsplit(':', 1)[0]}@{served}"]
     record = sh(f"cat /var/lib/gpufleet/images/{re.sub(r'[^A-Za-z0-9_.-]', '_', image)}.json").stdout
     assert json.loads(record) == repo_digests
-    assert sh("docker info -f '{{json .RegistryConfig.Mirrors}}'").stdout.strip() == \
-        json.dumps([f"https://{site.registry(address)}/"])
+    assert sh("docker info -f '{{json .RegistryConfig.Mirrors}}'").stdout.strip() == json.dumps(
+        [f"https://{site.registry(address)}/"]
+    )
 
 
 def test_registry_login_is_root_only_and_its_password_in_no_command_line(second_deploy, address):
     config = sh("stat -c '%U %a' /root/.docker/config.json").stdout.strip()
     assert config == "root 600"
     password = site.LOGIN_FILE.read_text().strip().split(":", 1)[1]
-    found = sh("umask 077; p=$(mktemp); cat > $p; "
-               "for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $f 2>/dev/null; echo; done | grep -F -c -f $p; "
-               "journalctl --no-pager | grep -F -c -f $p; rm -f $p", input=password + "\n").stdout.split()
+    found = sh(
+        "umask 077; p=$(mktemp); cat > $p; "
+        "for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $f 2>/dev/null; echo; done | grep -F -c -f $p; "
+        "journalctl --no-pager | grep -F -c -f $p; rm -f $p",
+        input=password + "\n",
+    ).stdout.split()
     assert found == ["0", "0"]
     assert (REPO / ".lab" / "secrets" / "registry-login").stat().st_mode & 0o077 == 0
 
 
 def test_hub_volume_fetched_verified_and_read_only(second_deploy):
-    listing = sh("cd /srv/gpufleet/weights/hub-tiny && stat -c '%U %a %n' tiny.gguf config.json && "
-                 "sha256sum tiny.gguf && cat .gpufleet-hf.json").stdout.splitlines()
+    listing = sh(
+        "cd /srv/gpufleet/weights/hub-tiny && stat -c '%U %a %n' tiny.gguf config.json && "
+        "sha256sum tiny.gguf && cat .gpufleet-hf.json"
+    ).stdout.splitlines()
     assert listing[:2] == ["root 444 tiny.gguf", "root 444 config.json"]
     assert listing[2].split()[0] == hashlib.sha256(MODEL.read_bytes()).hexdigest()
     assert json.loads(listing[3]) == {"repo": site.HUB_REPO, "commit": site.hub_commit()}
@@ -94,25 +102,38 @@ def test_both_services_answer(second_deploy, service, port):
 
 
 def test_damaged_hub_file_is_refused_then_fetched_again(second_deploy):
-    sh("f=/srv/gpufleet/weights/hub-tiny/tiny.gguf; chmod u+w $f && "
-       "printf 'XXXX' | dd of=$f bs=1 seek=4096 conv=notrunc 2>/dev/null && chmod 444 $f")
+    sh(
+        "f=/srv/gpufleet/weights/hub-tiny/tiny.gguf; chmod u+w $f && "
+        "printf 'XXXX' | dd of=$f bs=1 seek=4096 conv=notrunc 2>/dev/null && chmod 444 $f"
+    )
     sh("systemctl restart gpufleet-chat || true")
     journal = sh("journalctl --no-pager -u gpufleet-chat -n 20").stdout
     assert "/srv/gpufleet/weights/hub-tiny/tiny.gguf: SHA-256 differs from the manifest (corrupt)" in journal
     repaired = run_deploy("--limit", HOST)
     assert repaired.rc == 0, repaired.output[-3000:]
     assert "/srv/gpufleet/weights/hub-tiny: files changed since they were checked: fetching" in repaired.output
-    assert sh("sha256sum /srv/gpufleet/weights/hub-tiny/tiny.gguf").stdout.split()[0] == \
-        hashlib.sha256(MODEL.read_bytes()).hexdigest()
+    assert (
+        sh("sha256sum /srv/gpufleet/weights/hub-tiny/tiny.gguf").stdout.split()[0]
+        == hashlib.sha256(MODEL.read_bytes()).hexdigest()
+    )
     assert answers(8080)
     again = run_deploy("--limit", HOST)
     assert again.rc == 0 and again.total_changed() == 0, again.changed()
 
 
 def _services_with(image=None, volumes=None, address=None):
-    services = [{"name": "chat", "engine": "llamacpp", "image": image or site.image(address),
-                 "model": "hub-tiny/tiny.gguf", "port": 8080, "memory": "1g",
-                 "args": ["--ctx-size", "256", "--threads", "1"], "api_key_file": str(KEY)}]
+    services = [
+        {
+            "name": "chat",
+            "engine": "llamacpp",
+            "image": image or site.image(address),
+            "model": "hub-tiny/tiny.gguf",
+            "port": 8080,
+            "memory": "1g",
+            "args": ["--ctx-size", "256", "--threads", "1"],
+            "api_key_file": str(KEY),
+        }
+    ]
     data = ["--data", f"inference_services={json.dumps(services)}"]
     if volumes:
         data += ["--data", f"inference_weight_volumes={json.dumps(volumes)}"]
@@ -133,8 +154,10 @@ def test_missing_revision_is_named_and_the_volume_left_as_it_was(second_deploy, 
     volumes = {"hub-tiny": {"hf": site.HUB_REPO, "revision": "f" * 40, "token_file": str(site.HUB_TOKEN_FILE)}}
     result = run_deploy("--limit", HOST, *_services_with(volumes=volumes, address=address))
     assert result.rc != 0
-    assert (f"gpufleet-hf-fetch: {site.HUB_REPO}@{'f' * 40} at {site.hub_endpoint(address)}: no such revision"
-            in result.output), result.output[-3000:]
+    assert (
+        f"gpufleet-hf-fetch: {site.HUB_REPO}@{'f' * 40} at {site.hub_endpoint(address)}: no such revision"
+        in result.output
+    ), result.output[-3000:]
     assert json.loads(sh("cat /srv/gpufleet/weights/hub-tiny/.gpufleet-hf.json").stdout)["commit"] == site.hub_commit()
     assert unit_digest() == unit and container_id() == running and answers(8080)
 
@@ -144,8 +167,10 @@ def test_branch_revision_is_refused_before_any_host_changes(second_deploy, addre
     volumes = {"hub-tiny": {"hf": site.HUB_REPO, "revision": "main", "token_file": str(site.HUB_TOKEN_FILE)}}
     result = run_deploy("--limit", HOST, *_services_with(volumes=volumes, address=address))
     assert result.rc != 0
-    assert ("lab-net-1: inference_weight_volumes['hub-tiny']: revision: 'main' is a branch or tag, which moves"
-            in result.output), result.output[-2000:]
+    assert (
+        "lab-net-1: inference_weight_volumes['hub-tiny']: revision: 'main' is a branch or tag, which moves"
+        in result.output
+    ), result.output[-2000:]
     assert "Starting operation" not in result.output
     assert sh("stat -c %Y /etc/gpufleet/host.json").stdout == before
 
@@ -154,8 +179,9 @@ def test_login_file_readable_by_others_is_refused_before_any_host(second_deploy,
     login = tmp_path / "login"
     login.write_text("gpufleet-lab:whatever\n")
     login.chmod(0o644)
-    result = run_deploy("--limit", HOST, "--data",
-                        f"docker_registry_logins={json.dumps({site.registry(address): str(login)})}")
+    result = run_deploy(
+        "--limit", HOST, "--data", f"docker_registry_logins={json.dumps({site.registry(address): str(login)})}"
+    )
     assert result.rc != 0
     assert f"{login}: readable by others than its owner (mode 644); chmod 600" in result.output
     assert "Starting operation" not in result.output

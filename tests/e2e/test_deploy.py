@@ -37,9 +37,22 @@ def test_no_gpu_is_said_plainly(first_deploy):
 def test_testinfra_checks_pass_on_every_host(second_deploy, lab):
     hosts = ",".join(f"ssh://{host['name']}" for host in lab_hosts.deployed())
     checks = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/checks",
-         f"--hosts={hosts}", f"--ssh-config={lab_hosts.SSH_CONFIG}", "--sudo"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/checks",
+            f"--hosts={hosts}",
+            f"--ssh-config={lab_hosts.SSH_CONFIG}",
+            "--sudo",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert checks.returncode == 0, checks.stdout[-4000:]
     assert " passed" in checks.stdout and " failed" not in checks.stdout
@@ -80,8 +93,14 @@ def test_dry_run_changes_nothing(second_deploy, lab):
 
 def test_dry_run_of_a_converged_host_predicts_no_change_and_lists_handlers_as_conditional(second_deploy):
     # Without -y pyinfra detects changes before it would ask; --dry stops there (stdin closed).
-    dry = subprocess.run([PYINFRA, "inventories/lab.py", "deploy.py", "--dry", "--limit", "lab-2"], cwd=REPO,
-                         capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    dry = subprocess.run(
+        [PYINFRA, "inventories/lab.py", "deploy.py", "--dry", "--limit", "lab-2"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
     output = dry.stdout + dry.stderr
     assert dry.returncode == 0 and "--> Detected changes:" in output, output[-2000:]
     table = output.split("--> Detected changes:")[1].splitlines()[2:]
@@ -94,4 +113,7 @@ def test_dry_run_of_a_converged_host_predicts_no_change_and_lists_handlers_as_co
     assert len(rows) >= 30, table[:5]
     assert {change for change, _ in rows.values()} == {"-"}, {name: row for name, row in rows.items() if row[0] != "-"}
     # Reactions to a change are handlers (_if=): pyinfra says they run only if their trigger changes.
-    assert rows["GPU host | Apply Docker configuration | Restart Docker if its configuration changed"] == ["-", "1 (lab-2)"]
+    assert rows["GPU host | Apply Docker configuration | Restart Docker if its configuration changed"] == [
+        "-",
+        "1 (lab-2)",
+    ]

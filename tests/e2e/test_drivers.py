@@ -30,8 +30,11 @@ def sh(name, command, check=True):
 def installed(name, pattern):
     """{package: version} of the installed packages matching a grep -E pattern."""
     out = sh(name, "dpkg-query -W -f '${db:Status-Abbrev} ${Package} ${Version}\\n'")
-    return {p: v for status, p, v in (line.split() for line in out.splitlines())
-            if status[1] == "i" and re.search(pattern, p)}
+    return {
+        p: v
+        for status, p, v in (line.split() for line in out.splitlines())
+        if status[1] == "i" and re.search(pattern, p)
+    }
 
 
 def module_version(name, kernel):
@@ -46,8 +49,9 @@ def run_kernel(release):
 def restore_ubuntu_host():
     """Back to the GA kernel only, as the lab brought the host up: a deploy then changes nothing."""
     run_kernel(GA_KERNEL)
-    extra = sh(UBUNTU, "dpkg-query -W -f '${Package}\\n' | grep -E '6\\.17\\.0-35|hwe-24\\.04|6\\.8\\.0-137|^dkms$' "
-                       "|| true").split()
+    extra = sh(
+        UBUNTU, "dpkg-query -W -f '${Package}\\n' | grep -E '6\\.17\\.0-35|hwe-24\\.04|6\\.8\\.0-137|^dkms$' || true"
+    ).split()
     if extra:
         sh(UBUNTU, f"{APT} purge {' '.join(extra)} >/dev/null")
     again = run_deploy("--limit", UBUNTU)
@@ -65,8 +69,10 @@ def test_ubuntu_host_gets_canonicals_precompiled_module_not_dkms(second_deploy):
     assert {"nvidia-headless-no-dkms-580-server", "nvidia-utils-580-server"} <= held
     assert not [p for p in held if p.startswith("linux-")], held  # kernel upgrades bring their module
     assert module_version(UBUNTU, GA_KERNEL) == DRIVER
-    assert f"[{UBUNTU}] NVIDIA driver {DRIVER} (580 pinned): Canonical's signed precompiled module for " \
-           f"{GA_KERNEL}: linux-modules-nvidia-580-server-generic" in second_deploy.output
+    assert (
+        f"[{UBUNTU}] NVIDIA driver {DRIVER} (580 pinned): Canonical's signed precompiled module for "
+        f"{GA_KERNEL}: linux-modules-nvidia-580-server-generic" in second_deploy.output
+    )
 
 
 def test_hwe_kernel_gets_the_hwe_flavours_module(second_deploy):
@@ -75,8 +81,10 @@ def test_hwe_kernel_gets_the_hwe_flavours_module(second_deploy):
         run_kernel(HWE_KERNEL)
         moved = run_deploy("--limit", UBUNTU)
         assert moved.rc == 0, moved.output[-3000:]
-        assert "Canonical's signed precompiled module for 6.17.0-35-generic: " \
-               "linux-modules-nvidia-580-server-generic-hwe-24.04" in moved.output
+        assert (
+            "Canonical's signed precompiled module for 6.17.0-35-generic: "
+            "linux-modules-nvidia-580-server-generic-hwe-24.04" in moved.output
+        )
         packages = installed(UBUNTU, "^linux-modules-nvidia-")
         assert "linux-modules-nvidia-580-server-generic-hwe-24.04" in packages
         assert f"linux-modules-nvidia-580-server-{HWE_KERNEL}" in packages
@@ -95,11 +103,15 @@ def test_kernel_without_precompiled_module_falls_back_to_dkms_and_names_its_buil
         run_kernel(NO_PRECOMPILED_KERNEL)
         fallback = run_deploy("--limit", UBUNTU)
         assert fallback.rc != 0
-        assert f"no precompiled module for {NO_PRECOMPILED_KERNEL} (linux-modules-nvidia-580-server-" \
-               f"{NO_PRECOMPILED_KERNEL} is not in the host's apt sources): DKMS builds it (nvidia-dkms-580-server, " \
-               f"linux-headers-{NO_PRECOMPILED_KERNEL})" in fallback.output
-        assert f"NVIDIA module {DRIVER} is not built for the running kernel {NO_PRECOMPILED_KERNEL} (found: none); " \
-               f"DKMS build log: /var/lib/dkms/nvidia-srv/{DRIVER}/build/make.log" in fallback.output
+        assert (
+            f"no precompiled module for {NO_PRECOMPILED_KERNEL} (linux-modules-nvidia-580-server-"
+            f"{NO_PRECOMPILED_KERNEL} is not in the host's apt sources): DKMS builds it (nvidia-dkms-580-server, "
+            f"linux-headers-{NO_PRECOMPILED_KERNEL})" in fallback.output
+        )
+        assert (
+            f"NVIDIA module {DRIVER} is not built for the running kernel {NO_PRECOMPILED_KERNEL} (found: none); "
+            f"DKMS build log: /var/lib/dkms/nvidia-srv/{DRIVER}/build/make.log" in fallback.output
+        )
         packages = installed(UBUNTU, "nvidia-dkms|^linux-headers-6\\.8\\.0-137")
         assert packages["nvidia-dkms-580-server"].startswith(DRIVER + "-")
         assert f"linux-headers-{NO_PRECOMPILED_KERNEL}" in packages
@@ -121,18 +133,36 @@ def _refused(result, message):
     assert "Starting operation" not in result.output
 
 
-@pytest.mark.parametrize("name, pin, message", [
-    (UBUNTU, "580.126.20", "lab-ubu-1: nvidia_driver_version: 580.126.20 is not in the host's apt sources, and not "
-                           "installed: they offer nvidia-utils-580-server 580.173.02-0ubuntu0.24.04.1. Pin one of "
-                           "those, or the branch ('580') to take its newest"),
-    (UBUNTU, "570", "lab-ubu-1: nvidia_driver_version: nvidia-utils-570-server 570.211.01-0ubuntu1.24.04.1 is a "
-                    "transitional package (nvidia-utils-580-server): Ubuntu has moved branch 570 to another; "
-                    "pin that branch"),
-    (UBUNTU, "999", "lab-ubu-1: nvidia_driver_version: branch 999: the host's apt sources offer no "
-                    "nvidia-utils-999-server"),
-    ("lab-2", "535.183.01", "lab-2: nvidia_driver_version: 535.183.01 is not in the host's apt sources, and not "
-                            "installed: they offer nvidia-smi 535.309.01-0+deb12u1, 535.261.03-1."),
-])
+@pytest.mark.parametrize(
+    "name, pin, message",
+    [
+        (
+            UBUNTU,
+            "580.126.20",
+            "lab-ubu-1: nvidia_driver_version: 580.126.20 is not in the host's apt sources, and not "
+            "installed: they offer nvidia-utils-580-server 580.173.02-0ubuntu0.24.04.1. Pin one of "
+            "those, or the branch ('580') to take its newest",
+        ),
+        (
+            UBUNTU,
+            "570",
+            "lab-ubu-1: nvidia_driver_version: nvidia-utils-570-server 570.211.01-0ubuntu1.24.04.1 is a "
+            "transitional package (nvidia-utils-580-server): Ubuntu has moved branch 570 to another; "
+            "pin that branch",
+        ),
+        (
+            UBUNTU,
+            "999",
+            "lab-ubu-1: nvidia_driver_version: branch 999: the host's apt sources offer no nvidia-utils-999-server",
+        ),
+        (
+            "lab-2",
+            "535.183.01",
+            "lab-2: nvidia_driver_version: 535.183.01 is not in the host's apt sources, and not "
+            "installed: they offer nvidia-smi 535.309.01-0+deb12u1, 535.261.03-1.",
+        ),
+    ],
+)
 def test_a_pin_the_host_cannot_have_is_refused_before_any_host_changes(second_deploy, name, pin, message):
     before = sh(name, "stat -c %Y /etc/apt/preferences.d/gpufleet-nvidia-driver")
     _refused(run_deploy("--limit", name, "--data", f'nvidia_driver_version="{pin}"'), message)
@@ -143,13 +173,22 @@ def test_debian_module_built_by_dkms_against_the_real_headers(second_deploy):
     kernel = sh("lab-2", "uname -r").strip()
     assert kernel.endswith("-amd64") and kernel != sh("lab-2", "/usr/bin/uname -r").strip()
     assert f"linux-headers-{kernel}" in installed("lab-2", "^linux-headers-")
-    assert sh("lab-2", "dkms status nvidia-current").strip().startswith(f"nvidia-current/{DEBIAN_DRIVER}, {kernel}, "
-                                                                        "x86_64: installed")
+    assert (
+        sh("lab-2", "dkms status nvidia-current")
+        .strip()
+        .startswith(f"nvidia-current/{DEBIAN_DRIVER}, {kernel}, x86_64: installed")
+    )
     assert module_version("lab-2", kernel) == DEBIAN_DRIVER
     vermagic = sh("lab-2", f"modinfo -k {kernel} -F vermagic nvidia-current").split()[0]
     assert vermagic == kernel  # compiled against that kernel's real headers, not faked
-    assert sh("lab-2", f"test -s /var/lib/dkms/nvidia-current/{DEBIAN_DRIVER}/{kernel}/x86_64/module/nvidia-current.ko"
-                       " && echo built").strip() == "built"
+    assert (
+        sh(
+            "lab-2",
+            f"test -s /var/lib/dkms/nvidia-current/{DEBIAN_DRIVER}/{kernel}/x86_64/module/nvidia-current.ko"
+            " && echo built",
+        ).strip()
+        == "built"
+    )
 
 
 @pytest.mark.parametrize("name, user", [("lab-2", "nvpd"), (UBUNTU, "nvidia-persistenced")])
@@ -165,8 +204,10 @@ def test_secure_boot_refuses_an_unsigned_dkms_module_not_a_signed_precompiled_on
     try:
         for name in ("lab-2", UBUNTU):
             mokutil.install(f"gpufleet-{name}", "enabled")
-        _refused(run_deploy("--limit", "lab-2"), "lab-2: Secure Boot is on and the distro driver's module is built "
-                                                 "by DKMS, unsigned, for 6.1.0-")
+        _refused(
+            run_deploy("--limit", "lab-2"),
+            "lab-2: Secure Boot is on and the distro driver's module is built by DKMS, unsigned, for 6.1.0-",
+        )
         ubuntu = run_deploy("--limit", UBUNTU)
         assert ubuntu.rc == 0 and ubuntu.total_changed() == 0, ubuntu.output[-3000:]
         # shim's validation disabled by the user: Linux boots with Secure Boot off, unsigned modules load.

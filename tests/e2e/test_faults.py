@@ -27,8 +27,11 @@ def container_id(name):
 
 def answers(name):
     key = KEY.read_text().strip()
-    answer = sh(name, f"curl -sf -m 30 -H 'Authorization: Bearer {key}' http://127.0.0.1:8080/v1/completions "
-                      "-d '{\"prompt\": \"hello\", \"max_tokens\": 4}'")
+    answer = sh(
+        name,
+        f"curl -sf -m 30 -H 'Authorization: Bearer {key}' http://127.0.0.1:8080/v1/completions "
+        '-d \'{"prompt": "hello", "max_tokens": 4}\'',
+    )
     return answer.returncode == 0 and json.loads(answer.stdout)["usage"]["completion_tokens"] == 4
 
 
@@ -37,8 +40,9 @@ def test_a_secret_whose_mode_drifted_is_fixed_without_a_restart(second_deploy):
     sh("lab-1", "chmod 440 /etc/gpufleet/secrets/chat.key")
     fixed = run_deploy("--limit", "lab-1")
     assert fixed.rc == 0, fixed.output[-3000:]
-    assert list(fixed.changed()) == ["GPU host | Deploy inference services | Write chat's API key file (its account "
-                                     "reads it, nobody else)"], fixed.changed()
+    assert list(fixed.changed()) == [
+        "GPU host | Deploy inference services | Write chat's API key file (its account reads it, nobody else)"
+    ], fixed.changed()
     assert sh("lab-1", "stat -c %a /etc/gpufleet/secrets/chat.key").stdout.strip() == "400"
     assert container_id("lab-1") == running and answers("lab-1")
 
@@ -52,8 +56,9 @@ def test_an_image_untagged_and_loaded_again_restarts_nothing(second_deploy):
     assert sh("lab-1", f"docker image inspect {image}").returncode != 0
     reloaded = run_deploy("--limit", "lab-1")
     assert reloaded.rc == 0, reloaded.output[-3000:]
-    assert (f"GPU host | Provide the services' container images | Load the bundle's container images | "
-            f"Load image {image}") in reloaded.changed()
+    assert (
+        f"GPU host | Provide the services' container images | Load the bundle's container images | Load image {image}"
+    ) in reloaded.changed()
     assert "Restart gpufleet-chat" not in "".join(reloaded.changed())
     assert container_id("lab-1") == running and answers("lab-1")
     again = run_deploy("--limit", "lab-1")
@@ -70,18 +75,23 @@ def test_no_room_is_refused_before_any_byte_naming_host_path_and_numbers(second_
         assert full.rc != 0
         free = int(sh("lab-2", "df -P -B1 /srv/full | tail -n 1").stdout.split()[3])
         size = (REPO / ".lab" / "models" / "tiny" / "tiny.gguf").stat().st_size
-        assert (f"lab-2: /srv/full/tiny: no room: {size} bytes to receive + 1073741824 margin "
-                f"(gpufleet_free_space_margin), {free} free on /srv/full; nothing was sent") in full.output, \
-            full.output[-3000:]
+        assert (
+            f"lab-2: /srv/full/tiny: no room: {size} bytes to receive + 1073741824 margin "
+            f"(gpufleet_free_space_margin), {free} free on /srv/full; nothing was sent"
+        ) in full.output, full.output[-3000:]
         assert sh("lab-2", "find /srv/full -type f | wc -l").stdout.strip() == "0"
         assert container_id("lab-2") == running and answers("lab-2")
         # with the margin lowered to what fits, the same run goes through
-        fits = run_deploy("--limit", "lab-2", "--data", "inference_weights_root=/srv/full",
-                          "--data", "gpufleet_free_space_margin=1m")
+        fits = run_deploy(
+            "--limit", "lab-2", "--data", "inference_weights_root=/srv/full", "--data", "gpufleet_free_space_margin=1m"
+        )
         assert fits.rc == 0, fits.output[-3000:]
-        assert sh("lab-2", "sha256sum /srv/full/tiny/tiny.gguf").stdout.split()[0] == \
-            subprocess.run(["sha256sum", str(REPO / ".lab/models/tiny/tiny.gguf")], capture_output=True,
-                           text=True).stdout.split()[0]
+        assert (
+            sh("lab-2", "sha256sum /srv/full/tiny/tiny.gguf").stdout.split()[0]
+            == subprocess.run(
+                ["sha256sum", str(REPO / ".lab/models/tiny/tiny.gguf")], capture_output=True, text=True
+            ).stdout.split()[0]
+        )
         assert answers("lab-2")
     finally:
         back = run_deploy("--limit", "lab-2")
@@ -115,15 +125,21 @@ def test_a_dead_host_among_live_ones_is_named_and_the_others_converge(second_dep
     back = run_deploy()
     assert back.rc == 0, back.output[-3000:]
     assert back.total_changed() == 1 and list(back.changed()) == [
-        "Record what gpufleet deployed | Write /etc/gpufleet/host.json"], back.changed()
+        "Record what gpufleet deployed | Write /etc/gpufleet/host.json"
+    ], back.changed()
     assert sh("lab-ubu-1", "test -s /etc/gpufleet/host.json").returncode == 0
 
 
 def _killed_when(command, seen, limit_s=120):
     """Run ``pyinfra command`` and SIGKILL it (its whole process group) the moment ``seen()`` is true;
     polled every 0.05 s for at most ``limit_s``. Returns whether it was killed that way."""
-    process = subprocess.Popen([PYINFRA, "-y", "inventories/lab.py", "deploy.py", *command], cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        [PYINFRA, "-y", "inventories/lab.py", "deploy.py", *command],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + limit_s
     try:
         while process.poll() is None and time.monotonic() < deadline:
@@ -166,9 +182,26 @@ def test_control_node_killed_during_a_service_restart_converges_on_the_next_run(
     """A changed engine argument restarts lab-2's service; pyinfra is killed while systemd restarts
     it. systemd finishes the restart alone; the next run records what it left undone and the one
     after changes nothing; the service answers with the new argument."""
-    changed = ("--limit", "lab-2", "--data", "inference_services=" + json.dumps([{
-        "name": "chat", "engine": "llamacpp", "image": image_tag(), "model": "tiny/tiny.gguf", "port": 8080,
-        "memory": "1g", "args": ["--ctx-size", "128", "--threads", "1"], "api_key_file": str(KEY)}]))
+    changed = (
+        "--limit",
+        "lab-2",
+        "--data",
+        "inference_services="
+        + json.dumps(
+            [
+                {
+                    "name": "chat",
+                    "engine": "llamacpp",
+                    "image": image_tag(),
+                    "model": "tiny/tiny.gguf",
+                    "port": 8080,
+                    "memory": "1g",
+                    "args": ["--ctx-size", "128", "--threads", "1"],
+                    "api_key_file": str(KEY),
+                }
+            ]
+        ),
+    )
     before = container_id("lab-2")
     try:
         killed = _killed_when(changed, lambda: container_id("lab-2") != before)
@@ -209,8 +242,10 @@ def test_control_node_killed_mid_staging_resumes_with_the_rest(second_deploy):
     assert set(record) <= {path.split("/", 1)[1] for path in manifest["files"] if path.startswith("images/")}
     resumed = run_deploy("--limit", "lab-2")
     assert resumed.rc == 0, resumed.output[-3000:]
-    sent = re.search(r"\[lab-2\] staged 1 file\(s\), (\d+) bytes sent through the OpenSSH client, into /var/lib/gpufleet/bundle/images",
-                     resumed.output)
+    sent = re.search(
+        r"\[lab-2\] staged 1 file\(s\), (\d+) bytes sent through the OpenSSH client, into /var/lib/gpufleet/bundle/images",
+        resumed.output,
+    )
     assert sent and 0 < int(sent.group(1)) < size, resumed.output[-3000:]
     assert sh("lab-2", f"sha256sum {remote}").stdout.split()[0] == manifest["files"][image]["sha256"]
     again = run_deploy("--limit", "lab-2")

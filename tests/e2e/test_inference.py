@@ -11,7 +11,7 @@ from tests.lab import hosts as lab_hosts
 from .conftest import REPO, run_deploy
 
 HOSTS = ["lab-1", "lab-gap-1"]
-KEY = (REPO / ".lab" / "secrets" / "chat-api-key")
+KEY = REPO / ".lab" / "secrets" / "chat-api-key"
 
 
 def sh(name, command, **kwargs):
@@ -32,17 +32,27 @@ def test_models_listed_and_completion_returns_tokens(second_deploy, name):
     key = KEY.read_text().strip()
     models = json.loads(sh(name, f"curl -sf -H 'Authorization: Bearer {key}' http://127.0.0.1:8080/v1/models").stdout)
     assert [m["id"] for m in models["data"]] == ["chat"]
-    completion = json.loads(sh(name, "curl -sf -H 'Authorization: Bearer " + key + "' "
-                                     "http://127.0.0.1:8080/v1/completions -d '{\"prompt\": \"hello\", "
-                                     "\"max_tokens\": 6}'").stdout)
+    completion = json.loads(
+        sh(
+            name,
+            "curl -sf -H 'Authorization: Bearer " + key + "' "
+            'http://127.0.0.1:8080/v1/completions -d \'{"prompt": "hello", '
+            '"max_tokens": 6}\'',
+        ).stdout
+    )
     assert completion["usage"]["completion_tokens"] == 6
     assert completion["choices"][0]["finish_reason"] == "length"
 
 
 def test_request_without_or_with_wrong_key_is_refused(second_deploy):
     assert sh("lab-1", "curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:8080/v1/models").stdout == "401"
-    assert sh("lab-1", "curl -s -o /dev/null -w '%{http_code}' -H 'Authorization: Bearer wrong' "
-                       "http://127.0.0.1:8080/v1/models").stdout == "401"
+    assert (
+        sh(
+            "lab-1",
+            "curl -s -o /dev/null -w '%{http_code}' -H 'Authorization: Bearer wrong' http://127.0.0.1:8080/v1/models",
+        ).stdout
+        == "401"
+    )
 
 
 def test_api_key_only_in_the_services_own_key_file(second_deploy, lab_host):
@@ -54,15 +64,22 @@ def test_api_key_only_in_the_services_own_key_file(second_deploy, lab_host):
     assert host.file("/etc/gpufleet/secrets").mode == 0o700
     assert not host.file("/etc/gpufleet/secrets/chat.env").exists  # llama.cpp reads its key from the file
     unit = host.file("/etc/systemd/system/gpufleet-chat.service").content_string
-    assert ("-v /etc/gpufleet/secrets/chat.key:/run/secrets/gpufleet-api-key:ro" in unit
-            and "--api-key-file /run/secrets/gpufleet-api-key" in unit and key not in unit)
+    assert (
+        "-v /etc/gpufleet/secrets/chat.key:/run/secrets/gpufleet-api-key:ro" in unit
+        and "--api-key-file /run/secrets/gpufleet-api-key" in unit
+        and key not in unit
+    )
     # The key goes in on stdin into a 0600 pattern file, so no command line (not even grep's) holds it.
-    everywhere = sh("lab-1", "umask 077; p=$(mktemp); cat > $p; "
-                             "for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $f 2>/dev/null; echo; done | grep -F -c -f $p; "
-                             "journalctl --no-pager -u gpufleet-chat -u docker | grep -F -c -f $p; "
-                             "docker logs gpufleet-chat 2>&1 | grep -F -c -f $p; "
-                             "docker inspect gpufleet-chat | grep -F -c -f $p; "
-                             "grep -F -c -f $p /etc/gpufleet/secrets/chat.key; rm -f $p", input=key + "\n").stdout.split()
+    everywhere = sh(
+        "lab-1",
+        "umask 077; p=$(mktemp); cat > $p; "
+        "for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $f 2>/dev/null; echo; done | grep -F -c -f $p; "
+        "journalctl --no-pager -u gpufleet-chat -u docker | grep -F -c -f $p; "
+        "docker logs gpufleet-chat 2>&1 | grep -F -c -f $p; "
+        "docker inspect gpufleet-chat | grep -F -c -f $p; "
+        "grep -F -c -f $p /etc/gpufleet/secrets/chat.key; rm -f $p",
+        input=key + "\n",
+    ).stdout.split()
     # No process's command line, no journal, no container log, not in docker inspect; only the key file.
     assert everywhere == ["0", "0", "0", "0", "1"]
 
@@ -74,7 +91,8 @@ def test_weights_read_only_and_mounted_ro(second_deploy, lab_host):
     mounts = json.loads(sh("lab-1", "docker inspect -f '{{json .Mounts}}' gpufleet-chat").stdout)
     assert sorted((m["Source"], m["Destination"], m["RW"]) for m in mounts) == [
         ("/etc/gpufleet/secrets/chat.key", "/run/secrets/gpufleet-api-key", False),
-        ("/srv/gpufleet/weights", "/models", False)]
+        ("/srv/gpufleet/weights", "/models", False),
+    ]
     config = json.loads(sh("lab-1", "docker inspect -f '{{json .Config}}' gpufleet-chat").stdout)
     # The service's own account: its own UID, no login, no home; not root and not the shared nobody.
     account = sh("lab-1", "getent passwd gpufleet-chat").stdout.strip().split(":")
@@ -104,9 +122,12 @@ def test_killed_container_comes_back_through_systemd(second_deploy):
 
 
 def test_corrupt_weight_is_named_and_refused_then_repaired(second_deploy):
-    sh("lab-2", "chmod u+w /srv/gpufleet/weights/tiny/tiny.gguf && "
-                "printf 'XXXX' | dd of=/srv/gpufleet/weights/tiny/tiny.gguf bs=1 seek=4096 conv=notrunc 2>/dev/null && "
-                "touch -d '2001-01-01' /srv/gpufleet/weights/tiny/tiny.gguf")
+    sh(
+        "lab-2",
+        "chmod u+w /srv/gpufleet/weights/tiny/tiny.gguf && "
+        "printf 'XXXX' | dd of=/srv/gpufleet/weights/tiny/tiny.gguf bs=1 seek=4096 conv=notrunc 2>/dev/null && "
+        "touch -d '2001-01-01' /srv/gpufleet/weights/tiny/tiny.gguf",
+    )
     sh("lab-2", "systemctl restart gpufleet-chat || true")
     journal = sh("lab-2", "journalctl --no-pager -u gpufleet-chat -n 30").stdout
     assert "/srv/gpufleet/weights/tiny/tiny.gguf: SHA-256 differs from the manifest (corrupt)" in journal
@@ -121,9 +142,18 @@ def test_corrupt_weight_is_named_and_refused_then_repaired(second_deploy):
 def test_gpu_engine_units_verify_with_systemd(second_deploy, engine):
     from operations.services import engines, inference
 
-    service = {"name": f"check-{engine}", "engine": engine, "model": "tiny/model",
-               "image": {"vllm": "vllm/vllm-openai:v0.6.3", "tgi": "ghcr.io/huggingface/text-generation-inference:2.4.1",
-                         "ollama": "ollama/ollama:0.3.14"}[engine], "gpus": [0], "memory": "32g"}
+    service = {
+        "name": f"check-{engine}",
+        "engine": engine,
+        "model": "tiny/model",
+        "image": {
+            "vllm": "vllm/vllm-openai:v0.6.3",
+            "tgi": "ghcr.io/huggingface/text-generation-inference:2.4.1",
+            "ollama": "ollama/ollama:0.3.14",
+        }[engine],
+        "gpus": [0],
+        "memory": "32g",
+    }
     engines.check_service(0, service)
     env = "/etc/gpufleet/secrets/chat.env" if engines.ENGINES[engine]["api_key_env"] else None
     unit = inference.unit_text(service, "/srv/gpufleet/weights", env, use_gpus=True, start_timeout=600)
@@ -141,19 +171,24 @@ def test_systemd_reads_back_exactly_the_words_gpufleet_writes(lab):
     from tests.unit.test_systemd_syntax import HARD
 
     program = "import sys; open('/run/gpufleet-argv', 'wb').write(b'\\0'.join(a.encode() for a in sys.argv[1:]))"
-    unit = ("[Unit]\nDescription=gpufleet quoting round trip\n[Service]\nType=oneshot\n"
-            f"ExecStart={systemd_syntax.command_line(['/usr/bin/python3', '-c', program, *HARD])}\n")
+    unit = (
+        "[Unit]\nDescription=gpufleet quoting round trip\n[Service]\nType=oneshot\n"
+        f"ExecStart={systemd_syntax.command_line(['/usr/bin/python3', '-c', program, *HARD])}\n"
+    )
     path = "/etc/systemd/system/gpufleet-quoting.service"
     try:
-        written = sh("lab-1", f"cat > {path} && systemd-analyze verify {path} && systemctl daemon-reload && "
-                              "systemctl start gpufleet-quoting.service && cat /run/gpufleet-argv", input=unit)
+        written = sh(
+            "lab-1",
+            f"cat > {path} && systemd-analyze verify {path} && systemctl daemon-reload && "
+            "systemctl start gpufleet-quoting.service && cat /run/gpufleet-argv",
+            input=unit,
+        )
         assert written.returncode == 0, written.stderr
         assert written.stdout.split("\0") == HARD
         shown = sh("lab-1", "systemctl show -p ExecStart --value gpufleet-quoting.service").stdout
         assert "argv[]=/usr/bin/python3 -c" in shown
     finally:
         sh("lab-1", f"rm -f {path} /run/gpufleet-argv && systemctl daemon-reload")
-
 
 
 def test_weights_touched_but_unchanged_are_re_recorded_without_a_restart(second_deploy):

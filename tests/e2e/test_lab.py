@@ -67,8 +67,13 @@ def test_image_loaded_from_control_node_without_registry(first_deploy, lab):
     """docker save here | ssh host docker load: the way images travel with no registry."""
     tag = image.image_tag()
     save = subprocess.Popen(["docker", "save", tag], stdout=subprocess.PIPE)
-    load = subprocess.run(["ssh", "-F", str(lab_hosts.SSH_CONFIG), "lab-2", "docker load"],
-                          stdin=save.stdout, capture_output=True, text=True, timeout=300)
+    load = subprocess.run(
+        ["ssh", "-F", str(lab_hosts.SSH_CONFIG), "lab-2", "docker load"],
+        stdin=save.stdout,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert save.wait() == 0 and load.returncode == 0, load.stderr
     assert tag in load.stdout
     listed = lab_hosts.ssh(lab["lab-2"], f"docker image inspect -f '{{{{.Id}}}}' {tag}")

@@ -19,24 +19,36 @@ def sh(command):
 
 
 def _renamed(name):
-    service = {"name": name, "engine": "llamacpp", "image": image_tag(), "model": "tiny/tiny.gguf", "port": 8080,
-               "memory": "1g", "args": ["--ctx-size", "256", "--threads", "1"], "api_key_file": str(KEY)}
+    service = {
+        "name": name,
+        "engine": "llamacpp",
+        "image": image_tag(),
+        "model": "tiny/tiny.gguf",
+        "port": 8080,
+        "memory": "1g",
+        "args": ["--ctx-size", "256", "--threads", "1"],
+        "api_key_file": str(KEY),
+    }
     return ["--data", f"inference_services={json.dumps([service])}"]
 
 
 def _answers():
     key = KEY.read_text().strip()
-    answer = sh(f"curl -sf -m 30 -H 'Authorization: Bearer {key}' http://127.0.0.1:8080/v1/completions "
-                "-d '{\"prompt\": \"hello\", \"max_tokens\": 4}'")
+    answer = sh(
+        f"curl -sf -m 30 -H 'Authorization: Bearer {key}' http://127.0.0.1:8080/v1/completions "
+        '-d \'{"prompt": "hello", "max_tokens": 4}\''
+    )
     return answer.returncode == 0 and json.loads(answer.stdout)["usage"]["completion_tokens"] == 4
 
 
 def _left_of(name):
     """Whatever of service ``name`` is on the host: unit, container, secret files, account."""
-    return sh(f"ls /etc/systemd/system/gpufleet-{name}.service /etc/gpufleet/secrets/{name}.key "
-              f"/etc/gpufleet/secrets/{name}.env 2>/dev/null; docker ps -aq -f name=^gpufleet-{name}$; "
-              f"getent passwd gpufleet-{name}; getent group gpufleet-{name}; "
-              f"systemctl list-units --all --no-legend gpufleet-{name}.service | grep -v not-found").stdout.strip()
+    return sh(
+        f"ls /etc/systemd/system/gpufleet-{name}.service /etc/gpufleet/secrets/{name}.key "
+        f"/etc/gpufleet/secrets/{name}.env 2>/dev/null; docker ps -aq -f name=^gpufleet-{name}$; "
+        f"getent passwd gpufleet-{name}; getent group gpufleet-{name}; "
+        f"systemctl list-units --all --no-legend gpufleet-{name}.service | grep -v not-found"
+    ).stdout.strip()
 
 
 def test_a_renamed_service_frees_its_port_and_leaves_nothing_behind(second_deploy):
@@ -77,14 +89,17 @@ def test_an_empty_service_list_removes_every_service(second_deploy):
 def test_prune_removes_images_and_volumes_no_service_uses(second_deploy):
     """gpufleet_prune on lab-2: an image tag and a weight volume that no service uses are removed, the
     running service's image and volume stay, and a re-run changes nothing."""
-    made = sh("echo old > /tmp/retired && tar -C /tmp -c retired | docker import - gpufleet-lab/retired:1 && "
-              "mkdir -p /srv/gpufleet/weights/retired && echo old > /srv/gpufleet/weights/retired/model.gguf")
+    made = sh(
+        "echo old > /tmp/retired && tar -C /tmp -c retired | docker import - gpufleet-lab/retired:1 && "
+        "mkdir -p /srv/gpufleet/weights/retired && echo old > /srv/gpufleet/weights/retired/model.gguf"
+    )
     assert made.returncode == 0, made.stderr
     running = sh("docker inspect -f '{{.Id}}' gpufleet-chat").stdout.strip()
     pruned = run_deploy("--limit", HOST, "--data", "gpufleet_prune=true")
     assert pruned.rc == 0, pruned.output[-3000:]
-    assert list(pruned.changed()) == ["GPU host | Deploy inference services | Remove images and weight volumes no "
-                                      "service uses (gpufleet_prune)"], pruned.changed()
+    assert list(pruned.changed()) == [
+        "GPU host | Deploy inference services | Remove images and weight volumes no service uses (gpufleet_prune)"
+    ], pruned.changed()
     assert sh("docker image inspect gpufleet-lab/retired:1").returncode != 0
     assert sh("test -e /srv/gpufleet/weights/retired").returncode == 1
     assert sh(f"docker image inspect {image_tag()}").returncode == 0
@@ -99,7 +114,9 @@ def test_a_weight_volume_is_backed_up_and_restored_verified(second_deploy, tmp_p
     before the host is touched; the volume, deleted on the host, comes back verified from the copy
     and serves; a deploy then changes nothing."""
     model = (REPO / ".lab" / "models" / "tiny" / "tiny.gguf").read_bytes()
-    backup = run_deploy("--limit", HOST, "volume=tiny", f"dest={tmp_path}", deploy="operations.weights.backup.backed_up")
+    backup = run_deploy(
+        "--limit", HOST, "volume=tiny", f"dest={tmp_path}", deploy="operations.weights.backup.backed_up"
+    )
     assert backup.rc == 0, backup.output[-3000:]
     manifest = json.loads((tmp_path / "tiny.gpufleet-backup.json").read_text())
     assert manifest["host"] == HOST and manifest["path"] == "/srv/gpufleet/weights/tiny"
@@ -111,13 +128,17 @@ def test_a_weight_volume_is_backed_up_and_restored_verified(second_deploy, tmp_p
     before = sh("stat -c %Y /srv/gpufleet/weights/tiny/tiny.gguf").stdout
     refused = run_deploy("--limit", HOST, "volume=tiny", f"src={tmp_path}", deploy="operations.weights.backup.restored")
     assert refused.rc != 0
-    assert f"{tmp_path}/tiny: the backup differs from its manifest (tiny.gguf): damaged; nothing was sent" \
-        in refused.output, refused.output[-3000:]
+    assert (
+        f"{tmp_path}/tiny: the backup differs from its manifest (tiny.gguf): damaged; nothing was sent"
+        in refused.output
+    ), refused.output[-3000:]
     assert sh("stat -c %Y /srv/gpufleet/weights/tiny/tiny.gguf").stdout == before
     copy.write_bytes(model)
 
     sh("systemctl stop gpufleet-chat && rm -rf /srv/gpufleet/weights/tiny")
-    restored = run_deploy("--limit", HOST, "volume=tiny", f"src={tmp_path}", deploy="operations.weights.backup.restored")
+    restored = run_deploy(
+        "--limit", HOST, "volume=tiny", f"src={tmp_path}", deploy="operations.weights.backup.restored"
+    )
     assert restored.rc == 0, restored.output[-3000:]
     assert sh("sha256sum /srv/gpufleet/weights/tiny/tiny.gguf").stdout.split()[0] == hashlib.sha256(model).hexdigest()
     assert sh("systemctl start gpufleet-chat").returncode == 0 and _answers()

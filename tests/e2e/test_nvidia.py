@@ -17,7 +17,11 @@ def test_pin_holds_the_driver_below_a_newer_candidate(second_deploy, lab):
 
 
 def test_malformed_daemon_json_is_named_and_left_untouched(second_deploy, lab):
-    sh(lab, "lab-2", "cp /etc/docker/daemon.json /root/daemon.json.good && printf '{ \"log-driver\": ' > /etc/docker/daemon.json")
+    sh(
+        lab,
+        "lab-2",
+        "cp /etc/docker/daemon.json /root/daemon.json.good && printf '{ \"log-driver\": ' > /etc/docker/daemon.json",
+    )
     try:
         before = sh(lab, "lab-2", "sha256sum /etc/docker/daemon.json").stdout
         result = run_deploy("--limit", "lab-2")
@@ -31,41 +35,55 @@ def test_malformed_daemon_json_is_named_and_left_untouched(second_deploy, lab):
 
 
 def test_removed_runtime_is_configured_again_and_docker_restarted(second_deploy, lab):
-    sh(lab, "lab-2", "python3 -c \"import json; p='/etc/docker/daemon.json'; d=json.load(open(p)); "
-                     "d.pop('runtimes'); json.dump(d, open(p, 'w'))\" && systemctl restart docker")
+    sh(
+        lab,
+        "lab-2",
+        "python3 -c \"import json; p='/etc/docker/daemon.json'; d=json.load(open(p)); "
+        "d.pop('runtimes'); json.dump(d, open(p, 'w'))\" && systemctl restart docker",
+    )
     started = sh(lab, "lab-2", "systemctl show -p ActiveEnterTimestampMonotonic docker").stdout
     result = run_deploy("--limit", "lab-2")
     changed = result.changed()
-    assert ("GPU host | Install NVIDIA Container Toolkit | Configure Docker's nvidia runtime "
-            "(nvidia-ctk runtime configure)") in changed
+    assert (
+        "GPU host | Install NVIDIA Container Toolkit | Configure Docker's nvidia runtime (nvidia-ctk runtime configure)"
+    ) in changed
     assert "GPU host | Apply Docker configuration | Restart Docker if its configuration changed" in changed
     assert sh(lab, "lab-2", "systemctl show -p ActiveEnterTimestampMonotonic docker").stdout != started
     assert "nvidia" in sh(lab, "lab-2", "docker info --format '{{json .Runtimes}}'").stdout
 
 
 def test_nvidia_ctk_double_keeps_keys_and_is_byte_stable(second_deploy, lab):
-    script = ("set -e; f=/tmp/d.json; echo '{\"data-root\": \"/srv/d\"}' > $f; "
-              "nvidia-ctk runtime configure --runtime=docker --config=$f 2>/dev/null; a=$(sha256sum < $f); "
-              "nvidia-ctk runtime configure --runtime=docker --config=$f 2>/dev/null; b=$(sha256sum < $f); "
-              "[ \"$a\" = \"$b\" ] && cat $f")
+    script = (
+        'set -e; f=/tmp/d.json; echo \'{"data-root": "/srv/d"}\' > $f; '
+        "nvidia-ctk runtime configure --runtime=docker --config=$f 2>/dev/null; a=$(sha256sum < $f); "
+        "nvidia-ctk runtime configure --runtime=docker --config=$f 2>/dev/null; b=$(sha256sum < $f); "
+        '[ "$a" = "$b" ] && cat $f'
+    )
     out = sh(lab, "lab-1", script).stdout
     assert '"data-root": "/srv/d"' in out and '"path": "nvidia-container-runtime"' in out
-    bad = sh(lab, "lab-1", "echo '{x' > /tmp/bad.json; nvidia-ctk runtime configure --config=/tmp/bad.json; "
-                           "echo rc=$?; cat /tmp/bad.json", check=False).stdout
+    bad = sh(
+        lab,
+        "lab-1",
+        "echo '{x' > /tmp/bad.json; nvidia-ctk runtime configure --config=/tmp/bad.json; echo rc=$?; cat /tmp/bad.json",
+        check=False,
+    ).stdout
     assert "rc=1" in bad and "{x" in bad
 
 
 def test_udev_rule_links_dev_char_for_gpu_nodes(second_deploy, lab):
     rule = sh(lab, "lab-1", "cat /lib/udev/rules.d/71-nvidia-dev-char.rules").stdout
-    assert ('ACTION=="add", DEVPATH=="/bus/pci/drivers/nvidia", '
-            'RUN+="/usr/bin/nvidia-ctk system create-dev-char-symlinks --create-all"') in rule
+    assert (
+        'ACTION=="add", DEVPATH=="/bus/pci/drivers/nvidia", '
+        'RUN+="/usr/bin/nvidia-ctk system create-dev-char-symlinks --create-all"'
+    ) in rule
     # No GPU in the lab: stand-in nodes with the driver's numbers get their links, once.
     sh(lab, "lab-2", "mknod /dev/nvidia0 c 195 0 && mknod /dev/nvidiactl c 195 255")
     try:
         result = run_deploy("--limit", "lab-2")
         assert result.rc == 0, result.output[-3000:]
-        assert list(result.changed()) == ["GPU host | Install NVIDIA Container Toolkit | "
-                                          "Link the NVIDIA device nodes into /dev/char now"], result.changed()
+        assert list(result.changed()) == [
+            "GPU host | Install NVIDIA Container Toolkit | Link the NVIDIA device nodes into /dev/char now"
+        ], result.changed()
         links = sh(lab, "lab-2", "readlink /dev/char/195:0 /dev/char/195:255").stdout.split()
         assert links == ["/dev/nvidia0", "/dev/nvidiactl"]
         again = run_deploy("--limit", "lab-2")
@@ -85,13 +103,15 @@ def test_containerd_engine_gets_the_runtime_and_one_restart(second_deploy, lab):
         first = run_deploy(*containerd)
         assert first.rc == 0, first.output[-3000:]
         changed = first.changed()
-        assert "GPU host | Install NVIDIA Container Toolkit | Configure containerd's nvidia runtime (nvidia-ctk runtime " \
-               "configure)" in changed, changed
+        assert (
+            "GPU host | Install NVIDIA Container Toolkit | Configure containerd's nvidia runtime (nvidia-ctk runtime "
+            "configure)" in changed
+        ), changed
         assert "GPU host | Apply containerd configuration | Restart containerd if its configuration changed" in changed
         assert sh(lab, "lab-2", "systemctl show -p ActiveEnterTimestampMonotonic containerd").stdout != started
         # containerd itself read the new config: its merged view has the runtime.
         dump = sh(lab, "lab-2", "containerd config dump").stdout
-        assert 'runtimes.nvidia.options]' in dump and 'BinaryName = "/usr/bin/nvidia-container-runtime"' in dump
+        assert "runtimes.nvidia.options]" in dump and 'BinaryName = "/usr/bin/nvidia-container-runtime"' in dump
         again = run_deploy(*containerd)
         assert again.rc == 0 and again.total_changed() == 0, again.changed()
     finally:

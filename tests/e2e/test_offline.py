@@ -22,8 +22,9 @@ def sh(name, command):
 
 def test_airgapped_host_installed_everything_from_the_bundle(second_deploy):
     # (tests/e2e/test_lab.py proves this host reaches nothing outside the lab.)
-    installed = sh("lab-gap-1", "dpkg-query -W -f '${Package} ${Version}\\n' docker.io nvidia-smi "
-                                "nvidia-container-toolkit").stdout
+    installed = sh(
+        "lab-gap-1", "dpkg-query -W -f '${Package} ${Version}\\n' docker.io nvidia-smi nvidia-container-toolkit"
+    ).stdout
     assert re.search(r"^nvidia-smi 535\.261\.03-", installed, re.M)
     assert re.search(r"^nvidia-container-toolkit 1\.17\.8-1", installed, re.M)
     assert re.search(r"^docker\.io ", installed, re.M)
@@ -43,7 +44,10 @@ def test_interrupted_transfer_resumes_with_only_the_rest_sent(second_deploy, nam
     sh(name, f"head -c {half} {remote} > {remote}.gpufleet-part && rm -f {remote}")
     resumed = run_deploy("--limit", name)
     assert resumed.rc == 0, resumed.output[-3000:]
-    sent = re.search(r"staged 1 file\(s\), (\d+) bytes sent through the OpenSSH client, into /var/lib/gpufleet/bundle/images", resumed.output)
+    sent = re.search(
+        r"staged 1 file\(s\), (\d+) bytes sent through the OpenSSH client, into /var/lib/gpufleet/bundle/images",
+        resumed.output,
+    )
     assert sent and int(sent.group(1)) == size - half
     assert sh(name, f"sha256sum {remote}").stdout.split()[0] == manifest["files"][image]["sha256"]
     assert sh(name, f"stat -c '%U %a' {remote}").stdout.strip() == "root 444"
@@ -91,19 +95,21 @@ def test_host_pulls_from_a_seed_of_the_site_not_the_control_node(second_deploy, 
         sh(name, "rm -rf /srv/gpufleet/weights/tiny /var/lib/gpufleet/bundle/images")
     first = run_deploy(*relay)
     assert first.rc == 0, first.output[-3000:]
-    seeded = re.findall(rf"\[{seed}\] staged \d+ file\(s\), \d+ bytes sent through the OpenSSH client, into (\S+)", first.output)
+    seeded = re.findall(
+        rf"\[{seed}\] staged \d+ file\(s\), \d+ bytes sent through the OpenSSH client, into (\S+)", first.output
+    )
     assert set(seeded) == {"/srv/gpufleet/weights/tiny", "/var/lib/gpufleet/bundle/images"}
-    pulled = re.findall(rf"\[{puller}\] relayed \d+ file\(s\), (\d+) bytes, from {seed} into (\S+)",
-                        first.output)
+    pulled = re.findall(rf"\[{puller}\] relayed \d+ file\(s\), (\d+) bytes, from {seed} into (\S+)", first.output)
     assert {dest for _, dest in pulled} == {"/srv/gpufleet/weights/tiny", "/var/lib/gpufleet/bundle/images"}
     manifest = json.loads((BUNDLE / "manifest.json").read_text())
     used = {image["file"] for image in manifest["images"] if image["name"] == llamacpp.image_tag()}
     assert sum(int(size) for size, _ in pulled) == sum(
-        entry["size"] for path, entry in manifest["files"].items() if path.startswith("weights/tiny/") or path in used)
+        entry["size"] for path, entry in manifest["files"].items() if path.startswith("weights/tiny/") or path in used
+    )
     assert f"[{puller}] staged" not in first.output  # nothing came from the control node
     for path, entry in manifest["files"].items():
         if path.startswith("weights/tiny/"):
-            on_host = sh(puller, f"sha256sum /srv/gpufleet/weights/{path[len('weights/'):]}").stdout.split()[0]
+            on_host = sh(puller, f"sha256sum /srv/gpufleet/weights/{path[len('weights/') :]}").stdout.split()[0]
             assert on_host == entry["sha256"], path
     # The one-run key is gone from both ends: the seed login's authorized_keys, the puller's key directory.
     login = lab[seed]["user"]
@@ -136,8 +142,11 @@ def test_bundle_signature_is_required_when_signers_are_named(second_deploy, tmp_
     # The same bundle, signed by the named key: accepted, and the converged host stays as it is.
     copy = tmp_path / "bundle"
     shutil.copytree(BUNDLE, copy, symlinks=True)
-    subprocess.run(["ssh-keygen", "-q", "-Y", "sign", "-f", str(key), "-n", "gpufleet-bundle",
-                    str(copy / "manifest.json")], check=True)
-    signed = run_deploy("--limit", "lab-1", "--data", f"gpufleet_bundle={copy}",
-                        "--data", f"gpufleet_bundle_signers={signers}")
+    subprocess.run(
+        ["ssh-keygen", "-q", "-Y", "sign", "-f", str(key), "-n", "gpufleet-bundle", str(copy / "manifest.json")],
+        check=True,
+    )
+    signed = run_deploy(
+        "--limit", "lab-1", "--data", f"gpufleet_bundle={copy}", "--data", f"gpufleet_bundle_signers={signers}"
+    )
     assert signed.rc == 0 and signed.total_changed() == 0, (signed.changed(), signed.output[-2000:])

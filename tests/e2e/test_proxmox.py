@@ -33,8 +33,11 @@ def reboots(lab):
 
 
 def nvidia_devs(conf):
-    return {key: value for key, value in conf["options"].items()
-            if re.fullmatch(r"dev\d+", key) and value.startswith("/dev/nvidia")}
+    return {
+        key: value
+        for key, value in conf["options"].items()
+        if re.fullmatch(r"dev\d+", key) and value.startswith("/dev/nvidia")
+    }
 
 
 def test_guest_gets_dev_entries_for_every_node(second_deploy, lab):
@@ -56,8 +59,11 @@ def test_guest_restarted_once_across_two_runs(second_deploy, lab):
 
 def test_guest_libraries_match_the_host_module(second_deploy, lab):
     module = sh(lab, "lab-pve-1", "cat /proc/driver/nvidia/version").split("Kernel Module")[1].split()[0]
-    query = sh(lab, "lab-ct-1", "dpkg-query -W -f '${Package} ${Version}\\n' nvidia-smi libcuda1 nvidia-kernel-dkms "
-                                "2>/dev/null; true")
+    query = sh(
+        lab,
+        "lab-ct-1",
+        "dpkg-query -W -f '${Package} ${Version}\\n' nvidia-smi libcuda1 nvidia-kernel-dkms 2>/dev/null; true",
+    )
     versions = dict(line.split() for line in query.splitlines() if len(line.split()) == 2)
     assert versions["nvidia-smi"].startswith(module + "-") and versions["libcuda1"].startswith(module + "-")
     assert "nvidia-kernel-dkms" not in versions  # the host owns the kernel module
@@ -102,8 +108,14 @@ def lxc_syntax(second_deploy, lab):
     again = run_deploy(*PAIR, "--data", "proxmox_passthrough=lxc")
     reboots_lxc = int(reboots(lab))
     back = run_deploy(*PAIR)
-    return {"first": first, "conf": conf, "again": again, "back": back, "reboots": (reboots_before, reboots_lxc),
-            "conf_back": conf_text(lab)}
+    return {
+        "first": first,
+        "conf": conf,
+        "again": again,
+        "back": back,
+        "reboots": (reboots_before, reboots_lxc),
+        "conf_back": conf_text(lab),
+    }
 
 
 def test_lxc_syntax_writes_exact_lines_with_majors_from_proc_devices(lxc_syntax, lab):
@@ -112,9 +124,12 @@ def test_lxc_syntax_writes_exact_lines_with_majors_from_proc_devices(lxc_syntax,
     gpu, uvm, caps = majors["nvidia-frontend"], majors["nvidia-uvm"], majors["nvidia-caps"]  # driver 535
     nodes = host_nodes(lab)
     expected = [f"lxc.cgroup2.devices.allow: c {major}:* rwm" for major in sorted({gpu, uvm, caps})]
-    expected += [f"lxc.mount.entry: {node} {node[1:]} none bind,optional,create=file"
-                 for node in sorted(nodes, key=lambda n: (not re.fullmatch(r"/dev/nvidia\d+", n),
-                                                         n.replace("nvidiactl", "nvidia-0ctl")))]
+    expected += [
+        f"lxc.mount.entry: {node} {node[1:]} none bind,optional,create=file"
+        for node in sorted(
+            nodes, key=lambda n: (not re.fullmatch(r"/dev/nvidia\d+", n), n.replace("nvidiactl", "nvidia-0ctl"))
+        )
+    ]
     main = lxc_syntax["conf"].split("\n[")[0].splitlines()
     assert [line for line in main if line.startswith("lxc.")] == expected
     assert nvidia_devs(parse_pct_config(main)) == {}  # the devN entries gpufleet wrote are gone

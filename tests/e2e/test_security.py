@@ -33,8 +33,10 @@ def test_an_ordinary_login_reads_no_secret_file(second_deploy, name):
 
 @pytest.mark.parametrize("name", HOSTS)
 def test_an_ordinary_login_cannot_read_the_services_environment_or_ask_docker(second_deploy, name):
-    pid = as_root(name, "for p in /proc/[0-9]*; do [ \"$(cat $p/comm 2>/dev/null)\" = llama-server ] && "
-                        "echo ${p#/proc/} && break; done").stdout.strip()
+    pid = as_root(
+        name,
+        'for p in /proc/[0-9]*; do [ "$(cat $p/comm 2>/dev/null)" = llama-server ] && echo ${p#/proc/} && break; done',
+    ).stdout.strip()
     assert pid, "the llama.cpp service is not running"
     environ = as_user(name, f"cat /proc/{pid}/environ")
     assert environ.returncode != 0 and "Permission denied" in environ.stderr
@@ -49,10 +51,14 @@ def test_an_ordinary_login_cannot_read_the_services_environment_or_ask_docker(se
 def test_no_process_environment_holds_the_key(second_deploy, name):
     """llama.cpp reads its key from its file: no process on the host has it in its environment."""
     key = KEY.read_text().strip()
-    counted = lab_hosts.ssh({"name": name}, "umask 077; p=$(mktemp); cat > $p; n=0; "
-                                               "for f in /proc/[0-9]*/environ; do tr '\\0' '\\n' < $f 2>/dev/null "
-                                               "| grep -F -q -f $p && n=$((n+1)); done; echo $n; rm -f $p",
-                            check=False, input=key + "\n")
+    counted = lab_hosts.ssh(
+        {"name": name},
+        "umask 077; p=$(mktemp); cat > $p; n=0; "
+        "for f in /proc/[0-9]*/environ; do tr '\\0' '\\n' < $f 2>/dev/null "
+        "| grep -F -q -f $p && n=$((n+1)); done; echo $n; rm -f $p",
+        check=False,
+        input=key + "\n",
+    )
     assert counted.stdout.strip() == "0", counted.stderr
 
 
@@ -60,8 +66,10 @@ def test_no_process_environment_holds_the_key(second_deploy, name):
 def test_a_request_without_the_key_is_refused(second_deploy, name):
     answer = as_user(name, "curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:8080/v1/models")
     assert answer.stdout == "401"
-    wrong = as_user(name, "curl -s -o /dev/null -w '%{http_code}' -H 'Authorization: Bearer not-the-key' "
-                          "http://127.0.0.1:8080/v1/models")
+    wrong = as_user(
+        name,
+        "curl -s -o /dev/null -w '%{http_code}' -H 'Authorization: Bearer not-the-key' http://127.0.0.1:8080/v1/models",
+    )
     assert wrong.stdout == "401"
 
 
@@ -77,8 +85,17 @@ def test_no_service_port_answers_from_another_host(second_deploy, lab):
 def _lab2_services(**change):
     from tests.lab.llamacpp import image_tag
 
-    service = {"name": "chat", "engine": "llamacpp", "image": image_tag(), "model": "tiny/tiny.gguf", "port": 8080,
-               "memory": "1g", "args": ["--ctx-size", "256", "--threads", "1"], "api_key_file": str(KEY), **change}
+    service = {
+        "name": "chat",
+        "engine": "llamacpp",
+        "image": image_tag(),
+        "model": "tiny/tiny.gguf",
+        "port": 8080,
+        "memory": "1g",
+        "args": ["--ctx-size", "256", "--threads", "1"],
+        "api_key_file": str(KEY),
+        **change,
+    }
     return ["--data", f"inference_services={json.dumps([service])}"]
 
 
@@ -86,7 +103,9 @@ def _probe(source, url, key=None, data=None):
     """curl from ``source`` (as root): the HTTP code, or curl's exit code when nothing answered."""
     header = f"-H 'Authorization: Bearer {key}' " if key else ""
     body = f"-d '{data}' " if data else ""
-    return as_root(source, f"curl -s -o /dev/null -m 5 -w '%{{http_code}}' {header}{body}{url}; echo \" $?\"").stdout.strip()
+    return as_root(
+        source, f"curl -s -o /dev/null -m 5 -w '%{{http_code}}' {header}{body}{url}; echo \" $?\""
+    ).stdout.strip()
 
 
 def test_behind_its_proxy_a_service_answers_the_key_from_allowed_sources_only(second_deploy, lab):
@@ -95,8 +114,13 @@ def test_behind_its_proxy_a_service_answers_the_key_from_allowed_sources_only(se
     is on loopback; from lab-ubu-1 (not allowed) the same port is refused; a re-run changes nothing;
     the default inventory afterwards removes the proxy and its port."""
     key, target = KEY.read_text().strip(), lab["lab-2"]["address"]
-    exposed = [*_lab2_services(proxy_port=8090), "--data", "inference_listen=0.0.0.0",
-               "--data", f"inference_allowed_sources={json.dumps([lab['lab-1']['address']])}"]
+    exposed = [
+        *_lab2_services(proxy_port=8090),
+        "--data",
+        "inference_listen=0.0.0.0",
+        "--data",
+        f"inference_allowed_sources={json.dumps([lab['lab-1']['address']])}",
+    ]
     try:
         first = run_deploy("--limit", "lab-2", *exposed)
         assert first.rc == 0, first.output[-3000:]
@@ -104,8 +128,11 @@ def test_behind_its_proxy_a_service_answers_the_key_from_allowed_sources_only(se
         assert _probe("lab-1", f"{proxy}/v1/models") == "401 0"
         assert _probe("lab-1", f"{proxy}/v1/models", key="not-the-key") == "401 0"
         assert _probe("lab-1", f"{proxy}/v1/models", key=key) == "200 0"
-        streamed = as_root("lab-1", f"curl -sN -m 30 -H 'Authorization: Bearer {key}' {proxy}/v1/completions "
-                                    "-d '{\"prompt\": \"hello\", \"max_tokens\": 4, \"stream\": true}'").stdout
+        streamed = as_root(
+            "lab-1",
+            f"curl -sN -m 30 -H 'Authorization: Bearer {key}' {proxy}/v1/completions "
+            '-d \'{"prompt": "hello", "max_tokens": 4, "stream": true}\'',
+        ).stdout
         # streamed as events (llama.cpp may join tokens that split a UTF-8 character into one event)
         assert streamed.count("data: {") >= 2 and streamed.rstrip().endswith("data: [DONE]"), streamed[-500:]
         assert '"completion_tokens":4' in streamed
@@ -119,10 +146,25 @@ def test_behind_its_proxy_a_service_answers_the_key_from_allowed_sources_only(se
         record = json.loads(as_root("lab-2", "cat /etc/gpufleet/host.json").stdout)
         assert record["services"][0]["proxy"]["port"] == 8090 and record["allowed_sources"] == [lab["lab-1"]["address"]]
         # the host-by-host checks see the proxy and the firewall too (their proxy check runs here)
-        checks = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
-                                 "tests/checks/test_inference.py", "--hosts=ssh://lab-2",
-                                 f"--ssh-config={lab_hosts.SSH_CONFIG}", "--sudo"],
-                                cwd=REPO, capture_output=True, text=True, timeout=300)
+        checks = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-q",
+                "-rs",
+                "-p",
+                "no:cacheprovider",
+                "tests/checks/test_inference.py",
+                "--hosts=ssh://lab-2",
+                f"--ssh-config={lab_hosts.SSH_CONFIG}",
+                "--sudo",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert checks.returncode == 0 and " failed" not in checks.stdout, checks.stdout[-3000:]
         assert "skipped" not in checks.stdout, checks.stdout[-3000:]
         again = run_deploy("--limit", "lab-2", *exposed)
@@ -146,15 +188,19 @@ def test_the_loaded_firewall_is_the_deploys_and_comes_back_after_a_flush(second_
     as_root("lab-1", "nft delete table inet gpufleet")
     repaired = run_deploy("--limit", "lab-1")
     assert repaired.rc == 0, repaired.output[-3000:]
-    assert list(repaired.changed()) == ["GPU host | Deploy inference services | Admit inference ports only from the "
-                                        "allowed sources | Load the rules (gpufleet-firewall.service) after they "
-                                        "changed, or when the loaded table is not theirs"], repaired.changed()
+    assert list(repaired.changed()) == [
+        "GPU host | Deploy inference services | Admit inference ports only from the "
+        "allowed sources | Load the rules (gpufleet-firewall.service) after they "
+        "changed, or when the loaded table is not theirs"
+    ], repaired.changed()
     assert f'comment "{digest}"' in as_root("lab-1", "nft list table inet gpufleet").stdout
 
 
 def test_beyond_loopback_without_allowed_sources_is_refused_before_any_host(second_deploy):
     result = run_deploy("--limit", "lab-2", "--data", "inference_listen=0.0.0.0")
     assert result.rc != 0
-    assert ("lab-2: inference_listen: 0.0.0.0: service chat listens beyond this host, but inference_allowed_sources "
-            "is empty") in result.output, result.output[-2000:]
+    assert (
+        "lab-2: inference_listen: 0.0.0.0: service chat listens beyond this host, but inference_allowed_sources "
+        "is empty"
+    ) in result.output, result.output[-2000:]
     assert "Starting operation" not in result.output

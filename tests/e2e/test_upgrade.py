@@ -54,8 +54,13 @@ def served(second_deploy, lab):
     """The three hosts' services listening on their lab address, admitted from the lab's networks
     (the control node's among them); returns a function running upgrade.py on the three."""
     networks = sorted({".".join(lab[name]["address"].split(".")[:2]) + ".0.0/16" for name in HOSTS})
-    common = ["--data", "inference_listen=0.0.0.0", "--data", f"inference_allowed_sources={json.dumps(networks)}",
-              *(arg for name in HOSTS for arg in ("--limit", name))]
+    common = [
+        "--data",
+        "inference_listen=0.0.0.0",
+        "--data",
+        f"inference_allowed_sources={json.dumps(networks)}",
+        *(arg for name in HOSTS for arg in ("--limit", name)),
+    ]
 
     def upgrade(*args, version=OLD, bundle=None):
         extra = ["--data", f'nvidia_driver_version="{version}"']
@@ -89,8 +94,10 @@ def test_dry_run_names_the_batches_and_changes_nothing(served, new_bundle):
     before = {name: container_id(name) for name in HOSTS}
     dry = served("--dry", version=NEW, bundle=new_bundle)
     assert dry.rc == 0, dry.output[-3000:]
-    assert (f"Rollout: batch 1: lab-1 (driver {OLD} -> {NEW}); batch 2: lab-2 (driver {OLD} -> {NEW}); "
-            f"batch 3: lab-gap-1 (driver {OLD} -> {NEW})") in dry.output
+    assert (
+        f"Rollout: batch 1: lab-1 (driver {OLD} -> {NEW}); batch 2: lab-2 (driver {OLD} -> {NEW}); "
+        f"batch 3: lab-gap-1 (driver {OLD} -> {NEW})"
+    ) in dry.output
     assert {name: driver(name).split("-")[0] for name in HOSTS} == dict.fromkeys(HOSTS, OLD)
     assert {name: container_id(name) for name in HOSTS} == before
 
@@ -99,15 +106,20 @@ def test_a_host_failing_verification_halts_the_rollout_naming_it(served, targets
     """lab-1's service is made to fail its next start (a drop-in); lab-1 is drained and upgraded,
     fails, and the rollout stops there: lab-2 and lab-gap-1 keep serving, on the old driver."""
     untouched = {name: container_id(name) for name in HOSTS[1:]}
-    sh("lab-1", f"mkdir -p {FAULT.rsplit('/', 1)[0]} && printf '[Service]\\nExecStartPre=/bin/false\\n' > {FAULT} "
-                "&& systemctl daemon-reload")
+    sh(
+        "lab-1",
+        f"mkdir -p {FAULT.rsplit('/', 1)[0]} && printf '[Service]\\nExecStartPre=/bin/false\\n' > {FAULT} "
+        "&& systemctl daemon-reload",
+    )
     halted, rounds = _probed(targets, lambda: served(version=NEW, bundle=new_bundle))
     assert halted.rc != 0
     for name in HOSTS[1:]:
-        assert re.search(rf"{name}: rollout halted before batch 2 of 3 \(lab-2\): 1 host\(s\) failed \(lab-1\), "
-                         r"more than gpufleet_upgrade_max_failed = 0\. " + name + r" was left as it was \(serving, "
-                         r"not upgraded\); left drained \(services stopped\) until a run converges them: lab-1",
-                         halted.output), halted.output[-4000:]
+        assert re.search(
+            rf"{name}: rollout halted before batch 2 of 3 \(lab-2\): 1 host\(s\) failed \(lab-1\), "
+            r"more than gpufleet_upgrade_max_failed = 0\. " + name + r" was left as it was \(serving, "
+            r"not upgraded\); left drained \(services stopped\) until a run converges them: lab-1",
+            halted.output,
+        ), halted.output[-4000:]
         assert driver(name).startswith(f"{OLD}-")
     assert {name: container_id(name) for name in HOSTS[1:]} == untouched
     assert driver("lab-1").startswith(f"{NEW}-")  # upgraded, then failed to serve
@@ -121,13 +133,17 @@ def test_run_again_resumes_one_host_at_a_time_while_two_always_answer(served, ta
     resumed, rounds = _probed(targets, lambda: served(version=NEW, bundle=new_bundle))
     assert resumed.rc == 0, resumed.output[-4000:]
     # lab-1 is upgraded already (no longer pending): it is brought back first, with every host not rolled
-    assert f"Rollout: batch 1: lab-2 (driver {OLD} -> {NEW}); batch 2: lab-gap-1 (driver {OLD} -> {NEW})" \
-        in resumed.output
+    assert (
+        f"Rollout: batch 1: lab-2 (driver {OLD} -> {NEW}); batch 2: lab-gap-1 (driver {OLD} -> {NEW})" in resumed.output
+    )
     assert probe.fewest_answering(rounds) >= 2, rounds
     windows = probe.out_of_service(rounds)
     assert windows["lab-2"] and windows["lab-gap-1"]  # each was drained once, in turn
-    assert not any(a_start < b_end and b_start < a_end for a_start, a_end in windows["lab-2"]
-                   for b_start, b_end in windows["lab-gap-1"])
+    assert not any(
+        a_start < b_end and b_start < a_end
+        for a_start, a_end in windows["lab-2"]
+        for b_start, b_end in windows["lab-gap-1"]
+    )
     assert all(rounds[-1][1].values())  # all three answer at the end
     for name in HOSTS:
         assert driver(name).startswith(f"{NEW}-")

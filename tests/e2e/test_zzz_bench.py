@@ -13,9 +13,27 @@ from .conftest import REPO
 
 
 def test_bench_runs_end_to_end_on_one_host(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "bench", "--only", "staging", "--fan-out", "1", "--repeats", "1",
-                           "--size", "small", "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
-                          timeout=900)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--only",
+            "staging",
+            "--fan-out",
+            "1",
+            "--repeats",
+            "1",
+            "--size",
+            "small",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     document = json.loads((tmp_path / "staging.json").read_text())
     assert document["part"] == "staging" and document["machine"]["cores"] >= 1

@@ -13,12 +13,21 @@ def main(argv=None):
     up = sub.add_parser("up", help="start lab hosts (reuses running ones)")
     up.add_argument("--hosts", type=int, default=2, help="connected hosts (default 2)")
     up.add_argument("--airgapped", type=int, default=1, help="air-gapped hosts (default 1)")
-    up.add_argument("--proxmox", type=int, default=1,
-                    help="Proxmox VE host doubles, each with one LXC guest host (default 1)")
-    up.add_argument("--ubuntu", type=int, default=1,
-                    help="Ubuntu-shaped hosts (Ubuntu 24.04 facts and archive: test doubles) (default 1)")
-    up.add_argument("--connected", type=int, default=1,
-                    help="hosts deployed with no bundle from the site's registry and hub on lab-svc-1 (default 1)")
+    up.add_argument(
+        "--proxmox", type=int, default=1, help="Proxmox VE host doubles, each with one LXC guest host (default 1)"
+    )
+    up.add_argument(
+        "--ubuntu",
+        type=int,
+        default=1,
+        help="Ubuntu-shaped hosts (Ubuntu 24.04 facts and archive: test doubles) (default 1)",
+    )
+    up.add_argument(
+        "--connected",
+        type=int,
+        default=1,
+        help="hosts deployed with no bundle from the site's registry and hub on lab-svc-1 (default 1)",
+    )
     sub.add_parser("down", help="remove all lab hosts, volumes, networks and firewall rules")
     sub.add_parser("status", help="list lab hosts")
     sub.add_parser("image", help="build or import the host image only")
@@ -30,8 +39,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     if args.command == "up":
-        hosts.up(count=args.hosts, airgapped=args.airgapped, proxmox=args.proxmox, connected=args.connected,
-                 ubuntu=args.ubuntu)
+        hosts.up(
+            count=args.hosts,
+            airgapped=args.airgapped,
+            proxmox=args.proxmox,
+            connected=args.connected,
+            ubuntu=args.ubuntu,
+        )
         args.command = "status"
     if args.command == "status":
         for row in hosts.status():

@@ -30,8 +30,9 @@ def _baseline_status():
     tarball = image.tarball_path()
     if not status.exists() or status.stat().st_mtime < tarball.stat().st_mtime:
         zstd = subprocess.Popen(["zstd", "-dc", str(tarball)], stdout=subprocess.PIPE)
-        data = subprocess.run(["tar", "-xO", "./var/lib/dpkg/status"], stdin=zstd.stdout, capture_output=True,
-                              check=True).stdout
+        data = subprocess.run(
+            ["tar", "-xO", "./var/lib/dpkg/status"], stdin=zstd.stdout, capture_output=True, check=True
+        ).stdout
         zstd.wait()
         status.write_bytes(data)
     return status
@@ -40,13 +41,24 @@ def _baseline_status():
 def spec(image_tag, driver_version=DRIVER_VERSION):
     return {
         "apt": {
-            "target": {"distro": "debian", "release": image.SUITE, "arch": "amd64", "mirror": image.MIRROR,
-                       "security_mirror": image.SECURITY_MIRROR,
-                       "components": ["main", "contrib", "non-free", "non-free-firmware"]},
-            "packages": ["docker.io", *driver_plan.debian(driver_version, "unused").packages,
-                         "nvidia-persistenced", *nvidia_toolkit.PACKAGES],
-            "pins": [{"packages": nvidia_driver.PIN_PATTERNS, "version": driver_version},
-                     {"packages": nvidia_toolkit.PACKAGES, "version": TOOLKIT_VERSION}],
+            "target": {
+                "distro": "debian",
+                "release": image.SUITE,
+                "arch": "amd64",
+                "mirror": image.MIRROR,
+                "security_mirror": image.SECURITY_MIRROR,
+                "components": ["main", "contrib", "non-free", "non-free-firmware"],
+            },
+            "packages": [
+                "docker.io",
+                *driver_plan.debian(driver_version, "unused").packages,
+                "nvidia-persistenced",
+                *nvidia_toolkit.PACKAGES,
+            ],
+            "pins": [
+                {"packages": nvidia_driver.PIN_PATTERNS, "version": driver_version},
+                {"packages": nvidia_toolkit.PACKAGES, "version": TOOLKIT_VERSION},
+            ],
             "debs": ["toolkit-repo/*.deb"],
             "baseline_status": str(_baseline_status()),
         },
@@ -62,8 +74,11 @@ def _unused():
         unused.parent.mkdir(parents=True, exist_ok=True)
         unused.write_bytes(b"gpufleet lab: a weight volume no service uses\n")
     if not image.docker_has_image(UNUSED_IMAGE):
-        tar = subprocess.run(["tar", "-C", str(unused.parent), "--mtime=@0", "--owner=0", "--group=0",
-                              "-c", "unused.bin"], check=True, capture_output=True).stdout
+        tar = subprocess.run(
+            ["tar", "-C", str(unused.parent), "--mtime=@0", "--owner=0", "--group=0", "-c", "unused.bin"],
+            check=True,
+            capture_output=True,
+        ).stdout
         subprocess.run(["docker", "import", "-", UNUSED_IMAGE], input=tar, check=True, capture_output=True)
 
 

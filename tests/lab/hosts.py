@@ -64,10 +64,22 @@ systemctl reload ssh 2>/dev/null || true
 
 # The flags measured to boot systemd here (shared/LAB.md); --privileged fails on this engine.
 BOOT_FLAGS = [
-    "--cap-add", "ALL", "--cap-drop", "SYS_RESOURCE",
-    "--security-opt", "seccomp=unconfined", "--security-opt", "apparmor=unconfined",
-    "-v", "/sys/fs/cgroup:/sys/fs/cgroup:rw", "--tmpfs", "/run", "--tmpfs", "/run/lock",
-    "--stop-signal", "SIGRTMIN+3",
+    "--cap-add",
+    "ALL",
+    "--cap-drop",
+    "SYS_RESOURCE",
+    "--security-opt",
+    "seccomp=unconfined",
+    "--security-opt",
+    "apparmor=unconfined",
+    "-v",
+    "/sys/fs/cgroup:/sys/fs/cgroup:rw",
+    "--tmpfs",
+    "/run",
+    "--tmpfs",
+    "/run/lock",
+    "--stop-signal",
+    "SIGRTMIN+3",
 ]
 
 # The air gap: nothing from the gap bridge is forwarded anywhere else, and the control node
@@ -80,8 +92,9 @@ GAP_RULES = [
 
 
 def docker(*args, check=True, capture=True):
-    result = subprocess.run(["docker", *args], check=False, text=True,
-                            stdout=subprocess.PIPE if capture else None, stderr=subprocess.PIPE)
+    result = subprocess.run(
+        ["docker", *args], check=False, text=True, stdout=subprocess.PIPE if capture else None, stderr=subprocess.PIPE
+    )
     if check and result.returncode != 0:
         raise RuntimeError(f"docker {' '.join(args)}: {result.stderr.strip()}")
     return result.stdout.strip() if capture else ""
@@ -119,8 +132,9 @@ def save_state(state):
 def ensure_key():
     STATE_DIR.mkdir(parents=True, exist_ok=True)
     if not KEY_FILE.exists():
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "gpufleet-lab",
-                        "-f", str(KEY_FILE)], check=True)
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "gpufleet-lab", "-f", str(KEY_FILE)], check=True
+        )
     return KEY_FILE.with_suffix(".pub").read_text()
 
 
@@ -134,8 +148,7 @@ def ensure_networks(airgapped):
     if LAB_NETWORK not in existing:
         docker("network", "create", "--label", LABEL, LAB_NETWORK)
     if airgapped and GAP_NETWORK not in existing:
-        docker("network", "create", "--label", LABEL, "-o",
-               f"com.docker.network.bridge.name={GAP_BRIDGE}", GAP_NETWORK)
+        docker("network", "create", "--label", LABEL, "-o", f"com.docker.network.bridge.name={GAP_BRIDGE}", GAP_NETWORK)
     if airgapped:
         for rule in GAP_RULES:  # inserted in order, so the ACCEPT ends up above the DROP
             if not _iptables_has(rule):
@@ -156,10 +169,20 @@ def sudo_password():
 
 def provision_logins(host, pubkey):
     """Give a started host the lab's login users; a sudo host gets root's SSH login turned off."""
-    script = LOGINS.format(sudo_user=SUDO_USER, password_user=PASSWORD_SUDO_USER, no_sudo_user=NO_SUDO_USER,
-                           password=sudo_password(), root_login="no" if host["user"] != "root" else "yes")
-    subprocess.run(["docker", "exec", "-i", host["container"], "sh", "-c", script], input=pubkey, text=True,
-                   check=True, capture_output=True)
+    script = LOGINS.format(
+        sudo_user=SUDO_USER,
+        password_user=PASSWORD_SUDO_USER,
+        no_sudo_user=NO_SUDO_USER,
+        password=sudo_password(),
+        root_login="no" if host["user"] != "root" else "yes",
+    )
+    subprocess.run(
+        ["docker", "exec", "-i", host["container"], "sh", "-c", script],
+        input=pubkey,
+        text=True,
+        check=True,
+        capture_output=True,
+    )
 
 
 def start_host(name, tag, pubkey, airgapped=False):
@@ -168,19 +191,36 @@ def start_host(name, tag, pubkey, airgapped=False):
     # (another checkout's, whose state file this one does not know).
     remove_host({"container": container})
     docker(
-        "run", "-d", "--name", container, "--hostname", name, "--label", LABEL,
+        "run",
+        "-d",
+        "--name",
+        container,
+        "--hostname",
+        name,
+        "--label",
+        LABEL,
         *BOOT_FLAGS,
-        "-v", f"{container}-docker:/var/lib/docker",
-        "--network", GAP_NETWORK if airgapped else LAB_NETWORK,
-        "-p", "127.0.0.1::22",
-        tag, "/sbin/init",
+        "-v",
+        f"{container}-docker:/var/lib/docker",
+        "--network",
+        GAP_NETWORK if airgapped else LAB_NETWORK,
+        "-p",
+        "127.0.0.1::22",
+        tag,
+        "/sbin/init",
     )
     port = int(docker("port", container, "22/tcp").splitlines()[0].rsplit(":", 1)[1])
     network = GAP_NETWORK if airgapped else LAB_NETWORK
     address = docker("inspect", "-f", f'{{{{(index .NetworkSettings.Networks "{network}").IPAddress}}}}', container)
-    return {"name": name, "container": container, "port": port, "address": address, "airgapped": airgapped,
-            "user": SUDO_USER if name in SUDO_HOSTS else "root",
-            "role": "site" if name.startswith("lab-svc-") else "deploy"}
+    return {
+        "name": name,
+        "container": container,
+        "port": port,
+        "address": address,
+        "airgapped": airgapped,
+        "user": SUDO_USER if name in SUDO_HOSTS else "root",
+        "role": "site" if name.startswith("lab-svc-") else "deploy",
+    }
 
 
 def wait_booted(host, pubkey, timeout=120):
@@ -206,7 +246,10 @@ def ssh(host, command, check=True, user=None, **kwargs):
     login = ["-l", user] if user else []
     return subprocess.run(
         ["ssh", "-F", str(SSH_CONFIG), "-o", "ConnectTimeout=5", "-o", "BatchMode=yes", *login, *target],
-        check=check, text=True, capture_output=True, **kwargs,
+        check=check,
+        text=True,
+        capture_output=True,
+        **kwargs,
     )
 
 
@@ -284,6 +327,7 @@ def down(log=print):
     """Remove every lab container, volume, network and firewall rule, and the control node's trust in
     the lab registry's CA."""
     from . import site
+
     for container in docker("ps", "-a", "--filter", f"label={LABEL}", "--format", "{{.Names}}").split():
         remove_host({"container": container})
     for network in docker("network", "ls", "--filter", f"label={LABEL}", "--format", "{{.Name}}").split():
@@ -305,6 +349,8 @@ def status():
     rows = []
     for host in state["hosts"]:
         running = docker("inspect", "-f", "{{.State.Running}}", host["container"], check=False) == "true"
-        system = docker("exec", host["container"], "systemctl", "is-system-running", check=False) if running else "stopped"
+        system = (
+            docker("exec", host["container"], "systemctl", "is-system-running", check=False) if running else "stopped"
+        )
         rows.append({**host, "state": system})
     return rows

@@ -12,8 +12,19 @@ SUITE = "bookworm"
 MIRROR = os.environ.get("GPUFLEET_LAB_MIRROR", "http://deb.debian.org/debian")
 SECURITY_MIRROR = os.environ.get("GPUFLEET_LAB_SECURITY_MIRROR", "http://deb.debian.org/debian-security")
 PACKAGES = [
-    "systemd", "systemd-sysv", "dbus", "openssh-server", "python3", "sudo", "iproute2",
-    "ca-certificates", "curl", "procps", "kmod", "busybox-static", "gnupg",
+    "systemd",
+    "systemd-sysv",
+    "dbus",
+    "openssh-server",
+    "python3",
+    "sudo",
+    "iproute2",
+    "ca-certificates",
+    "curl",
+    "procps",
+    "kmod",
+    "busybox-static",
+    "gnupg",
 ]
 CACHE_DIR = Path(os.environ.get("GPUFLEET_LAB_CACHE", Path.home() / ".cache" / "gpufleet"))
 
@@ -85,18 +96,24 @@ def image_tag():
 
 
 def docker_has_image(tag):
-    return subprocess.run(
-        ["docker", "image", "inspect", tag], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    ).returncode == 0
+    return (
+        subprocess.run(
+            ["docker", "image", "inspect", tag],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        ).returncode
+        == 0
+    )
 
 
 def _import(tarball, tag):
     with open(tarball, "rb") as fh:
         zstd = subprocess.Popen(["zstd", "-dc"], stdin=fh, stdout=subprocess.PIPE)
         subprocess.run(
-            ["docker", "import", "--change", 'CMD ["/sbin/init"]', "--change", "ENV container=docker",
-             "-", tag],
-            stdin=zstd.stdout, check=True, stdout=subprocess.DEVNULL,
+            ["docker", "import", "--change", 'CMD ["/sbin/init"]', "--change", "ENV container=docker", "-", tag],
+            stdin=zstd.stdout,
+            check=True,
+            stdout=subprocess.DEVNULL,
         )
         if zstd.wait() != 0:
             raise RuntimeError(f"{tarball}: zstd failed; delete it and build again")
@@ -108,7 +125,8 @@ def _debootstrap(tarball, log):
         log(f"debootstrap {SUITE} into {root} (about a minute)")
         subprocess.run(
             ["debootstrap", "--variant=minbase", "--include=" + ",".join(PACKAGES), SUITE, str(root), MIRROR],
-            check=True, stdout=subprocess.DEVNULL,
+            check=True,
+            stdout=subprocess.DEVNULL,
         )
         setup = CHROOT_SETUP.format(mirror=MIRROR, security=SECURITY_MIRROR, suite=SUITE)
         subprocess.run(["chroot", str(root), "/bin/sh", "-c", setup], check=True)

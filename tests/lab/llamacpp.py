@@ -17,10 +17,17 @@ from .image import CACHE_DIR, docker_has_image, recipe_key
 
 SDIST = "llama-cpp-python==0.3.36"
 CMAKE_FLAGS = [
-    "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF", "-DBUILD_SHARED_LIBS=OFF",
-    "-DLLAMA_OPENSSL=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_UI=OFF",
-    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_APP=OFF",
-    "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TOOLS=ON",
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DGGML_NATIVE=OFF",
+    "-DBUILD_SHARED_LIBS=OFF",
+    "-DLLAMA_OPENSSL=OFF",
+    "-DLLAMA_USE_PREBUILT_UI=OFF",
+    "-DLLAMA_BUILD_UI=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_APP=OFF",
+    "-DLLAMA_BUILD_SERVER=ON",
+    "-DLLAMA_BUILD_TOOLS=ON",
 ]
 # What the image declares, as the upstream server image does (ghcr.io/ggml-org/llama.cpp:server).
 IMAGE_CHANGES = [
@@ -61,17 +68,35 @@ def _binary(log):
         sdists = CACHE_DIR / "llamacpp" / "sdist"
         if not list(sdists.glob("*.tar.gz")):
             log(f"downloading the {SDIST} sdist (source of llama.cpp)")
-            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-                            SDIST, "-d", str(sdists)], check=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "-q",
+                    "--no-deps",
+                    "--no-binary",
+                    ":all:",
+                    SDIST,
+                    "-d",
+                    str(sdists),
+                ],
+                check=True,
+            )
         with tarfile.open(next(sdists.glob("*.tar.gz"))) as tar:
             tar.extractall(work, filter="data")
         source = next(work.glob("*/vendor/llama.cpp"))
         log(f"compiling llama-server from {source.relative_to(work)} (several minutes on 2 cores)")
         build = work / "build"
-        subprocess.run(["cmake", "-S", str(source), "-B", str(build), *CMAKE_FLAGS], check=True,
-                       stdout=subprocess.DEVNULL)
-        subprocess.run(["cmake", "--build", str(build), "--target", "llama-server", "-j", str(os.cpu_count() or 2)],
-                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            ["cmake", "-S", str(source), "-B", str(build), *CMAKE_FLAGS], check=True, stdout=subprocess.DEVNULL
+        )
+        subprocess.run(
+            ["cmake", "--build", str(build), "--target", "llama-server", "-j", str(os.cpu_count() or 2)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         binary.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(build / "bin" / "llama-server", binary.with_suffix(".partial"))
         binary.with_suffix(".partial").rename(binary)
@@ -109,10 +134,12 @@ def _build_archive(archive, tag, log):
             (root / directory).mkdir()
             os.chmod(root / directory, mode)
         changes = [arg for change in IMAGE_CHANGES for arg in ("--change", change)]
-        tar = subprocess.Popen(["tar", "-C", str(root), "--numeric-owner", "--owner=0", "--group=0", "-c", "."],
-                               stdout=subprocess.PIPE)
-        subprocess.run(["docker", "import", *changes, "-", tag], stdin=tar.stdout, check=True,
-                       stdout=subprocess.DEVNULL)
+        tar = subprocess.Popen(
+            ["tar", "-C", str(root), "--numeric-owner", "--owner=0", "--group=0", "-c", "."], stdout=subprocess.PIPE
+        )
+        subprocess.run(
+            ["docker", "import", *changes, "-", tag], stdin=tar.stdout, check=True, stdout=subprocess.DEVNULL
+        )
         if tar.wait() != 0:
             raise RuntimeError("tar of the llama-server root file system failed")
         archive.parent.mkdir(parents=True, exist_ok=True)

@@ -11,8 +11,10 @@ import urllib.request
 def completion(url, key, timeout=10):
     """True when ``url``'s /v1/completions returns a completion for a two-token prompt with ``key``."""
     request = urllib.request.Request(
-        f"{url}/v1/completions", data=json.dumps({"prompt": "Hello", "max_tokens": 2}).encode(),
-        headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+        f"{url}/v1/completions",
+        data=json.dumps({"prompt": "Hello", "max_tokens": 2}).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status == 200 and bool(json.load(response).get("choices"))
@@ -36,8 +38,9 @@ class Prober(threading.Thread):
         start = time.monotonic()
         while not self._halt.is_set() and time.monotonic() - start < self.limit_s:
             at = time.monotonic() - start
-            self.rounds.append((at, {name: completion(url, self.key, self.timeout)
-                                     for name, url in self.targets.items()}))
+            self.rounds.append(
+                (at, {name: completion(url, self.key, self.timeout) for name, url in self.targets.items()})
+            )
             self._halt.wait(self.interval)
 
     def stop(self):

@@ -118,15 +118,57 @@ def _certificates(address):
     SITE_DIR.mkdir(parents=True, exist_ok=True)
     key = SITE_DIR / "ca.key"
     if not CA_CERT.exists():
-        _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                 "-days", "3650", "-subj", "/CN=gpufleet lab CA", "-keyout", str(key), "-out", str(CA_CERT))
+        _openssl(
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "3650",
+            "-subj",
+            "/CN=gpufleet lab CA",
+            "-keyout",
+            str(key),
+            "-out",
+            str(CA_CERT),
+        )
     cert, stamp = SITE_DIR / "registry.crt", SITE_DIR / "registry.address"
     if not cert.exists() or not stamp.exists() or stamp.read_text() != address:
         (SITE_DIR / "ext").write_text(f"subjectAltName=IP:{address}\nextendedKeyUsage=serverAuth\n")
-        _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-subj",
-                 f"/CN={address}", "-keyout", str(SITE_DIR / "registry.key"), "-out", str(SITE_DIR / "registry.csr"))
-        _openssl("x509", "-req", "-in", str(SITE_DIR / "registry.csr"), "-CA", str(CA_CERT), "-CAkey", str(key),
-                 "-CAcreateserial", "-days", "3650", "-extfile", str(SITE_DIR / "ext"), "-out", str(cert))
+        _openssl(
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            f"/CN={address}",
+            "-keyout",
+            str(SITE_DIR / "registry.key"),
+            "-out",
+            str(SITE_DIR / "registry.csr"),
+        )
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            str(SITE_DIR / "registry.csr"),
+            "-CA",
+            str(CA_CERT),
+            "-CAkey",
+            str(key),
+            "-CAcreateserial",
+            "-days",
+            "3650",
+            "-extfile",
+            str(SITE_DIR / "ext"),
+            "-out",
+            str(cert),
+        )
         stamp.write_text(address)
 
 
@@ -157,13 +199,19 @@ def push_image(address, log=print):
     user, password = LOGIN_FILE.read_text().strip().split(":", 1)
     config = SITE_DIR / "docker-config"
     config.mkdir(exist_ok=True)
-    subprocess.run(["docker", "--config", str(config), "login", "--username", user, "--password-stdin",
-                    registry(address)], input=password, text=True, check=True, capture_output=True)
+    subprocess.run(
+        ["docker", "--config", str(config), "login", "--username", user, "--password-stdin", registry(address)],
+        input=password,
+        text=True,
+        check=True,
+        capture_output=True,
+    )
     try:
         tag, _ = llamacpp.ensure_image(log=log)
         subprocess.run(["docker", "tag", tag, image(address)], check=True)
-        subprocess.run(["docker", "--config", str(config), "push", "-q", image(address)], check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["docker", "--config", str(config), "push", "-q", image(address)], check=True, capture_output=True
+        )
     finally:
         subprocess.run(["docker", "--config", str(config), "logout", registry(address)], capture_output=True)
     log(f"site: pushed {image(address)}")
@@ -174,15 +222,26 @@ def push_variant(address):
     digest for the tag moves, as when a publisher re-pushes a tag. Returns the new digest."""
     config = SITE_DIR / "docker-config"
     user, password = LOGIN_FILE.read_text().strip().split(":", 1)
-    subprocess.run(["docker", "--config", str(config), "login", "--username", user, "--password-stdin",
-                    registry(address)], input=password, text=True, check=True, capture_output=True)
+    subprocess.run(
+        ["docker", "--config", str(config), "login", "--username", user, "--password-stdin", registry(address)],
+        input=password,
+        text=True,
+        check=True,
+        capture_output=True,
+    )
     try:
         tag, _ = llamacpp.ensure_image(log=lambda *_: None)
-        subprocess.run(["docker", "build", "-q", "-t", image(address), "-"], check=True, capture_output=True,
-                       input=f"FROM {tag}\nLABEL org.gpufleet.lab.variant=moved\n", text=True,
-                       env={**os.environ, "DOCKER_BUILDKIT": "0"})
-        pushed = subprocess.run(["docker", "--config", str(config), "push", image(address)], check=True,
-                                capture_output=True, text=True).stdout
+        subprocess.run(
+            ["docker", "build", "-q", "-t", image(address), "-"],
+            check=True,
+            capture_output=True,
+            input=f"FROM {tag}\nLABEL org.gpufleet.lab.variant=moved\n",
+            text=True,
+            env={**os.environ, "DOCKER_BUILDKIT": "0"},
+        )
+        pushed = subprocess.run(
+            ["docker", "--config", str(config), "push", image(address)], check=True, capture_output=True, text=True
+        ).stdout
     finally:
         subprocess.run(["docker", "--config", str(config), "logout", registry(address)], capture_output=True)
     return re.search(r"digest: (sha256:[0-9a-f]{64})", pushed).group(1)
@@ -198,15 +257,26 @@ def install(host, log=print):
     container = host["container"]
     subprocess.run(["docker", "exec", container, "rm", "-rf", "/tmp/site"], check=True)
     subprocess.run(["docker", "exec", container, "mkdir", "-p", "/tmp/site/repo"], check=True)
-    for source, target in ((SITE_DIR / "registry.crt", "registry.crt"), (SITE_DIR / "registry.key", "registry.key"),
-                           (HUB_DOUBLE, "hub.py"), (HUB_TOKEN_FILE, "hub-token")):
+    for source, target in (
+        (SITE_DIR / "registry.crt", "registry.crt"),
+        (SITE_DIR / "registry.key", "registry.key"),
+        (HUB_DOUBLE, "hub.py"),
+        (HUB_TOKEN_FILE, "hub-token"),
+    ):
         subprocess.run(["docker", "cp", str(source), f"{container}:/tmp/site/{target}"], check=True)
     subprocess.run(["docker", "cp", f"{HUB_FILES}/.", f"{container}:/tmp/site/repo"], check=True)
     user, password = login.split(":", 1)
-    script = SETUP.replace("{registry_port}", str(REGISTRY_PORT)).replace("{hub_port}", str(HUB_PORT)) \
-        .replace("{cdn_port}", str(CDN_PORT)).replace("{repo}", HUB_REPO)
-    setup = subprocess.run(["docker", "exec", container, "sh", "-c", script, "site", user, password, address],
-                           capture_output=True, text=True)
+    script = (
+        SETUP.replace("{registry_port}", str(REGISTRY_PORT))
+        .replace("{hub_port}", str(HUB_PORT))
+        .replace("{cdn_port}", str(CDN_PORT))
+        .replace("{repo}", HUB_REPO)
+    )
+    setup = subprocess.run(
+        ["docker", "exec", container, "sh", "-c", script, "site", user, password, address],
+        capture_output=True,
+        text=True,
+    )
     if setup.returncode:
         raise RuntimeError(f"{host['name']}: site services setup failed: {setup.stderr[-2000:]}")
     push_image(address, log=log)

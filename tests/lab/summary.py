@@ -25,8 +25,14 @@ def host_row(host):
     intent = json.loads(intent)
     gpus = intent.get("gpus", "?")
     nvidia = ", ".join(p for p in packages.split() if p.startswith(("nvidia-container-toolkit=", "nvidia-smi=")))
-    return [host["name"], f"{gpus} GPU" if gpus != 1 else "1 GPU", docker or "-", runtimes or "-",
-            nvidia or "-", smi.splitlines()[0][:60] if smi else "-"]
+    return [
+        host["name"],
+        f"{gpus} GPU" if gpus != 1 else "1 GPU",
+        docker or "-",
+        runtimes or "-",
+        nvidia or "-",
+        smi.splitlines()[0][:60] if smi else "-",
+    ]
 
 
 def table(lab_hosts):

@@ -53,6 +53,7 @@ def describe(command):
 @pytest.fixture
 def run_op():
     """run_op(op, facts, **kwargs) -> (commands, noops)"""
+
     def run(op, facts, data=None, **kwargs):
         host = FakeHost(facts, data)
         host_memo._fact_answer.forget()  # a fresh host may reuse a freed one's id
@@ -60,4 +61,5 @@ def run_op():
         with ctx_state.use(state), ctx_host.use(host):
             commands = [describe(c) for c in op._inner(**kwargs)]
         return commands, host.noops
+
     return run

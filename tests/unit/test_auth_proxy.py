@@ -24,6 +24,7 @@ KEY = "s3cret-key"
 class Engine(http.server.BaseHTTPRequestHandler):
     """Answers /health, echoes what it was sent on /echo, and streams /stream in two pieces, the
     second only after the test has read the first (so a buffering proxy would be caught)."""
+
     protocol_version = "HTTP/1.1"
     seen = []
     first_piece_read = threading.Event()
@@ -76,8 +77,19 @@ def proxy(tmp_path):
     key_file.chmod(0o400)
     port = _free_port()
     drop = ["65534:65534"] if os.geteuid() == 0 else []  # as the unit does: read the key as root, then drop
-    process = subprocess.Popen([sys.executable, "-I", str(TEMPLATES / "gpufleet-auth-proxy"), "127.0.0.1", str(port),
-                                str(engine.server_address[1]), str(key_file), *drop], stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-I",
+            str(TEMPLATES / "gpufleet-auth-proxy"),
+            "127.0.0.1",
+            str(port),
+            str(engine.server_address[1]),
+            str(key_file),
+            *drop,
+        ],
+        stderr=subprocess.PIPE,
+    )
     for _ in range(100):  # up to 5 s
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
@@ -140,12 +152,18 @@ def test_the_proxy_unit_verifies(tmp_path):
     unit.write_text(auth_proxy.unit_text(service, "60600:60600", "/etc/gpufleet/secrets/chat.key", 300))
     checked = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
     # gpufleet's tools are not installed on this machine: that is the only complaint allowed
-    complaints = [line for line in checked.stderr.splitlines() if "gpufleet-chat-proxy.service" in line
-                  and "/usr/local/lib/gpufleet/gpufleet-wait-ready is not executable" not in line]
+    complaints = [
+        line
+        for line in checked.stderr.splitlines()
+        if "gpufleet-chat-proxy.service" in line
+        and "/usr/local/lib/gpufleet/gpufleet-wait-ready is not executable" not in line
+    ]
     assert complaints == [], checked.stderr
     text = unit.read_text()
-    assert ("ExecStart=/usr/bin/python3 -I /usr/local/lib/gpufleet/gpufleet-auth-proxy 0.0.0.0 8443 8080 "
-            "/etc/gpufleet/secrets/chat.key 60600:60600") in text
+    assert (
+        "ExecStart=/usr/bin/python3 -I /usr/local/lib/gpufleet/gpufleet-auth-proxy 0.0.0.0 8443 8080 "
+        "/etc/gpufleet/secrets/chat.key 60600:60600"
+    ) in text
 
 
 def test_firewall_rules_admit_the_allowed_sources_per_family_and_carry_their_digest():

@@ -16,9 +16,12 @@ def make(tmp_path, files):
     for path, data in files.items():
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).write_bytes(data)
-    manifest = {"format": 1, "files": {p: {"size": len(d), "sha256": bundle.sha256_file(tmp_path / p)}
-                                       for p, d in files.items()},
-                "images": [], "weights": {"tiny": "weights/tiny"}}
+    manifest = {
+        "format": 1,
+        "files": {p: {"size": len(d), "sha256": bundle.sha256_file(tmp_path / p)} for p, d in files.items()},
+        "images": [],
+        "weights": {"tiny": "weights/tiny"},
+    }
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     return manifest
 
@@ -29,11 +32,14 @@ def test_intact_bundle_verifies_and_records(tmp_path):
     assert set(json.loads((tmp_path / bundle.manifest.VERIFIED).read_text())) == {"weights/tiny/a.gguf", "apt/Packages"}
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda p: p.unlink(), "weights/tiny/a.gguf: missing"),
-    (lambda p: p.write_bytes(b"x" * 10), "weights/tiny/a.gguf: 10 bytes, the manifest says 1000"),
-    (lambda p: p.write_bytes(b"y" * 1000), "weights/tiny/a.gguf: SHA-256 differs from the manifest (corrupt)"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda p: p.unlink(), "weights/tiny/a.gguf: missing"),
+        (lambda p: p.write_bytes(b"x" * 10), "weights/tiny/a.gguf: 10 bytes, the manifest says 1000"),
+        (lambda p: p.write_bytes(b"y" * 1000), "weights/tiny/a.gguf: SHA-256 differs from the manifest (corrupt)"),
+    ],
+)
 def test_damaged_file_is_named(tmp_path, damage, message):
     make(tmp_path, {"weights/tiny/a.gguf": b"x" * 1000})
     bundle.verify(tmp_path)
@@ -66,7 +72,9 @@ def hf_cache(root, commit="a" * 40):
     for name, data in {"model.gguf": b"g" * 4096, "tokenizer/vocab.json": b"{}"}.items():
         blob = model / "blobs" / hashlib.sha256(data).hexdigest()
         blob.write_bytes(data)
-        (model / "snapshots" / commit / name).symlink_to(os.path.relpath(blob, (model / "snapshots" / commit / name).parent))
+        (model / "snapshots" / commit / name).symlink_to(
+            os.path.relpath(blob, (model / "snapshots" / commit / name).parent)
+        )
     return model
 
 
@@ -100,7 +108,9 @@ def ssh_key(tmp_path, name):
 def signed(tmp_path):
     """A bundle signed by ops@site's key, and an allowed_signers file naming that key."""
     key = ssh_key(tmp_path, "ops")
-    (tmp_path / "signers").write_text(f'ops@site namespaces="{bundle.manifest.NAMESPACE}" {(tmp_path / "ops.pub").read_text()}')
+    (tmp_path / "signers").write_text(
+        f'ops@site namespaces="{bundle.manifest.NAMESPACE}" {(tmp_path / "ops.pub").read_text()}'
+    )
     make(tmp_path / "b", {"weights/tiny/a.gguf": b"x" * 1000})
     builder.sign(tmp_path / "b", key)
     return tmp_path

@@ -38,30 +38,48 @@ def test_documented_defaults_pass_validation():
 
 
 def test_typo_is_named_with_a_suggestion():
-    with pytest.raises(ConfigError, match=r"web1: docker_log_max_fil: unknown setting \(did you mean 'docker_log_max_file'\?\)"):
+    with pytest.raises(
+        ConfigError, match=r"web1: docker_log_max_fil: unknown setting \(did you mean 'docker_log_max_file'\?\)"
+    ):
         checks.validate({"docker_log_max_fil": 3}, host_name="web1")
 
 
-@pytest.mark.parametrize("field, value", [
-    ("docker_log_max_size", "lots"),
-    ("docker_log_max_file", 0),
-    ("docker_packages", "docker.io"),
-    ("gpufleet_offline", "yes"),
-    ("nvidia_toolkit_check_image", "nvidia/cuda:latest"),
-    ("nvidia_toolkit_check_image", "nvidia/cuda"),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("docker_log_max_size", "lots"),
+        ("docker_log_max_file", 0),
+        ("docker_packages", "docker.io"),
+        ("gpufleet_offline", "yes"),
+        ("nvidia_toolkit_check_image", "nvidia/cuda:latest"),
+        ("nvidia_toolkit_check_image", "nvidia/cuda"),
+    ],
+)
 def test_malformed_value_names_the_field(field, value):
     with pytest.raises(ConfigError, match=rf"^{field}: must be"):
         checks.validate({field: value})
 
 
 def test_pyinfra_keys_are_known_and_a_key_nobody_knows_is_refused_whatever_its_prefix():
-    checks.validate({"ssh_port": 22, "ssh_user": "ops", "_sudo": True, "_sudo_password": "x",
-                     "ssh_paramiko_connect_kwargs": {}, "docker_identifier": "abc"})
-    with pytest.raises(ConfigError, match=r"web1: infrence_services: unknown setting \(did you mean 'inference_services'\?\)"):
+    checks.validate(
+        {
+            "ssh_port": 22,
+            "ssh_user": "ops",
+            "_sudo": True,
+            "_sudo_password": "x",
+            "ssh_paramiko_connect_kwargs": {},
+            "docker_identifier": "abc",
+        }
+    )
+    with pytest.raises(
+        ConfigError, match=r"web1: infrence_services: unknown setting \(did you mean 'inference_services'\?\)"
+    ):
         checks.validate({"infrence_services": []}, host_name="web1")
-    with pytest.raises(ConfigError, match=r"^rack_position: unknown setting; data your own deploys read goes in "
-                                          "gpufleet_other_data"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^rack_position: unknown setting; data your own deploys read goes in "
+        "gpufleet_other_data",
+    ):
         checks.validate({"rack_position": "B4"})
 
 
@@ -85,8 +103,10 @@ def test_none_is_refused_where_a_value_is_required_and_allowed_where_none_is_the
 
 def test_groups_gpufleet_does_not_know_and_no_group_data_names_are_listed(tmp_path):
     (tmp_path / "airgapped.py").write_text("gpufleet_offline = True\n")
-    assert checks.unknown_groups({"all", "gpu_hosts", "airgapped", "gpu_host", "rack_b"}, tmp_path) == \
-        ["gpu_host", "rack_b"]
+    assert checks.unknown_groups({"all", "gpu_hosts", "airgapped", "gpu_host", "rack_b"}, tmp_path) == [
+        "gpu_host",
+        "rack_b",
+    ]
     assert checks.unknown_groups({"gpu_hosts", "lxc_guests", "proxmox_hosts", "airgapped", "lab"}) == []
 
 
@@ -118,7 +138,7 @@ def documented_value_sets():
             continue
         name = line.split("=", 1)[0].strip()
         if comment and comment[-1].startswith("# One of: ") and name.isidentifier():
-            documented[name] = tuple(value.strip() for value in comment[-1][len("# One of: "):].split("|"))
+            documented[name] = tuple(value.strip() for value in comment[-1][len("# One of: ") :].split("|"))
         comment = []
     return documented
 
@@ -136,7 +156,8 @@ def test_documented_engines_are_the_engine_profiles():
 
 def test_every_cross_check_the_table_names_exists():
     assert [function.__name__ for function in checks.cross_checks()] == [
-        reference.split(":")[1] for reference in checks.CROSS_CHECKS]
+        reference.split(":")[1] for reference in checks.CROSS_CHECKS
+    ]
 
 
 def test_a_value_outside_a_set_is_refused_naming_the_values():

@@ -22,22 +22,28 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 def test_absent_image_is_pulled_and_its_digests_recorded(run_op):
     commands, _ = run_op(docker_images.pulled, {}, image=f"{REG}:v1")
-    assert commands == [f"docker pull -q {REG}:v1 && mkdir -p /var/lib/gpufleet/images && docker image inspect "
-                        f"--format '{{{{json .RepoDigests}}}}' {REG}:v1 > "
-                        "/var/lib/gpufleet/images/10.0.0.5_5000_team_llama-server_v1.json"]
+    assert commands == [
+        f"docker pull -q {REG}:v1 && mkdir -p /var/lib/gpufleet/images && docker image inspect "
+        f"--format '{{{{json .RepoDigests}}}}' {REG}:v1 > "
+        "/var/lib/gpufleet/images/10.0.0.5_5000_team_llama-server_v1.json"
+    ]
 
 
 def test_digest_pinned_image_present_asks_no_registry(run_op):
     local = {"id": "sha256:" + "c" * 64, "repo_digests": [f"{REG}@{DIGEST}"]}
-    commands, noops = run_op(docker_images.pulled, {"LocalImage": local, "RegistryDigest": {"error": "must not ask"}},
-                             image=f"{REG}@{DIGEST}")
+    commands, noops = run_op(
+        docker_images.pulled,
+        {"LocalImage": local, "RegistryDigest": {"error": "must not ask"}},
+        image=f"{REG}@{DIGEST}",
+    )
     assert commands == [] and noops[0].startswith(f"{REG}@{DIGEST} present")
 
 
 def test_tag_matching_its_registry_is_a_noop(run_op):
     local = {"id": "sha256:" + "c" * 64, "repo_digests": [f"{REG}@{DIGEST}"]}
-    commands, noops = run_op(docker_images.pulled, {"LocalImage": local, "RegistryDigest": {"digest": DIGEST}},
-                             image=f"{REG}:v1")
+    commands, noops = run_op(
+        docker_images.pulled, {"LocalImage": local, "RegistryDigest": {"digest": DIGEST}}, image=f"{REG}:v1"
+    )
     assert commands == [] and noops == [f"{REG}:v1 at {DIGEST[:19]}, as its registry serves it"]
 
 
@@ -53,8 +59,9 @@ def test_moved_tag_is_reported_and_followed_only_when_asked(run_op, caplog):
 
 def test_unreachable_registry_keeps_the_image_and_says_so(run_op, caplog):
     local = {"id": "sha256:" + "c" * 64, "repo_digests": [f"{REG}@{DIGEST}"]}
-    commands, _ = run_op(docker_images.pulled, {"LocalImage": local,
-                                                "RegistryDigest": {"error": "No route to host"}}, image=f"{REG}:v1")
+    commands, _ = run_op(
+        docker_images.pulled, {"LocalImage": local, "RegistryDigest": {"error": "No route to host"}}, image=f"{REG}:v1"
+    )
     assert commands == [] and "could not ask its registry for the tag's digest (No route to host)" in caplog.text
 
 
@@ -62,7 +69,8 @@ def test_registry_digest_fact_keeps_the_reason():
     fact = docker_images.RegistryDigest()
     assert fact.process([DIGEST]) == {"digest": DIGEST}
     assert fact.process([f"gpufleet-registry-digest: {REG}:v1: HTTP Error 401: Unauthorized", "__failed__"]) == {
-        "error": "HTTP Error 401: Unauthorized"}
+        "error": "HTTP Error 401: Unauthorized"
+    }
 
 
 def test_repository_of_references():
@@ -74,11 +82,13 @@ def test_repository_of_references():
 
 def test_login_is_compared_by_hash_and_the_password_goes_on_stdin(run_op):
     wanted = hashlib.sha256(base64.b64encode(b"ops:s3cret")).hexdigest()
-    commands, noops = run_op(docker_images.logged_in, {"RegistryLogin": wanted}, registry="r:5000", username="ops",
-                             password="s3cret")
+    commands, noops = run_op(
+        docker_images.logged_in, {"RegistryLogin": wanted}, registry="r:5000", username="ops", password="s3cret"
+    )
     assert commands == [] and noops == ["Docker logged in to r:5000 as ops"]
-    commands, _ = run_op(docker_images.logged_in, {"RegistryLogin": None}, registry="r:5000", username="ops",
-                         password="s3cret")
+    commands, _ = run_op(
+        docker_images.logged_in, {"RegistryLogin": None}, registry="r:5000", username="ops", password="s3cret"
+    )
     assert len(commands) == 1 and commands[0].startswith("FunctionCommand(_login, ['r:5000', 'ops', ")
 
     class Shell:
@@ -108,14 +118,17 @@ def test_mirrors_go_into_daemon_json_only_when_set():
     assert docker.daemon_settings("50m", 3, {}, ["https://m:5000"])["registry-mirrors"] == ["https://m:5000"]
 
 
-@pytest.mark.parametrize("spec, message", [
-    ({"hf": "org/model", "revision": "main"}, "revision: 'main' is a branch or tag, which moves"),
-    ({"hf": "org/model"}, "revision: required"),
-    ({"hf": "not a repo", "revision": COMMIT}, "is not a repository id"),
-    ({"hf": "org/model", "revision": COMMIT, "token": "x"}, "unknown key 'token'"),
-    ({"from": "/nonexistent/dir"}, "/nonexistent/dir: no such directory on the control node"),
-    ({"from": "/tmp", "hf": "org/model"}, "a dict with 'from'"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"hf": "org/model", "revision": "main"}, "revision: 'main' is a branch or tag, which moves"),
+        ({"hf": "org/model"}, "revision: required"),
+        ({"hf": "not a repo", "revision": COMMIT}, "is not a repository id"),
+        ({"hf": "org/model", "revision": COMMIT, "token": "x"}, "unknown key 'token'"),
+        ({"from": "/nonexistent/dir"}, "/nonexistent/dir: no such directory on the control node"),
+        ({"from": "/tmp", "hf": "org/model"}, "a dict with 'from'"),
+    ],
+)
 def test_bad_volume_names_the_field(spec, message):
     with pytest.raises(ConfigError) as error:
         weights.check_volumes({"inference_weight_volumes": {"qwen": spec}}, "gpu-3")
@@ -124,11 +137,18 @@ def test_bad_volume_names_the_field(spec, message):
 
 
 def test_branch_accepted_when_followed_and_hub_volume_refused_offline():
-    weights.check_volumes({"inference_weight_volumes": {"q": {"hf": "org/model", "revision": "main"}},
-                    "inference_weights_follow_branch": True}, "gpu-3")
+    weights.check_volumes(
+        {
+            "inference_weight_volumes": {"q": {"hf": "org/model", "revision": "main"}},
+            "inference_weights_follow_branch": True,
+        },
+        "gpu-3",
+    )
     with pytest.raises(ConfigError, match="a hub volume on an offline host"):
-        weights.check_volumes({"inference_weight_volumes": {"q": {"hf": "org/model", "revision": COMMIT}},
-                        "gpufleet_offline": True}, "gpu-3")
+        weights.check_volumes(
+            {"inference_weight_volumes": {"q": {"hf": "org/model", "revision": COMMIT}}, "gpufleet_offline": True},
+            "gpu-3",
+        )
 
 
 def test_token_file_must_be_root_only(tmp_path):
@@ -136,18 +156,21 @@ def test_token_file_must_be_root_only(tmp_path):
     token.write_text("hf_x\n")
     token.chmod(0o640)
     with pytest.raises(ConfigError, match="token_file: .*readable by others than its owner"):
-        weights.check_volumes({"inference_weight_volumes": {"q": {"hf": "o/m", "revision": COMMIT,
-                                                            "token_file": str(token)}}}, "h")
+        weights.check_volumes(
+            {"inference_weight_volumes": {"q": {"hf": "o/m", "revision": COMMIT, "token_file": str(token)}}}, "h"
+        )
 
 
 def test_model_must_be_in_a_volume_and_in_its_directory(tmp_path):
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
-    data = {"inference_weight_volumes": {"local": {"from": str(tmp_path)},
-                                         "hub": {"hf": "o/m", "revision": COMMIT}}}
+    data = {"inference_weight_volumes": {"local": {"from": str(tmp_path)}, "hub": {"hf": "o/m", "revision": COMMIT}}}
     weights.check_model(0, "local/m.gguf", data, "h")
     weights.check_model(0, "hub/anything.gguf", data, "h")  # listed by the hub: checked when fetched
-    with pytest.raises(ConfigError, match=r"inference_services\[1\]\.model: other/m.gguf: volume 'other' is in no "
-                                          r"source.*\(hub, local\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"inference_services\[1\]\.model: other/m.gguf: volume 'other' is in no "
+        r"source.*\(hub, local\)",
+    ):
         weights.check_model(1, "other/m.gguf", data, "h")
     with pytest.raises(ConfigError, match=r"local/x.gguf: no 'x.gguf' in volume 'local'"):
         weights.check_model(1, "local/x.gguf", data, "h")
@@ -159,12 +182,16 @@ def test_directory_manifest_hashes_once_and_again_after_a_change(tmp_path, monke
     (tmp_path / "w" / "a.bin").write_bytes(b"x" * 10)
     (tmp_path / "w" / "sub" / "b.json").write_bytes(b"{}")
     first = weights.directory_manifest.__wrapped__(str(tmp_path / "w"))
-    assert first == {"a.bin": {"size": 10, "sha256": hashlib.sha256(b"x" * 10).hexdigest()},
-                     "sub/b.json": {"size": 2, "sha256": hashlib.sha256(b"{}").hexdigest()}}
+    assert first == {
+        "a.bin": {"size": 10, "sha256": hashlib.sha256(b"x" * 10).hexdigest()},
+        "sub/b.json": {"size": 2, "sha256": hashlib.sha256(b"{}").hexdigest()},
+    }
     (tmp_path / "w" / "a.bin").write_bytes(b"y" * 10)
     os.utime(tmp_path / "w" / "a.bin", ns=(1, 1))
-    assert weights.directory_manifest.__wrapped__(str(tmp_path / "w"))["a.bin"]["sha256"] == \
-        hashlib.sha256(b"y" * 10).hexdigest()
+    assert (
+        weights.directory_manifest.__wrapped__(str(tmp_path / "w"))["a.bin"]["sha256"]
+        == hashlib.sha256(b"y" * 10).hexdigest()
+    )
 
 
 def test_fetched_volume_is_left_alone_when_its_record_holds(run_op):
@@ -173,27 +200,40 @@ def test_fetched_volume_is_left_alone_when_its_record_holds(run_op):
     assert commands == [] and noops == [f"/srv/w/q: o/m@{COMMIT[:12]}, 3 files intact"]
 
 
-@pytest.mark.parametrize("volume", [
-    {"source": None, "intact": False, "files": 0},
-    {"source": {"repo": "o/m", "commit": COMMIT}, "intact": False, "files": 3},
-    {"source": {"repo": "o/m", "commit": "f" * 40}, "intact": True, "files": 3},
-])
+@pytest.mark.parametrize(
+    "volume",
+    [
+        {"source": None, "intact": False, "files": 0},
+        {"source": {"repo": "o/m", "commit": COMMIT}, "intact": False, "files": 3},
+        {"source": {"repo": "o/m", "commit": "f" * 40}, "intact": True, "files": 3},
+    ],
+)
 def test_fetched_volume_runs_the_fetcher_otherwise(run_op, volume):
-    commands, _ = run_op(hf_hub.fetched, {"HubVolume": volume}, repo="o/m", revision=COMMIT, dest="/srv/w/q",
-                         endpoint="http://hub:8090", token_file="/etc/gpufleet/secrets/hf-q.token")
+    commands, _ = run_op(
+        hf_hub.fetched,
+        {"HubVolume": volume},
+        repo="o/m",
+        revision=COMMIT,
+        dest="/srv/w/q",
+        endpoint="http://hub:8090",
+        token_file="/etc/gpufleet/secrets/hf-q.token",
+    )
     assert commands == [
         "HF_ENDPOINT=http://hub:8090 HF_HOME=/var/lib/gpufleet/hf-home HF_HUB_DISABLE_PROGRESS_BARS=1 "
         "HF_HUB_DISABLE_TELEMETRY=1 PYTHONPATH=/usr/local/lib/gpufleet/hf/site /usr/local/lib/gpufleet/gpufleet-hf-fetch"
-        f" fetch o/m {COMMIT} /srv/w/q --margin 0 --token-file /etc/gpufleet/secrets/hf-q.token"]
+        f" fetch o/m {COMMIT} /srv/w/q --margin 0 --token-file /etc/gpufleet/secrets/hf-q.token"
+    ]
 
 
 def test_followed_branch_is_fetched_when_it_moves(run_op):
     volume = {"source": {"repo": "o/m", "commit": COMMIT}, "intact": True, "files": 3}
-    commands, _ = run_op(hf_hub.fetched, {"HubVolume": volume, "HubRevision": COMMIT}, repo="o/m", revision="main",
-                         dest="/srv/w/q")
+    commands, _ = run_op(
+        hf_hub.fetched, {"HubVolume": volume, "HubRevision": COMMIT}, repo="o/m", revision="main", dest="/srv/w/q"
+    )
     assert commands == []
-    commands, _ = run_op(hf_hub.fetched, {"HubVolume": volume, "HubRevision": "e" * 40}, repo="o/m",
-                         revision="main", dest="/srv/w/q")
+    commands, _ = run_op(
+        hf_hub.fetched, {"HubVolume": volume, "HubRevision": "e" * 40}, repo="o/m", revision="main", dest="/srv/w/q"
+    )
     assert commands and commands[0].endswith(f"fetch o/m {'e' * 40} /srv/w/q --margin 0")
 
 

@@ -18,16 +18,24 @@ V = "580.173.02-0ubuntu0.24.04.1"
 
 def test_debian_apt_fact_reads_installed_candidate_versions_and_record():
     assert DEBIAN_APT["nvidia-smi"] == {
-        "installed": "535.261.03-1", "candidate": "535.261.03-1",
-        "versions": ["535.309.01-0+deb12u1", "535.261.03-1"], "section": "non-free/utils",
-        "depends": "nvidia-alternative (= 535.261.03-1), libnvidia-ml1 (= 535.261.03-1), libc6 (>= 2.34)"}
+        "installed": "535.261.03-1",
+        "candidate": "535.261.03-1",
+        "versions": ["535.309.01-0+deb12u1", "535.261.03-1"],
+        "section": "non-free/utils",
+        "depends": "nvidia-alternative (= 535.261.03-1), libnvidia-ml1 (= 535.261.03-1), libc6 (>= 2.34)",
+    }
     assert "nosuchpkg" not in DEBIAN_APT
 
 
 def test_debian_dkms_driver_with_the_running_kernels_headers():
     plan = driver_plan.plan("distro", "Debian", "535.261.03", "6.1.0-56-amd64", None, DEBIAN_APT, {})
     assert (plan.version, plan.packages, plan.headers, plan.dkms, plan.modules) == (
-        "535.261.03", ["nvidia-kernel-dkms", "nvidia-smi", "libcuda1"], "linux-headers-6.1.0-56-amd64", True, [])
+        "535.261.03",
+        ["nvidia-kernel-dkms", "nvidia-smi", "libcuda1"],
+        "linux-headers-6.1.0-56-amd64",
+        True,
+        [],
+    )
 
 
 def test_proxmox_host_headers_are_its_own():
@@ -45,16 +53,20 @@ def test_exact_version_no_longer_offered_is_refused_naming_what_is():
     with pytest.raises(driver_plan.PlanError) as refused:
         driver_plan.resolve_version("535.183.01", "nvidia-smi", DEBIAN_APT)
     assert refused.value.field == "nvidia_driver_version"
-    assert str(refused.value).startswith("535.183.01 is not in the host's apt sources, and not installed: they offer "
-                                         "nvidia-smi 535.309.01-0+deb12u1, 535.261.03-1.")
+    assert str(refused.value).startswith(
+        "535.183.01 is not in the host's apt sources, and not installed: they offer "
+        "nvidia-smi 535.309.01-0+deb12u1, 535.261.03-1."
+    )
 
 
 def test_unknown_branch_is_refused():
-    with pytest.raises(driver_plan.PlanError, match="branch 580: the host's apt sources offer no nvidia-smi of that "
-                                                    "branch"):
+    with pytest.raises(
+        driver_plan.PlanError, match="branch 580: the host's apt sources offer no nvidia-smi of that branch"
+    ):
         driver_plan.resolve_version("580", "nvidia-smi", DEBIAN_APT)
-    with pytest.raises(driver_plan.PlanError, match="branch 999: the host's apt sources offer no "
-                                                    "nvidia-utils-999-server$"):
+    with pytest.raises(
+        driver_plan.PlanError, match="branch 999: the host's apt sources offer no nvidia-utils-999-server$"
+    ):
         driver_plan.resolve_version("999", "nvidia-utils-999-server", UBUNTU)
 
 
@@ -74,8 +86,10 @@ def test_ubuntu_hwe_flavour_takes_its_own_module_metapackage():
 def test_ubuntu_running_kernel_older_than_the_newest_gets_its_own_module_too():
     """After an HWE kernel is installed and before the reboot: modules for both kernels."""
     plan = driver_plan.plan("distro", "Ubuntu", "580", "6.8.0-136-generic", "generic-hwe-24.04", UBUNTU, {})
-    assert plan.modules == ["linux-modules-nvidia-580-server-generic-hwe-24.04",
-                            "linux-modules-nvidia-580-server-6.8.0-136-generic"]
+    assert plan.modules == [
+        "linux-modules-nvidia-580-server-generic-hwe-24.04",
+        "linux-modules-nvidia-580-server-6.8.0-136-generic",
+    ]
 
 
 def test_ubuntu_kernel_without_a_precompiled_module_falls_back_to_dkms_with_headers():
@@ -86,66 +100,108 @@ def test_ubuntu_kernel_without_a_precompiled_module_falls_back_to_dkms_with_head
 
 
 def test_ubuntu_dkms_package_goes_when_a_precompiled_module_serves_again():
-    plan = driver_plan.plan("distro", "Ubuntu", "580", "6.8.0-136-generic", "generic", UBUNTU,
-                            {"nvidia-dkms-580-server": [V]})
+    plan = driver_plan.plan(
+        "distro", "Ubuntu", "580", "6.8.0-136-generic", "generic", UBUNTU, {"nvidia-dkms-580-server": [V]}
+    )
     assert plan.remove == ["nvidia-dkms-580-server"]
 
 
 def test_ubuntu_precompiled_module_built_for_a_newer_driver_than_pinned_falls_back_to_dkms():
-    older = {**UBUNTU, "nvidia-utils-580-server": {**UBUNTU["nvidia-utils-580-server"],
-                                                   "versions": [V, "580.159.03-0ubuntu0.24.04.1"]}}
+    older = {
+        **UBUNTU,
+        "nvidia-utils-580-server": {
+            **UBUNTU["nvidia-utils-580-server"],
+            "versions": [V, "580.159.03-0ubuntu0.24.04.1"],
+        },
+    }
     plan = driver_plan.plan("distro", "Ubuntu", "580.159.03", "6.8.0-136-generic", "generic", older, {})
     assert plan.dkms and "needs driver >= 580.173.02" in plan.notes[0]
 
 
 def test_ubuntu_exact_version_the_archive_dropped_is_refused_naming_what_it_has():
-    with pytest.raises(driver_plan.PlanError, match=rf"580.126.20 is not in the host's apt sources, and not installed: "
-                                                    rf"they offer nvidia-utils-580-server {V}\."):
+    with pytest.raises(
+        driver_plan.PlanError,
+        match=rf"580.126.20 is not in the host's apt sources, and not installed: "
+        rf"they offer nvidia-utils-580-server {V}\.",
+    ):
         driver_plan.plan("distro", "Ubuntu", "580.126.20", "6.8.0-136-generic", "generic", UBUNTU, {})
 
 
 def test_ubuntu_branch_that_became_transitional_is_refused():
     with pytest.raises(driver_plan.PlanError) as refused:
         driver_plan.plan("distro", "Ubuntu", "570", "6.8.0-136-generic", "generic", UBUNTU, {})
-    assert str(refused.value) == ("nvidia-utils-570-server 570.211.01-0ubuntu1.24.04.1 is a transitional package "
-                                  "(nvidia-utils-580-server): Ubuntu has moved branch 570 to another; pin that branch")
+    assert str(refused.value) == (
+        "nvidia-utils-570-server 570.211.01-0ubuntu1.24.04.1 is a transitional package "
+        "(nvidia-utils-580-server): Ubuntu has moved branch 570 to another; pin that branch"
+    )
 
 
 def test_open_modules_use_ubuntus_open_flavour():
     plan = driver_plan.ubuntu("580", "580.173.02", "6.8.0-137-generic", "generic", UBUNTU, {}, open_modules=True)
-    assert plan.packages == ["nvidia-headless-no-dkms-580-server-open", "nvidia-utils-580-server",
-                             "nvidia-dkms-580-server-open"]
-    assert driver_plan.debian("535.261.03", "6.1.0-56-amd64", open_modules=True).packages[0] == "nvidia-open-kernel-dkms"
+    assert plan.packages == [
+        "nvidia-headless-no-dkms-580-server-open",
+        "nvidia-utils-580-server",
+        "nvidia-dkms-580-server-open",
+    ]
+    assert (
+        driver_plan.debian("535.261.03", "6.1.0-56-amd64", open_modules=True).packages[0] == "nvidia-open-kernel-dkms"
+    )
 
 
 def test_lxc_guest_gets_user_space_only():
-    assert driver_plan.plan("distro", "Debian", "535.261.03", "k", None, DEBIAN_APT, {}, kernel_module=False).packages \
-        == ["nvidia-smi", "libcuda1"]
+    assert driver_plan.plan(
+        "distro", "Debian", "535.261.03", "k", None, DEBIAN_APT, {}, kernel_module=False
+    ).packages == ["nvidia-smi", "libcuda1"]
     assert driver_plan.plan("distro", "Ubuntu", "580", "k", None, UBUNTU, {}, kernel_module=False).packages == [
-        "nvidia-utils-580-server", "libnvidia-compute-580-server"]
+        "nvidia-utils-580-server",
+        "libnvidia-compute-580-server",
+    ]
 
 
 def test_nvswitch_needs_fabric_manager_at_the_drivers_branch():
-    apt = {**UBUNTU, "nvidia-fabricmanager-580": {"installed": None, "candidate": "580.173.02-0ubuntu0.24.04.1",
-                                                  "versions": [], "section": None, "depends": ""}}
+    apt = {
+        **UBUNTU,
+        "nvidia-fabricmanager-580": {
+            "installed": None,
+            "candidate": "580.173.02-0ubuntu0.24.04.1",
+            "versions": [],
+            "section": None,
+            "depends": "",
+        },
+    }
     plan = driver_plan.plan("distro", "Ubuntu", "580", "6.8.0-136-generic", "generic", apt, {}, nvswitch=True)
     assert plan.packages[-1] == "nvidia-fabricmanager-580"
-    with pytest.raises(driver_plan.PlanError, match="Debian's archive has none; use nvidia_driver_source = 'cuda-repo'"):
+    with pytest.raises(
+        driver_plan.PlanError, match="Debian's archive has none; use nvidia_driver_source = 'cuda-repo'"
+    ):
         driver_plan.plan("distro", "Debian", "535.261.03", "k", None, DEBIAN_APT, {}, nvswitch=True)
 
 
 def test_cuda_repo_driver_is_its_branch_metapackage_built_by_dkms():
-    apt = {"cuda-drivers-580": {"installed": None, "candidate": "580.95.05-1", "versions": ["580.95.05-1"],
-                                "section": "multiverse/metapackages", "depends": ""}}
+    apt = {
+        "cuda-drivers-580": {
+            "installed": None,
+            "candidate": "580.95.05-1",
+            "versions": ["580.95.05-1"],
+            "section": "multiverse/metapackages",
+            "depends": "",
+        }
+    }
     plan = driver_plan.plan("cuda-repo", "Ubuntu", "580", "6.8.0-136-generic", "generic", apt, {})
-    assert (plan.packages, plan.headers, plan.version) == (["cuda-drivers-580"], "linux-headers-6.8.0-136-generic",
-                                                          "580.95.05")
+    assert (plan.packages, plan.headers, plan.version) == (
+        ["cuda-drivers-580"],
+        "linux-headers-6.8.0-136-generic",
+        "580.95.05",
+    )
 
 
-@pytest.mark.parametrize("device, open_modules, message", [
-    ("0x1db6", True, "GPU 0x1db6 at 0000:00:06.0 (GV100GL [Tesla V100 PCIe 32GB], Volta) is older than Turing"),
-    ("0x2901", False, "GPU 0x2901 at 0000:00:06.0 (GB100 [B200], Blackwell) runs only with NVIDIA's open kernel"),
-])
+@pytest.mark.parametrize(
+    "device, open_modules, message",
+    [
+        ("0x1db6", True, "GPU 0x1db6 at 0000:00:06.0 (GV100GL [Tesla V100 PCIe 32GB], Volta) is older than Turing"),
+        ("0x2901", False, "GPU 0x2901 at 0000:00:06.0 (GB100 [B200], Blackwell) runs only with NVIDIA's open kernel"),
+    ],
+)
 def test_open_or_proprietary_modules_refused_by_gpu_generation(device, open_modules, message):
     with pytest.raises(driver_plan.PlanError) as refused:
         driver_plan.check_kernel_module_kind([{"slot": "0000:00:06.0", "device": device}], open_modules)
@@ -154,17 +210,23 @@ def test_open_or_proprietary_modules_refused_by_gpu_generation(device, open_modu
 
 def test_hopper_takes_either_kind_and_an_unknown_device_is_not_refused():
     for open_modules in (True, False):
-        driver_plan.check_kernel_module_kind([{"slot": "s", "device": "0x2330"}, {"slot": "t", "device": "0xffff"}],
-                                             open_modules)
+        driver_plan.check_kernel_module_kind(
+            [{"slot": "s", "device": "0x2330"}, {"slot": "t", "device": "0xffff"}], open_modules
+        )
 
 
 def test_kernel_flavour_is_the_meta_package_of_the_newest_installed_kernel():
-    images = KernelImages().process([
-        "ii  linux-image-6.8.0-136-generic 6.8.0-136.136 kmod, linux-base (>= 4.5ubuntu1~16.04.1), linux-modules-6.8.0-136-generic",
-        "ii  linux-image-generic 6.8.0-136.136 linux-image-6.8.0-136-generic",
-        "un  linux-image-unsigned-6.8.0-136-generic  "])
-    assert images == {"images": {"6.8.0-136-generic": "6.8.0-136.136"},
-                      "metas": {"generic": ["linux-image-6.8.0-136-generic"]}}
+    images = KernelImages().process(
+        [
+            "ii  linux-image-6.8.0-136-generic 6.8.0-136.136 kmod, linux-base (>= 4.5ubuntu1~16.04.1), linux-modules-6.8.0-136-generic",
+            "ii  linux-image-generic 6.8.0-136.136 linux-image-6.8.0-136-generic",
+            "un  linux-image-unsigned-6.8.0-136-generic  ",
+        ]
+    )
+    assert images == {
+        "images": {"6.8.0-136-generic": "6.8.0-136.136"},
+        "metas": {"generic": ["linux-image-6.8.0-136-generic"]},
+    }
     assert image_meta(images) == "generic"
     images["images"]["6.17.0-35-generic"] = "6.17.0-35.35~24.04.1"
     images["metas"]["generic-hwe-24.04"] = ["linux-image-6.17.0-35-generic"]
@@ -172,13 +234,23 @@ def test_kernel_flavour_is_the_meta_package_of_the_newest_installed_kernel():
 
 
 def test_module_packages_are_installed_never_held_and_a_superseded_one_removed(run_op):
-    facts = {"DebPackages": {"nvidia-utils-580-server": [V], "nvidia-dkms-580-server": [V]},
-             "AptHeldPackages": {"nvidia-utils-580-server", "nvidia-dkms-580-server"}}
-    commands, _ = run_op(apt_pin.installed, facts, packages=["nvidia-utils-580-server"], version="580.173.02",
-                         pin_name="p", unversioned=["linux-modules-nvidia-580-server-generic"],
-                         remove=["nvidia-dkms-580-server"])
+    facts = {
+        "DebPackages": {"nvidia-utils-580-server": [V], "nvidia-dkms-580-server": [V]},
+        "AptHeldPackages": {"nvidia-utils-580-server", "nvidia-dkms-580-server"},
+    }
+    commands, _ = run_op(
+        apt_pin.installed,
+        facts,
+        packages=["nvidia-utils-580-server"],
+        version="580.173.02",
+        pin_name="p",
+        unversioned=["linux-modules-nvidia-580-server-generic"],
+        remove=["nvidia-dkms-580-server"],
+    )
     assert commands[-3] == (apt_pin.APT_INSTALL + " nvidia-utils-580-server linux-modules-nvidia-580-server-generic")
     assert commands[-2] == "apt-mark hold nvidia-utils-580-server"  # the install took its hold away
-    assert commands[-1] == ("apt-mark unhold nvidia-dkms-580-server && DEBIAN_FRONTEND=noninteractive apt-get remove -y "
-                            "nvidia-dkms-580-server")
+    assert commands[-1] == (
+        "apt-mark unhold nvidia-dkms-580-server && DEBIAN_FRONTEND=noninteractive apt-get remove -y "
+        "nvidia-dkms-580-server"
+    )
     assert not any("hold linux-modules" in str(c) for c in commands)

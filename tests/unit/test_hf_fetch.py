@@ -36,8 +36,9 @@ def fetch(endpoint, dest, *args, token=TOKEN, tmp=None):
         token_file = dest.parent / "token"
         token_file.write_text(token + "\n")
         token_args = ["--token-file", str(token_file)]
-    return subprocess.run([sys.executable, str(FETCH), *args, *token_args], env=env, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(FETCH), *args, *token_args], env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def commit(hub):
@@ -108,12 +109,19 @@ def test_token_never_reaches_the_storage_origin(hub, tmp_path):
     assert hub.cdn_authorizations == [None]
 
 
-@pytest.mark.parametrize("args, token, message", [
-    (["fetch", "lab/tiny", "f" * 40], TOKEN, "lab/tiny@" + "f" * 40 + " at {endpoint}: no such revision"),
-    (["fetch", "lab/nothere", "main"], TOKEN, "lab/nothere@main at {endpoint}: no such repository, or not readable"),
-    (["fetch", "lab/tiny", "main"], "hf_wrong", "lab/tiny@main at {endpoint}: no such repository, or not readable"),
-    (["fetch", "lab/tiny", "main"], None, "lab/tiny@main at {endpoint}: no such repository, or not readable"),
-])
+@pytest.mark.parametrize(
+    "args, token, message",
+    [
+        (["fetch", "lab/tiny", "f" * 40], TOKEN, "lab/tiny@" + "f" * 40 + " at {endpoint}: no such revision"),
+        (
+            ["fetch", "lab/nothere", "main"],
+            TOKEN,
+            "lab/nothere@main at {endpoint}: no such repository, or not readable",
+        ),
+        (["fetch", "lab/tiny", "main"], "hf_wrong", "lab/tiny@main at {endpoint}: no such repository, or not readable"),
+        (["fetch", "lab/tiny", "main"], None, "lab/tiny@main at {endpoint}: no such repository, or not readable"),
+    ],
+)
 def test_errors_name_the_repository_and_revision(hub, tmp_path, args, token, message):
     _, endpoint, _ = hub
     dest = tmp_path / "vol"
@@ -126,8 +134,9 @@ def test_errors_name_the_repository_and_revision(hub, tmp_path, args, token, mes
 def test_unreachable_hub_is_named(tmp_path):
     dest = tmp_path / "vol"
     result = fetch("http://127.0.0.1:9", dest, "fetch", "lab/tiny", "a" * 40, str(dest))
-    assert result.returncode == 1 and "lab/tiny@" in result.stderr and "http://127.0.0.1:9" in result.stderr, \
+    assert result.returncode == 1 and "lab/tiny@" in result.stderr and "http://127.0.0.1:9" in result.stderr, (
         result.stderr
+    )
 
 
 def test_no_room_is_refused_before_any_download(hub, tmp_path):
@@ -138,7 +147,8 @@ def test_no_room_is_refused_before_any_download(hub, tmp_path):
     margin = shutil.disk_usage(tmp_path).free  # what the volume needs on top of this cannot fit
     result = fetch(endpoint, dest, "fetch", "lab/tiny", commit(hub), str(dest), "--margin", str(margin))
     assert result.returncode == 1
-    assert f"gpufleet-hf-fetch: {dest}: no room: {(3 << 20) + 18 + 14} bytes to receive + {margin} margin" \
-           in result.stderr, result.stderr
+    assert (
+        f"gpufleet-hf-fetch: {dest}: no room: {(3 << 20) + 18 + 14} bytes to receive + {margin} margin" in result.stderr
+    ), result.stderr
     assert not any("/resolve/" in path or path.startswith("/lfs/") for _, path, _ in hub.requests)
     assert not (dest / "model.gguf").exists()

@@ -6,23 +6,36 @@ from operations.core.errors import ConfigError
 from operations.offline import staging
 from operations.services import auth_proxy, engines, facts, inference, removal
 
-SERVICE = {"name": "chat", "engine": "llamacpp", "image": "ghcr.io/ggml-org/llama.cpp:server-b4500",
-           "model": "tiny/tiny.gguf", "memory": "2g", "args": ["--ctx-size", "256"]}
+SERVICE = {
+    "name": "chat",
+    "engine": "llamacpp",
+    "image": "ghcr.io/ggml-org/llama.cpp:server-b4500",
+    "model": "tiny/tiny.gguf",
+    "memory": "2g",
+    "args": ["--ctx-size", "256"],
+}
 
 
-@pytest.mark.parametrize("change, field, message", [
-    ({"engine": "vllm2"}, "engine", "unknown engine 'vllm2'"),
-    ({"image": "vllm/vllm-openai:latest"}, "image", "must be pinned by tag or digest, never latest"),
-    ({"image": "vllm/vllm-openai"}, "image", "must be pinned"),
-    ({"args": ["--max-model-len", "4096"]}, "args", "llamacpp does not take --max-model-len"),
-    ({"engine": "ollama", "api_key_file": "/k"}, "api_key_file", "ollama has no API key of its own: set proxy_port"),
-    ({"proxy_port": 8080}, "proxy_port", "a TCP port number other than the service's own"),
-    ({"proxy_port": "8090"}, "proxy_port", "a TCP port number"),
-    ({"gpus": "two"}, "gpus", "'all', 'none' or a list of GPU indices"),
-    ({"network": "macvlan"}, "network", "'host'"),
-    ({"modle": "x"}, "modle", "unknown field"),
-    ({"model": "/etc/shadow"}, "model", "a path inside the weight volumes root"),
-])
+@pytest.mark.parametrize(
+    "change, field, message",
+    [
+        ({"engine": "vllm2"}, "engine", "unknown engine 'vllm2'"),
+        ({"image": "vllm/vllm-openai:latest"}, "image", "must be pinned by tag or digest, never latest"),
+        ({"image": "vllm/vllm-openai"}, "image", "must be pinned"),
+        ({"args": ["--max-model-len", "4096"]}, "args", "llamacpp does not take --max-model-len"),
+        (
+            {"engine": "ollama", "api_key_file": "/k"},
+            "api_key_file",
+            "ollama has no API key of its own: set proxy_port",
+        ),
+        ({"proxy_port": 8080}, "proxy_port", "a TCP port number other than the service's own"),
+        ({"proxy_port": "8090"}, "proxy_port", "a TCP port number"),
+        ({"gpus": "two"}, "gpus", "'all', 'none' or a list of GPU indices"),
+        ({"network": "macvlan"}, "network", "'host'"),
+        ({"modle": "x"}, "modle", "unknown field"),
+        ({"model": "/etc/shadow"}, "model", "a path inside the weight volumes root"),
+    ],
+)
 def test_bad_service_names_the_field(change, field, message):
     with pytest.raises(ConfigError) as error:
         engines.check_service(3, {**SERVICE, **change}, "gpu-7")
@@ -61,16 +74,25 @@ def test_unit_escapes_percent_and_has_checks():
     unit = inference.unit_text({**SERVICE, "args": ["--chat-template", "100%{x}"]}, "/srv/w", None, False, 300)
     assert "100%%{x}" in unit
     assert "ExecStartPre=/usr/local/lib/gpufleet/gpufleet-verify-weights /srv/w/tiny" in unit
-    assert "ExecStartPost=/usr/local/lib/gpufleet/gpufleet-wait-ready 300 http://127.0.0.1:8080/health " \
-           "http://127.0.0.1:8080/v1/models" in unit
+    assert (
+        "ExecStartPost=/usr/local/lib/gpufleet/gpufleet-wait-ready 300 http://127.0.0.1:8080/health "
+        "http://127.0.0.1:8080/v1/models" in unit
+    )
     assert "Restart=always" in unit and "TimeoutStartSec=330" in unit
 
 
 def test_staging_plan_skips_intact_resumes_partial_and_checks_moved():
-    wanted = {"a": {"size": 10, "sha256": "1" * 64}, "b": {"size": 20, "sha256": "2" * 64},
-              "c": {"size": 30, "sha256": "3" * 64}, "d": {"size": 40, "sha256": "4" * 64}}
-    on_host = {"files": {"a": [10, 100], "c": [30, 555]}, "parts": {"b": 7},
-               "record": {"a": [10, 100, "1" * 64], "c": [30, 300, "3" * 64]}}
+    wanted = {
+        "a": {"size": 10, "sha256": "1" * 64},
+        "b": {"size": 20, "sha256": "2" * 64},
+        "c": {"size": 30, "sha256": "3" * 64},
+        "d": {"size": 40, "sha256": "4" * 64},
+    }
+    on_host = {
+        "files": {"a": [10, 100], "c": [30, 555]},
+        "parts": {"b": 7},
+        "record": {"a": [10, 100, "1" * 64], "c": [30, 300, "3" * 64]},
+    }
     intact, check, send = staging.plan(wanted, on_host)
     assert (intact, check, send) == (["a"], ["c"], {"b": 7, "d": 0})
     assert staging.plan(wanted, on_host, rehash=True)[1] == ["a", "c"]
@@ -78,22 +100,45 @@ def test_staging_plan_skips_intact_resumes_partial_and_checks_moved():
 
 def test_staged_files_fact_parses_find_output():
     fact = staging.StagedFiles()
-    parsed = fact.process(["474656 1795430738.1234 tiny.gguf", "4096 1795430739.0 x/y.tar.gpufleet-part",
-                           "--record--", '{"tiny.gguf": [474656, 1795430738, "ab"]}'])
-    assert parsed == {"files": {"tiny.gguf": [474656, 1795430738]}, "parts": {"x/y.tar": 4096},
-                      "record": {"tiny.gguf": [474656, 1795430738, "ab"]}}
+    parsed = fact.process(
+        [
+            "474656 1795430738.1234 tiny.gguf",
+            "4096 1795430739.0 x/y.tar.gpufleet-part",
+            "--record--",
+            '{"tiny.gguf": [474656, 1795430738, "ab"]}',
+        ]
+    )
+    assert parsed == {
+        "files": {"tiny.gguf": [474656, 1795430738]},
+        "parts": {"x/y.tar": 4096},
+        "record": {"tiny.gguf": [474656, 1795430738, "ab"]},
+    }
 
 
 def test_each_service_gets_its_own_account_id_kept_across_runs_and_user_overrides_it():
-    accounts = {"users": {"root": 0, "nobody": 65534, "gpufleet-old": 60600},
-                "groups": {"root": 0, "gpufleet-old": 60600, "ops": 60601}}
-    services = [{"name": "chat"}, {"name": "old"}, {"name": "embed"}, {"name": "mine", "user": "1000:1001"},
-                {"name": "bare", "user": 2000}]
+    accounts = {
+        "users": {"root": 0, "nobody": 65534, "gpufleet-old": 60600},
+        "groups": {"root": 0, "gpufleet-old": 60600, "ops": 60601},
+    }
+    services = [
+        {"name": "chat"},
+        {"name": "old"},
+        {"name": "embed"},
+        {"name": "mine", "user": "1000:1001"},
+        {"name": "bare", "user": 2000},
+    ]
     ids = inference.service_ids(services, accounts)
-    assert ids == {"chat": "60602:60602", "old": "60600:60600", "embed": "60603:60603", "mine": "1000:1001",
-                   "bare": "2000:2000"}
-    created = {"users": {**accounts["users"], "gpufleet-chat": 60602, "gpufleet-embed": 60603},
-               "groups": {**accounts["groups"], "gpufleet-chat": 60602, "gpufleet-embed": 60603}}
+    assert ids == {
+        "chat": "60602:60602",
+        "old": "60600:60600",
+        "embed": "60603:60603",
+        "mine": "1000:1001",
+        "bare": "2000:2000",
+    }
+    created = {
+        "users": {**accounts["users"], "gpufleet-chat": 60602, "gpufleet-embed": 60603},
+        "groups": {**accounts["groups"], "gpufleet-chat": 60602, "gpufleet-embed": 60603},
+    }
     assert inference.service_ids(services, created) == ids  # a second run keeps every id
 
 
@@ -102,8 +147,12 @@ def test_llamacpp_key_goes_in_its_own_file_mounted_read_only_and_out_of_the_envi
     key.write_text("s3cret\n")
     keyed = {**SERVICE, "api_key_file": str(key)}
     where = inference.placement(keyed, "/etc/gpufleet/secrets")
-    assert where == {"key_file": "/etc/gpufleet/secrets/chat.key", "env_file": None,
-                     "key_source": "/etc/gpufleet/secrets/chat.key", "key_var": ""}
+    assert where == {
+        "key_file": "/etc/gpufleet/secrets/chat.key",
+        "env_file": None,
+        "key_source": "/etc/gpufleet/secrets/chat.key",
+        "key_var": "",
+    }
     args = engines.docker_args(keyed, "/srv/w", None, False, user="60600:60600", key_file=where["key_file"])
     assert args[args.index("--user") + 1] == "60600:60600"
     assert "/etc/gpufleet/secrets/chat.key:/run/secrets/gpufleet-api-key:ro" in args
@@ -112,8 +161,12 @@ def test_llamacpp_key_goes_in_its_own_file_mounted_read_only_and_out_of_the_envi
     assert inference.env_content(keyed, engines.ENGINES["llamacpp"], key_in_file=True) is None
     # vLLM and TGI read their key from the environment only: the root-only env file.
     vllm = inference.placement({**keyed, "engine": "vllm"}, "/etc/gpufleet/secrets")
-    assert vllm == {"key_file": None, "env_file": "/etc/gpufleet/secrets/chat.env",
-                    "key_source": "/etc/gpufleet/secrets/chat.env", "key_var": "VLLM_API_KEY"}
+    assert vllm == {
+        "key_file": None,
+        "env_file": "/etc/gpufleet/secrets/chat.env",
+        "key_source": "/etc/gpufleet/secrets/chat.env",
+        "key_var": "VLLM_API_KEY",
+    }
     unit = inference.unit_text(keyed, "/srv/w", None, False, 300, user="60600:60600", key_file=where["key_file"])
     assert "Environment=GPUFLEET_KEY_FILE=/etc/gpufleet/secrets/chat.key GPUFLEET_KEY_VAR=\n" in unit
 
@@ -126,8 +179,10 @@ def test_service_user_must_be_numeric():
 
 def test_service_accounts_fact_reads_passwd_and_group():
     fact = facts.ServiceAccounts()
-    assert fact.process(["root:0", "gpufleet-chat:60600", "--", "root:0", "gpufleet-chat:60600", "docker:998"]) == \
-        {"users": {"root": 0, "gpufleet-chat": 60600}, "groups": {"root": 0, "gpufleet-chat": 60600, "docker": 998}}
+    assert fact.process(["root:0", "gpufleet-chat:60600", "--", "root:0", "gpufleet-chat:60600", "docker:998"]) == {
+        "users": {"root": 0, "gpufleet-chat": 60600},
+        "groups": {"root": 0, "gpufleet-chat": 60600, "docker": 998},
+    }
 
 
 def test_services_listen_on_loopback_unless_told_and_are_probed_where_they_listen():
@@ -135,41 +190,61 @@ def test_services_listen_on_loopback_unless_told_and_are_probed_where_they_liste
     assert args[args.index("--host") + 1] == "127.0.0.1"
     assert engines.ready_urls(SERVICE) == ["http://127.0.0.1:8080/health", "http://127.0.0.1:8080/v1/models"]
     lan = {**SERVICE, "listen": "10.0.0.5"}
-    assert engines.docker_args(lan, "/srv/w", None, False)[-len(engines.engine_args(lan, 8080, False, bind="10.0.0.5")):] \
-        == engines.engine_args(lan, 8080, False, bind="10.0.0.5")
+    assert engines.docker_args(lan, "/srv/w", None, False)[
+        -len(engines.engine_args(lan, 8080, False, bind="10.0.0.5")) :
+    ] == engines.engine_args(lan, 8080, False, bind="10.0.0.5")
     assert engines.ready_urls(lan)[0] == "http://10.0.0.5:8080/health"
     assert engines.ready_urls({**SERVICE, "listen": "0.0.0.0"})[0] == "http://127.0.0.1:8080/health"
-    ollama = engines.docker_args({**SERVICE, "engine": "ollama", "listen": "::1", "network": "bridge"}, "/w", None, False)
+    ollama = engines.docker_args(
+        {**SERVICE, "engine": "ollama", "listen": "::1", "network": "bridge"}, "/w", None, False
+    )
     assert "[::1]:11434:11434" in ollama and "OLLAMA_HOST=0.0.0.0:11434" in ollama
 
 
-@pytest.mark.parametrize("service, data, field", [
-    ({**SERVICE, "engine": "ollama", "args": []}, {"inference_listen": "0.0.0.0"}, "inference_listen"),
-    ({**SERVICE, "listen": "10.0.0.5"}, {}, r"inference_services\[0\]\.listen"),
-])
+@pytest.mark.parametrize(
+    "service, data, field",
+    [
+        ({**SERVICE, "engine": "ollama", "args": []}, {"inference_listen": "0.0.0.0"}, "inference_listen"),
+        ({**SERVICE, "listen": "10.0.0.5"}, {}, r"inference_services\[0\]\.listen"),
+    ],
+)
 def test_a_service_without_a_key_is_not_exposed_beyond_loopback_unless_asked(service, data, field, tmp_path):
     (tmp_path / "tiny.gguf").write_bytes(b"GGUF")
     data = {**data, "inference_services": [service], "inference_weight_volumes": {"tiny": {"from": str(tmp_path)}}}
     with pytest.raises(ConfigError, match=rf"^{field}: .*no (API key|api_key_file).*inference_expose_unauthenticated"):
         inference.check_services(data, None)
-    inference.check_services({**data, "inference_expose_unauthenticated": True, "inference_allowed_sources": ["10.0.0.0/8"]},
-                     None)
-    inference.check_services({**data, "inference_listen": "127.0.0.1", "inference_services": [
-        {key: value for key, value in service.items() if key != "listen"}]}, None)  # loopback: fine
+    inference.check_services(
+        {**data, "inference_expose_unauthenticated": True, "inference_allowed_sources": ["10.0.0.0/8"]}, None
+    )
+    inference.check_services(
+        {
+            **data,
+            "inference_listen": "127.0.0.1",
+            "inference_services": [{key: value for key, value in service.items() if key != "listen"}],
+        },
+        None,
+    )  # loopback: fine
 
 
 def _exposed(tmp_path, service, **data):
     (tmp_path / "tiny.gguf").write_bytes(b"GGUF")
     (tmp_path / "key").write_text("k\n")
-    return {"inference_listen": "0.0.0.0", "inference_allowed_sources": ["10.0.0.0/8"], **data,
-            "inference_services": [{**service, "api_key_file": str(tmp_path / "key")}],
-            "inference_weight_volumes": {"tiny": {"from": str(tmp_path)}}}
+    return {
+        "inference_listen": "0.0.0.0",
+        "inference_allowed_sources": ["10.0.0.0/8"],
+        **data,
+        "inference_services": [{**service, "api_key_file": str(tmp_path / "key")}],
+        "inference_weight_volumes": {"tiny": {"from": str(tmp_path)}},
+    }
 
 
 def test_vllm_with_its_own_key_is_not_exposed_its_key_leaves_invocations_open(tmp_path):
     vllm = {**SERVICE, "engine": "vllm", "args": []}
-    with pytest.raises(ConfigError, match=r"^inference_listen: 0\.0\.0\.0: service chat is keyed, but vllm's key "
-                                          r"leaves some routes open \(vLLM: /invocations"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^inference_listen: 0\.0\.0\.0: service chat is keyed, but vllm's key "
+        r"leaves some routes open \(vLLM: /invocations",
+    ):
         inference.check_services(_exposed(tmp_path, vllm), None)
     inference.check_services(_exposed(tmp_path, {**vllm, "proxy_port": 8443}), None)  # the proxy guards every route
 
@@ -182,16 +257,20 @@ def test_ollama_behind_the_proxy_may_listen_beyond_loopback(tmp_path):
 
 def test_listening_beyond_loopback_needs_allowed_sources_unless_the_firewall_is_yours(tmp_path):
     data = _exposed(tmp_path, SERVICE, inference_allowed_sources=[])
-    with pytest.raises(ConfigError, match=r"^inference_listen: 0\.0\.0\.0: service chat listens beyond this host, "
-                                          r"but inference_allowed_sources is empty"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^inference_listen: 0\.0\.0\.0: service chat listens beyond this host, "
+        r"but inference_allowed_sources is empty",
+    ):
         inference.check_services(data, None)
     inference.check_services({**data, "inference_firewall": False}, None)
 
 
 def test_a_proxy_port_taken_by_another_service_is_named(tmp_path):
     data = _exposed(tmp_path, {**SERVICE, "proxy_port": 9000})
-    data["inference_services"].append({**data["inference_services"][0], "name": "other", "port": 9000,
-                                       "proxy_port": 9001})
+    data["inference_services"].append(
+        {**data["inference_services"][0], "name": "other", "port": 9000, "proxy_port": 9001}
+    )
     with pytest.raises(ConfigError, match=r"^inference_services\[1\]\.port: port 9000 is used twice"):
         inference.check_services(data, None)
 
@@ -203,15 +282,21 @@ def test_a_proxied_engine_listens_on_loopback_with_no_key_and_the_proxy_takes_th
     assert inference.placement(engine, "/etc/gpufleet/secrets")["key_file"] is None
     assert auth_proxy.ready_urls(service) == ["http://127.0.0.1:8443/health", "http://127.0.0.1:8443/v1/models"]
     assert removal.wanted_units([service, {**SERVICE, "name": "plain"}]) == {
-        "gpufleet-chat.service", "gpufleet-chat-proxy.service", "gpufleet-plain.service"}
+        "gpufleet-chat.service",
+        "gpufleet-chat-proxy.service",
+        "gpufleet-plain.service",
+    }
 
 
 def test_installed_services_are_read_from_the_units_first_lines():
-    output = ["/etc/systemd/system/gpufleet-chat.service:# Managed by gpufleet: inference service chat (llamacpp, "
-              "model tiny/tiny.gguf). Edits are overwritten.",
-              "/etc/systemd/system/gpufleet-chat-proxy.service:# Managed by gpufleet: authenticating proxy of "
-              "inference service chat. Edits are overwritten.",
-              "/etc/systemd/system/gpufleet-firewall.service:# Managed by gpufleet: loads its nftables table"]
+    output = [
+        "/etc/systemd/system/gpufleet-chat.service:# Managed by gpufleet: inference service chat (llamacpp, "
+        "model tiny/tiny.gguf). Edits are overwritten.",
+        "/etc/systemd/system/gpufleet-chat-proxy.service:# Managed by gpufleet: authenticating proxy of "
+        "inference service chat. Edits are overwritten.",
+        "/etc/systemd/system/gpufleet-firewall.service:# Managed by gpufleet: loads its nftables table",
+    ]
     assert facts.InstalledServices().process(output) == {
         "gpufleet-chat.service": {"service": "chat", "proxy": False},
-        "gpufleet-chat-proxy.service": {"service": "chat", "proxy": True}}
+        "gpufleet-chat-proxy.service": {"service": "chat", "proxy": True},
+    }

@@ -24,25 +24,37 @@ def test_debian_nonfree_sources():
     assert nvidia_driver.debian_nonfree_lines("http://m/debian", "http://m/debian-security", "bookworm") == [
         "deb http://m/debian bookworm contrib non-free non-free-firmware",
         "deb http://m/debian bookworm-updates contrib non-free non-free-firmware",
-        "deb http://m/debian-security bookworm-security contrib non-free non-free-firmware"]
+        "deb http://m/debian-security bookworm-security contrib non-free non-free-firmware",
+    ]
 
 
 def test_pin_file_prefers_the_version_over_upgrades():
     assert apt_pin.pin_file(["*nvidia*", "libcuda*"], "535.261.03") == (
-        "Package: *nvidia* libcuda*\nPin: version 535.261.03-*\nPin-Priority: 1001\n")
+        "Package: *nvidia* libcuda*\nPin: version 535.261.03-*\nPin-Priority: 1001\n"
+    )
 
 
 def test_fresh_host_gets_install_and_hold(run_op):
-    commands, _ = run_op(apt_pin.installed, {"DebPackages": {}, "AptHeldPackages": set()},
-                         packages=DEBIAN_535, version="535.261.03", pin_name="p")
+    commands, _ = run_op(
+        apt_pin.installed,
+        {"DebPackages": {}, "AptHeldPackages": set()},
+        packages=DEBIAN_535,
+        version="535.261.03",
+        pin_name="p",
+    )
     assert commands[-2] == apt_pin.APT_INSTALL + " nvidia-kernel-dkms nvidia-smi libcuda1"
     assert commands[-1] == "apt-mark hold libcuda1 nvidia-kernel-dkms nvidia-smi"
 
 
 def test_silently_upgraded_driver_is_moved_back(run_op):
-    facts = {"DebPackages": {"nvidia-kernel-dkms": ["535.309.01-0+deb12u1"], "nvidia-smi": ["535.261.03-1"],
-                             "libcuda1": ["535.261.03-1"]},
-             "AptHeldPackages": set(DEBIAN_535)}
+    facts = {
+        "DebPackages": {
+            "nvidia-kernel-dkms": ["535.309.01-0+deb12u1"],
+            "nvidia-smi": ["535.261.03-1"],
+            "libcuda1": ["535.261.03-1"],
+        },
+        "AptHeldPackages": set(DEBIAN_535),
+    }
     commands, _ = run_op(apt_pin.installed, facts, packages=DEBIAN_535, version="535.261.03", pin_name="p")
     assert apt_pin.APT_INSTALL + " nvidia-kernel-dkms nvidia-smi libcuda1" in commands
     # an install that changes held packages takes their holds away (tests/e2e/test_upgrade.py saw the
@@ -52,9 +64,13 @@ def test_silently_upgraded_driver_is_moved_back(run_op):
 
 def test_converged_driver_is_a_noop(run_op):
     content = apt_pin.pin_file(DEBIAN_535, "535.261.03")
-    facts = {"DebPackages": {name: ["535.261.03-1"] for name in DEBIAN_535}, "AptHeldPackages": set(DEBIAN_535),
-             "File": {"mode": 644, "user": "root", "group": "root"}, "Directory": {"mode": 755},
-             "Sha1File": hashlib.sha1(content.encode()).hexdigest()}
+    facts = {
+        "DebPackages": {name: ["535.261.03-1"] for name in DEBIAN_535},
+        "AptHeldPackages": set(DEBIAN_535),
+        "File": {"mode": 644, "user": "root", "group": "root"},
+        "Directory": {"mode": 755},
+        "Sha1File": hashlib.sha1(content.encode()).hexdigest(),
+    }
     commands, noops = run_op(apt_pin.installed, facts, packages=DEBIAN_535, version="535.261.03", pin_name="p")
     assert commands == []
     assert noops[-1] == "nvidia-kernel-dkms, nvidia-smi, libcuda1 at 535.261.03 and held"
@@ -96,8 +112,9 @@ def test_nodes_without_their_dev_char_link_are_missing():
 
 def test_dev_char_links_run_nvidia_ctk_only_when_a_link_is_missing(run_op):
     nodes = {"/dev/nvidia0": (195, 0), "/dev/nvidiactl": (195, 255)}
-    commands, _ = run_op(nvidia_toolkit.dev_char_links, {"NvidiaDeviceNodes": nodes,
-                                                         "DevCharLinks": {"195:0": "/dev/nvidia0"}})
+    commands, _ = run_op(
+        nvidia_toolkit.dev_char_links, {"NvidiaDeviceNodes": nodes, "DevCharLinks": {"195:0": "/dev/nvidia0"}}
+    )
     assert commands == ["nvidia-ctk system create-dev-char-symlinks --create-all"]
     linked = {"195:0": "/dev/nvidia0", "195:255": "/dev/nvidiactl"}
     commands, noops = run_op(nvidia_toolkit.dev_char_links, {"NvidiaDeviceNodes": nodes, "DevCharLinks": linked})
@@ -110,16 +127,22 @@ def test_gpu_container_check_never_pulls_on_an_offline_host():
     image = "nvidia/cuda:12.2.2-base-ubuntu22.04"
     assert nvidia_toolkit.check_command(image) == (
         "docker run --rm --pull missing --gpus all nvidia/cuda:12.2.2-base-ubuntu22.04 "
-        "nvidia-smi --query-gpu=index,name,driver_version --format=csv,noheader")
+        "nvidia-smi --query-gpu=index,name,driver_version --format=csv,noheader"
+    )
     assert "--pull never --gpus all" in nvidia_toolkit.check_command(image, offline=True)
 
 
 DEBIAN_CONTAINERD = (DATA / "debian12-containerd-config.toml").read_text().splitlines()
-NVIDIA_V2 = ['[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.nvidia.options]',
-             '  BinaryName = "/usr/bin/nvidia-container-runtime"']
-NVIDIA_V3_DROP_IN = ['[plugins."io.containerd.cri.v1.runtime".containerd]', '  default_runtime_name = "nvidia"',
-                     '[plugins."io.containerd.cri.v1.runtime".containerd.runtimes.nvidia.options]',
-                     '  BinaryName = "/usr/bin/nvidia-container-runtime"']
+NVIDIA_V2 = [
+    '[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.nvidia.options]',
+    '  BinaryName = "/usr/bin/nvidia-container-runtime"',
+]
+NVIDIA_V3_DROP_IN = [
+    '[plugins."io.containerd.cri.v1.runtime".containerd]',
+    '  default_runtime_name = "nvidia"',
+    '[plugins."io.containerd.cri.v1.runtime".containerd.runtimes.nvidia.options]',
+    '  BinaryName = "/usr/bin/nvidia-container-runtime"',
+]
 
 
 def containerd_files(**files):
@@ -133,9 +156,13 @@ def test_containerd_runtimes_from_debian_config_and_drop_ins():
     fact = containerd.ContainerdRuntimes()
     assert fact.process(containerd_files(config=DEBIAN_CONTAINERD)) == {"runtimes": {}, "default": None}
     assert fact.process(containerd_files(config=DEBIAN_CONTAINERD + NVIDIA_V2)) == {
-        "runtimes": {"nvidia": "/usr/bin/nvidia-container-runtime"}, "default": None}
+        "runtimes": {"nvidia": "/usr/bin/nvidia-container-runtime"},
+        "default": None,
+    }
     assert fact.process(containerd_files(config=DEBIAN_CONTAINERD, drop_in=NVIDIA_V3_DROP_IN)) == {
-        "runtimes": {"nvidia": "/usr/bin/nvidia-container-runtime"}, "default": "nvidia"}
+        "runtimes": {"nvidia": "/usr/bin/nvidia-container-runtime"},
+        "default": "nvidia",
+    }
     assert "not valid TOML" in fact.process(containerd_files(config=["[plugins"]))["__invalid__"]
 
 
@@ -150,8 +177,10 @@ def test_containerd_runtime_configured_only_when_missing(run_op):
     commands, _ = run_op(nvidia_toolkit.containerd_runtime, {"ContainerdRuntimes": wired}, set_as_default=True)
     assert commands == ["nvidia-ctk runtime configure --runtime=containerd --set-as-default"]
     with pytest.raises(Exception, match="config.toml: not valid TOML"):
-        run_op(nvidia_toolkit.containerd_runtime, {"ContainerdRuntimes": fact.process(
-            containerd_files(**{"__etc__containerd__config.toml": ["[x"]}))})
+        run_op(
+            nvidia_toolkit.containerd_runtime,
+            {"ContainerdRuntimes": fact.process(containerd_files(**{"__etc__containerd__config.toml": ["[x"]}))},
+        )
 
 
 def test_cdi_spec_generated_when_missing_or_the_driver_changes(run_op):
@@ -163,21 +192,27 @@ def test_cdi_spec_generated_when_missing_or_the_driver_changes(run_op):
 
 def test_podman_check_uses_cdi_devices():
     assert nvidia_toolkit.check_command("nvidia/cuda:12.2.2-base-ubuntu22.04", engine="podman").startswith(
-        "podman run --rm --pull missing --device nvidia.com/gpu=all nvidia/cuda:12.2.2-base-ubuntu22.04 nvidia-smi")
+        "podman run --rm --pull missing --device nvidia.com/gpu=all nvidia/cuda:12.2.2-base-ubuntu22.04 nvidia-smi"
+    )
 
 
 def test_inference_services_need_the_docker_engine(tmp_path):
     (tmp_path / "tiny.gguf").write_bytes(b"GGUF")
     volumes = {"tiny": {"from": str(tmp_path)}}
     with pytest.raises(ConfigError, match=r"^gpu1: nvidia_toolkit_engine: is 'podman', but the inference services"):
-        checks.validate({"nvidia_toolkit_engine": "podman", "inference_services": [SERVICE],
-                         "inference_weight_volumes": volumes}, host_name="gpu1")
+        checks.validate(
+            {"nvidia_toolkit_engine": "podman", "inference_services": [SERVICE], "inference_weight_volumes": volumes},
+            host_name="gpu1",
+        )
     checks.validate({"nvidia_toolkit_engine": "containerd", "inference_services": []})
 
 
 def test_offline_gpu_host_needs_the_check_image_in_its_bundle():
     manifest = {"images": [{"name": "nvidia/cuda:12.2.2-base-ubuntu22.04", "id": "sha256:" + "0" * 64}]}
     nvidia_toolkit.require_bundled("nvidia/cuda:12.2.2-base-ubuntu22.04", manifest)
-    with pytest.raises(ConfigError, match=r"^gap1: nvidia_toolkit_check_image: nvidia/cuda:12.4.1-base-ubuntu22.04 "
-                                          r"is not among the bundle's images"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^gap1: nvidia_toolkit_check_image: nvidia/cuda:12.4.1-base-ubuntu22.04 "
+        r"is not among the bundle's images",
+    ):
         nvidia_toolkit.require_bundled("nvidia/cuda:12.4.1-base-ubuntu22.04", manifest, "gap1")

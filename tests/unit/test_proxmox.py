@@ -39,15 +39,19 @@ def test_proc_devices_of_a_real_h100_host():
 
 
 def test_gpu_major_under_its_pre_550_name():
-    majors = ProcDevices().process(["Character devices:", "195 nvidia-frontend", "509 nvidia-uvm", "",
-                                    "Block devices:", "195 notnvidia"])
+    majors = ProcDevices().process(
+        ["Character devices:", "195 nvidia-frontend", "509 nvidia-uvm", "", "Block devices:", "195 notnvidia"]
+    )
     assert proxmox.gpu_majors(majors) == {"gpu": 195, "uvm": 509, "caps": None}
     assert proxmox.gpu_majors(ProcDevices().process(["Character devices:", "  1 mem"]))["gpu"] is None
 
 
 def test_pveversion_8_and_7():
     assert PveVersion().process(lines("pveversion-8.2.txt")) == {
-        "version": "8.2.4", "release": (8, 2), "kernel": "6.8.12-1-pve"}
+        "version": "8.2.4",
+        "release": (8, 2),
+        "kernel": "6.8.12-1-pve",
+    }
     assert PveVersion().process(lines("pveversion-7.4.txt"))["release"] == (7, 4)
     assert PveVersion().process([]) is None
 
@@ -65,8 +69,10 @@ def test_conf_file_main_section_only():
     conf = parse_pct_config(lines("101.conf"))
     assert conf["description"] == "LLM guest%3A llama.cpp in Docker"
     assert "snaptime" not in conf["options"]  # the [before-upgrade] snapshot is not the current config
-    assert conf["lxc"] == [("lxc.cgroup2.devices.allow", "c 195:* rwm"),
-                           ("lxc.mount.entry", "/dev/nvidia0 dev/nvidia0 none bind,optional,create=file")]
+    assert conf["lxc"] == [
+        ("lxc.cgroup2.devices.allow", "c 195:* rwm"),
+        ("lxc.mount.entry", "/dev/nvidia0 dev/nvidia0 none bind,optional,create=file"),
+    ]
 
 
 def test_property_strings():
@@ -80,20 +86,33 @@ def test_device_nodes_and_status_parse():
     assert PctStatus().process(["status: running"]) == "running"
 
 
-H100_NODES = {"/dev/nvidia0": (195, 0), "/dev/nvidia1": (195, 1), "/dev/nvidiactl": (195, 255),
-              "/dev/nvidia-uvm": (238, 0), "/dev/nvidia-uvm-tools": (238, 1),
-              "/dev/nvidia-caps/nvidia-cap1": (241, 1), "/dev/nvidia-nvswitchctl": (239, 0)}
+H100_NODES = {
+    "/dev/nvidia0": (195, 0),
+    "/dev/nvidia1": (195, 1),
+    "/dev/nvidiactl": (195, 255),
+    "/dev/nvidia-uvm": (238, 0),
+    "/dev/nvidia-uvm-tools": (238, 1),
+    "/dev/nvidia-caps/nvidia-cap1": (241, 1),
+    "/dev/nvidia-nvswitchctl": (239, 0),
+}
 H100_MAJORS = {"gpu": 195, "uvm": 238, "caps": 241}
 
 
 def test_guest_nodes_gpus_first_and_no_nvswitch():
     assert proxmox.guest_nodes(H100_NODES, H100_MAJORS) == [
-        "/dev/nvidia0", "/dev/nvidia1", "/dev/nvidiactl", "/dev/nvidia-caps/nvidia-cap1",
-        "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools"]
+        "/dev/nvidia0",
+        "/dev/nvidia1",
+        "/dev/nvidiactl",
+        "/dev/nvidia-caps/nvidia-cap1",
+        "/dev/nvidia-uvm",
+        "/dev/nvidia-uvm-tools",
+    ]
 
 
 def test_stale_node_major_is_named():
-    with pytest.raises(HostStateError, match="/dev/nvidia-uvm has major 237 but /proc/devices gives its device major 238"):
+    with pytest.raises(
+        HostStateError, match="/dev/nvidia-uvm has major 237 but /proc/devices gives its device major 238"
+    ):
         proxmox.guest_nodes({**H100_NODES, "/dev/nvidia-uvm": (237, 0)}, H100_MAJORS, "pve1")
 
 
@@ -130,25 +149,40 @@ def test_features_add_nesting_and_keyctl_keep_the_rest():
 def test_guest_devices_dev_syntax_yields_pct_set(run_op):
     facts = {"PctConfig:101": PctConfig().process(lines("pct-config-101.txt")), "FileContents": None}
     nodes = ["/dev/nvidia0", "/dev/nvidiactl", "/dev/nvidia-uvm"]
-    commands, _ = run_op(proxmox.guest_devices, facts, vmid=101, nodes=nodes, syntax="dev",
-                         majors=H100_MAJORS, record="/var/lib/gpufleet/proxmox/101.lxc-lines")
+    commands, _ = run_op(
+        proxmox.guest_devices,
+        facts,
+        vmid=101,
+        nodes=nodes,
+        syntax="dev",
+        majors=H100_MAJORS,
+        record="/var/lib/gpufleet/proxmox/101.lxc-lines",
+    )
     assert commands == ["pct set 101 --dev3 /dev/nvidia-uvm"]
 
 
 def test_guest_devices_lxc_syntax_edits_the_file_and_records_its_lines(run_op, tmp_path):
     original = (DATA / "proxmox" / "101.conf").read_text()
     # an older driver gave nvidia-uvm major 508 and gpufleet passed /dev/nvidia9 as dev1 then
-    text = original.replace("lxc.cgroup2.devices.allow: c 195:* rwm\n",
-                            "lxc.cgroup2.devices.allow: c 195:* rwm\nlxc.cgroup2.devices.allow: c 508:* rwm\n", 1)
-    text = text.replace("dev0: /dev/dri/renderD128,gid=104\n", "dev0: /dev/dri/renderD128,gid=104\ndev1: /dev/nvidia9\n", 1)
+    text = original.replace(
+        "lxc.cgroup2.devices.allow: c 195:* rwm\n",
+        "lxc.cgroup2.devices.allow: c 195:* rwm\nlxc.cgroup2.devices.allow: c 508:* rwm\n",
+        1,
+    )
+    text = text.replace(
+        "dev0: /dev/dri/renderD128,gid=104\n", "dev0: /dev/dri/renderD128,gid=104\ndev1: /dev/nvidia9\n", 1
+    )
     conf = tmp_path / "101.conf"
     conf.write_text(text)
     record = tmp_path / "101.lxc-lines"
     nodes = ["/dev/nvidia0", "/dev/nvidia-uvm"]
-    facts = {"PctConfig:101": parse_pct_config(text.splitlines()),
-             "FileContents": ["lxc.cgroup2.devices.allow: c 508:* rwm"]}
-    commands, _ = run_op(proxmox.guest_devices, facts, vmid=101, nodes=nodes, syntax="lxc",
-                         majors=H100_MAJORS, record=str(record))
+    facts = {
+        "PctConfig:101": parse_pct_config(text.splitlines()),
+        "FileContents": ["lxc.cgroup2.devices.allow: c 508:* rwm"],
+    }
+    commands, _ = run_op(
+        proxmox.guest_devices, facts, vmid=101, nodes=nodes, syntax="lxc", majors=H100_MAJORS, record=str(record)
+    )
     assert commands[0] == "pct set 101 --delete dev1"
     assert commands[1].startswith("awk ") and "/etc/pve/lxc/101.conf" in commands[1]
     subprocess.run(commands[1].replace("/etc/pve/lxc/101.conf", str(conf)), shell=True, check=True)
@@ -169,15 +203,24 @@ def test_guest_devices_converged_is_a_noop(run_op):
     nodes = ["/dev/nvidia0", "/dev/nvidia-uvm"]
     wanted = proxmox.lxc_lines(H100_MAJORS, nodes)
     conf = {"options": {"unprivileged": "1"}, "lxc": [tuple(line.split(": ", 1)) for line in wanted]}
-    commands, noops = run_op(proxmox.guest_devices, {"PctConfig:101": conf, "FileContents": wanted}, vmid=101,
-                             nodes=nodes, syntax="lxc", majors=H100_MAJORS, record="/r")
+    commands, noops = run_op(
+        proxmox.guest_devices,
+        {"PctConfig:101": conf, "FileContents": wanted},
+        vmid=101,
+        nodes=nodes,
+        syntax="lxc",
+        majors=H100_MAJORS,
+        record="/r",
+    )
     assert commands == [] and noops
 
 
 def test_guest_user_space_packages_have_no_kernel_module():
     assert driver_plan.userspace("Debian", "535", "535.261.03").packages == ["nvidia-smi", "libcuda1"]
     assert driver_plan.userspace("Ubuntu", "550", "550.127.05").packages == [
-        "nvidia-utils-550-server", "libnvidia-compute-550-server"]
+        "nvidia-utils-550-server",
+        "libnvidia-compute-550-server",
+    ]
     with pytest.raises(driver_plan.PlanError) as refused:
         driver_plan.plan("cuda-repo", "Ubuntu", "550.127.05", "k", None, {}, {}, kernel_module=False)
     assert refused.value.field == "nvidia_driver_source"
@@ -196,6 +239,7 @@ def test_no_cgroups_fact_and_operation(run_op):
 
 def test_config_names_bad_proxmox_fields():
     from operations.core import checks
+
     with pytest.raises(ConfigError, match="proxmox_vmid"):
         checks.validate({"proxmox_vmid": 42})
     with pytest.raises(ConfigError, match="proxmox_passthrough"):
@@ -219,8 +263,13 @@ def test_device_node_script_reads_majors_and_replaces_stale_nodes(tmp_path):
     script = str(REPO / "templates" / "gpufleet-nvidia-device-nodes")
     first = subprocess.run(["sh", script], env=env, capture_output=True, text=True, check=True)
     numbers = {p.name: (os.major(p.stat().st_rdev), os.minor(p.stat().st_rdev)) for p in dev.iterdir()}
-    assert numbers == {"nvidia0": (195, 0), "nvidia1": (195, 1), "nvidiactl": (195, 255),
-                       "nvidia-uvm": (238, 0), "nvidia-uvm-tools": (238, 1)}
+    assert numbers == {
+        "nvidia0": (195, 0),
+        "nvidia1": (195, 1),
+        "nvidiactl": (195, 255),
+        "nvidia-uvm": (238, 0),
+        "nvidia-uvm-tools": (238, 1),
+    }
     assert "created " + str(dev / "nvidia-uvm") + " (c 238:0)" in first.stdout
     second = subprocess.run(["sh", script], env=env, capture_output=True, text=True, check=True)
     assert "created" not in second.stdout and "2 GPU(s), major 195, nvidia-uvm 238" in second.stdout

@@ -29,8 +29,7 @@ def test_run_only_arguments_stay_out_of_the_command_line():
 
 
 def test_login_drops_the_wrapper():
-    assert shell(_sudo=True).login().wrap("cat >> ~/.ssh/authorized_keys") == \
-        "sh -c 'cat >> ~/.ssh/authorized_keys'"
+    assert shell(_sudo=True).login().wrap("cat >> ~/.ssh/authorized_keys") == "sh -c 'cat >> ~/.ssh/authorized_keys'"
 
 
 def test_written_file_is_private_from_its_first_byte_and_moved_into_place():
@@ -38,15 +37,24 @@ def test_written_file_is_private_from_its_first_byte_and_moved_into_place():
         "umask 077 && cat > '/etc/gpufleet/secrets/a b.env.gpufleet-new' && "
         "chmod 600 '/etc/gpufleet/secrets/a b.env.gpufleet-new' && "
         "chown root:root '/etc/gpufleet/secrets/a b.env.gpufleet-new' && "
-        "mv -f '/etc/gpufleet/secrets/a b.env.gpufleet-new' '/etc/gpufleet/secrets/a b.env'")
+        "mv -f '/etc/gpufleet/secrets/a b.env.gpufleet-new' '/etc/gpufleet/secrets/a b.env'"
+    )
 
 
 def test_login_privilege_fact_reads_root_and_sudo_users():
     fact = remote.LoginPrivilege()
     assert fact.process(["uid=0 user=root", "sudo_rc=0"]) == {
-        "uid": 0, "user": "root", "sudo_ok": True, "sudo_message": "exit 0"}
+        "uid": 0,
+        "user": "root",
+        "sudo_ok": True,
+        "sudo_message": "exit 0",
+    }
     assert fact.process(["uid=1001 user=ops", "sudo: a password is required", "sudo_rc=1"]) == {
-        "uid": 1001, "user": "ops", "sudo_ok": False, "sudo_message": "sudo: a password is required"}
+        "uid": 1001,
+        "user": "ops",
+        "sudo_ok": False,
+        "sudo_message": "sudo: a password is required",
+    }
 
 
 class FactHost:
@@ -79,8 +87,11 @@ def test_non_root_login_without_a_wrapper_is_refused():
 
 
 def test_sudo_that_asks_for_a_password_is_refused_naming_what_was_tried():
-    with pytest.raises(ConfigError, match=r"tried `sudo -n true`: sudo: a password is required\. Give ops "
-                                          r"passwordless sudo, or set `_sudo_password`"):
+    with pytest.raises(
+        ConfigError,
+        match=r"tried `sudo -n true`: sudo: a password is required\. Give ops "
+        r"passwordless sudo, or set `_sudo_password`",
+    ):
         remote.require_root(FactHost(OPS_NO_SUDO, _sudo=True))
 
 

@@ -3,8 +3,11 @@
 from operations.offline import from_bundle as offline
 from tests.lab import probe
 
-FILES = {"apt/nvidia-kernel-dkms_535.309.01-0+deb12u1_amd64.deb": {}, "apt/nvidia-smi_535.261.03-1_amd64.deb": {},
-         "images/x.tar": {}}
+FILES = {
+    "apt/nvidia-kernel-dkms_535.309.01-0+deb12u1_amd64.deb": {},
+    "apt/nvidia-smi_535.261.03-1_amd64.deb": {},
+    "images/x.tar": {},
+}
 
 
 def test_a_bundle_offers_a_package_at_an_exact_version_or_of_a_branch(monkeypatch):
@@ -16,11 +19,13 @@ def test_a_bundle_offers_a_package_at_an_exact_version_or_of_a_branch(monkeypatc
     assert not offline.offers(None, "nvidia-smi", "535")
 
 
-ROUNDS = [(0.0, {"a": True, "b": True, "c": True}),
-          (1.0, {"a": False, "b": True, "c": True}),
-          (2.0, {"a": False, "b": True, "c": True}),
-          (3.0, {"a": True, "b": False, "c": True}),
-          (4.0, {"a": True, "b": True, "c": False})]
+ROUNDS = [
+    (0.0, {"a": True, "b": True, "c": True}),
+    (1.0, {"a": False, "b": True, "c": True}),
+    (2.0, {"a": False, "b": True, "c": True}),
+    (3.0, {"a": True, "b": False, "c": True}),
+    (4.0, {"a": True, "b": True, "c": False}),
+]
 
 
 def test_out_of_service_windows_run_from_the_first_miss_to_the_next_answer():
@@ -36,13 +41,25 @@ def test_a_completion_to_a_closed_port_is_a_miss_not_an_error():
 def test_prune_reads_images_and_the_ones_containers_use():
     from operations.container import prune
 
-    found = prune.DockerImages().process([
-        "gpufleet-lab/llama-server:0.3.36-a9 sha256:aaa", "gpufleet-lab/retired:1 sha256:aaa",
-        "nvidia/cuda:12.2.2-base-ubuntu22.04 sha256:ccc", "<none>:<none> sha256:ddd", "--", "sha256:aaa"])
-    assert found == {"images": {"gpufleet-lab/llama-server:0.3.36-a9": "sha256:aaa",
-                                "gpufleet-lab/retired:1": "sha256:aaa",
-                                "nvidia/cuda:12.2.2-base-ubuntu22.04": "sha256:ccc", "sha256:ddd": "sha256:ddd"},
-                     "in_use": ["sha256:aaa"]}
+    found = prune.DockerImages().process(
+        [
+            "gpufleet-lab/llama-server:0.3.36-a9 sha256:aaa",
+            "gpufleet-lab/retired:1 sha256:aaa",
+            "nvidia/cuda:12.2.2-base-ubuntu22.04 sha256:ccc",
+            "<none>:<none> sha256:ddd",
+            "--",
+            "sha256:aaa",
+        ]
+    )
+    assert found == {
+        "images": {
+            "gpufleet-lab/llama-server:0.3.36-a9": "sha256:aaa",
+            "gpufleet-lab/retired:1": "sha256:aaa",
+            "nvidia/cuda:12.2.2-base-ubuntu22.04": "sha256:ccc",
+            "sha256:ddd": "sha256:ddd",
+        },
+        "in_use": ["sha256:aaa"],
+    }
     # a tag of the image a container runs stays (removing it would only untag); keep names are kept
     assert prune.unused_images(found, {"nvidia/cuda:12.2.2-base-ubuntu22.04"}) == ["sha256:ddd"]
 
@@ -55,9 +72,11 @@ def test_a_backup_copy_is_damaged_when_a_file_is_missing_short_or_other_bytes(tm
     (tmp_path / "a.gguf").write_bytes(b"weights")
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "b.json").write_bytes(b"{}")
-    wanted = {"a.gguf": {"size": 7, "sha256": hashlib.sha256(b"weights").hexdigest()},
-              "sub/b.json": {"size": 2, "sha256": hashlib.sha256(b"{}").hexdigest()},
-              "c.bin": {"size": 1, "sha256": hashlib.sha256(b"c").hexdigest()}}
+    wanted = {
+        "a.gguf": {"size": 7, "sha256": hashlib.sha256(b"weights").hexdigest()},
+        "sub/b.json": {"size": 2, "sha256": hashlib.sha256(b"{}").hexdigest()},
+        "c.bin": {"size": 1, "sha256": hashlib.sha256(b"c").hexdigest()},
+    }
     assert weights_backup.damaged(tmp_path, wanted) == ["c.bin"]
     (tmp_path / "a.gguf").write_bytes(b"weightz")  # same size, other bytes
     assert weights_backup.damaged(tmp_path, wanted) == ["a.gguf", "c.bin"]

@@ -24,8 +24,10 @@ def stream_of(frames):
 
 
 def manifest_of(src, names):
-    return {name: {"size": (src / name).stat().st_size, "sha256": hashlib.sha256((src / name).read_bytes()).hexdigest()}
-            for name in names}
+    return {
+        name: {"size": (src / name).stat().st_size, "sha256": hashlib.sha256((src / name).read_bytes()).hexdigest()}
+        for name in names
+    }
 
 
 @pytest.fixture
@@ -119,8 +121,12 @@ SENDER = Path(__file__).resolve().parents[2] / "templates" / "gpufleet-relay-sen
 
 def relay(seed_dir, plan, dest):
     """The seed's sender piped into the receiver, as ``ssh seed DIR | receiver`` does on a relay."""
-    sender = subprocess.run(["sh", str(SENDER)], input=plan.encode(), capture_output=True,
-                            env={"PATH": os.environ["PATH"], "SSH_ORIGINAL_COMMAND": str(seed_dir)})
+    sender = subprocess.run(
+        ["sh", str(SENDER)],
+        input=plan.encode(),
+        capture_output=True,
+        env={"PATH": os.environ["PATH"], "SSH_ORIGINAL_COMMAND": str(seed_dir)},
+    )
     return sender, receive(dest, sender.stdout)
 
 
@@ -130,8 +136,10 @@ def test_relay_sender_streams_what_the_receiver_verifies_and_resumes(src):
     half = wanted["model.bin"]["size"] // 2
     dest = src.parent / "dest"
     (dest / ("model.bin" + staging.PART)).write_bytes((src / "model.bin").read_bytes()[:half])
-    plan = (f"{half} {wanted['model.bin']['size']} {wanted['model.bin']['sha256']} model.bin\n"
-            f"0 3 {wanted['tok/a b.json']['sha256']} tok/a b.json\n")
+    plan = (
+        f"{half} {wanted['model.bin']['size']} {wanted['model.bin']['sha256']} model.bin\n"
+        f"0 3 {wanted['tok/a b.json']['sha256']} tok/a b.json\n"
+    )
     sender, result = relay(src, plan, dest)
     assert sender.returncode == 0, sender.stderr
     assert len(sender.stdout) < wanted["model.bin"]["size"]  # only the missing half travelled
@@ -147,12 +155,15 @@ def test_relay_receiver_hashes_a_fresh_copy_itself_and_refuses_a_bad_one(src):
     assert not list((src.parent / "dest").rglob("*.json*"))
 
 
-@pytest.mark.parametrize("directory, path, message", [
-    ("relative", "model.bin", "not an absolute directory"),
-    (None, "../../etc/passwd", "not inside"),
-    (None, "/etc/passwd", "not inside"),
-    (None, "model.bin", "not here at 5 bytes"),
-])
+@pytest.mark.parametrize(
+    "directory, path, message",
+    [
+        ("relative", "model.bin", "not an absolute directory"),
+        (None, "../../etc/passwd", "not inside"),
+        (None, "/etc/passwd", "not inside"),
+        (None, "model.bin", "not here at 5 bytes"),
+    ],
+)
 def test_relay_sender_serves_only_files_inside_a_staged_directory(src, directory, path, message):
     (src / staging.RECORD).write_text("{}")
     size = 5 if path == "model.bin" else 10
@@ -170,8 +181,7 @@ def test_relay_key_is_restricted_to_the_sender_and_expires():
     private, public = relay_key()
     assert private.startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----") and public.startswith("ssh-ed25519 ")
     line = authorized_line(public, "gpufleet-relay-lab-2-abc", "202611231500")
-    assert line == (f'restrict,command="{RELAY_SENDER}",expiry-time="202611231500" {public} '
-                    "gpufleet-relay-lab-2-abc")
+    assert line == (f'restrict,command="{RELAY_SENDER}",expiry-time="202611231500" {public} gpufleet-relay-lab-2-abc')
 
 
 def test_room_is_the_bytes_to_receive_plus_the_margin():
@@ -184,15 +194,19 @@ def test_room_is_the_bytes_to_receive_plus_the_margin():
     assert room_shortfall("gpu-7", "/srv/w/qwen", 52613349376 - (1 << 30), free, 1 << 30) is None
     assert room_shortfall("gpu-7", "/srv/w/qwen", 0, {"available": 0, "mount": "/"}, 1 << 30) is None  # nothing to send
     refused = room_shortfall("gpu-7", "/srv/w/qwen", 52613349376, free, 1 << 30)
-    assert refused.startswith("gpu-7: /srv/w/qwen: no room: 52613349376 bytes to receive + 1073741824 margin "
-                              "(gpufleet_free_space_margin), 52613349376 free on /srv; nothing was sent")
+    assert refused.startswith(
+        "gpu-7: /srv/w/qwen: no room: 52613349376 bytes to receive + 1073741824 margin "
+        "(gpufleet_free_space_margin), 52613349376 free on /srv; nothing was sent"
+    )
 
 
 def test_relay_keys_left_are_counted_in_the_logins_file():
     from operations.offline.staging.relay import RelayKeysLeft
 
-    assert RelayKeysLeft().process(["/home/ops/.ssh/authorized_keys", "2"]) == \
-        {"path": "/home/ops/.ssh/authorized_keys", "count": 2}
+    assert RelayKeysLeft().process(["/home/ops/.ssh/authorized_keys", "2"]) == {
+        "path": "/home/ops/.ssh/authorized_keys",
+        "count": 2,
+    }
     assert RelayKeysLeft().process(["/root/.ssh/authorized_keys"]) == {"path": "/root/.ssh/authorized_keys", "count": 0}
 
 
@@ -222,15 +236,30 @@ class FakeHost:
 
 
 def test_openssh_reaches_the_host_as_pyinfra_does():
-    host = FakeHost("gpu-01", SSHConnector(ssh_hostname="10.0.0.5", ssh_port=2222, ssh_user="ops",
-                                           ssh_key="/keys/id", ssh_config_file="/etc/ssh/fleet_config",
-                                           ssh_known_hosts_file="/etc/ssh/fleet_hosts"))
+    host = FakeHost(
+        "gpu-01",
+        SSHConnector(
+            ssh_hostname="10.0.0.5",
+            ssh_port=2222,
+            ssh_user="ops",
+            ssh_key="/keys/id",
+            ssh_config_file="/etc/ssh/fleet_config",
+            ssh_known_hosts_file="/etc/ssh/fleet_hosts",
+        ),
+    )
     argv = remote.openssh_argv(host, "sudo -H -n sh -c 'true'")
     assert argv[0] == "ssh" and argv[-2:] == ["10.0.0.5", "sudo -H -n sh -c 'true'"] and argv[-3] == "--"
     flags = " ".join(argv[1:-3])
-    for flag in ("-o BatchMode=yes", "-c aes128-gcm@openssh.com,", "-F /etc/ssh/fleet_config",
-                 "-o UserKnownHostsFile=/etc/ssh/fleet_hosts", "-o StrictHostKeyChecking=accept-new", "-p 2222",
-                 "-l ops", "-i /keys/id"):
+    for flag in (
+        "-o BatchMode=yes",
+        "-c aes128-gcm@openssh.com,",
+        "-F /etc/ssh/fleet_config",
+        "-o UserKnownHostsFile=/etc/ssh/fleet_hosts",
+        "-o StrictHostKeyChecking=accept-new",
+        "-p 2222",
+        "-l ops",
+        "-i /keys/id",
+    ):
         assert flag in flags, (flag, flags)
     # the inventory name when there is no ssh_hostname; nothing pyinfra was not given
     bare = remote.openssh_argv(FakeHost("gpu-02", SSHConnector()), "true")
@@ -245,6 +274,7 @@ def test_openssh_is_not_used_for_a_login_that_would_prompt(data):
 def test_openssh_is_not_used_for_other_connectors():
     class DockerConnector:
         data = {}
+
     assert remote.openssh_argv(FakeHost("gpu-01", DockerConnector()), "true") is None
 
 
@@ -253,7 +283,8 @@ def test_bulk_stream_through_a_client_process(tmp_path):
     reading early ends the stream without an error on this side."""
     data = os.urandom(5 << 20)
     status, lines, stderr = remote._openssh_stream(
-        ["sh", "-c", f"cat > {tmp_path}/got && echo done && echo note >&2"], [data[:12345], data[12345:]])
+        ["sh", "-c", f"cat > {tmp_path}/got && echo done && echo note >&2"], [data[:12345], data[12345:]]
+    )
     assert (status, lines, stderr) == (0, ["done"], "note\n")
     assert (tmp_path / "got").read_bytes() == data
     status, lines, _ = remote._openssh_stream(["sh", "-c", "head -c 10 > /dev/null; exit 3"], [data] * 8)
@@ -269,8 +300,9 @@ def test_a_source_file_hashed_this_run_and_unchanged_is_sent_unread(src):
     counter = [0]
     frames = list(wire.frames(str(src), wanted, dict.fromkeys(wanted, 0), counter))
     spans = [frame for frame in frames if isinstance(frame, remote.FileSpan)]
-    assert [(Path(span.handle.name).name, span.offset, span.count) for span in spans] == \
-        [("model.bin", 0, wanted["model.bin"]["size"])]
+    assert [(Path(span.handle.name).name, span.offset, span.count) for span in spans] == [
+        ("model.bin", 0, wanted["model.bin"]["size"])
+    ]
     assert frames[frames.index(spans[0]) + 1] == (wanted["model.bin"]["sha256"] + "\n").encode()
     assert counter[0] == sum(entry["size"] for entry in wanted.values())
     result = receive(src.parent / "dest", stream_of(wire.frames(str(src), wanted, dict.fromkeys(wanted, 0), [0])))
@@ -302,7 +334,8 @@ def test_spans_reach_a_client_process_whole_without_passing_through_python(src, 
     with open(model, "rb") as handle:
         status, lines, _ = remote._openssh_stream(
             ["sh", "-c", f"cat > {tmp_path}/got && echo done"],
-            [b"head\n", remote.FileSpan(handle, 0, size), b"mid\n", remote.FileSpan(handle, size - 1000, 1000)])
+            [b"head\n", remote.FileSpan(handle, 0, size), b"mid\n", remote.FileSpan(handle, size - 1000, 1000)],
+        )
     assert (status, lines) == (0, ["done"])
     data = model.read_bytes()
     assert (tmp_path / "got").read_bytes() == b"head\n" + data + b"mid\n" + data[-1000:]
@@ -311,8 +344,9 @@ def test_spans_reach_a_client_process_whole_without_passing_through_python(src, 
 def test_a_span_past_the_end_of_its_file_names_it_and_the_client_is_reaped(src, tmp_path):
     model = src / "model.bin"
     with open(model, "rb") as handle, pytest.raises(OSError, match="model.bin: shorter than the manifest says"):
-        remote._openssh_stream(["sh", "-c", f"cat > {tmp_path}/got"],
-                               [remote.FileSpan(handle, 0, model.stat().st_size + 10)])
+        remote._openssh_stream(
+            ["sh", "-c", f"cat > {tmp_path}/got"], [remote.FileSpan(handle, 0, model.stat().st_size + 10)]
+        )
     assert (tmp_path / "got").stat().st_size == model.stat().st_size  # the client had ended: all it read is written
     with pytest.raises(ChildProcessError):  # and it was waited for: no child is left
         os.waitpid(-1, os.WNOHANG)

@@ -15,10 +15,13 @@ HARD = ["100%{x}", "$HOME", "${HOME}", "it's", 'a "b"', "back\\slash", "\\n", ";
 
 
 def test_plain_words_stay_plain_and_the_rest_is_double_quoted_with_escapes():
-    assert systemd_syntax.command_line(["/usr/bin/docker", "run", "--name", "gpufleet-chat"]) == \
-        "/usr/bin/docker run --name gpufleet-chat"
+    assert (
+        systemd_syntax.command_line(["/usr/bin/docker", "run", "--name", "gpufleet-chat"])
+        == "/usr/bin/docker run --name gpufleet-chat"
+    )
     assert systemd_syntax.command_line(HARD) == (
-        '"100%%{x}" "$$HOME" "$${HOME}" "it\'s" "a \\"b\\"" "back\\\\slash" "\\\\n" ";" "" "two words" -x=1')
+        '"100%%{x}" "$$HOME" "$${HOME}" "it\'s" "a \\"b\\"" "back\\\\slash" "\\\\n" ";" "" "two words" -x=1'
+    )
 
 
 @pytest.mark.parametrize("text", ["a\nb", "tab\there", "nul\x00", "bell\x07"])
@@ -35,14 +38,17 @@ def test_a_newline_in_engine_args_is_refused_before_any_host_changes():
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze is not installed here")
 def test_systemd_analyze_verifies_a_unit_with_every_hard_word(tmp_path):
     unit = tmp_path / "gpufleet-quoting.service"
-    unit.write_text("[Unit]\nDescription=quoting\n[Service]\nType=oneshot\n"
-                    f"ExecStart={systemd_syntax.command_line(['/bin/echo', *HARD])}\n")
+    unit.write_text(
+        "[Unit]\nDescription=quoting\n[Service]\nType=oneshot\n"
+        f"ExecStart={systemd_syntax.command_line(['/bin/echo', *HARD])}\n"
+    )
     checked = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
     assert checked.returncode == 0, checked.stderr
-    rendered = inference.unit_text({**SERVICE, "args": ["--chat-template", "{{ x }} 100% $y \\ 'q'"]},
-                                   "/srv/w", None, False, 300)
+    rendered = inference.unit_text(
+        {**SERVICE, "args": ["--chat-template", "{{ x }} 100% $y \\ 'q'"]}, "/srv/w", None, False, 300
+    )
     exec_start = next(line for line in rendered.splitlines() if line.startswith("ExecStart="))
-    assert '"{{ x }} 100%% $$y \\\\ \'q\'"' in exec_start
+    assert "\"{{ x }} 100%% $$y \\\\ 'q'\"" in exec_start
 
 
 def test_a_service_without_args_passes():

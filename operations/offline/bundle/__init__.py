@@ -12,18 +12,29 @@ Three parts: ``manifest`` reads and verifies a bundle (what deploys use, re-expo
 """
 
 from operations.offline.bundle.manifest import (
-           CHUNK,
-           MANIFEST,
-           SIGNATURE,
-           cached_sha256,
-           check_signature,
-           load,
-           part,
-           read_manifest,
-           sha256_file,
-           verify,
-           vouched_sha256,
+    CHUNK,
+    MANIFEST,
+    SIGNATURE,
+    cached_sha256,
+    check_signature,
+    load,
+    part,
+    read_manifest,
+    sha256_file,
+    verify,
+    vouched_sha256,
 )
 
-__all__ = ["CHUNK", "MANIFEST", "SIGNATURE", "cached_sha256", "check_signature", "load", "part", "read_manifest",
-           "sha256_file", "verify", "vouched_sha256"]
+__all__ = [
+    "CHUNK",
+    "MANIFEST",
+    "SIGNATURE",
+    "cached_sha256",
+    "check_signature",
+    "load",
+    "part",
+    "read_manifest",
+    "sha256_file",
+    "verify",
+    "vouched_sha256",
+]

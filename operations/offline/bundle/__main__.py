@@ -15,7 +15,9 @@ from operations.offline.bundle.manifest import check_signature, verify
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m operations.offline.bundle", description="Build or verify a gpufleet offline bundle.")
+    parser = argparse.ArgumentParser(
+        prog="python -m operations.offline.bundle", description="Build or verify a gpufleet offline bundle."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     build_cmd = sub.add_parser("build", help="build or update a bundle from a YAML description")
     build_cmd.add_argument("spec")
@@ -32,8 +34,10 @@ def main(argv=None):
         else:
             signer = check_signature(args.bundle, args.signers) if args.signers else None
             manifest = verify(args.bundle, rehash=args.rehash)
-            print(f"{args.bundle}: {len(manifest['files'])} files intact"
-                  + (f", manifest signed by {signer}" if signer else ""))
+            print(
+                f"{args.bundle}: {len(manifest['files'])} files intact"
+                + (f", manifest signed by {signer}" if signer else "")
+            )
     except (ConfigError, subprocess.CalledProcessError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

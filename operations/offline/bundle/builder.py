@@ -39,8 +39,11 @@ HOST_PACKAGES = ["nftables", "python3"]
 def sign(bundle, key):
     """Sign the bundle's manifest with the SSH private key ``key`` (writes manifest.json.sig)."""
     (Path(bundle) / SIGNATURE).unlink(missing_ok=True)
-    subprocess.run(["ssh-keygen", "-q", "-Y", "sign", "-f", str(key), "-n", NAMESPACE, str(Path(bundle) / MANIFEST)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["ssh-keygen", "-q", "-Y", "sign", "-f", str(key), "-n", NAMESPACE, str(Path(bundle) / MANIFEST)],
+        check=True,
+        capture_output=True,
+    )
 
 
 def _apt_closure(spec, out, log):
@@ -55,8 +58,10 @@ def _apt_closure(spec, out, log):
         status.write_text(Path(baseline).read_text() if baseline else "")
         components = " ".join(target.get("components", ["main"]))
         release = target["release"]
-        sources = [f"deb {target['mirror']} {release} {components}",
-                   f"deb {target['mirror']} {release}-updates {components}"]
+        sources = [
+            f"deb {target['mirror']} {release} {components}",
+            f"deb {target['mirror']} {release}-updates {components}",
+        ]
         if target.get("security_mirror"):
             sources.append(f"deb {target['security_mirror']} {release}-security {components}")
         local = work / "local"
@@ -71,20 +76,42 @@ def _apt_closure(spec, out, log):
         for index, pin in enumerate(spec.get("pins", [])):
             (work / f"etc/preferences.d/{index:02d}-pin").write_text(pin_file(pin["packages"], pin["version"]))
         options = [
-            "-o", f"APT::Architecture={target.get('arch', 'amd64')}",
-            "-o", "APT::Architectures::=" + target.get("arch", "amd64"),
-            "-o", f"Dir::State::Lists={work}/lists", "-o", f"Dir::State::status={status}",
-            "-o", f"Dir::Cache={work}", "-o", f"Dir::Cache::archives={out}",
-            "-o", f"Dir::Etc::SourceList={work}/etc/sources.list", "-o", "Dir::Etc::SourceParts=-",
-            "-o", f"Dir::Etc::Preferences={work}/etc/preferences", "-o", f"Dir::Etc::PreferencesParts={work}/etc/preferences.d",
-            "-o", "Debug::NoLocking=1", "-o", "APT::Install-Recommends=0", "-o", "APT::Sandbox::User=root",
+            "-o",
+            f"APT::Architecture={target.get('arch', 'amd64')}",
+            "-o",
+            "APT::Architectures::=" + target.get("arch", "amd64"),
+            "-o",
+            f"Dir::State::Lists={work}/lists",
+            "-o",
+            f"Dir::State::status={status}",
+            "-o",
+            f"Dir::Cache={work}",
+            "-o",
+            f"Dir::Cache::archives={out}",
+            "-o",
+            f"Dir::Etc::SourceList={work}/etc/sources.list",
+            "-o",
+            "Dir::Etc::SourceParts=-",
+            "-o",
+            f"Dir::Etc::Preferences={work}/etc/preferences",
+            "-o",
+            f"Dir::Etc::PreferencesParts={work}/etc/preferences.d",
+            "-o",
+            "Debug::NoLocking=1",
+            "-o",
+            "APT::Install-Recommends=0",
+            "-o",
+            "APT::Sandbox::User=root",
         ]
         out.mkdir(parents=True, exist_ok=True)
         (out / "partial").mkdir(exist_ok=True)
         log(f"apt: resolving {len(spec['packages'])} packages for {target['distro']} {release}")
         subprocess.run(["apt-get", *options, "-q", "update"], check=True, stdout=subprocess.DEVNULL)
-        subprocess.run(["apt-get", *options, "-q", "-y", "--download-only", "install", *spec["packages"]],
-                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            ["apt-get", *options, "-q", "-y", "--download-only", "install", *spec["packages"]],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         for deb in local.glob("*.deb"):
             shutil.copy2(deb, out)
         shutil.rmtree(out / "partial", ignore_errors=True)
@@ -96,14 +123,19 @@ def _apt_closure(spec, out, log):
 
 def _index(repo):
     """Make ``repo`` a flat apt repository: Packages, Packages.gz and a Release with their hashes."""
-    packages = subprocess.run(["dpkg-scanpackages", "--multiversion", "."], cwd=repo, check=True,
-                              capture_output=True).stdout
+    packages = subprocess.run(
+        ["dpkg-scanpackages", "--multiversion", "."], cwd=repo, check=True, capture_output=True
+    ).stdout
     (repo / "Packages").write_bytes(packages)
     with gzip.GzipFile(repo / "Packages.gz", "wb", mtime=0) as handle:
         handle.write(packages)
     newest = max((deb.stat().st_mtime for deb in repo.glob("*.deb")), default=0)
-    lines = ["Origin: gpufleet", "Label: gpufleet bundle",
-             f"Date: {email.utils.formatdate(newest, usegmt=True)}", "SHA256:"]
+    lines = [
+        "Origin: gpufleet",
+        "Label: gpufleet bundle",
+        f"Date: {email.utils.formatdate(newest, usegmt=True)}",
+        "SHA256:",
+    ]
     for name in ("Packages", "Packages.gz"):
         data = (repo / name).read_bytes()
         lines.append(f" {hashlib.sha256(data).hexdigest()} {len(data)} {name}")
@@ -116,8 +148,9 @@ def _images(names, out, log):
     for name in names:
         if not is_pinned_image(name):
             raise ConfigError("images", f"{name}: pin it by tag or digest, never latest")
-        image_id = subprocess.run(["docker", "image", "inspect", "--format", "{{.Id}}", name],
-                                  capture_output=True, text=True, check=True).stdout.strip()
+        image_id = subprocess.run(
+            ["docker", "image", "inspect", "--format", "{{.Id}}", name], capture_output=True, text=True, check=True
+        ).stdout.strip()
         archive = out / (name.replace("/", "_").replace(":", "_") + ".tar")
         stamp = archive.with_suffix(".id")
         if not (archive.exists() and stamp.exists() and stamp.read_text() == image_id):
@@ -148,8 +181,11 @@ def hf_snapshot(cache, repo, revision="main", field="weights"):
         raise ConfigError(field, f"{repo}@{revision}: no snapshot {snapshot}")
     for path in sorted(snapshot.rglob("*")):
         if path.is_symlink() and not path.exists():
-            raise ConfigError(field, f"{repo}@{revision}: {path.relative_to(snapshot)}: its blob is missing "
-                                     "(an interrupted download): fetch it again")
+            raise ConfigError(
+                field,
+                f"{repo}@{revision}: {path.relative_to(snapshot)}: its blob is missing "
+                "(an interrupted download): fetch it again",
+            )
     return snapshot
 
 
@@ -157,8 +193,12 @@ def _weights_source(base, volume, source):
     """A volume's files: a directory (``from``) or a Hugging Face cache snapshot (``hf_cache``, ``repo``,
     ``revision``); relative paths are taken from the spec's directory."""
     if "hf_cache" in source:
-        return hf_snapshot(base / Path(source["hf_cache"]).expanduser(), source["repo"],
-                           str(source.get("revision", "main")), field=f"weights.{volume}")
+        return hf_snapshot(
+            base / Path(source["hf_cache"]).expanduser(),
+            source["repo"],
+            str(source.get("revision", "main")),
+            field=f"weights.{volume}",
+        )
     return base / source["from"]
 
 
@@ -169,7 +209,11 @@ def _weights(volumes, out, log):
         for path in sorted(p for p in source.rglob("*") if p.is_file()):
             target = dest / path.relative_to(source)
             stat = path.stat()
-            if target.exists() and target.stat().st_size == stat.st_size and target.stat().st_mtime_ns == stat.st_mtime_ns:
+            if (
+                target.exists()
+                and target.stat().st_size == stat.st_size
+                and target.stat().st_mtime_ns == stat.st_mtime_ns
+            ):
                 continue
             log(f"weights: {volume}/{path.relative_to(source)}")
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -188,9 +232,14 @@ def build(spec_path, out, log=print, sign_key=None):
     out.mkdir(parents=True, exist_ok=True)
     manifest = {"format": FORMAT, "target": {}, "files": {}, "images": [], "weights": {}, "apt": {}}
     if spec.get("apt"):
-        apt = dict(spec["apt"], debs=[str(base / pattern) for pattern in spec["apt"].get("debs", [])],
-                   packages=[*spec["apt"]["packages"],
-                             *(package for package in HOST_PACKAGES if package not in spec["apt"]["packages"])])
+        apt = dict(
+            spec["apt"],
+            debs=[str(base / pattern) for pattern in spec["apt"].get("debs", [])],
+            packages=[
+                *spec["apt"]["packages"],
+                *(package for package in HOST_PACKAGES if package not in spec["apt"]["packages"]),
+            ],
+        )
         _apt_closure(apt, out / "apt", log)
         manifest["target"] = apt["target"]
         manifest["apt"] = {"dir": "apt", "packages": apt["packages"]}

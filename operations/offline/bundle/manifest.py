@@ -86,8 +86,12 @@ def _check_manifest(bundle, manifest):
             _refuse(bundle, f"{MANIFEST}: {path}: paths must stay inside the bundle")
         if path != path.strip() or any(ord(char) < 32 for char in path):
             _refuse(bundle, f"{MANIFEST}: {path!r}: paths may not hold control characters or edge spaces")
-        if (not isinstance(entry, dict) or not isinstance(entry.get("size"), int)
-                or not isinstance(entry.get("sha256"), str) or len(entry["sha256"]) != 64):
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("size"), int)
+            or not isinstance(entry.get("sha256"), str)
+            or len(entry["sha256"]) != 64
+        ):
             _refuse(bundle, f"{MANIFEST}: {path}: needs an integer size and a 64-hex sha256")
     for image in manifest.get("images", []):
         if image.get("file") not in files:
@@ -151,23 +155,34 @@ def check_signature(bundle, signers):
     """
     bundle, signature = Path(bundle), Path(bundle) / SIGNATURE
     if not signature.is_file():
-        _refuse(bundle, f"{SIGNATURE}: missing, and gpufleet_bundle_signers asks for a signed bundle "
-                        "(python -m operations.offline.bundle build ... --sign-key KEY)")
-    found = subprocess.run(["ssh-keygen", "-Y", "find-principals", "-s", str(signature), "-f", str(signers)],
-                           capture_output=True, text=True)
+        _refuse(
+            bundle,
+            f"{SIGNATURE}: missing, and gpufleet_bundle_signers asks for a signed bundle "
+            "(python -m operations.offline.bundle build ... --sign-key KEY)",
+        )
+    found = subprocess.run(
+        ["ssh-keygen", "-Y", "find-principals", "-s", str(signature), "-f", str(signers)],
+        capture_output=True,
+        text=True,
+    )
     if found.returncode or not found.stdout.split():
         _refuse(bundle, f"{SIGNATURE}: not made by any key in {signers}")
     principal = found.stdout.split()[0]  # principals sharing the signing key all verify alike
     with open(bundle / MANIFEST, "rb") as manifest:
-        checked = subprocess.run(["ssh-keygen", "-Y", "verify", "-f", str(signers), "-I", principal,
-                                  "-n", NAMESPACE, "-s", str(signature)], stdin=manifest, capture_output=True)
+        checked = subprocess.run(
+            ["ssh-keygen", "-Y", "verify", "-f", str(signers), "-I", principal, "-n", NAMESPACE, "-s", str(signature)],
+            stdin=manifest,
+            capture_output=True,
+        )
     if checked.returncode:
-        _refuse(bundle, f"{SIGNATURE}: made by {principal}'s key, but not over this {MANIFEST} "
-                        "(altered after signing?)")
+        _refuse(
+            bundle, f"{SIGNATURE}: made by {principal}'s key, but not over this {MANIFEST} (altered after signing?)"
+        )
     return principal
 
 
 def part(manifest, prefix):
     """The manifest's files under ``prefix``/, keyed by their path below it."""
-    return {path[len(prefix) + 1:]: entry for path, entry in manifest["files"].items()
-            if path.startswith(prefix + "/")}
+    return {
+        path[len(prefix) + 1 :]: entry for path, entry in manifest["files"].items() if path.startswith(prefix + "/")
+    }

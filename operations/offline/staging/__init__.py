@@ -23,8 +23,18 @@ from operations.offline.staging.push import staged
 from operations.offline.staging.relay import relay_seed, relayed, serve_relays
 from operations.offline.staging.wire import content_changed
 
-__all__ = ["PART", "RECORD", "StagedFiles", "content_changed", "plan", "relay_seed", "relayed", "serve_relays",
-           "stage", "staged"]
+__all__ = [
+    "PART",
+    "RECORD",
+    "StagedFiles",
+    "content_changed",
+    "plan",
+    "relay_seed",
+    "relayed",
+    "serve_relays",
+    "stage",
+    "staged",
+]
 
 
 def stage(name, src, dest, files, mode="444"):

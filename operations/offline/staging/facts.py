@@ -24,8 +24,10 @@ class StagedFiles(FactBase):
 
     def command(self, path):
         path = shlex.quote(path)
-        return (f"if [ -d {path} ]; then cd {path} && find . -type f ! -name {RECORD} -printf '%s %T@ %P\\n'; "
-                f"echo '--record--'; cat {RECORD} 2>/dev/null || true; fi")
+        return (
+            f"if [ -d {path} ]; then cd {path} && find . -type f ! -name {RECORD} -printf '%s %T@ %P\\n'; "
+            f"echo '--record--'; cat {RECORD} 2>/dev/null || true; fi"
+        )
 
     def process(self, output):
         staged = {"files": {}, "parts": {}, "record": {}}
@@ -56,8 +58,7 @@ class FreeSpace(FactBase):
     """
 
     def command(self, path):
-        return (f"p={shlex.quote(path)}; while [ ! -e \"$p\" ]; do p=$(dirname \"$p\"); done; "
-                "df -P -B1 \"$p\" | tail -n 1")
+        return f'p={shlex.quote(path)}; while [ ! -e "$p" ]; do p=$(dirname "$p"); done; df -P -B1 "$p" | tail -n 1'
 
     def process(self, output):
         fields = output[-1].split()
@@ -67,9 +68,11 @@ class FreeSpace(FactBase):
 def room_shortfall(host_name, dest, needed, free, margin):
     """The refusal when ``dest`` cannot take ``needed`` bytes plus ``margin`` (pure), or None."""
     if needed and needed + margin > free["available"]:
-        return (f"{host_name}: {dest}: no room: {needed} bytes to receive + {margin} margin "
-                f"(gpufleet_free_space_margin), {free['available']} free on {free['mount']}; nothing was sent. "
-                "Free space there, or move gpufleet's directories")
+        return (
+            f"{host_name}: {dest}: no room: {needed} bytes to receive + {margin} margin "
+            f"(gpufleet_free_space_margin), {free['available']} free on {free['mount']}; nothing was sent. "
+            "Free space there, or move gpufleet's directories"
+        )
     return None
 
 
@@ -84,8 +87,7 @@ def plan(wanted, staged, rehash=False):
     for path, entry in sorted(wanted.items()):
         on_host = staged["files"].get(path)
         record = staged["record"].get(path)
-        if (on_host and record and not rehash and record == [*on_host, entry["sha256"]]
-                and on_host[0] == entry["size"]):
+        if on_host and record and not rehash and record == [*on_host, entry["sha256"]] and on_host[0] == entry["size"]:
             intact.append(path)
         elif on_host and on_host[0] == entry["size"]:
             check.append(path)

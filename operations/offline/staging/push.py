@@ -37,11 +37,14 @@ def staged(src: str, dest: str, files: dict, mode: str = "444", rehash: bool = F
         return
     resumed = sum(1 for offset in send.values() if offset)
     size = sum(files[path]["size"] - offset for path, offset in send.items())
-    shortfall = room_shortfall(host.name, dest, size, host.get_fact(FreeSpace, path=dest),
-                               size_bytes(host.data.gpufleet_free_space_margin))
+    shortfall = room_shortfall(
+        host.name, dest, size, host.get_fact(FreeSpace, path=dest), size_bytes(host.data.gpufleet_free_space_margin)
+    )
     if shortfall:
         raise OperationError(shortfall)
     yield f"mkdir -p {shlex.quote(dest)}"
-    logger.info(f"[{host.name}] {dest}: {len(intact)} intact, {len(check)} to verify, {len(send)} to send "
-                f"({size} bytes{f', {resumed} resumed' if resumed else ''})")
+    logger.info(
+        f"[{host.name}] {dest}: {len(intact)} intact, {len(check)} to verify, {len(send)} to send "
+        f"({size} bytes{f', {resumed} resumed' if resumed else ''})"
+    )
     yield HostFunction(transfer, [src, dest, files, check, dict(send), mode], {})

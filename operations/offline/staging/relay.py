@@ -25,7 +25,6 @@ RELAY_SENDER = f"{TOOLS_DIR}/gpufleet-relay-send"
 RELAY_LOCK = "~/.ssh/.gpufleet-relay.lock"
 
 
-
 def relay_seed(target=None):
     """
     The host ``target`` pulls its staged files from (``gpufleet_stage_via``), or None: from the
@@ -39,11 +38,18 @@ def relay_seed(target=None):
     if seed is None:
         raise ConfigError("gpufleet_stage_via", f"{name!r} is not a host of the inventory", host=target.name)
     if not seed.connected:
-        raise ConfigError("gpufleet_stage_via", f"{name} is not in this run (--limit?): this host pulls its "
-                          "staged files from it, so both are deployed together", host=target.name)
+        raise ConfigError(
+            "gpufleet_stage_via",
+            f"{name} is not in this run (--limit?): this host pulls its "
+            "staged files from it, so both are deployed together",
+            host=target.name,
+        )
     if seed.data.get("gpufleet_stage_via") not in (None, seed.name):
-        raise ConfigError("gpufleet_stage_via", f"{name} pulls from {seed.data.gpufleet_stage_via} itself: "
-                          "name a seed that stages from the control node", host=target.name)
+        raise ConfigError(
+            "gpufleet_stage_via",
+            f"{name} pulls from {seed.data.gpufleet_stage_via} itself: name a seed that stages from the control node",
+            host=target.name,
+        )
     return seed
 
 
@@ -59,8 +65,10 @@ class RelayKeysLeft(FactBase):
     """
 
     def command(self, user):
-        return (f"f=$(getent passwd {shlex.quote(user)} | cut -d: -f6)/.ssh/authorized_keys; echo \"$f\"; "
-                "grep -c ' gpufleet-relay-[^ ]*$' \"$f\" 2>/dev/null || true")
+        return (
+            f'f=$(getent passwd {shlex.quote(user)} | cut -d: -f6)/.ssh/authorized_keys; echo "$f"; '
+            "grep -c ' gpufleet-relay-[^ ]*$' \"$f\" 2>/dev/null || true"
+        )
 
     def process(self, output):
         return {"path": output[0], "count": int(output[-1]) if len(output) > 1 and output[-1].isdigit() else 0}
@@ -70,17 +78,28 @@ class RelayKeysLeft(FactBase):
 def serve_relays():
     """On a seed (a host some other host names in ``gpufleet_stage_via``): remove relay keys an
     interrupted run left in the login's ``authorized_keys``, and install the relay sender."""
-    if any(other.data.get("gpufleet_stage_via") == host.name for other in inventory.iter_activated_hosts()
-           if other is not host):
+    if any(
+        other.data.get("gpufleet_stage_via") == host.name
+        for other in inventory.iter_activated_hosts()
+        if other is not host
+    ):
         left = host.get_fact(RelayKeysLeft, user=host.data.get("ssh_user") or "root")
         if left["count"]:
             keys = shlex.quote(left["path"])
             lock = shlex.quote(posixpath.join(posixpath.dirname(left["path"]), ".gpufleet-relay.lock"))
             # sed -i keeps the file's owner and mode (GNU sed, run as root); the lock is the pulls' own
-            server.shell(name=f"Remove {left['count']} relay key(s) an interrupted run left in {left['path']}",
-                         commands=[f"flock {lock} sed -i '/ gpufleet-relay-[^ ]*$/d' {keys}"])
-        files.put(name=f"Install the relay sender {RELAY_SENDER}", src=str(TEMPLATES / "gpufleet-relay-send"),
-                  dest=RELAY_SENDER, mode="755", user="root", group="root")
+            server.shell(
+                name=f"Remove {left['count']} relay key(s) an interrupted run left in {left['path']}",
+                commands=[f"flock {lock} sed -i '/ gpufleet-relay-[^ ]*$/d' {keys}"],
+            )
+        files.put(
+            name=f"Install the relay sender {RELAY_SENDER}",
+            src=str(TEMPLATES / "gpufleet-relay-send"),
+            dest=RELAY_SENDER,
+            mode="755",
+            user="root",
+            group="root",
+        )
 
 
 def relay_key():
@@ -111,20 +130,26 @@ def _relay(state, host, shell, seed, keys_dir, dest, wanted, send, mode):
     marker = f"gpufleet-relay-{host.name}-{secrets.token_hex(6)}"
     private, public = relay_key()
     keys = posixpath.join(keys_dir, marker)
-    expiry = seed_login.run("umask 077 && mkdir -p ~/.ssh && touch ~/.ssh/authorized_keys && "
-                            "date -d '+1 hour' +%Y%m%d%H%M")[0]
+    expiry = seed_login.run(
+        "umask 077 && mkdir -p ~/.ssh && touch ~/.ssh/authorized_keys && date -d '+1 hour' +%Y%m%d%H%M"
+    )[0]
     try:
         # Hosts pulling at once edit the seed's authorized_keys under one lock: no line is lost.
-        seed_login.send(f"flock {RELAY_LOCK} sh -c 'cat >> ~/.ssh/authorized_keys'",
-                        authorized_line(public, marker, expiry) + "\n")
+        seed_login.send(
+            f"flock {RELAY_LOCK} sh -c 'cat >> ~/.ssh/authorized_keys'", authorized_line(public, marker, expiry) + "\n"
+        )
         shell.send(f"umask 077 && mkdir -p {shlex.quote(keys_dir)} && cat > {keys}", private)
         known = address if port == 22 else f"[{address}]:{port}"
         shell.send(f"umask 077 && cat > {keys}.known", f"{known} {key_type} {host_key}\n")
-        plan = "".join(f"{offset} {wanted[path]['size']} {wanted[path]['sha256']} {path}\n"
-                       for path, offset in sorted(send.items()))
-        pull = (f"ssh -i {keys} -o BatchMode=yes -o IdentitiesOnly=yes -o UserKnownHostsFile={keys}.known "
-                f"-o StrictHostKeyChecking=yes -p {port} {shlex.quote(seed.data.get('ssh_user') or 'root')}@"
-                f"{shlex.quote(address)} {shlex.quote(dest)} | {receive_command(dest, mode)}")
+        plan = "".join(
+            f"{offset} {wanted[path]['size']} {wanted[path]['sha256']} {path}\n"
+            for path, offset in sorted(send.items())
+        )
+        pull = (
+            f"ssh -i {keys} -o BatchMode=yes -o IdentitiesOnly=yes -o UserKnownHostsFile={keys}.known "
+            f"-o StrictHostKeyChecking=yes -p {port} {shlex.quote(seed.data.get('ssh_user') or 'root')}@"
+            f"{shlex.quote(address)} {shlex.quote(dest)} | {receive_command(dest, mode)}"
+        )
         status, lines, stderr = shell.stream(pull, [plan.encode()])
     finally:
         seed_login.run(f"flock {RELAY_LOCK} sed -i '/ {marker}$/d' ~/.ssh/authorized_keys")
@@ -155,8 +180,13 @@ def relayed(seed: str, dest: str, files: dict, mode: str = "444"):
         host.noop(f"{dest}: {len(intact)} files intact")
         return
     size = sum(files[path]["size"] - offset for path, offset in send.items())
-    shortfall = room_shortfall(host.name, dest, size, host.get_fact(FreeSpace, path=dest),
-                               checks.size_bytes(host.data.gpufleet_free_space_margin))
+    shortfall = room_shortfall(
+        host.name,
+        dest,
+        size,
+        host.get_fact(FreeSpace, path=dest),
+        checks.size_bytes(host.data.gpufleet_free_space_margin),
+    )
     if shortfall:
         raise OperationError(shortfall)
     keys_dir = posixpath.join(host.data.gpufleet_state_dir, "relay")

@@ -41,8 +41,9 @@ def mark_content(host_name, dest, changed):
 
 
 # The receiver's script without its comment lines: that is what travels in each staging command.
-RECEIVER = "".join(line for line in (TEMPLATES / "gpufleet-receive").read_text().splitlines(True)
-                   if not line.startswith("#"))
+RECEIVER = "".join(
+    line for line in (TEMPLATES / "gpufleet-receive").read_text().splitlines(True) if not line.startswith("#")
+)
 
 
 def frames(src, wanted, send, counter):
@@ -92,6 +93,7 @@ def transfer(state, host, shell, src, dest, wanted, check, send, mode):
             send[path] = 0
     sent = [0]
     if send:
+
         def fresh_frames():
             sent[0] = 0
             return frames(src, wanted, send, sent)
@@ -100,9 +102,12 @@ def transfer(state, host, shell, src, dest, wanted, check, send, mode):
         check_stream(host, dest, status, lines, len(send), stderr, sent[0])
     write_record(shell, dest, wanted)
     mark_content(host.name, dest, send)
-    logger.info(f"[{host.name}] staged {len(send)} file(s), {sent[0]} bytes sent"
-                + (f" through {shell.bulk_transport}" if send else "") + f", into {dest}"
-                + ("" if send else f"; {len(check)} moved file(s) hashed intact and re-recorded"))
+    logger.info(
+        f"[{host.name}] staged {len(send)} file(s), {sent[0]} bytes sent"
+        + (f" through {shell.bulk_transport}" if send else "")
+        + f", into {dest}"
+        + ("" if send else f"; {len(check)} moved file(s) hashed intact and re-recorded")
+    )
 
 
 def write_record(shell, dest, wanted):
@@ -119,8 +124,12 @@ def check_stream(host, dest, status, lines, expected, stderr, sent):
     """Raise, naming the file, when the receiver reported a damaged copy or stopped early."""
     bad = [line[4:] for line in lines if line.startswith("bad ")]
     if bad:
-        raise OSError(f"{host.name}: {dest}/{bad[0]}: SHA-256 after transfer differs from the manifest "
-                      "(the source changed, or the copy was damaged); removed the partial copy")
+        raise OSError(
+            f"{host.name}: {dest}/{bad[0]}: SHA-256 after transfer differs from the manifest "
+            "(the source changed, or the copy was damaged); removed the partial copy"
+        )
     if status or len(lines) != expected:
-        raise OSError(f"{host.name}: staging into {dest} stopped ({sent} bytes sent; the next run "
-                      f"resumes): {(lines or [''])[-1]} {stderr.strip()}")
+        raise OSError(
+            f"{host.name}: staging into {dest} stopped ({sent} bytes sent; the next run "
+            f"resumes): {(lines or [''])[-1]} {stderr.strip()}"
+        )
