@@ -1,7 +1,7 @@
 # The two commands of the README. Both do all the set-up they need on a fresh Debian machine (as root).
 PY := .venv/bin/python
 
-.PHONY: demo test unit lab-down
+.PHONY: demo test unit lint lab-down
 
 # Bring up the lab, deploy the full stack to it, check it host by host and show a summary.
 demo:
@@ -18,6 +18,12 @@ test:
 
 unit:
 	$(PY) -m pytest -m "not e2e" tests/unit
+
+# ruff's lint and format check (settings in pyproject.toml); `.venv/bin/ruff format .` fixes the format.
+lint:
+	bash scripts/bootstrap.sh
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
 
 lab-down:
 	$(PY) -m tests.lab down
