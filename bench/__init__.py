@@ -1,1 +1,1 @@
-"""gpufleet's benchmark: python -m bench (see bench/README.md)."""
+"""gpufleet's benchmark: python -m bench (see docs/benchmark.md)."""

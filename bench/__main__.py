@@ -4,7 +4,7 @@ python -m bench report [--out DIR]
 
 Brings up lab hosts (replacing the lab), measures gpufleet against its baselines side by side, and
 writes each part's results as JSON (bench/results/PART.json: results, machine, versions, date,
-command); then the tables (table.md), the plot (results.png) and the README's bench section are
+command); then the tables (table.md), the plot (results.png) and the bench section of docs/benchmark.md are
 made from the JSON files. ``report`` only remakes them from the JSON."""
 
 import argparse

@@ -1,5 +1,5 @@
 """The benchmark's tables (Markdown) and plot, made from the JSON under bench/results/ only, with
-each target marked met or missed; ``python -m bench report`` writes them and the README's section
+each target marked met or missed; ``python -m bench report`` writes them and the benchmark page's section (docs/benchmark.md)
 between its bench markers."""
 
 import re
@@ -8,7 +8,7 @@ from statistics import median
 
 from . import record
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "benchmark.md"
 BEGIN, END = "<!-- bench:begin (made by `python -m bench report` from bench/results/*.json) -->", "<!-- bench:end -->"
 NAMES = {
     "gpufleet": "gpufleet (`deploy.py`)",
@@ -250,22 +250,22 @@ def plot(documents, path):
 
 
 def readme_section(text=None):
-    """The README's bench section as it stands."""
-    text = README.read_text() if text is None else text
+    """The benchmark page's section as it stands."""
+    text = PAGE.read_text() if text is None else text
     match = re.search(re.escape(BEGIN) + r"\n(.*?)" + re.escape(END), text, re.S)
     return match and match.group(1)
 
 
 def write(out=record.RESULTS, readme=True):
-    """Tables and plot from the JSON in ``out``; the README's section too when ``readme``."""
+    """Tables and plot from the JSON in ``out``; the benchmark page's section (docs/benchmark.md) too when ``readme``."""
     documents = record.load(out)
     text = markdown(documents)
     (out / "table.md").write_text(text)
     plot(documents, out / "results.png")
     if readme:
-        current = README.read_text()
+        current = PAGE.read_text()
         if readme_section(current) is None:
-            raise SystemExit(f"{README}: no bench section ({BEGIN} ... {END})")
+            raise SystemExit(f"{PAGE}: no bench section ({BEGIN} ... {END})")
         start = current.index(BEGIN) + len(BEGIN) + 1
-        README.write_text(current[:start] + text + current[current.index(END, start) :])
+        PAGE.write_text(current[:start] + text + current[current.index(END, start) :])
     return text

@@ -1,4 +1,4 @@
-"""The README's benchmark section is what bench/report.py makes of the JSON under bench/results/:
+"""The benchmark section of docs/benchmark.md is what bench/report.py makes of the JSON under bench/results/:
 no number in it is copied by hand."""
 
 from bench import record, report

@@ -110,16 +110,17 @@ def test_groups_gpufleet_does_not_know_and_no_group_data_names_are_listed(tmp_pa
     assert checks.unknown_groups({"gpu_hosts", "lxc_guests", "proxmox_hosts", "airgapped", "lab"}) == []
 
 
-def readme_group_data():
-    """The README's group_data examples (```python blocks opening with '# group_data/'), as data."""
-    text = (settings.GROUP_DATA_ALL.parent.parent / "README.md").read_text()
+def documented_group_data():
+    """The group_data examples of the README and docs/ (```python blocks opening with '# group_data/'), as data."""
+    repo = settings.GROUP_DATA_ALL.parent.parent
+    text = "\n".join(page.read_text() for page in [repo / "README.md", *sorted((repo / "docs").glob("*.md"))])
     blocks = re.findall(r"```python\n(# group_data/[^\n]*\n.*?)```", text, re.S)
-    assert blocks, "README: no group_data example found"
+    assert len(blocks) >= 2, "README and docs/: the group_data examples are gone"
     return [settings.read_source(block) for block in blocks]
 
 
-def test_readme_group_data_examples_are_known_settings_of_the_right_type():
-    for data in readme_group_data():
+def test_documented_group_data_examples_are_known_settings_of_the_right_type():
+    for data in documented_group_data():
         assert data
         for key, value in data.items():
             assert key in checks.CHECKS, key
