@@ -11,6 +11,7 @@ step they share), so a batch's operations run after the previous batch's and bef
 """
 
 import posixpath
+import shlex
 
 from pyinfra import host, logger
 from pyinfra.api import operation
@@ -18,6 +19,7 @@ from pyinfra.api.exceptions import OperationError
 from pyinfra.context import ctx_host
 from pyinfra.facts.systemd import SystemdStatus
 
+from operations import TEMPLATES
 from operations.core import base
 from operations.core.errors import ConfigError
 from operations.driver import install as nvidia_driver
@@ -28,6 +30,8 @@ from operations.services.inference import readiness, with_listen
 from operations.toolkit import install as nvidia_toolkit
 
 # host name -> what its upgrade changes (computed once per run, when its deploy is planned)
+# Waits until no request is open on the services' ports (sent inline).
+DRAIN = (TEMPLATES / "gpufleet-drain").read_text()
 _PENDING = {}
 # hosts whose services this run has drained (their drain ran)
 DRAINED = set()
@@ -124,14 +128,10 @@ def drained(ports: list[int], timeout: int):
     if not units:
         host.noop("no inference service running")
         return
-    filters = " or ".join(f"sport = :{port}" for port in sorted(set(ports)))
-    if filters:
+    if ports:
         yield (
-            f"deadline=$(( $(date +%s) + {int(timeout)} )); "
-            f'while [ "$(date +%s)" -lt "$deadline" ] && ss -Htn state established \'( {filters} )\' '
-            "| grep -q .; do sleep 1; done; "
-            f"if ss -Htn state established '( {filters} )' | grep -q .; then echo \"{host.name}: requests "
-            f'still open after {int(timeout)} s (gpufleet_upgrade_drain_timeout): stopping anyway" >&2; fi'
+            f"sh -c {shlex.quote(DRAIN)} gpufleet-drain {int(timeout)} {shlex.quote(host.name)} "
+            + " ".join(str(int(port)) for port in sorted(set(ports)))
         )
     yield f"systemctl stop {' '.join(units)}"
 

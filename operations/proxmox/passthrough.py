@@ -33,6 +33,8 @@ SYNTAXES = ("auto", "dev", "lxc")
 CONF_DIR = "/etc/pve/lxc"
 MODULES_LOAD = "/etc/modules-load.d/gpufleet-nvidia.conf"
 NODES_UNIT = "gpufleet-nvidia-device-nodes"
+# The awk program that edits a guest's .conf (sent inline; its comments are awk's own).
+CONF_EDIT = (TEMPLATES / "gpufleet-conf-edit.awk").read_text()
 # Nodes a guest needs: the GPUs, the control device, unified memory, modeset and MIG capabilities.
 GUEST_NODE = re.compile(
     r"^/dev/(nvidia\d+|nvidiactl|nvidia-uvm|nvidia-uvm-tools|nvidia-modeset|"
@@ -124,19 +126,10 @@ def conf_edit_command(conf, add, remove):
     Rewrite a guest's .conf in place: drop ``remove`` lines and append ``add`` lines at the end of
     the main section (above any [snapshot] section). ``cat >`` keeps pmxcfs's file in place.
     """
-    script = (
-        'BEGIN { n = split(add, A, "\\n"); m = split(del, D, "\\n"); for (i = 1; i <= m; i++) R[D[i]] = 1; main = 1 }\n'
-        'main && /^\\[/ { for (i = 1; i <= n; i++) print A[i]; main = 0; for (; b > 0; b--) print ""; print; next }\n'
-        "main && ($0 in R) { next }\n"
-        "main && /^$/ { b++; next }\n"
-        'main { for (; b > 0; b--) print "" }\n'
-        "{ print }\n"
-        "END { if (main) for (i = 1; i <= n; i++) print A[i] }\n"
-    )
     tmp = f"{conf}.gpufleet-tmp"
     return (
         f"awk -v add={shlex.quote(_awk_lines(add))} "
-        f"-v del={shlex.quote(_awk_lines(remove))} {shlex.quote(script)} {conf} > {tmp} && "
+        f"-v del={shlex.quote(_awk_lines(remove))} {shlex.quote(CONF_EDIT)} {conf} > {tmp} && "
         f"cat {tmp} > {conf} && rm -f {tmp}"
     )
 
