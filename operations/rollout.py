@@ -80,6 +80,14 @@ def batches():
     return [names[start : start + size] for start in range(0, len(names), size)]
 
 
+def rollout_failures(failed_hosts, batches):
+    """The names of the failed hosts that belong to the rollout: pyinfra counts every host that failed,
+    those it could not connect to among them, and one unreachable host elsewhere in the inventory is
+    not a host this rollout upgraded (so it takes nothing from ``gpufleet_upgrade_max_failed``)."""
+    rolled = {name for batch in batches for name in batch}
+    return sorted(other.name for other in failed_hosts if other.name in rolled)
+
+
 @operation()
 def batch_gate(number: int, batches: list[list[str]], max_failed: int):
     """
@@ -92,7 +100,7 @@ def batch_gate(number: int, batches: list[list[str]], max_failed: int):
     if not any(host.name in later for later in batches[number:]):
         host.noop(f"{where}: this host's batch is done")
         return
-    failed = sorted(other.name for other in host.state.failed_hosts)
+    failed = rollout_failures(host.state.failed_hosts, batches)
     if len(failed) > max_failed:
         drained = [name for name in failed if name in DRAINED]
         raise OperationError(

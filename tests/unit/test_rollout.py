@@ -1,5 +1,9 @@
-"""The rollout's pure parts: what a bundle offers, and how the probe loop judges who was out of service."""
+"""The rollout's pure parts: what a bundle offers, which failures count against its budget, and how the
+probe loop judges who was out of service."""
 
+from types import SimpleNamespace
+
+from operations import rollout
 from operations.offline import from_bundle as offline
 from tests.lab import probe
 
@@ -80,3 +84,9 @@ def test_a_backup_copy_is_damaged_when_a_file_is_missing_short_or_other_bytes(tm
     assert weights_backup.damaged(tmp_path, wanted) == ["c.bin"]
     (tmp_path / "a.gguf").write_bytes(b"weightz")  # same size, other bytes
     assert weights_backup.damaged(tmp_path, wanted) == ["a.gguf", "c.bin"]
+
+
+def test_only_the_rollouts_own_hosts_count_against_its_failure_budget():
+    failed = [SimpleNamespace(name=name) for name in ("unreachable-elsewhere", "lab-2", "proxmox-1")]
+    assert rollout.rollout_failures(failed, [["lab-1"], ["lab-2"], ["lab-gap-1"]]) == ["lab-2"]
+    assert rollout.rollout_failures(failed[:1], [["lab-1"], ["lab-2"]]) == []
