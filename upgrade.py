@@ -20,6 +20,7 @@ from operations.proxmox import passthrough as proxmox
 roles.check_settings()
 guest_driver = proxmox.guest_driver_version() if "lxc_guests" in host.groups else None
 batches = rollout.batches()
+rollout.refuse_unloadable_driver(batches)
 rollout.log_plan(batches)
 rolling = any(host.name in batch for batch in batches)
 

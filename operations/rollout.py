@@ -22,6 +22,7 @@ from pyinfra.facts.systemd import SystemdStatus
 from operations import TEMPLATES
 from operations.core import base
 from operations.core.errors import ConfigError
+from operations.driver import devices
 from operations.driver import install as nvidia_driver
 from operations.driver.devices import NvidiaKernelModule
 from operations.services import auth_proxy
@@ -78,6 +79,27 @@ def batches():
     size = host.data.gpufleet_upgrade_batch
     names = [other.name for other in members if pending_of(other)]
     return [names[start : start + size] for start in range(0, len(names), size)]
+
+
+def refuse_unloadable_driver(batches):
+    """
+    Refuse, before any host is drained, to roll a driver change onto a GPU host that may not reboot: its
+    new module loads only at boot, so with ``nvidia_driver_reboot`` off the new user space would run over
+    the old module (NVML: "Driver/library version mismatch") and the host would fail in its batch, drained.
+    A host without a GPU loads no module and rolls as it is.
+    """
+    if not any(host.name in batch for batch in batches) or host.data.nvidia_driver_reboot:
+        return
+    driver = nvidia_driver.upgrade_from()
+    if driver and devices.gpus():
+        raise ConfigError(
+            "nvidia_driver_reboot",
+            f"is False, but upgrade.py would move this GPU host's driver {driver[0]} -> {driver[1]}, whose module "
+            "loads only after a reboot (until then its services fail: Driver/library version mismatch). Set "
+            "nvidia_driver_reboot = True for the rollout (each host reboots within its batch, drained, and is "
+            "verified on the new module before the next batch), or keep the pin. Nothing was changed",
+            host=host.name,
+        )
 
 
 def rollout_failures(failed_hosts, batches):

@@ -3,7 +3,11 @@ probe loop judges who was out of service."""
 
 from types import SimpleNamespace
 
+import pytest
+from pyinfra.context import ctx_host
+
 from operations import rollout
+from operations.core.errors import ConfigError
 from operations.offline import from_bundle as offline
 from tests.lab import probe
 
@@ -90,3 +94,26 @@ def test_only_the_rollouts_own_hosts_count_against_its_failure_budget():
     failed = [SimpleNamespace(name=name) for name in ("unreachable-elsewhere", "lab-2", "proxmox-1")]
     assert rollout.rollout_failures(failed, [["lab-1"], ["lab-2"], ["lab-gap-1"]]) == ["lab-2"]
     assert rollout.rollout_failures(failed[:1], [["lab-1"], ["lab-2"]]) == []
+
+
+@pytest.mark.parametrize(
+    "gpus, reboot, batches, refused",
+    [
+        (["gpu"], False, [["gpu-1"]], True),  # the new module would not load: refused, naming the setting
+        (["gpu"], True, [["gpu-1"]], False),  # allowed to reboot within its batch
+        ([], False, [["gpu-1"]], False),  # no GPU, no module to load
+        (["gpu"], False, [["gpu-2"]], False),  # not in the rollout
+    ],
+)
+def test_a_driver_change_a_gpu_host_cannot_load_without_a_reboot_is_refused_before_any_drain(
+    monkeypatch, gpus, reboot, batches, refused
+):
+    monkeypatch.setattr(rollout.nvidia_driver, "upgrade_from", lambda: ("535.261.03", "535.309.01"))
+    monkeypatch.setattr(rollout.devices, "gpus", lambda: gpus)
+    fake = SimpleNamespace(name="gpu-1", data=SimpleNamespace(nvidia_driver_reboot=reboot))
+    with ctx_host.use(fake):
+        if refused:
+            with pytest.raises(ConfigError, match=r"gpu-1: nvidia_driver_reboot: is False.*535.261.03 -> 535.309.01"):
+                rollout.refuse_unloadable_driver(batches)
+        else:
+            rollout.refuse_unloadable_driver(batches)
