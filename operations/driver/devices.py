@@ -6,6 +6,7 @@ import re
 from pyinfra.api import FactBase
 
 from operations.core import host_memo
+from operations.driver.facts import release_key
 
 NVIDIA_PCI_VENDOR = "0x10de"
 
@@ -179,6 +180,40 @@ class KernelHeaders(FactBase):
 
     def process(self, output):
         return {"kernel": output[0].strip(), "headers": output[1].strip() == "yes"}
+
+
+class InstalledKernels(FactBase):
+    """
+    Returns the kernels under /lib/modules: whether each can boot (``/boot/vmlinuz-<release>``) and
+    whether its headers (DKMS's build tree) are there:
+
+    .. code:: python
+
+        {"6.1.0-56-amd64": {"image": True, "headers": True}, "6.1.0-57-amd64": {"image": True, "headers": False}}
+    """
+
+    default = dict
+
+    def command(self):
+        return (
+            'for d in /lib/modules/*; do [ -d "$d" ] || continue; k=${d##*/}; '
+            'echo "$k $([ -e "/boot/vmlinuz-$k" ] && echo image || echo none) '
+            '$([ -d "$d/build" ] && echo headers || echo none)"; done; true'
+        )
+
+    def process(self, output):
+        found = {}
+        for line in output:
+            parts = line.split()
+            if len(parts) == 3:
+                found[parts[0]] = {"image": parts[1] == "image", "headers": parts[2] == "headers"}
+        return found
+
+
+def next_boot(kernels, running):
+    """The kernel the host boots next: its newest bootable one (a boot loader's default), else the running one."""
+    bootable = [release for release, kernel in kernels.items() if kernel["image"]]
+    return max(bootable, key=release_key) if bootable else running
 
 
 class NvidiaDeviceNodes(FactBase):

@@ -24,7 +24,14 @@ from operations.core.errors import ConfigError, HostStateError
 from operations.core.host_memo import until_changed
 from operations.driver import devices
 from operations.driver import plan as driver_plan
-from operations.driver.devices import KernelHeaders, NvidiaKernelModule, NvidiaPciDevices, SecureBoot
+from operations.driver.devices import (
+    InstalledKernels,
+    KernelHeaders,
+    NvidiaKernelModule,
+    NvidiaPciDevices,
+    SecureBoot,
+    next_boot,
+)
 from operations.driver.facts import AptPackages, KernelImages, NvidiaModuleFor, PersistencedUser, image_meta, upstream
 from operations.offline import from_bundle as offline
 from operations.proxmox.facts import PveVersion
@@ -85,13 +92,25 @@ def host_plan(source, requested, kernel_module=True, open_modules=False):
     meta = image_meta(host.get_fact(KernelImages)) if distro == "Ubuntu" else None
     nvswitch = any(d["kind"] == "nvswitch" for d in host_memo.fact(NvidiaPciDevices))
     proxmox = _proxmox_major()
+    kernels = sorted(release for release, found in host_memo.fact(InstalledKernels).items() if found["image"])
     names = driver_plan.relevant_packages(
-        source, distro, driver_plan.branch_of(requested), kernel, meta, open_modules, proxmox
+        source, distro, driver_plan.branch_of(requested), kernel, meta, open_modules, proxmox, kernels
     )
     apt_knows = host.get_fact(AptPackages, packages=names)
     installed = host_memo.fact(DebPackages)
     result = driver_plan.plan(
-        source, distro, requested, kernel, meta, apt_knows, installed, open_modules, nvswitch, kernel_module, proxmox
+        source,
+        distro,
+        requested,
+        kernel,
+        meta,
+        apt_knows,
+        installed,
+        open_modules,
+        nvswitch,
+        kernel_module,
+        proxmox,
+        kernels,
     )
     if proxmox and host.data.get("proxmox_kernel_headers"):
         result.headers = host.data.proxmox_kernel_headers
@@ -183,17 +202,30 @@ def upgrade_from(source=None, requested=None, kernel_module=True):
 def kernel_headers(source: str, requested: str, open_modules: bool = False, gpus: int = 0):
     """
     Install the running kernel's headers when DKMS will build the NVIDIA module (before the DKMS
-    package, whose installation builds it). Without a headers package for the running kernel: a
-    host with a GPU is refused (the module cannot be built); one without is told and left alone.
+    package, whose installation builds it), and the headers meta packages of the installed kernels'
+    flavours, so that the headers of every kernel apt installs later come with it and DKMS builds its
+    module before the host boots it. Without a headers package for the running kernel: a host with a
+    GPU is refused (the module cannot be built); one without is told and left alone.
     """
     plan = _plan_in_operation(source, requested, True, open_modules)
     if plan is None:
         yield "true  # the kernel headers DKMS needs are decided once the driver's apt sources are in place"
         return
-    kernel = host_memo.fact(KernelHeaders)
     if not plan.dkms:
         host.noop(f"no DKMS: {plan.notes[-1]}")
         return
+    metas = [name for name in plan.header_metas if not (plan.apt.get(name) or {}).get("installed")]
+    wanted = [name for name in (_running_kernel_headers(plan, gpus), *metas) if name]
+    if wanted:
+        yield f"{apt_pin.APT_INSTALL} {' '.join(shlex.quote(name) for name in wanted)}"
+    if plan.header_metas and not metas:
+        host.noop(f"the next kernels' headers come with {', '.join(plan.header_metas)} (installed)")
+
+
+def _running_kernel_headers(plan, gpus):
+    """The running kernel's headers package when it is to be installed; None when it is there (or, on a
+    host without a GPU, when apt has none: said). A GPU host without any is refused."""
+    kernel = host_memo.fact(KernelHeaders)
     # What apt said of the headers when the plan was made (it asks about them), unless the plan named others.
     known = (
         plan.apt[plan.headers]
@@ -202,25 +234,27 @@ def kernel_headers(source: str, requested: str, open_modules: bool = False, gpus
     )
     if known and known["installed"]:
         host.noop(f"{plan.headers} installed")
-    elif known and known["candidate"]:
-        yield f"{apt_pin.APT_INSTALL} {shlex.quote(plan.headers)}"
-    elif kernel["headers"]:
+        return None
+    if known and known["candidate"]:
+        return plan.headers
+    if kernel["headers"]:
         host.noop(
             f"no {plan.headers} package; headers for {kernel['kernel']} are at /lib/modules/{kernel['kernel']}/build"
         )
-    elif gpus:
+        return None
+    if gpus:
         raise OperationError(
             f"{host.name}: DKMS builds the NVIDIA module against the running kernel "
             f"{kernel['kernel']}'s headers, and the host's apt sources have no {plan.headers} "
             f"(nor is /lib/modules/{kernel['kernel']}/build there). Install them, or boot a "
             "kernel of the distribution; nothing of the driver was installed"
         )
-    else:
-        logger.warning(
-            f"[{host.name}] no {plan.headers} in the host's apt sources for the running kernel "
-            f"{kernel['kernel']}: DKMS cannot build the NVIDIA module for it (no GPU here: skipped)"
-        )
-        host.noop(f"no headers for {kernel['kernel']}")
+    logger.warning(
+        f"[{host.name}] no {plan.headers} in the host's apt sources for the running kernel "
+        f"{kernel['kernel']}: DKMS cannot build the NVIDIA module for it (no GPU here: skipped)"
+    )
+    host.noop(f"no headers for {kernel['kernel']}")
+    return None
 
 
 @operation()
@@ -249,34 +283,64 @@ def driver_installed(
 
 @operation()
 def module_built(
-    source: str, requested: str, open_modules: bool = False, log_glob: str = "/var/lib/dkms/*/{version}/build/make.log"
+    source: str,
+    requested: str,
+    open_modules: bool = False,
+    gpus: int = 0,
+    log_glob: str = "/var/lib/dkms/*/{version}/build/make.log",
 ):
     """
-    The NVIDIA module of the driver's version exists for the running kernel (``modinfo -k``): a
-    DKMS module not built yet is built (``dkms autoinstall``); one that cannot be is an error naming
-    the DKMS build log. Skipped, and said, where there are no headers to build against.
+    The NVIDIA module of the driver's version exists (``modinfo -k``) for the running kernel and for
+    the kernel the host boots next (its newest kernel image): a DKMS module not built yet is built
+    (``dkms autoinstall``); one that cannot be is an error naming the kernel and the DKMS build log.
+    A kernel without headers to build against: refused for the next boot of a GPU host (it would come
+    up without its GPUs), otherwise skipped and said.
     """
     plan = _plan_in_operation(source, requested, True, open_modules)
     if plan is None:
         yield "true  # checked once the driver is installed"
         return
-    kernel = host_memo.fact(KernelHeaders)
-    found = host.get_fact(NvidiaModuleFor, kernel=kernel["kernel"])
+    running = host_memo.fact(KernelHeaders)
+    kernels = host_memo.fact(InstalledKernels)
+    upcoming = next_boot(kernels, running["kernel"])
+    checks = [(running["kernel"], running["headers"], "the running kernel")]
+    if upcoming != running["kernel"]:
+        checks.append((upcoming, kernels[upcoming]["headers"], "the kernel this host boots next"))
+    for kernel, headers, which in checks:
+        command = _module_check(plan, kernel, headers, which, gpus, log_glob)
+        if command:
+            yield command
+
+
+def _module_check(plan, kernel, headers, which, gpus, log_glob):
+    """The command that builds and checks ``kernel``'s module, or None when it is there (or cannot be
+    built on a host without a GPU: said); a module that cannot be there is an error."""
+    found = host.get_fact(NvidiaModuleFor, kernel=kernel)
     if found and found["version"] == plan.version:
-        host.noop(f"{found['module']} {found['version']} for {kernel['kernel']} ({found['filename']})")
-        return
-    if plan.dkms and not kernel["headers"]:
-        host.noop(f"no headers for {kernel['kernel']}: the module is not built here")
-        return
+        host.noop(f"{found['module']} {found['version']} for {which} {kernel} ({found['filename']})")
+        return None
     if not plan.dkms:
-        raise OperationError(
-            f"{host.name}: no NVIDIA module {plan.version} for the running kernel "
-            f"{kernel['kernel']} after installing {', '.join(plan.modules)} (modinfo says: "
-            f"{found['version'] if found else 'none'})"
-        )
-    yield (
-        f"sh -c {shlex.quote(MODULE_CHECK)} gpufleet-module-check {shlex.quote(kernel['kernel'])} "
-        f"{shlex.quote(plan.version)} {shlex.quote(log_glob.format(version=plan.version))}"
+        if which == "the running kernel":
+            raise OperationError(
+                f"{host.name}: no NVIDIA module {plan.version} for the running kernel "
+                f"{kernel} after installing {', '.join(plan.modules)} (modinfo says: "
+                f"{found['version'] if found else 'none'})"
+            )
+        host.noop(f"no DKMS: the module for {which} {kernel} comes with its precompiled package")
+        return None
+    if not headers:
+        if gpus and which != "the running kernel":
+            bringer = ", ".join(plan.header_metas) or f"the linux-headers package of {kernel}"
+            raise OperationError(
+                f"{host.name}: {which}, {kernel}, has no NVIDIA module {plan.version} and no headers to build "
+                f"one: it would boot without its GPUs. Install its headers ({bringer} brings them for the "
+                "kernels apt installs), or remove that kernel image; then run again"
+            )
+        host.noop(f"no headers for {which} {kernel}: the module is not built here")
+        return None
+    return (
+        f"sh -c {shlex.quote(MODULE_CHECK)} gpufleet-module-check {shlex.quote(kernel)} "
+        f"{shlex.quote(plan.version)} {shlex.quote(log_glob.format(version=plan.version))} {shlex.quote(which)}"
     )
 
 
@@ -326,10 +390,11 @@ def install_driver(
     if not kernel_module:
         return driver
     module_built(
-        name="Check the NVIDIA module is built for the running kernel",
+        name="Check the NVIDIA module is built for the running kernel and the one it boots next",
         source=source,
         requested=version,
         open_modules=open_modules,
+        gpus=len(gpus),
     )
     blacklist = _nouveau_blacklisted()
     dropin = _persistenced_dropin(distro)

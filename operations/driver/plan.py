@@ -25,6 +25,8 @@ GENERATIONS = json.loads(Path(__file__).resolve().with_name("nvidia_generations.
 
 
 EXACT = re.compile(r"\d{3}\.\d+(\.\d+)?")
+# A distribution kernel's release: upstream version, ABI number, flavour (6.1.0-57-amd64, 6.1.0-57-cloud-amd64).
+KERNEL_FLAVOUR = re.compile(r"^\d+\.\d+\.\d+-\d+-(.+)$")
 
 
 class PlanError(Exception):
@@ -45,6 +47,7 @@ class DriverPlan:
     remove: list = field(default_factory=list)  # a superseded way of getting the module
     notes: list = field(default_factory=list)
     apt: dict = field(default_factory=dict)  # what apt said of each package asked about when planning (None: unknown)
+    header_metas: list = field(default_factory=list)  # headers meta packages: the next kernels' headers come too
 
 
 def version_key(version):
@@ -181,7 +184,21 @@ def fabric_manager(source, distro, branch, apt):
     )
 
 
-def relevant_packages(source, distro, branch, kernel, meta, open_modules=False, proxmox=None):
+def header_meta_names(distro, kernels, proxmox=None):
+    """
+    The headers meta packages that make DKMS's build tree come with every kernel apt installs later
+    (DKMS builds the module for a kernel when its headers arrive): Debian's ``linux-headers-<flavour>``
+    of each installed kernel's flavour (amd64, cloud-amd64, rt-amd64), Proxmox VE's
+    ``proxmox-default-headers`` (``pve-headers`` before 8). Ubuntu's precompiled modules need none.
+    """
+    if proxmox:
+        return ["proxmox-default-headers" if proxmox >= 8 else "pve-headers"]
+    if distro != "Debian":
+        return []
+    return sorted({f"linux-headers-{match.group(1)}" for kernel in kernels if (match := KERNEL_FLAVOUR.match(kernel))})
+
+
+def relevant_packages(source, distro, branch, kernel, meta, open_modules=False, proxmox=None, kernels=()):
     """Every package name the plan may ask apt about."""
     if distro == "Ubuntu" and source != "cuda-repo":
         flavour = f"{branch}-server" + ("-open" if open_modules else "")
@@ -198,7 +215,8 @@ def relevant_packages(source, distro, branch, kernel, meta, open_modules=False, 
         names = [f"cuda-drivers-{branch}", f"linux-headers-{kernel}"]
     else:
         names = ["nvidia-smi", debian("0", kernel, open_modules, proxmox).headers]
-    return names + [f"nvidia-fabricmanager-{branch}", "nvidia-fabricmanager"]
+    metas = header_meta_names(distro, [kernel, *kernels], proxmox)
+    return names + [f"nvidia-fabricmanager-{branch}", "nvidia-fabricmanager"] + metas
 
 
 def plan(
@@ -213,8 +231,10 @@ def plan(
     nvswitch=False,
     kernel_module=True,
     proxmox=None,
+    kernels=(),
 ):
-    """The driver for a host, or PlanError naming the setting to change."""
+    """The driver for a host, or PlanError naming the setting to change. ``kernels``: the other kernels
+    installed (their flavours' headers meta packages come with a DKMS plan)."""
     branch = branch_of(requested)
     if not kernel_module and source == "cuda-repo":
         raise PlanError(
@@ -247,6 +267,12 @@ def plan(
         result = debian(version, kernel, open_modules, proxmox)
     if nvswitch:
         result.packages.append(fabric_manager(source, distro, branch, apt))
+    if result.dkms:
+        result.header_metas = [
+            name for name in header_meta_names(distro, [kernel, *kernels], proxmox) if _offered(apt, name)
+        ]
+        if result.header_metas:
+            result.notes.append(f"the next kernels' headers come with {', '.join(result.header_metas)}")
     return result
 
 

@@ -191,6 +191,17 @@ def test_debian_module_built_by_dkms_against_the_real_headers(second_deploy):
     )
 
 
+def test_debian_headers_meta_keeps_the_next_kernels_headers_coming(second_deploy):
+    """Debian's headers meta package of the running kernel's flavour is installed with the driver, so
+    the headers of every kernel apt installs later arrive with it, and DKMS builds the module for that
+    kernel before the host boots it."""
+    kernel = sh("lab-2", "uname -r").strip()
+    metas = installed("lab-2", "^linux-headers-amd64$")
+    assert list(metas) == ["linux-headers-amd64"]
+    depends = sh("lab-2", "dpkg-query -W -f '${Depends}' linux-headers-amd64")
+    assert depends.startswith(f"linux-headers-{kernel} ("), depends  # the lab runs Debian's current ABI
+
+
 @pytest.mark.parametrize("name, user", [("lab-2", "nvpd"), (UBUNTU, "nvidia-persistenced")])
 def test_persistenced_runs_as_its_distributions_user(second_deploy, name, user):
     dropin = sh(name, "cat /etc/systemd/system/nvidia-persistenced.service.d/gpufleet.conf")
