@@ -9,6 +9,7 @@ import re
 
 import pytest
 
+from operations.driver.facts import release_key
 from tests.fixtures import mokutil
 from tests.lab import hosts as lab_hosts
 
@@ -200,6 +201,56 @@ def test_debian_headers_meta_keeps_the_next_kernels_headers_coming(second_deploy
     assert list(metas) == ["linux-headers-amd64"]
     depends = sh("lab-2", "dpkg-query -W -f '${Depends}' linux-headers-amd64")
     assert depends.startswith(f"linux-headers-{kernel} ("), depends  # the lab runs Debian's current ABI
+
+
+MODULE_CHECK = "GPU host | Install NVIDIA driver | Check the NVIDIA module is built for the running kernel and the one it boots next"
+
+
+def older_debian_abi(name, current):
+    """The newest Debian kernel ABI older than ``current`` whose headers the host's apt offers (6.1.0-56-amd64)."""
+    names = sh(name, "apt-cache pkgnames linux-headers-6. | grep -E '^linux-headers-[0-9.]+-[0-9]+-amd64$' || true")
+    abis = [package[len("linux-headers-") :] for package in names.split()]
+    return max((abi for abi in abis if release_key(abi) < release_key(current)), key=release_key)
+
+
+def test_a_new_kernel_gets_its_module_before_the_host_boots_it(second_deploy):
+    """Debian's real packages: the host runs last month's kernel; apt brings the new kernel's image
+    (its module missing, as when DKMS's hook failed); the next run builds the module for the kernel
+    the host boots next, before any reboot; once the host runs it, nothing is left to do and it serves."""
+    new = sh("lab-2", "uname -r").strip()  # Debian's current ABI: what linux-headers-amd64 brings
+    old = older_debian_abi("lab-2", new)
+    try:
+        sh("lab-2", f"echo {old} > /etc/gpufleet-lab/kernel-release")
+        running_old = run_deploy("--limit", "lab-2")
+        assert running_old.rc == 0, running_old.output[-3000:]
+        assert f"linux-headers-{old}" in installed("lab-2", "^linux-headers-")
+        assert module_version("lab-2", old) == DEBIAN_DRIVER  # built by DKMS when its headers came
+
+        sh("lab-2", f"{APT} install --no-install-recommends linux-image-{new} >/dev/null")
+        sh("lab-2", f"dkms remove nvidia-current/{DEBIAN_DRIVER} -k {new} >/dev/null")
+        assert module_version("lab-2", new) == ""
+        built = run_deploy("--limit", "lab-2")
+        assert built.rc == 0, built.output[-3000:]
+        assert built.total_changed() == 1 and MODULE_CHECK in built.changed(), built.changed()
+        assert module_version("lab-2", new) == DEBIAN_DRIVER
+        assert sh("lab-2", f"modinfo -k {new} -F vermagic nvidia-current").split()[0] == new
+
+        sh("lab-2", f"echo {new} > /etc/gpufleet-lab/kernel-release")  # the host reboots into it
+        booted = run_deploy("--limit", "lab-2")
+        assert booted.rc == 0 and booted.total_changed() == 0, booted.changed()
+        assert sh("lab-2", "curl -s -o /dev/null -w '%{http_code}' 127.0.0.1:8080/health") == "200"
+    finally:  # the old kernel goes (its module first); the new one's image stays, as on a real host that
+        # runs it (purging it would make DKMS's prerm hook remove the running kernel's module)
+        sh("lab-2", f"echo {new} > /etc/gpufleet-lab/kernel-release")
+        common = f"linux-headers-{old.rsplit('-', 1)[0]}-common"
+        sh(
+            "lab-2",
+            f"dkms remove nvidia-current/{DEBIAN_DRIVER} -k {old} >/dev/null 2>&1; "
+            f"{APT} purge linux-headers-{old} {common} >/dev/null; rm -rf /lib/modules/{old}",
+            check=False,
+        )
+    again = run_deploy("--limit", "lab-2")
+    assert again.rc == 0 and again.total_changed() == 0, again.changed()
 
 
 @pytest.mark.parametrize("name, user", [("lab-2", "nvpd"), (UBUNTU, "nvidia-persistenced")])
