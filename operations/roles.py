@@ -83,9 +83,13 @@ def proxmox_host():
 
 
 @deploy("GPU host")
-def gpu_host():
-    """The pinned driver with its kernel module, then the serving stack."""
-    driver = nvidia_driver.install_driver()
+def gpu_host(driver_version: str | None = None):
+    """The pinned driver with its kernel module, then the serving stack.
+
+    + driver_version: the exact version a rollout moves a branch pin to (``upgrade.py``); otherwise
+      ``nvidia_driver_version``, whose branch keeps the point release the host has
+    """
+    driver = nvidia_driver.install_driver(version=driver_version)
     return {"nvidia_driver_version": host.data.nvidia_driver_version, **_serving_stack(driver)}
 
 
@@ -99,7 +103,8 @@ def rolled_gpu_host():
         ports=inference.guarded_ports(services),
         timeout=host.data.gpufleet_upgrade_drain_timeout,
     )
-    summary = gpu_host()
+    moving = nvidia_driver.upgrade_from()  # read before anything changes: (installed, the version to roll to)
+    summary = gpu_host(driver_version=moving[1] if moving else None)
     rollout.verified(
         name="Verify the host serves again (loaded module on a GPU host, every service's endpoint)",
         services=services,

@@ -182,17 +182,27 @@ def installed_version(source=None, requested=None, kernel_module=True):
 
 
 def upgrade_from(source=None, requested=None, kernel_module=True):
-    """``(installed, pinned)`` when the installed driver is not the pinned one (a branch pin: not of
-    its branch, or not the branch's newest that apt offers); None when it is, or none is installed."""
+    """
+    ``(installed, wanted)`` when ``upgrade.py`` moves the installed driver: an exact pin it is not,
+    or, for a branch pin, the branch's newest point release that apt offers when the host has an older
+    one (``deploy.py`` keeps the point release a host has; only a rollout moves it). None when there
+    is nothing to move, or no driver is installed.
+    """
     source = source or host.data.nvidia_driver_source
     requested = requested or host.data.nvidia_driver_version
     installed = installed_version(source, requested, kernel_module)
     if installed is None:
         return None
     try:
-        wanted = host_plan(source, requested, kernel_module, host.data.nvidia_driver_open).version
+        plan = host_plan(source, requested, kernel_module, host.data.nvidia_driver_open)
     except driver_plan.PlanError:
         wanted = requested  # apt does not offer it yet (a bundle staged by this run)
+    else:
+        wanted = plan.version
+        if not driver_plan.EXACT.fullmatch(requested):
+            distro = host_memo.fact(LinuxDistribution)["name"]
+            anchor_name = driver_plan.anchor(source, distro, driver_plan.branch_of(requested), kernel_module)
+            wanted = driver_plan.newest_of_branch(requested, anchor_name, plan.apt) or wanted
     if installed == wanted or ("." not in wanted and installed.split(".")[0] == wanted):
         return None
     return installed, wanted

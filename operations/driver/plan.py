@@ -87,14 +87,22 @@ def resolve_version(requested, anchor_name, apt, field="nvidia_driver_version"):
         )
     if installed and branch_of(installed) == requested:
         return installed
-    matching = [version for version in offered if branch_of(version) == requested]
-    if not matching:
+    newest = newest_of_branch(requested, anchor_name, apt)
+    if newest is None:
         raise PlanError(
             field,
             f"branch {requested}: the host's apt sources offer no {anchor_name}"
             f"{f' of that branch (they have {listing})' if info else ''}",
         )
-    return max(matching, key=version_key)
+    return newest
+
+
+def newest_of_branch(branch, anchor_name, apt):
+    """The newest upstream version of ``branch`` apt offers for ``anchor_name`` (None: none). A branch
+    pin keeps the point release a host has in ``deploy.py``; ``upgrade.py`` rolls it to this one."""
+    offered = [upstream(version) for version in (apt.get(anchor_name) or {}).get("versions", [])]
+    matching = [version for version in offered if branch_of(version) == branch]
+    return max(matching, key=version_key) if matching else None
 
 
 def transitional(info):

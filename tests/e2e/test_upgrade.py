@@ -10,6 +10,7 @@ Runs after every other e2e module (the lab's hosts keep the new driver).
 
 import json
 import re
+import subprocess
 
 import pytest
 
@@ -62,11 +63,11 @@ def served(second_deploy, lab):
         *(arg for name in HOSTS for arg in ("--limit", name)),
     ]
 
-    def upgrade(*args, version=OLD, bundle=None):
+    def upgrade(*args, version=OLD, bundle=None, deploy="upgrade.py"):
         extra = ["--data", f'nvidia_driver_version="{version}"']
         if bundle:
             extra += ["--data", f"gpufleet_bundle={bundle}"]
-        return run_deploy(*common, *extra, *args, deploy="upgrade.py")
+        return run_deploy(*common, *extra, *args, deploy=deploy)
 
     listening = upgrade()
     assert listening.rc == 0, listening.output[-3000:]
@@ -102,17 +103,45 @@ def test_dry_run_names_the_batches_and_changes_nothing(served, new_bundle):
     assert {name: container_id(name) for name in HOSTS} == before
 
 
-def test_a_host_failing_verification_halts_the_rollout_naming_it(served, targets, new_bundle):
+def test_a_branch_pin_keeps_its_point_release_and_only_a_rollout_moves_it(served):
+    """nvidia_driver_version = "535" on hosts that have 535.261.03: deploy.py changes nothing (the
+    branch keeps the point release a host has, even where the archive offers a newer one); upgrade.py
+    would roll the connected hosts, whose archive offers 535.309.01, and not the air-gapped one, whose
+    bundle has nothing newer."""
+    branch = OLD.split(".")[0]
+    before = {name: container_id(name) for name in HOSTS}
+    kept = served(version=branch, deploy="deploy.py")
+    assert kept.rc == 0, kept.output[-3000:]
+    # host.json records the pin as written ("535"); nothing else moves
+    assert set(kept.changed()) == {"Record what gpufleet deployed | Write /etc/gpufleet/host.json"}, kept.changed()
+    dry = served("--dry", version=branch)
+    assert dry.rc == 0, dry.output[-3000:]
+    plan = next(line for line in dry.output.splitlines() if "Rollout: " in line)
+    assert f"Rollout: batch 1: lab-1 (driver {OLD} -> {NEW}); batch 2: lab-2 (driver {OLD} -> {NEW})" in plan, plan
+    assert "lab-gap-1" not in plan
+    assert {name: driver(name).split("-")[0] for name in HOSTS} == dict.fromkeys(HOSTS, OLD)
+    assert {name: container_id(name) for name in HOSTS} == before
+
+
+def test_a_host_failing_verification_halts_the_rollout_naming_it(served, targets, new_bundle, lab):
     """lab-1's service is made to fail its next start (a drop-in); lab-1 is drained and upgraded,
-    fails, and the rollout stops there: lab-2 and lab-gap-1 keep serving, on the old driver."""
+    fails, and the rollout stops there: lab-2 and lab-gap-1 keep serving, on the old driver. lab-ubu-1,
+    outside the rollout, is unreachable all along (its SSH stopped): pyinfra counts it as failed, and
+    the rollout's budget does not (gpufleet_upgrade_max_failed = 0, yet lab-1's batch runs)."""
     untouched = {name: container_id(name) for name in HOSTS[1:]}
     sh(
         "lab-1",
         f"mkdir -p {FAULT.rsplit('/', 1)[0]} && printf '[Service]\\nExecStartPre=/bin/false\\n' > {FAULT} "
         "&& systemctl daemon-reload",
     )
-    halted, rounds = _probed(targets, lambda: served(version=NEW, bundle=new_bundle))
+    outside = lab["lab-ubu-1"]["container"]
+    subprocess.run(["docker", "exec", outside, "systemctl", "stop", "ssh.service"], check=True, timeout=60)
+    try:
+        halted, rounds = _probed(targets, lambda: served("--limit", "lab-ubu-1", version=NEW, bundle=new_bundle))
+    finally:
+        subprocess.run(["docker", "exec", outside, "systemctl", "start", "ssh.service"], check=True, timeout=60)
     assert halted.rc != 0
+    assert re.search(r"\[lab-ubu-1\]\s+(Could not connect|SSH error)", halted.output), halted.output[-3000:]
     for name in HOSTS[1:]:
         assert re.search(
             rf"{name}: rollout halted before batch 2 of 3 \(lab-2\): 1 host\(s\) failed \(lab-1\), "

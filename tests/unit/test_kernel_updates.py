@@ -5,9 +5,11 @@ kernel the host boots next as well as the running one, before any reboot."""
 import os
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from pyinfra.api import OperationError
+from pyinfra.context import ctx_host
 
 from operations import TEMPLATES
 from operations.core import apt_pin
@@ -180,3 +182,32 @@ def test_the_module_check_builds_for_the_kernel_it_names_and_fails_naming_the_lo
     assert "DKMS build log: none under /var/lib/dkms" in missing.stderr
     upcoming = run_module_check(tmp_path, "535.154.05", "the kernel this host boots next")
     assert f"not built for the kernel this host boots next {NEXT} (found: 535.154.05)" in upcoming.stderr
+
+
+DEBIAN_309 = {
+    "nvidia-smi": {
+        "installed": "535.261.03-1",
+        "candidate": "535.261.03-1",
+        "versions": ["535.309.01-0+deb12u1", "535.261.03-1"],
+    }
+}
+
+
+def test_a_branch_keeps_its_point_release_in_deploy_and_rolls_to_the_newest_in_upgrade(monkeypatch):
+    # deploy.py: the branch keeps what the host has (tests/data/debian: 535.309.01 offered beside it)
+    assert driver_plan.resolve_version("535", "nvidia-smi", DEBIAN_APT) == "535.261.03"
+    assert driver_plan.newest_of_branch("535", "nvidia-smi", DEBIAN_APT) == "535.309.01"
+    assert driver_plan.newest_of_branch("580", "nvidia-smi", DEBIAN_APT) is None
+    # upgrade.py: the branch's newest point release is what a rollout moves the host to
+    kept = driver_plan.DriverPlan(version="535.261.03", packages=["nvidia-smi"], apt=DEBIAN_309)
+    monkeypatch.setattr(nvidia_driver, "installed_version", lambda *args: "535.261.03")
+    monkeypatch.setattr(nvidia_driver, "host_plan", lambda *args: kept)
+    monkeypatch.setattr(nvidia_driver.host_memo, "fact", lambda fact, **kw: {"name": "Debian"})
+    fake = SimpleNamespace(data=SimpleNamespace(nvidia_driver_source="distro", nvidia_driver_open=False))
+    with ctx_host.use(fake):
+        assert nvidia_driver.upgrade_from(requested="535") == ("535.261.03", "535.309.01")
+        assert nvidia_driver.upgrade_from(requested="535.261.03") is None  # an exact pin the host has
+        newest = driver_plan.DriverPlan(version="535.309.01", packages=["nvidia-smi"], apt=DEBIAN_309)
+        monkeypatch.setattr(nvidia_driver, "installed_version", lambda *args: "535.309.01")
+        monkeypatch.setattr(nvidia_driver, "host_plan", lambda *args: newest)
+        assert nvidia_driver.upgrade_from(requested="535") is None  # on the newest: nothing to roll
