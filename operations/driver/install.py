@@ -322,6 +322,22 @@ def module_built(
             yield command
 
 
+def _name_a_kernel_without_its_module(plan, kernel, gpus):
+    """Ubuntu: the kernel the host boots next has no precompiled module at the pinned version. Named
+    before any reboot with the ways out; a GPU host is refused (it would boot without its GPUs)."""
+    why = plan.unmodulated.get(kernel) or "its precompiled module package is not installed"
+    message = (
+        f"the kernel this host boots next, {kernel}, has no NVIDIA module {plan.version}: {why}. Before "
+        "rebooting, choose: roll the driver to a point release Canonical built that kernel's module for "
+        "(upgrade.py, nvidia_driver_version as a branch); build the module with DKMS (nvidia-dkms and that "
+        "kernel's headers); or hold the kernel meta package (apt-mark hold) until its module is published"
+    )
+    if gpus:
+        raise OperationError(f"{host.name}: {message}")
+    logger.warning(f"[{host.name}] {message} (no GPU here: nothing is lost on reboot)")
+    host.noop(f"the kernel this host boots next, {kernel}, has no precompiled NVIDIA module {plan.version}")
+
+
 def _module_check(plan, kernel, headers, which, gpus, log_glob):
     """The command that builds and checks ``kernel``'s module, or None when it is there (or cannot be
     built on a host without a GPU: said); a module that cannot be there is an error."""
@@ -336,7 +352,7 @@ def _module_check(plan, kernel, headers, which, gpus, log_glob):
                 f"{kernel} after installing {', '.join(plan.modules)} (modinfo says: "
                 f"{found['version'] if found else 'none'})"
             )
-        host.noop(f"no DKMS: the module for {which} {kernel} comes with its precompiled package")
+        _name_a_kernel_without_its_module(plan, kernel, gpus)
         return None
     if not headers:
         if gpus and which != "the running kernel":

@@ -48,6 +48,8 @@ class DriverPlan:
     notes: list = field(default_factory=list)
     apt: dict = field(default_factory=dict)  # what apt said of each package asked about when planning (None: unknown)
     header_metas: list = field(default_factory=list)  # headers meta packages: the next kernels' headers come too
+    # other installed kernels that cannot have the precompiled module at ``version``: kernel -> why
+    unmodulated: dict = field(default_factory=dict)
 
 
 def version_key(version):
@@ -123,8 +125,30 @@ def _minimum_common(info, flavour):
     return match.group(1) if match else None
 
 
-def ubuntu(branch, version, kernel, meta, apt, installed, open_modules=False):
-    """Ubuntu's server driver: precompiled signed modules when the running kernel has them, else DKMS."""
+def precompiled_gap(flavour, version, kernel, apt):
+    """Why ``kernel`` cannot have Canonical's precompiled module at ``version`` (None: it can): none
+    published for it, or one built for a newer point release than the pin."""
+    abi = f"linux-modules-nvidia-{flavour}-{kernel}"
+    if not _offered(apt, abi):
+        return f"no precompiled module for {kernel} ({abi} is not in the host's apt sources)"
+    needed = _minimum_common(apt.get(abi), flavour)
+    if needed and version_key(version) < version_key(needed):
+        return f"{abi} needs driver >= {needed}, and the pin holds {version}"
+    return None
+
+
+def ubuntu(branch, version, kernel, meta, apt, installed, open_modules=False, kernels=()):
+    """Ubuntu's server driver: precompiled signed modules when the running kernel has them, else DKMS.
+    The other installed ``kernels`` that cannot have the precompiled module are named in ``unmodulated``."""
+    plan = _ubuntu_for_running(branch, version, kernel, meta, apt, installed, open_modules)
+    if not plan.dkms:
+        flavour = f"{branch}-server" + ("-open" if open_modules else "")
+        gaps = {other: precompiled_gap(flavour, version, other, apt) for other in kernels if other != kernel}
+        plan.unmodulated = {other: why for other, why in gaps.items() if why}
+    return plan
+
+
+def _ubuntu_for_running(branch, version, kernel, meta, apt, installed, open_modules=False):
     flavour = f"{branch}-server" + ("-open" if open_modules else "")
     packages = [f"nvidia-headless-no-dkms-{flavour}", f"nvidia-utils-{branch}-server"]
     abi = f"linux-modules-nvidia-{flavour}-{kernel}"
@@ -219,6 +243,7 @@ def relevant_packages(source, distro, branch, kernel, meta, open_modules=False, 
         ]
         if meta:
             names.append(f"linux-modules-nvidia-{flavour}-{meta}")
+        names += [f"linux-modules-nvidia-{flavour}-{other}" for other in kernels if other != kernel]
     elif source == "cuda-repo":
         names = [f"cuda-drivers-{branch}", f"linux-headers-{kernel}"]
     else:
@@ -270,7 +295,7 @@ def plan(
             notes=[f"NVIDIA's {anchor_name}: DKMS builds the module"],
         )
     elif distro == "Ubuntu":
-        result = ubuntu(branch, version, kernel, meta, apt, installed, open_modules)
+        result = ubuntu(branch, version, kernel, meta, apt, installed, open_modules, kernels)
     else:
         result = debian(version, kernel, open_modules, proxmox)
     if nvswitch:

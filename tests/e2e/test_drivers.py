@@ -128,6 +128,26 @@ def test_kernel_without_precompiled_module_falls_back_to_dkms_and_names_its_buil
         restore_ubuntu_host()
 
 
+def test_a_next_kernel_without_its_module_is_named_before_the_reboot(second_deploy):
+    """Ubuntu's real records: a kernel Canonical published no precompiled module for (6.8.0-137) is
+    installed beside the running GA kernel, and the host would boot it next. The run names it with
+    the ways out, before any reboot (without a GPU nothing is lost: a warning, not a failure), and
+    changes nothing."""
+    try:
+        sh(UBUNTU, f"{APT} install linux-image-{NO_PRECOMPILED_KERNEL} >/dev/null")
+        assert sh(UBUNTU, "uname -r").strip() == GA_KERNEL
+        named = run_deploy("--limit", UBUNTU)
+        assert named.rc == 0, named.output[-3000:]
+        assert (
+            f"the kernel this host boots next, {NO_PRECOMPILED_KERNEL}, has no NVIDIA module {DRIVER}: no "
+            f"precompiled module for {NO_PRECOMPILED_KERNEL} (linux-modules-nvidia-580-server-"
+            f"{NO_PRECOMPILED_KERNEL} is not in the host's apt sources). Before rebooting, choose" in named.output
+        ), named.output[-3000:]
+        assert named.total_changed() == 0, named.changed()
+    finally:
+        restore_ubuntu_host()
+
+
 def _refused(result, message):
     assert result.rc != 0, result.output[-2000:]
     assert message in result.output, result.output[-3000:]

@@ -17,6 +17,7 @@ from operations.driver import install as nvidia_driver
 from operations.driver import plan as driver_plan
 from operations.driver.devices import InstalledKernels, next_boot
 from operations.driver.facts import AptPackages
+from tests.fixtures.ubuntu_double import apt_view
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "debian"
 DEBIAN_APT = AptPackages().process((DATA / "apt-packages-lab-2.txt").read_text().splitlines())
@@ -211,3 +212,51 @@ def test_a_branch_keeps_its_point_release_in_deploy_and_rolls_to_the_newest_in_u
         monkeypatch.setattr(nvidia_driver, "installed_version", lambda *args: "535.309.01")
         monkeypatch.setattr(nvidia_driver, "host_plan", lambda *args: newest)
         assert nvidia_driver.upgrade_from(requested="535") is None  # on the newest: nothing to roll
+
+
+UBUNTU = apt_view()  # Ubuntu noble's real records (tests/data/ubuntu)
+GA, HWE, UNPUBLISHED = "6.8.0-136-generic", "6.17.0-35-generic", "6.8.0-137-generic"
+
+
+def test_ubuntu_names_an_installed_kernel_canonical_published_no_module_for():
+    plan = driver_plan.plan("distro", "Ubuntu", "580.173.02", GA, "generic", UBUNTU, {}, kernels=[GA, UNPUBLISHED])
+    assert not plan.dkms  # the running kernel keeps its precompiled module
+    assert plan.unmodulated == {
+        UNPUBLISHED: f"no precompiled module for {UNPUBLISHED} "
+        f"(linux-modules-nvidia-580-server-{UNPUBLISHED} is not in the host's apt sources)"
+    }
+    assert (
+        driver_plan.plan("distro", "Ubuntu", "580.173.02", GA, "generic", UBUNTU, {}, kernels=[GA, HWE]).unmodulated
+        == {}
+    )
+
+
+def test_ubuntu_names_a_kernel_whose_module_needs_a_newer_point_release():
+    # the real records' modules need nvidia-kernel-common-580-server >= 580.173.02: pinned older, each is a gap
+    assert driver_plan.precompiled_gap("580-server", "580.159.03", HWE, UBUNTU) == (
+        f"linux-modules-nvidia-580-server-{HWE} needs driver >= 580.173.02, and the pin holds 580.159.03"
+    )
+    assert driver_plan.precompiled_gap("580-server", "580.173.02", HWE, UBUNTU) is None
+
+
+def ubuntu_facts():
+    module = {"module": "nvidia", "version": "580.173.02", "filename": "/x.ko"}
+    return {
+        "KernelHeaders": {"kernel": GA, "headers": False},
+        "InstalledKernels": {GA: {"image": True, "headers": False}, UNPUBLISHED: {"image": True, "headers": False}},
+        f"NvidiaModuleFor:{GA}": module,
+        f"NvidiaModuleFor:{UNPUBLISHED}": None,
+    }
+
+
+def test_the_kernel_booted_next_without_its_module_is_named_before_the_reboot(run_op, planned):
+    plan = driver_plan.plan("distro", "Ubuntu", "580.173.02", GA, "generic", UBUNTU, {}, kernels=[GA, UNPUBLISHED])
+    planned(plan)
+    with pytest.raises(
+        OperationError,
+        match=rf"the kernel this host boots next, {UNPUBLISHED}, has no NVIDIA "
+        r"module 580.173.02: no precompiled module .* Before rebooting, choose",
+    ):
+        run_op(nvidia_driver.module_built, ubuntu_facts(), source="distro", requested="580", gpus=1)
+    commands, noops = run_op(nvidia_driver.module_built, ubuntu_facts(), source="distro", requested="580", gpus=0)
+    assert commands == [] and noops[-1].startswith(f"the kernel this host boots next, {UNPUBLISHED}, has no")
