@@ -11,9 +11,11 @@ import shlex
 from pyinfra import host, logger
 from pyinfra.api import FactBase, operation
 
-from operations import TOOLS_DIR
+from operations import TEMPLATES, TOOLS_DIR
 from operations.core.remote import HostFunction
 
+# The digest of root's Docker login for a registry, read on the host (templates/, sent inline).
+REGISTRY_AUTH = (TEMPLATES / "gpufleet-registry-auth.py").read_text()
 # Go templates for `docker image inspect --format`, shell-quoted.
 ID_AND_DIGESTS = "'{{.Id}} {{json .RepoDigests}}'"
 DIGESTS = "'{{json .RepoDigests}}'"
@@ -165,11 +167,7 @@ class RegistryLogin(FactBase):
     """Returns the SHA-256 of the ``auth`` value Docker keeps for a registry (never the value), or None."""
 
     def command(self, registry):
-        script = (
-            "import hashlib,json,sys\ntry:\n a=json.load(open('/root/.docker/config.json'))['auths'][sys.argv[1]]['auth']\n"
-            "except Exception:\n a=''\nprint(hashlib.sha256(a.encode()).hexdigest() if a else 'none')"
-        )
-        return f"python3 -c {shlex.quote(script)} {shlex.quote(registry)}"
+        return f"python3 -c {shlex.quote(REGISTRY_AUTH)} {shlex.quote(registry)}"
 
     def process(self, output):
         return None if output[0] == "none" else output[0]
