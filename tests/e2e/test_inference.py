@@ -2,11 +2,14 @@
 staged weight volume, with its API key kept out of units, command lines and logs."""
 
 import json
+import subprocess
 import time
 
 import pytest
 
+from operations.services import engines
 from tests.lab import hosts as lab_hosts
+from tests.lab import llamacpp
 
 from .conftest import REPO, run_deploy
 
@@ -205,3 +208,12 @@ def test_weights_touched_but_unchanged_are_re_recorded_without_a_restart(second_
     assert sh("lab-1", "docker inspect -f '{{.Id}}' gpufleet-chat").stdout.strip() == before
     again = run_deploy("--limit", "lab-1")
     assert again.rc == 0 and again.total_changed() == 0, again.changed()
+
+
+def test_captured_llama_server_help_is_the_lab_binarys(lab):
+    """operations/services/engine_cli/llama-server.help is what the lab's llama-server says: the lab
+    built (or took from its cache) the binary before any e2e test, so this never skips."""
+    binary = llamacpp.CACHE_DIR / "llamacpp" / llamacpp.key() / "llama-server"
+    assert binary.exists(), f"{binary}: the lab came up without its llama-server"
+    live = subprocess.run([str(binary), "--help"], capture_output=True, text=True, timeout=60)
+    assert engines.flags_from_help(live.stdout + live.stderr) == engines.accepted_flags("llamacpp")
