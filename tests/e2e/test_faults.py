@@ -222,6 +222,18 @@ def test_control_node_killed_during_a_service_restart_converges_on_the_next_run(
     assert back.rc == 0, back.output[-3000:]
 
 
+def _settled_size(path, rounds=30):
+    """``path``'s size on lab-2 once two reads half a second apart agree (at most ``rounds`` reads)."""
+    last = None
+    for _ in range(rounds):
+        size = int(sh("lab-2", f"stat -c %s {path}").stdout.strip())
+        if size == last:
+            return size
+        last = size
+        time.sleep(0.5)
+    raise AssertionError(f"lab-2: {path} still growing after {rounds} reads: {last} bytes")
+
+
 def test_control_node_killed_mid_staging_resumes_with_the_rest(second_deploy):
     """lab-2's image archive is staged again from the control node; pyinfra is killed once part of it
     has arrived. No final file and no record of it are left, and the next run sends only the rest."""
@@ -237,6 +249,8 @@ def test_control_node_killed_mid_staging_resumes_with_the_rest(second_deploy):
 
     assert _killed_when(("--limit", "lab-2"), arriving), "the archive was never seen arriving"
     assert sh("lab-2", f"test -e {remote}").returncode == 1  # not in place half-written
+    part = _settled_size(f"{remote}.gpufleet-part")  # the receiver writes what reached it, then exits
+    assert 0 < part < size
     # the record is whole (the previous one: it names the archive with a size and mtime no file has now)
     record = json.loads(sh("lab-2", "cat /var/lib/gpufleet/bundle/images/.gpufleet-staged.json").stdout)
     assert set(record) <= {path.split("/", 1)[1] for path in manifest["files"] if path.startswith("images/")}
@@ -246,7 +260,7 @@ def test_control_node_killed_mid_staging_resumes_with_the_rest(second_deploy):
         r"\[lab-2\] staged 1 file\(s\), (\d+) bytes sent through the OpenSSH client, into /var/lib/gpufleet/bundle/images",
         resumed.output,
     )
-    assert sent and 0 < int(sent.group(1)) < size, resumed.output[-3000:]
+    assert sent and int(sent.group(1)) == size - part, (part, size, resumed.output[-3000:])  # the rest, no more
     assert sh("lab-2", f"sha256sum {remote}").stdout.split()[0] == manifest["files"][image]["sha256"]
     again = run_deploy("--limit", "lab-2")
     assert again.rc == 0 and again.total_changed() == 0, again.changed()
