@@ -43,6 +43,8 @@ SOURCE_LISTS = {
     "cuda-repo": "/etc/apt/sources.list.d/nvidia-cuda.list",
     "distro": "/etc/apt/sources.list.d/gpufleet-debian-nonfree.list",
 }
+# The two kernels the module is checked for, as messages name them.
+RUNNING, BOOTS_NEXT = "the running kernel", "the kernel this host boots next"
 # Builds the module with DKMS for a kernel and checks modinfo says the wanted version (sent inline).
 MODULE_CHECK = (TEMPLATES / "gpufleet-module-check").read_text()
 PIN_PATTERNS = ["*nvidia*", "libcuda*", "libnvcuvid*", "libnvoptix*", "cuda-drivers*"]
@@ -129,10 +131,15 @@ def _plan_in_operation(source, requested, kernel_module=True, open_modules=False
         return None
 
 
+def _anchor_name(source, requested, kernel_module=True):
+    """The package this host's driver version is read from (``driver_plan.anchor``: nvidia-smi, ...)."""
+    distro = host_memo.fact(LinuxDistribution)["name"]
+    return driver_plan.anchor(source, distro, driver_plan.branch_of(requested), kernel_module)
+
+
 def _anchor_known(source, requested, kernel_module):
     """True when apt offers (or the host has) any version of the package the driver's version is read from."""
-    distro = host_memo.fact(LinuxDistribution)["name"]
-    name = driver_plan.anchor(source, distro, driver_plan.branch_of(requested), kernel_module)
+    name = _anchor_name(source, requested, kernel_module)
     info = host.get_fact(AptPackages, packages=[name]).get(name)
     return bool(info and (info["versions"] or info["installed"]))
 
@@ -166,8 +173,7 @@ def _plan_or_refuse(source, requested, kernel_module, open_modules):
 
 
 def _bundle_offers(requested, kernel_module):
-    distro = host_memo.fact(LinuxDistribution)["name"]
-    name = driver_plan.anchor("bundle", distro, driver_plan.branch_of(requested), kernel_module)
+    name = _anchor_name("bundle", requested, kernel_module)
     return offline.offers(host.data.get("gpufleet_bundle"), name, requested)
 
 
@@ -175,8 +181,7 @@ def installed_version(source=None, requested=None, kernel_module=True):
     """The upstream version of the installed driver (its anchor package), or None."""
     source = source or host.data.nvidia_driver_source
     requested = requested or host.data.nvidia_driver_version
-    distro = host_memo.fact(LinuxDistribution)["name"]
-    name = driver_plan.anchor(source, distro, driver_plan.branch_of(requested), kernel_module)
+    name = _anchor_name(source, requested, kernel_module)
     versions = host_memo.fact(DebPackages).get(name) or []
     return upstream(sorted(versions)[0]) if versions else None
 
@@ -200,8 +205,7 @@ def upgrade_from(source=None, requested=None, kernel_module=True):
     else:
         wanted = plan.version
         if not driver_plan.EXACT.fullmatch(requested):
-            distro = host_memo.fact(LinuxDistribution)["name"]
-            anchor_name = driver_plan.anchor(source, distro, driver_plan.branch_of(requested), kernel_module)
+            anchor_name = _anchor_name(source, requested, kernel_module)
             wanted = driver_plan.newest_of_branch(requested, anchor_name, plan.apt) or wanted
     if installed == wanted or ("." not in wanted and installed.split(".")[0] == wanted):
         return None
@@ -313,9 +317,9 @@ def module_built(
     running = host_memo.fact(KernelHeaders)
     kernels = host_memo.fact(InstalledKernels)
     upcoming = next_boot(kernels, running["kernel"])
-    checks = [(running["kernel"], running["headers"], "the running kernel")]
+    checks = [(running["kernel"], running["headers"], RUNNING)]
     if upcoming != running["kernel"]:
-        checks.append((upcoming, kernels[upcoming]["headers"], "the kernel this host boots next"))
+        checks.append((upcoming, kernels[upcoming]["headers"], BOOTS_NEXT))
     for kernel, headers, which in checks:
         command = _module_check(plan, kernel, headers, which, gpus, log_glob)
         if command:
@@ -346,7 +350,7 @@ def _module_check(plan, kernel, headers, which, gpus, log_glob):
         host.noop(f"{found['module']} {found['version']} for {which} {kernel} ({found['filename']})")
         return None
     if not plan.dkms:
-        if which == "the running kernel":
+        if which == RUNNING:
             raise OperationError(
                 f"{host.name}: no NVIDIA module {plan.version} for the running kernel "
                 f"{kernel} after installing {', '.join(plan.modules)} (modinfo says: "
@@ -355,7 +359,7 @@ def _module_check(plan, kernel, headers, which, gpus, log_glob):
         _name_a_kernel_without_its_module(plan, kernel, gpus)
         return None
     if not headers:
-        if gpus and which != "the running kernel":
+        if gpus and which == BOOTS_NEXT:
             bringer = ", ".join(plan.header_metas) or f"the linux-headers package of {kernel}"
             raise OperationError(
                 f"{host.name}: {which}, {kernel}, has no NVIDIA module {plan.version} and no headers to build "
