@@ -7,12 +7,16 @@ import re
 
 import pytest
 
+from operations import TOOLS_DIR
 from operations.proxmox.facts import parse_pct_config, parse_proc_devices
 from tests.e2e.conftest import run_deploy
+from tests.fixtures import proxmox_double
 from tests.fixtures.proxmox_double import HERE as DOUBLE
 from tests.lab import hosts as lab_hosts
 
 PAIR = ["--limit", "lab-pve-1", "--limit", "lab-ct-1"]
+APT = "DEBIAN_FRONTEND=noninteractive apt-get -y -qq -o Dpkg::Use-Pty=0"
+NODE_SCRIPT = f"{TOOLS_DIR}/gpufleet-nvidia-device-nodes"
 
 
 def sh(lab, name, command):
@@ -30,6 +34,26 @@ def host_nodes(lab):
 
 def reboots(lab):
     return sh(lab, "lab-pve-1", "grep -c '^pct reboot 101$' /var/log/gpufleet-pct-double.log || true").strip()
+
+
+def module_version(lab):
+    """The version of the NVIDIA module the double has "loaded" (/proc/driver/nvidia/version)."""
+    return sh(lab, "lab-pve-1", "cat /proc/driver/nvidia/version").split("Kernel Module")[1].split()[0]
+
+
+def built_for(lab, kernel):
+    """The version of Debian's NVIDIA module (nvidia-current) built for ``kernel``, empty when none is."""
+    return sh(lab, "lab-pve-1", f"modinfo -k {kernel} -F version nvidia-current 2>/dev/null || true").strip()
+
+
+def installed(lab, pattern):
+    """The installed packages whose names match a grep -E pattern."""
+    out = sh(lab, "lab-pve-1", "dpkg-query -W -f '${db:Status-Abbrev} ${Package}\\n'")
+    return [
+        name
+        for status, name in (line.split() for line in out.splitlines())
+        if status[1] == "i" and re.search(pattern, name)
+    ]
 
 
 def nvidia_devs(conf):
@@ -58,7 +82,7 @@ def test_guest_restarted_once_across_two_runs(second_deploy, lab):
 
 
 def test_guest_libraries_match_the_host_module(second_deploy, lab):
-    module = sh(lab, "lab-pve-1", "cat /proc/driver/nvidia/version").split("Kernel Module")[1].split()[0]
+    module = module_version(lab)
     query = sh(
         lab,
         "lab-ct-1",
@@ -148,3 +172,54 @@ def test_switching_back_removes_lxc_lines_and_restores_dev_entries(lxc_syntax, l
     before, after_lxc = lxc_syntax["reboots"]
     assert after_lxc == before + 1  # one restart for the switch, none for the no-op run
     assert int(reboots(lab)) == after_lxc + 1
+
+
+def test_a_new_proxmox_kernel_brings_its_headers_and_module_and_boots_with_its_devices(second_deploy, lab):
+    """Proxmox's kernel records (tests/fixtures/proxmox_double/kernels.py): the host runs 6.8.12-42-pve;
+    the repository publishes 6.8.12-43-pve and an upgrade brings it; its headers come with
+    proxmox-default-headers (installed by the deploy) and DKMS's kernel hook builds the module, so the
+    next run has nothing to do; the host "boots" it, the module "loads" because it is built for it, and
+    the device-node script finds its majors and makes the nodes guests need."""
+    running, upcoming = proxmox_double.KERNELS
+    version = module_version(lab)
+    assert sh(lab, "lab-pve-1", "uname -r").strip() == running
+    assert "proxmox-default-headers" in installed(lab, "^proxmox-")
+
+    proxmox_double.publish("gpufleet-lab-pve-1", proxmox_double.KERNELS)
+    sh(lab, "lab-pve-1", f"{APT} install --only-upgrade proxmox-kernel-6.8 proxmox-headers-6.8 proxmox-default-headers")
+    assert {f"proxmox-kernel-{upcoming}", f"proxmox-headers-{upcoming}"} <= set(installed(lab, "^proxmox-"))
+    assert built_for(lab, upcoming) == version  # DKMS's hook, at the kernel's postinst: its headers were there
+
+    before_boot = run_deploy(*PAIR)
+    assert before_boot.rc == 0 and before_boot.total_changed() == 0, before_boot.changed()
+
+    assert proxmox_double.boot("gpufleet-lab-pve-1", upcoming) == f"booted {upcoming}: NVIDIA module {version}"
+    assert sh(lab, "lab-pve-1", "pveversion").strip().endswith(f"(running kernel: {upcoming})")
+    assert sh(lab, "lab-pve-1", "ls /dev | grep -c '^nvidia' || true").strip() == "0"  # a fresh /dev
+    nodes = sh(lab, "lab-pve-1", f"GPUFLEET_NO_MODPROBE=1 {NODE_SCRIPT}")
+    assert "NVIDIA device nodes ready: 0 GPU(s), major 195, nvidia-uvm 237" in nodes, nodes
+    assert sh(lab, "lab-pve-1", "stat -c '%F %t:%T' /dev/nvidiactl /dev/nvidia-uvm").split("\n")[:2] == [
+        "character special file c3:ff",
+        "character special file ed:0",
+    ]
+
+    proxmox_double.settle("gpufleet-lab-pve-1", version)  # the GPU's own node and the caps nodes, as before
+    after_boot = run_deploy(*PAIR)
+    assert after_boot.rc == 0 and after_boot.total_changed() == 0, after_boot.changed()
+
+
+def test_a_kernel_booted_without_its_module_leaves_no_nvidia_majors(second_deploy, lab):
+    """The control for the boot above: the double loads the module only for a kernel it is built for,
+    and without it the device-node script fails, naming what is missing (as a guest would not start)."""
+    current = sh(lab, "lab-pve-1", "uname -r").strip()
+    version = module_version(lab)
+    try:
+        assert proxmox_double.boot("gpufleet-lab-pve-1", "6.8.12-41-pve").endswith(
+            "not loaded: none built for this kernel"
+        )
+        failed = lab_hosts.ssh(lab["lab-pve-1"], f"GPUFLEET_NO_MODPROBE=1 {NODE_SCRIPT}", check=False)
+        assert failed.returncode == 1
+        assert "no nvidia device in /proc/devices: is the NVIDIA kernel module loaded?" in failed.stderr
+    finally:
+        proxmox_double.boot("gpufleet-lab-pve-1", current)
+        proxmox_double.settle("gpufleet-lab-pve-1", version)
