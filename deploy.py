@@ -11,7 +11,7 @@ LXC guests (lxc_guests) that name it; a guest's libraries follow its host's driv
 
 from pyinfra import host
 
-from operations import roles
+from operations import roles, rollout
 from operations.proxmox import passthrough as proxmox
 
 roles.check_settings()
@@ -24,4 +24,6 @@ if "proxmox_hosts" in host.groups:
     summary.update(proxmox_summary)
 if "gpu_hosts" in host.groups:
     summary.update(roles.lxc_guest(guest_driver) if "lxc_guests" in host.groups else roles.gpu_host())
+# The serving hosts' service restarts, held by their roles, roll batch by batch.
+rollout.restart_held_in_batches()
 roles.finish(summary, guest_changes)

@@ -40,4 +40,6 @@ for number in host.loop(range(len(batches))):
     )
     if host.name in batches[number]:
         summary.update(roles.rolled_gpu_host())
+# The serving hosts' service restarts, held by their roles, roll batch by batch.
+rollout.restart_held_in_batches()
 roles.finish(summary, guest_changes)

@@ -32,10 +32,12 @@ gpufleet_site_port = 22
 # (naming it, with the closest known key). Data your own deploys read from the same inventory: list
 # its keys here, and gpufleet leaves them alone.
 gpufleet_other_data = []
-# Rolling upgrades (pyinfra INVENTORY upgrade.py): GPU hosts whose driver or toolkit is not the
-# pinned one are upgraded this many at a time (the same on every host), each drained first: its
-# services get this many seconds to finish open requests, then stop. A rollout halts, leaving the
-# later batches as they were, once more than gpufleet_upgrade_max_failed hosts have failed.
+# Rolling changes. upgrade.py: GPU hosts whose driver or toolkit is not the pinned one are upgraded
+# this many at a time (the same on every host), each drained first: its services get this many
+# seconds to finish open requests, then stop. deploy.py and upgrade.py: on hosts that serve, service
+# restarts (a unit, secrets, image or weights changed) go this many hosts at a time, each service's
+# open requests finished first. Either halts, leaving the later batches as they were, once more than
+# gpufleet_upgrade_max_failed of its hosts have failed.
 gpufleet_upgrade_batch = 1
 gpufleet_upgrade_drain_timeout = 60
 gpufleet_upgrade_max_failed = 0

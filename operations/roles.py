@@ -141,11 +141,11 @@ def _serving_stack(driver, no_cgroups=False, dev_char_symlinks=None):
     gpus = len(devices.gpus())
     runtime_name = host.data.nvidia_toolkit_engine
     on_docker = runtime_name == "docker"
-    runtime_ready, toolkit = _runtime_with_toolkit(runtime_name, driver, gpus, no_cgroups, dev_char_symlinks)
+    runtime_applied, toolkit = _runtime_with_toolkit(runtime_name, driver, gpus, no_cgroups, dev_char_symlinks)
     image_ops = _images(gpus) if on_docker else {}
     if gpus:
         nvidia_toolkit.check_gpu_container(
-            after=[op for op in (driver, toolkit, runtime_ready) if op], engine=runtime_name
+            after=[op for op in (driver, toolkit, *runtime_applied) if op], engine=runtime_name
         )
     services = _services(gpus, image_ops) if on_docker else []
     guarded = on_docker and host.data.inference_firewall and bool(services)
@@ -161,8 +161,8 @@ def _serving_stack(driver, no_cgroups=False, dev_char_symlinks=None):
 
 
 def _runtime_with_toolkit(runtime_name, driver, gpus, no_cgroups, dev_char_symlinks):
-    """The container runtime and the toolkit wired into it; the runtime restarted when either changed
-    its configuration. Returns ``(the restart operation or None, the toolkit's package operation)``."""
+    """The container runtime and the toolkit wired into it; the runtime reloaded or restarted when either
+    changed its configuration. Returns ``([the operations that apply it], the toolkit's package operation)``."""
     install_runtime, restart_runtime = CONTAINER_RUNTIMES[runtime_name]
     runtime_config = install_runtime()
     toolkit_runtime, toolkit = nvidia_toolkit.install_toolkit(

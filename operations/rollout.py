@@ -11,28 +11,24 @@ step they share), so a batch's operations run after the previous batch's and bef
 """
 
 import posixpath
-import shlex
 
 from pyinfra import host, logger
-from pyinfra.api import operation
+from pyinfra.api import deploy, operation
 from pyinfra.api.exceptions import OperationError
 from pyinfra.context import ctx_host
 from pyinfra.facts.systemd import SystemdStatus
 
-from operations import TEMPLATES
 from operations.core import base
 from operations.core.errors import ConfigError
 from operations.driver import devices
 from operations.driver import install as nvidia_driver
 from operations.driver.devices import NvidiaKernelModule
-from operations.services import auth_proxy
+from operations.services import auth_proxy, rolling
 from operations.services.facts import InstalledServices, ServiceReady
 from operations.services.inference import readiness, with_listen
 from operations.toolkit import install as nvidia_toolkit
 
 # host name -> what its upgrade changes (computed once per run, when its deploy is planned)
-# Waits until no request is open on the services' ports (sent inline).
-DRAIN = (TEMPLATES / "gpufleet-drain").read_text()
 _PENDING = {}
 # hosts whose services this run has drained (their drain ran)
 DRAINED = set()
@@ -68,6 +64,19 @@ def batches():
     """The rollout's batches of host names: the connected hosts that roll and have an upgrade pending,
     in inventory order, ``gpufleet_upgrade_batch`` at a time (the same setting on every one)."""
     members = [other for other in host.inventory if other in host.state.active_hosts and rolls(other)]
+    names = [other.name for other in _one_batch_size(members) if pending_of(other)]
+    rolling.IN_PLACE.update(names)  # drained in their batch: their services restart there
+    return _in_batches(names)
+
+
+def restart_batches():
+    """The batches of the serving hosts whose service restarts were held (``rolling``), in inventory
+    order, ``gpufleet_upgrade_batch`` at a time."""
+    return _in_batches([other.name for other in _one_batch_size(rolling.serving_hosts())])
+
+
+def _one_batch_size(members):
+    """``members``, once they all have the same ``gpufleet_upgrade_batch``."""
     sizes = {other.name: other.data.gpufleet_upgrade_batch for other in members}
     if len(set(sizes.values())) > 1:
         raise ConfigError(
@@ -76,9 +85,39 @@ def batches():
             + ", ".join(f"{name}: {size}" for name, size in sizes.items()),
             host=host.name,
         )
+    return members
+
+
+def _in_batches(names):
     size = host.data.gpufleet_upgrade_batch
-    names = [other.name for other in members if pending_of(other)]
     return [names[start : start + size] for start in range(0, len(names), size)]
+
+
+def restart_held_in_batches():
+    """
+    deploy.py and upgrade.py, once every host's roles are planned: the held service starts of the
+    serving hosts (``rolling``), batch by batch. Every host takes each batch's gate, so a batch's
+    restarts (each after its open requests finished, each waited for until it answers) run after
+    the previous batch's and before the next's; once more than ``gpufleet_upgrade_max_failed`` of
+    these hosts failed, the later batches keep serving as they were, named.
+    """
+    batches = restart_batches()
+    for number in host.loop(range(len(batches))):
+        batch_gate(
+            name=f"Service restarts, batch {number + 1} of {len(batches)}: go on unless too many hosts failed",
+            number=number,
+            batches=batches,
+            max_failed=host.data.gpufleet_upgrade_max_failed,
+        )
+        if host.name in batches[number]:
+            _held_starts()
+
+
+@deploy("Service restarts, host by host")
+def _held_starts():
+    """This host's held steps: its services restarted where needed, running, answering; then pruning."""
+    for start in rolling.held():
+        start()
 
 
 def refuse_unloadable_driver(batches):
@@ -134,7 +173,8 @@ def batch_gate(number: int, batches: list[list[str]], max_failed: int):
         )
     if host.name in batch:
         host.noop(
-            f"{where}: {'; '.join(_PENDING.get(host.name, []))}; {len(failed)} failed so far "
+            f"{where}: {'; '.join(_PENDING.get(host.name, [])) or 'its services restart where needed'}; "
+            f"{len(failed)} failed so far "
             f"(gpufleet_upgrade_max_failed = {max_failed})"
         )
     else:
@@ -159,10 +199,7 @@ def drained(ports: list[int], timeout: int):
         host.noop("no inference service running")
         return
     if ports:
-        yield (
-            f"sh -c {shlex.quote(DRAIN)} gpufleet-drain {int(timeout)} {shlex.quote(host.name)} "
-            + " ".join(str(int(port)) for port in sorted(set(ports)))
-        )
+        yield rolling.drain_command(ports, timeout)
     yield f"systemctl stop {' '.join(units)}"
 
 

@@ -69,7 +69,7 @@ def restart_on_change(config_ops: list[OperationMeta]):
 
     + config_ops: operations that write containerd's configuration (the nvidia runtime)
 
-    Returns the restart (a handler: it runs only after a change).
+    Returns ``[the restart]`` (a handler: it runs only after a change).
     """
     restart = systemd.service(
         name="Restart containerd if its configuration changed",
@@ -78,4 +78,4 @@ def restart_on_change(config_ops: list[OperationMeta]):
         _if=any_changed(*config_ops),
     )
     systemd.service(name="Keep containerd enabled and running", service="containerd", running=True, enabled=True)
-    return restart
+    return [restart]

@@ -1,5 +1,6 @@
 """Docker engine: distro packages, /etc/docker/daemon.json merged (log rotation, registry
-mirrors), the service; a site's private registries (their CA, root-only logins)."""
+mirrors, live-restore), the service reloaded or restarted for what changed; a site's private
+registries (their CA, root-only logins)."""
 
 import os
 import stat
@@ -18,6 +19,28 @@ from operations.core.errors import ConfigError
 
 DAEMON_JSON = "/etc/docker/daemon.json"
 CERTS_DIR = "/etc/docker/certs.d"
+# The daemon.json keys dockerd applies on SIGHUP (`systemctl reload docker`), without stopping anything:
+# moby v20.10.24 daemon/reload.go and reload_unix.go (Debian 12 ships 20.10.24); later releases add keys.
+RELOADABLE = {
+    "allow-nondistributable-artifacts",
+    "cluster-advertise",
+    "cluster-store",
+    "cluster-store-opts",
+    "debug",
+    "default-runtime",
+    "default-shm-size",
+    "features",
+    "insecure-registries",
+    "labels",
+    "live-restore",
+    "max-concurrent-downloads",
+    "max-concurrent-uploads",
+    "max-download-attempts",
+    "network-diagnostic-port",
+    "registry-mirrors",
+    "runtimes",
+    "shutdown-timeout",
+}
 
 
 def read_login(path, field="docker_registry_logins", host_name=None):
@@ -51,39 +74,44 @@ def check_registry_files(data, host_name):
 
 
 def daemon_settings(log_max_size, log_max_file, extra, mirrors=()):
-    """What gpufleet merges into daemon.json: json-file logs, rotated, registry mirrors, extra keys."""
+    """What gpufleet merges into daemon.json: json-file logs, rotated, registry mirrors, live-restore
+    (containers keep running while dockerd restarts), extra keys."""
     return {
         "log-driver": "json-file",
         "log-opts": {"max-size": str(log_max_size), "max-file": str(log_max_file)},
+        "live-restore": True,
         **({"registry-mirrors": list(mirrors)} if mirrors else {}),
         **extra,
     }
 
 
+def _wanted_settings():
+    data = host.data
+    return daemon_settings(
+        data.docker_log_max_size, data.docker_log_max_file, data.docker_daemon_settings, data.docker_registry_mirrors
+    )
+
+
+def needs_restart(current, settings):
+    """Whether merging ``settings`` into daemon.json ``current`` (None: absent) changes a key dockerd
+    only reads at start; False when every key that changes is one it reloads (``RELOADABLE``)."""
+    merged = json_files.deep_merge(current or {}, settings)
+    changed = {key for key in merged.keys() | (current or {}).keys() if merged.get(key) != (current or {}).get(key)}
+    return bool(changed - RELOADABLE)
+
+
 @deploy("Install Docker engine", data_defaults=settings.DEFAULTS)
-def install_docker(
-    packages: list[str] | None = None,
-    log_max_size: str | None = None,
-    log_max_file: int | None = None,
-    extra_settings: dict | None = None,
-    mirrors: list[str] | None = None,
-):
+def install_docker(packages: list[str] | None = None):
     """
-    Install Docker from the distro and merge log rotation into daemon.json (other keys kept).
+    Install Docker from the distro and merge into daemon.json (other keys kept) what the settings say:
+    log rotation (``docker_log_max_size``, ``docker_log_max_file``), Docker Hub mirrors
+    (``docker_registry_mirrors``), more keys (``docker_daemon_settings``), and ``live-restore``.
 
     + packages: apt packages of the engine (``docker_packages``)
-    + log_max_size: json-file ``max-size`` per container log (``docker_log_max_size``)
-    + log_max_file: rotated files kept (``docker_log_max_file``)
-    + extra_settings: more daemon.json keys to merge (``docker_daemon_settings``)
-    + mirrors: pull-through caches for Docker Hub (``docker_registry_mirrors``)
 
     Returns the daemon.json operation: pass it to ``restart_on_change``.
     """
     packages = packages or host.data.docker_packages
-    log_max_size = log_max_size or host.data.docker_log_max_size
-    log_max_file = log_max_file or host.data.docker_log_max_file
-    extra_settings = extra_settings if extra_settings is not None else host.data.docker_daemon_settings
-    mirrors = host.data.docker_registry_mirrors if mirrors is None else mirrors
 
     apt.packages(
         name="Install the Docker engine packages",
@@ -94,9 +122,7 @@ def install_docker(
     )
     files.directory(name="Ensure /etc/docker exists", path="/etc/docker", mode="755")
     return json_files.merged(
-        name=f"Merge log rotation into {DAEMON_JSON}",
-        path=DAEMON_JSON,
-        settings=daemon_settings(log_max_size, log_max_file, extra_settings, mirrors),
+        name=f"Merge log rotation and live-restore into {DAEMON_JSON}", path=DAEMON_JSON, settings=_wanted_settings()
     )
 
 
@@ -143,17 +169,28 @@ def registry_access(ca_files: dict | None = None, logins: dict | None = None):
 @deploy("Apply Docker configuration")
 def restart_on_change(config_ops: list[OperationMeta]):
     """
-    Keep Docker enabled and running, restarting it only when one of ``config_ops`` changed.
+    Keep Docker enabled and running; after one of ``config_ops`` changed, reload it when every
+    daemon.json key that changes is one dockerd reloads (the toolkit's ``runtimes``, mirrors,
+    ``live-restore``), restart it otherwise (log options). Either way the containers keep running:
+    live-restore is on, and each inference unit's main process waits out a dockerd restart.
 
     + config_ops: operations that write Docker's configuration (daemon.json, runtimes)
 
-    Returns the restart (a handler: it runs only after a change).
+    Returns the reload and the restart (handlers: they run only after a change, one of them).
     """
-    restart = systemd.service(
-        name="Restart Docker if its configuration changed",
+    changed = any_changed(*config_ops)
+    restart = needs_restart(json_files.read(DAEMON_JSON), _wanted_settings())
+    reloaded = systemd.service(
+        name="Reload Docker if its configuration changed in keys it reloads only (runtimes, mirrors, live-restore)",
+        service="docker",
+        reloaded=True,
+        _if=lambda: changed() and not restart,
+    )
+    restarted = systemd.service(
+        name="Restart Docker if a key it reads only at start changed (log options); containers keep running",
         service="docker",
         restarted=True,
-        _if=any_changed(*config_ops),
+        _if=lambda: changed() and restart,
     )
     systemd.service(name="Keep Docker enabled and running", service="docker", running=True, enabled=True)
-    return restart
+    return [reloaded, restarted]

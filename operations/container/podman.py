@@ -21,7 +21,7 @@ def install_podman():
 def restart_on_change(config_ops):
     """
     Podman has no daemon: nothing restarts. Its containers read the CDI spec as it is, so the
-    operation that writes it (the last of ``config_ops``, None on a host without GPUs) is the one
-    after which they see GPUs.
+    operation that writes it (the last of ``config_ops``; none on a host without GPUs) is the one
+    after which they see GPUs. Returns ``[that operation]`` or ``[]``.
     """
-    return config_ops[-1] if config_ops else None
+    return config_ops[-1:]

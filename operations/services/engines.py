@@ -304,7 +304,9 @@ def docker_args(service, weights_root, env_file, use_gpus, user=DEFAULT_USER, ke
     # Logs: json-file, rotated as daemon.json says (docker_log_max_size / docker_log_max_file).
     args = [
         "run",
-        "--rm",
+        "--detach",  # its unit's main process follows it (gpufleet-container-follow)
+        # No --rm: Docker before 24.0.8 removes --rm containers at a restart even with live-restore
+        # (moby/moby#46308); the unit removes the container before it starts and after it stops.
         "--name",
         name,
         "--init",

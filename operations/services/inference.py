@@ -12,7 +12,7 @@ from pathlib import Path
 
 from jinja2 import Template
 from pyinfra import host, logger
-from pyinfra.api import deploy
+from pyinfra.api import deploy, operation
 from pyinfra.operations import files, systemd
 
 from operations import TEMPLATES, TOOLS_DIR
@@ -24,7 +24,7 @@ from operations.core.remote import Shell
 from operations.driver import cuda_gate
 from operations.offline import from_bundle as offline
 from operations.offline import staging
-from operations.services import auth_proxy, engines, firewall, secret_files
+from operations.services import auth_proxy, engines, firewall, rolling, secret_files
 from operations.services.accounts import service_account
 from operations.services.facts import ServiceAccounts, ServiceReady
 from operations.services.names import managed_name, unit_name, unit_path
@@ -270,24 +270,32 @@ def install_services(
     # gpufleet's table is removed.
     firewall.admit_only_allowed(ports=guarded_ports(services) if services and host.data.inference_firewall else [])
     ids = service_ids(services, accounts)
-    results = [
+    installed = [
         _install_service(service, ids[service["name"]], gpus, weights_root, start_timeout, volumes, image_ops or {})
         for service in services
     ]
-    _prune_unused(services, weights_root)
-    return results
+    # Starting them (a restart where anything they use changed) and pruning what they no longer use:
+    # now, or, on a host that serves, in its batch (``rolling``).
+    starts = [start for _, start in installed if start] + [lambda: _prune_unused(services, weights_root)]
+    if rolling.hold(starts):
+        logger.info(f"[{host.name}] serving: its services restart, where needed, in its batch (gpufleet_upgrade_batch)")
+    else:
+        for start in starts:
+            start()
+    return [result for result, _ in installed]
 
 
 def _install_tools(with_weight_check):
-    """gpufleet's readiness check, and its weight check when the host has services."""
+    """gpufleet's readiness check and container follower, and its weight check when the host has services."""
     files.directory(name=f"Ensure {TOOLS_DIR} exists", path=TOOLS_DIR, mode="755")
-    files.put(
-        name="Install the readiness check",
-        src=str(TEMPLATES / "gpufleet-wait-ready"),
-        dest=f"{TOOLS_DIR}/gpufleet-wait-ready",
-        mode="755",
-        create_remote_dir=False,
-    )  # ensured just above
+    for tool, what in (("gpufleet-wait-ready", "readiness check"), ("gpufleet-container-follow", "container follower")):
+        files.put(
+            name=f"Install the {what}",
+            src=str(TEMPLATES / tool),
+            dest=f"{TOOLS_DIR}/{tool}",
+            mode="755",
+            create_remote_dir=False,
+        )  # ensured just above
     if with_weight_check:
         files.put(
             name="Install the weight check",
@@ -299,8 +307,8 @@ def _install_tools(with_weight_check):
 
 
 def _install_service(service, user, gpus, weights_root, start_timeout, volumes, image_ops):
-    """One service: its account, secrets and unit, then (when it can run here) restarted if anything it
-    uses changed, running and ready, with its proxy. Returns ``(engine side, ready fact or None, where)``."""
+    """One service: its account, secrets and unit. Returns ``((engine side, ready fact or None, where),
+    start)``: ``start`` adds the operations that run it (None when it cannot run here)."""
     name = service["name"]
     engine_service = auth_proxy.engine_side(service) if service.get("proxy_port") else service
     uid, gid = (int(number) for number in user.split(":"))
@@ -336,28 +344,47 @@ def _install_service(service, user, gpus, weights_root, start_timeout, volumes, 
     )
     systemd.daemon_reload(name=f"Reload systemd for {managed_name(name)}", _if=unit.did_change)
     if not runs_here:
-        return engine_service, None, where
+        return (engine_service, None, where), None
     ready = host.get_fact(
         ServiceReady, urls=engines.ready_urls(engine_service), key_file=where["key_source"], key_var=where["key_var"]
     )
     volume = weights.volume_of(service["model"])
+    restart = restart_needed(
+        service,
+        ready,
+        unit,
+        new_secrets,
+        image_ops.get(service["image"]),
+        volumes[volume],
+        posixpath.join(weights_root, volume),
+    )
+
+    def start():
+        _start_service(service, engine_service, where, restart, user, new_key, start_timeout)
+
+    return (engine_service, ready, where), start
+
+
+def _start_service(service, engine_service, where, restart, user, new_key, start_timeout):
+    """Restart the service when ``restart()`` says so (on a host that serves, once its open requests
+    finished), keep it running, its proxy too, and check it answers at apply time."""
+    name = managed_name(service["name"])
+    if rolling.holds_restarts():
+        requests_finished(
+            name=f"Let {name}'s open requests finish before it restarts (at most gpufleet_upgrade_drain_timeout s)",
+            ports=guarded_ports([service]),
+            timeout=host.data.gpufleet_upgrade_drain_timeout,
+            _if=restart,
+        )
     systemd.service(
-        name=f"Restart {managed_name(name)} after its unit, secrets, weights or image changed, or it was not ready",
-        service=managed_name(name),
+        name=f"Restart {name} after its unit, secrets, weights or image changed, or it was not ready",
+        service=name,
         restarted=True,
-        _if=restart_needed(
-            service,
-            ready,
-            unit,
-            new_secrets,
-            image_ops.get(service["image"]),
-            volumes[volume],
-            posixpath.join(weights_root, volume),
-        ),
+        _if=restart,
     )
     systemd.service(
-        name=f"Run {managed_name(name)} ({service['engine']}, {service['model']}) and wait until ready",
-        service=managed_name(name),
+        name=f"Run {name} ({service['engine']}, {service['model']}) and wait until ready",
+        service=name,
         running=True,
         enabled=True,
     )
@@ -373,7 +400,14 @@ def _install_service(service, user, gpus, weights_root, start_timeout, volumes, 
             ready=proxy_ready,
             start_timeout=start_timeout,
         )
-    return engine_service, ready, where
+    answers(
+        name=f"Check {name} answers now, whatever restarted it in this run",
+        service=service["name"],
+        urls=engines.ready_urls(engine_service),
+        key_file=where["key_source"],
+        key_var=where["key_var"],
+        timeout=int(service.get("start_timeout", start_timeout)),
+    )
 
 
 def _says_where_it_runs(service, gpus):
@@ -422,6 +456,32 @@ def restart_needed(service, ready, unit, new_secrets, image_op, volume_op, volum
         )
 
     return needed
+
+
+@operation()
+def requests_finished(ports: list[int], timeout: int):
+    """Wait until no connection to ``ports`` is established (at most ``timeout`` seconds): a request in
+    flight finishes before its service restarts."""
+    yield rolling.drain_command(ports, timeout)
+
+
+@operation()
+def answers(service: str, urls: list[str], key_file: str, key_var: str, timeout: int):
+    """
+    ``service`` answers on its endpoint, read when this step runs, after every earlier step of the run
+    (its own restart, the container engine's, a reload): nothing to do when it does; otherwise it is
+    waited for, at most ``timeout`` seconds, and the run fails naming it if it never answers.
+    """
+    ready = host.get_fact(ServiceReady, urls=urls, key_file=key_file, key_var=key_var)
+    if ready["ready"]:
+        host.noop(f"{service} answers ({', '.join(urls)})")
+        return
+    wait = f"{TOOLS_DIR}/gpufleet-wait-ready {int(timeout)} {' '.join(shlex.quote(url) for url in urls)}"
+    failed = f"service {service} does not answer after {int(timeout)} s (before: {ready['reason']})"
+    yield (
+        f"GPUFLEET_KEY_FILE={shlex.quote(key_file or '')} GPUFLEET_KEY_VAR={shlex.quote(key_var or '')} {wait} "
+        f"|| {{ echo {shlex.quote(failed)} >&2; exit 1; }}"
+    )
 
 
 def _prune_unused(services, weights_root):

@@ -144,7 +144,8 @@ def test_no_room_is_refused_before_any_download(hub, tmp_path):
 
     hub, endpoint, _ = hub
     dest = tmp_path / "vol"
-    margin = shutil.disk_usage(tmp_path).free  # what the volume needs on top of this cannot fit
+    # What the volume needs on top of this cannot fit, even if other writers free a GiB meanwhile.
+    margin = shutil.disk_usage(tmp_path).free + (1 << 30)
     result = fetch(endpoint, dest, "fetch", "lab/tiny", commit(hub), str(dest), "--margin", str(margin))
     assert result.returncode == 1
     assert (

@@ -47,8 +47,8 @@ def test_systemd_analyze_verifies_a_unit_with_every_hard_word(tmp_path):
     rendered = inference.unit_text(
         {**SERVICE, "args": ["--chat-template", "{{ x }} 100% $y \\ 'q'"]}, "/srv/w", None, False, 300
     )
-    exec_start = next(line for line in rendered.splitlines() if line.startswith("ExecStart="))
-    assert "\"{{ x }} 100%% $$y \\\\ 'q'\"" in exec_start
+    docker_run = next(line for line in rendered.splitlines() if line.startswith("ExecStartPre=/usr/bin/docker run"))
+    assert "\"{{ x }} 100%% $$y \\\\ 'q'\"" in docker_run
 
 
 def test_a_service_without_args_passes():

@@ -1,0 +1,85 @@
+"""
+Service restarts that roll host by host. On a host that serves when the run starts (one of its
+gpufleet units running), what would restart its services (a unit, image, weights or secrets change,
+or a service that is not ready) is held until the host's batch: the serving hosts in inventory order,
+``gpufleet_upgrade_batch`` at a time, each batch's open requests finished, services restarted and
+ready before the next batch starts (``rollout.restart_held_in_batches``, run by deploy.py and
+upgrade.py). A host that serves nothing yet starts its services in place, at once. A change to the
+container engine is not held: Docker keeps the containers running through it (live-restore, and
+each unit's main process follows its container: ``gpufleet-container-follow``).
+"""
+
+import shlex
+
+from pyinfra import host
+from pyinfra.context import ctx_host
+from pyinfra.facts.systemd import SystemdStatus
+
+from operations import TEMPLATES
+from operations.services.facts import InstalledServices
+
+# Waits until no connection to the given ports is established, at most N seconds (sent inline).
+DRAIN = (TEMPLATES / "gpufleet-drain").read_text()
+# host name -> whether a gpufleet unit ran there when this run started (read once per run)
+_SERVES = {}
+# host name -> the steps (functions) that start its services, held for its batch
+_HELD = {}
+# hosts whose services restart in place though they serve: upgrade.py's rolled hosts, drained already
+IN_PLACE = set()
+
+
+def serves(other=None):
+    """Whether ``other`` (a host of the inventory; this host by default) ran one of its gpufleet
+    inference units when the run started: it serves, and its restarts wait for its batch."""
+    name = other.name if other else host.name
+    if name not in _SERVES:
+        if other is None:
+            _SERVES[name] = _runs_a_unit()
+        else:
+            with ctx_host.use(other):
+                _SERVES[name] = _runs_a_unit()
+    return _SERVES[name]
+
+
+def _runs_a_unit():
+    installed = host.get_fact(InstalledServices)
+    running = host.get_fact(SystemdStatus, services=sorted(installed)) if installed else {}
+    return any(running.get(unit) for unit in installed)
+
+
+def holds_restarts():
+    """Whether this host's service restarts wait for its batch: it serves, and is not restarted in place."""
+    return host.name not in IN_PLACE and serves()
+
+
+def hold(steps):
+    """Keep ``steps`` (functions adding the operations that start this host's services) for its batch
+    when its restarts wait for it; True when held, False when the caller runs them now."""
+    if not holds_restarts():
+        return False
+    _HELD[host.name] = list(steps)
+    return True
+
+
+def held():
+    """This host's held steps, handed over once."""
+    return _HELD.pop(host.name, [])
+
+
+def serving_hosts():
+    """The GPU hosts of this run (connected, in inventory order) whose service restarts are held."""
+    return [
+        other
+        for other in host.inventory
+        if other in host.state.active_hosts
+        and "gpu_hosts" in other.groups
+        and other.name not in IN_PLACE
+        and serves(other)
+    ]
+
+
+def drain_command(ports, timeout):
+    """The command that waits until no request is open on ``ports`` (at most ``timeout`` seconds)."""
+    return f"sh -c {shlex.quote(DRAIN)} gpufleet-drain {int(timeout)} {shlex.quote(host.name)} " + " ".join(
+        str(int(port)) for port in sorted(set(ports))
+    )
