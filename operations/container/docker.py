@@ -6,7 +6,7 @@ import os
 import stat
 from pathlib import Path
 
-from pyinfra import host
+from pyinfra import host, logger
 from pyinfra.api import deploy
 from pyinfra.api.operation import OperationMeta
 from pyinfra.operations import apt, files, systemd
@@ -16,6 +16,7 @@ from operations import TEMPLATES, TOOLS_DIR
 from operations.container import images as docker_images
 from operations.core import json_files, settings
 from operations.core.errors import ConfigError
+from operations.services import rolling
 
 DAEMON_JSON = "/etc/docker/daemon.json"
 CERTS_DIR = "/etc/docker/certs.d"
@@ -171,26 +172,46 @@ def restart_on_change(config_ops: list[OperationMeta]):
     """
     Keep Docker enabled and running; after one of ``config_ops`` changed, reload it when every
     daemon.json key that changes is one dockerd reloads (the toolkit's ``runtimes``, mirrors,
-    ``live-restore``), restart it otherwise (log options). Either way the containers keep running:
-    live-restore is on, and each inference unit's main process waits out a dockerd restart.
+    ``live-restore``), restart it otherwise (log options), after a reload that turns live-restore on
+    where the running dockerd has it off. Either way the containers keep running: live-restore is
+    on, and each inference unit's main process waits out a dockerd restart.
 
     + config_ops: operations that write Docker's configuration (daemon.json, runtimes)
 
-    Returns the reload and the restart (handlers: they run only after a change, one of them).
+    With live-restore turned off (``docker_daemon_settings``) a restart stops the containers: on a
+    host that serves it waits for the host's batch (``rolling``), said.
+
+    Returns the reload and the restart where it is not held (handlers: they run only after a change).
     """
     changed = any_changed(*config_ops)
-    restart = needs_restart(json_files.read(DAEMON_JSON), _wanted_settings())
+    wanted = _wanted_settings()
+    current = json_files.read(DAEMON_JSON)
+    restart = needs_restart(current, wanted)
+    # A dockerd without live-restore stops the containers when it stops: a reload turns it on first.
+    reload_first = restart and (current or {}).get("live-restore") is not True and wanted.get("live-restore")
     reloaded = systemd.service(
-        name="Reload Docker if its configuration changed in keys it reloads only (runtimes, mirrors, live-restore)",
+        name="Reload Docker if its configuration changed in keys it reloads (runtimes, mirrors, live-restore)",
         service="docker",
         reloaded=True,
-        _if=lambda: changed() and not restart,
+        _if=lambda: changed() and (not restart or reload_first),
     )
-    restarted = systemd.service(
-        name="Restart Docker if a key it reads only at start changed (log options); containers keep running",
+    applied = [reloaded]
+    if wanted.get("live-restore") is False and rolling.holds_restarts():
+        logger.warning(
+            f"[{host.name}] live-restore is off (docker_daemon_settings): restarting Docker stops the containers, "
+            "so a restart waits for this host's batch"
+        )
+        rolling.defer(lambda: _restart(changed, restart, "live-restore off: it stops the containers"))
+    else:
+        applied.append(_restart(changed, restart, "containers keep running"))
+    systemd.service(name="Keep Docker enabled and running", service="docker", running=True, enabled=True)
+    return applied
+
+
+def _restart(changed, restart, consequence):
+    return systemd.service(
+        name=f"Restart Docker if a key it reads only at start changed (log options); {consequence}",
         service="docker",
         restarted=True,
         _if=lambda: changed() and restart,
     )
-    systemd.service(name="Keep Docker enabled and running", service="docker", running=True, enabled=True)
-    return [reloaded, restarted]

@@ -24,6 +24,8 @@ DRAIN = (TEMPLATES / "gpufleet-drain").read_text()
 _SERVES = {}
 # host name -> the steps (functions) that start its services, held for its batch
 _HELD = {}
+# host name -> steps deferred to its batch before those (a Docker restart that would stop containers)
+_DEFERRED = {}
 # hosts whose services restart in place though they serve: upgrade.py's rolled hosts, drained already
 IN_PLACE = set()
 
@@ -61,9 +63,14 @@ def hold(steps):
     return True
 
 
+def defer(step):
+    """Add ``step`` (a function adding operations) to this host's batch, before its services' steps."""
+    _DEFERRED.setdefault(host.name, []).append(step)
+
+
 def held():
-    """This host's held steps, handed over once."""
-    return _HELD.pop(host.name, [])
+    """This host's deferred and held steps, handed over once."""
+    return _DEFERRED.pop(host.name, []) + _HELD.pop(host.name, [])
 
 
 def serving_hosts():

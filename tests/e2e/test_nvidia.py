@@ -51,7 +51,7 @@ def test_removed_runtime_is_configured_again_and_docker_reloaded_not_restarted(s
         "GPU host | Install NVIDIA Container Toolkit | Configure Docker's nvidia runtime (nvidia-ctk runtime configure)"
     ) in changed
     assert (
-        "GPU host | Apply Docker configuration | Reload Docker if its configuration changed in keys it reloads only "
+        "GPU host | Apply Docker configuration | Reload Docker if its configuration changed in keys it reloads "
         "(runtimes, mirrors, live-restore)"
     ) in changed
     assert sh(lab, "lab-2", "systemctl show -p ActiveEnterTimestampMonotonic docker").stdout == started

@@ -25,7 +25,7 @@ DOCKER_RESTART = (
     "containers keep running"
 )
 DOCKER_RELOAD = (
-    "GPU host | Apply Docker configuration | Reload Docker if its configuration changed in keys it reloads only "
+    "GPU host | Apply Docker configuration | Reload Docker if its configuration changed in keys it reloads "
     "(runtimes, mirrors, live-restore)"
 )
 SERVICE_RESTART = (
@@ -151,3 +151,39 @@ def test_a_unit_change_restarts_the_services_one_host_at_a_time(fleet, lab, meas
     ), windows
     again = fleet("docker_log_max_size=20m", "inference_start_timeout=301")
     assert again.rc == 0 and again.total_changed() == 0, again.changed()
+
+
+def test_with_live_restore_off_a_docker_restart_waits_for_each_hosts_batch(fleet, lab, measured):
+    """docker_daemon_settings turns live-restore off (a reload: nothing restarts); a log change then
+    restarts dockerd, which stops the containers, so it goes host by host with the services. Turning
+    it on again with a log change: a reload first, so the restart stops nothing."""
+    steady = ("docker_log_max_size=20m", "inference_start_timeout=301")
+    off = 'docker_daemon_settings={"live-restore": false}'
+    before = {name: container(name) for name in HOSTS}
+    turned_off = fleet(*steady, off)
+    assert turned_off.rc == 0, turned_off.output[-3000:]
+    assert {name: container(name) for name in HOSTS} == before
+    try:
+        result, rounds = probed(
+            lab,
+            lambda: fleet("docker_log_max_size=30m", steady[1], off),
+            "docker_log_max_size, live-restore off",
+            measured,
+        )
+        assert result.rc == 0, result.output[-3000:]
+        assert "live-restore is off (docker_daemon_settings): restarting Docker stops the containers" in result.output
+        restart = (
+            "--> Starting operation: Service restarts, host by host | Restart Docker if a key it reads only at start "
+            "changed (log options); live-restore off: it stops the containers"
+        )
+        assert result.output.count(restart) == 2, result.output[-3000:]
+        after = {name: container(name) for name in HOSTS}
+        assert all(after[name] != before[name] for name in HOSTS)  # the containers did stop, lab-1 first
+        assert after["lab-1"].split()[1] < after["lab-2"].split()[1], after
+        assert probe.fewest_answering(rounds) >= 1, rounds
+    finally:
+        # live-restore on and the log size back: a reload turns live-restore on, then the restart keeps them
+        back = fleet(*steady)
+        assert back.rc == 0, back.output[-3000:]
+    assert back.changed()[DOCKER_RELOAD][1] == 2 and back.changed()[DOCKER_RESTART][1] == 2, back.changed()
+    assert {name: container(name) for name in HOSTS} == after
