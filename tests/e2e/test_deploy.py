@@ -113,6 +113,15 @@ def test_testinfra_checks_pass_on_every_host(second_deploy, lab):
     }
 
 
+def test_typo_in_settings_stops_before_any_host_changes(second_deploy, lab):
+    before = lab_hosts.ssh(lab["lab-1"], "stat -c %Y /etc/gpufleet/host.json").stdout
+    result = run_deploy("--data", "docker_log_max_fil=5")
+    assert result.rc != 0
+    assert "docker_log_max_fil: unknown setting (did you mean 'docker_log_max_file'?)" in result.output
+    assert "Starting operation" not in result.output
+    assert lab_hosts.ssh(lab["lab-1"], "stat -c %Y /etc/gpufleet/host.json").stdout == before
+
+
 def test_a_misspelt_key_without_a_known_prefix_stops_the_run_too(second_deploy):
     result = run_deploy("--data", "infrence_services=[]", "--limit", "lab-1")
     assert result.rc != 0
