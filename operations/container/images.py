@@ -100,10 +100,23 @@ class RegistryDigest(FactBase):
         return {"digest": output[-1].strip()}
 
 
+DOCKER_HUB_NAMES = ("docker.io", "index.docker.io", "registry-1.docker.io")
+
+
 def repository(image):
-    """The repository part of a reference: ``10.0.0.5:5000/team/llama-server:v1`` -> ``10.0.0.5:5000/team/llama-server``."""
+    """
+    The repository part of a reference as Docker writes it in RepoDigests: ``10.0.0.5:5000/team/x:v1``
+    -> ``10.0.0.5:5000/team/x``; Docker Hub's in its short form: ``docker.io/library/nginx:1.27`` ->
+    ``nginx``, ``docker.io/vllm/vllm-openai:v0.6.3`` -> ``vllm/vllm-openai``.
+    """
     name = image.split("@", 1)[0]
-    return name.rsplit(":", 1)[0] if ":" in name.rsplit("/", 1)[-1] else name
+    name = name.rsplit(":", 1)[0] if ":" in name.rsplit("/", 1)[-1] else name
+    first, _, rest = name.partition("/")
+    if rest and ("." in first or ":" in first or first == "localhost"):  # names a registry
+        if first not in DOCKER_HUB_NAMES:
+            return name
+        name = rest
+    return name.removeprefix("library/") if name.count("/") == 1 else name
 
 
 def has_digest(local, image, digest):

@@ -5,9 +5,12 @@ import base64
 import hashlib
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
+from operations import TEMPLATES
 from operations.container import docker
 from operations.container import images as docker_images
 from operations.core.errors import ConfigError
@@ -78,6 +81,25 @@ def test_repository_of_references():
     assert docker_images.repository(f"{REG}@{DIGEST}") == REG
     assert docker_images.repository("vllm/vllm-openai:v0.6.3") == "vllm/vllm-openai"
     assert docker_images.repository("localhost:5000/x") == "localhost:5000/x"
+
+
+@pytest.mark.parametrize(
+    "image, short",
+    [
+        ("docker.io/library/nginx:1.27", "nginx"),
+        ("library/nginx:1.27", "nginx"),
+        ("docker.io/nginx:1.27", "nginx"),
+        ("index.docker.io/library/busybox", "busybox"),
+        ("docker.io/vllm/vllm-openai:v0.6.3", "vllm/vllm-openai"),
+        ("ghcr.io/ggml-org/llama.cpp:server", "ghcr.io/ggml-org/llama.cpp"),
+    ],
+)
+def test_docker_hub_references_match_the_short_form_docker_records(image, short):
+    """Docker writes a Docker Hub image's RepoDigests in its short form (``nginx@sha256:...``), so a
+    reference written in full is compared in that form: its tag is not reported as moved on every run."""
+    assert docker_images.repository(image) == short
+    local = {"id": "sha256:" + "c" * 64, "repo_digests": [f"{short}@{DIGEST}"]}
+    assert docker_images.has_digest(local, image, DIGEST)
 
 
 def test_login_is_compared_by_hash_and_the_password_goes_on_stdin(run_op):
@@ -244,3 +266,51 @@ def test_lock_pins_every_wheel_of_each_target():
         assert any(name.startswith(f"huggingface_hub-{lock['huggingface_hub']}-") for name in wheels), target
         assert all(len(digest) == 64 for digest in wheels.values())
         assert not any(name.startswith("hf_xet-") for name in wheels)
+
+
+@pytest.fixture
+def mirror():
+    """A pull-through mirror stand-in on loopback: it serves one tag's digest, as a registry does
+    (HEAD /v2/NAME/manifests/TAG, Docker-Content-Digest), and records what it was asked."""
+    import http.server
+    import threading
+
+    asked = []
+
+    class Mirror(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            asked.append(self.path)
+            found = self.path == "/v2/library/nginx/manifests/1.27"
+            self.send_response(200 if found else 404)
+            if found:
+                self.send_header("Docker-Content-Digest", DIGEST)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Mirror)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", asked
+    server.shutdown()
+
+
+def registry_digest(image, daemon_json):
+    return subprocess.run(
+        [sys.executable, str(TEMPLATES / "gpufleet-registry-digest"), image],
+        env={**os.environ, "GPUFLEET_DOCKER_DAEMON_JSON": str(daemon_json)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_a_docker_hub_tag_is_asked_of_the_mirrors_first_as_docker_pulls_it(mirror, tmp_path):
+    url, asked = mirror
+    daemon_json = tmp_path / "daemon.json"
+    # the first mirror is down (nothing listens on port 9 here): the next one answers
+    daemon_json.write_text(json.dumps({"registry-mirrors": ["http://127.0.0.1:9", url + "/"]}))
+    done = registry_digest("docker.io/library/nginx:1.27", daemon_json)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == DIGEST
+    assert asked == ["/v2/library/nginx/manifests/1.27"]
