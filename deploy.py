@@ -6,7 +6,9 @@ gpufleet: turn the inventory's hosts into GPU inference hosts.
 A host plays the roles its groups name (operations/roles.py); what each concern does is in
 operations/. Settings (and the offline bundle, when one is named) are checked first: a bad value
 stops the run before any host changes. A Proxmox VE host (proxmox_hosts) passes its GPUs to the
-LXC guests (lxc_guests) that name it; a guest's libraries follow its host's driver version.
+LXC guests (lxc_guests) that name it; a guest's libraries follow its host's driver version. On hosts
+that serve, service restarts wait for their batch (gpufleet_upgrade_batch hosts at a time, in
+inventory order): the fleet never restarts all at once (operations/services/rolling.py).
 """
 
 from pyinfra import host

@@ -9,7 +9,8 @@ drained (open requests finish, its services stop), upgraded by the GPU host role
 again, each waited for until ready), and verified serving before the next batch starts. Once more
 than gpufleet_upgrade_max_failed hosts have failed, the later batches are left as they were and
 named; run it again and it goes on from there (upgraded hosts are no longer pending). Proxmox hosts
-and their LXC guests are upgraded in place, as deploy.py does (operations/rollout.py).
+and their LXC guests are upgraded in place, as deploy.py does (operations/rollout.py). The other
+serving hosts' service restarts then roll batch by batch, as in deploy.py.
 """
 
 from pyinfra import host

@@ -3,8 +3,8 @@ Settings changes on a serving fleet (deploy.py over lab-1 and lab-2, each servin
 lab address) while a bounded probe loop on the control node sends completions to both: a Docker
 log-rotation change restarts dockerd and no container (live-restore, and the unit's main process
 follows its container through it); a toolkit runtime entry removed by hand comes back with a reload;
-a change to the service's unit restarts the services one host at a time, each answering before the
-next goes. Every run ends with every service answering, and a re-run changes nothing. The windows
+a change to the service's unit, and one to its image, restart the services one host at a time, each
+answering before the next goes; with live-restore off, dockerd's restart rolls the same way. Every run ends with every service answering, and a re-run changes nothing. The windows
 each host was out of service are written to .lab/measurements/rolling.json.
 """
 
@@ -12,6 +12,7 @@ import json
 
 import pytest
 
+from group_data.lab import inference_services as LAB_SERVICES
 from tests.lab import hosts as lab_hosts
 from tests.lab import probe
 
@@ -20,6 +21,7 @@ from .conftest import REPO, run_deploy
 HOSTS = ("lab-1", "lab-2")
 KEY = REPO / ".lab" / "secrets" / "chat-api-key"
 MEASURED = REPO / ".lab" / "measurements" / "rolling.json"
+ROLLED = "gpufleet-lab/llama-server:rolled"  # the service's image, committed again: same program, new ID
 DOCKER_RESTART = (
     "GPU host | Apply Docker configuration | Restart Docker if a key it reads only at start changed (log options); "
     "containers keep running"
@@ -187,3 +189,33 @@ def test_with_live_restore_off_a_docker_restart_waits_for_each_hosts_batch(fleet
         assert back.rc == 0, back.output[-3000:]
     assert back.changed()[DOCKER_RELOAD][1] == 2 and back.changed()[DOCKER_RESTART][1] == 2, back.changed()
     assert {name: container(name) for name in HOSTS} == after
+
+
+def test_an_image_change_restarts_the_services_one_host_at_a_time(fleet, lab, measured):
+    """The service moves to another image (``docker commit`` of its container on each host: the same
+    program under a new image ID, which no registry serves, so the host keeps it): its containers are
+    replaced on the new image, lab-1's then lab-2's, never both out at once."""
+    steady = ("docker_log_max_size=20m", "inference_start_timeout=301")
+    for name in HOSTS:
+        assert sh(name, f"docker commit gpufleet-chat {ROLLED} >/dev/null && echo made") == "made"
+    services = json.dumps([{**LAB_SERVICES[0], "image": ROLLED}])
+    before = {name: container(name) for name in HOSTS}
+    result, rounds = probed(lab, lambda: fleet(*steady, f"inference_services={services}"), "image", measured)
+    assert result.rc == 0, result.output[-3000:]
+    assert result.output.count(f"--> Starting operation: {SERVICE_RESTART}") == 2, result.output[-3000:]
+    after = {name: container(name) for name in HOSTS}
+    assert all(after[name] != before[name] for name in HOSTS), after
+    assert after["lab-1"].split()[1] < after["lab-2"].split()[1], after
+    for name in HOSTS:
+        assert sh(name, "docker inspect -f '{{.Image}}' gpufleet-chat") == sh(
+            name, f"docker image inspect -f '{{{{.Id}}}}' {ROLLED}"
+        )
+    assert probe.fewest_answering(rounds) >= 1, rounds
+    windows = probe.out_of_service(rounds)
+    assert not any(
+        a_start < b_end and b_start < a_end
+        for a_start, a_end in windows["lab-1"]
+        for b_start, b_end in windows["lab-2"]
+    ), windows
+    again = fleet(*steady, f"inference_services={services}")
+    assert again.rc == 0 and again.total_changed() == 0, again.changed()
