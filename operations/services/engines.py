@@ -20,6 +20,9 @@ LOOPBACK = "127.0.0.1"
 KEY_MOUNT = "/run/secrets/gpufleet-api-key"
 # A container's user when none is given (the deploy gives each service its own account).
 DEFAULT_USER = "65534:65534"
+# Where an engine that compiles keeps its caches (the service's own directory on the host, kept
+# across restarts: a warm start skips the compile).
+CACHE_MOUNT = "/cache"
 
 ENGINES = {
     "vllm": {
@@ -44,6 +47,15 @@ ENGINES = {
             "--api-key": "api_key_file",
         },
         "env": {"HOME": "/tmp", "HF_HOME": "/tmp/hf", "HF_HUB_OFFLINE": "1"},
+        # torch.compile's and vLLM's own caches (its --help: VLLM_CACHE_ROOT, default ~/.cache/vllm,
+        # which would be the 1 GiB /tmp tmpfs, lost at every restart).
+        "caches": {"VLLM_CACHE_ROOT": "vllm", "TORCHINDUCTOR_CACHE_DIR": "torchinductor", "TRITON_CACHE_DIR": "triton"},
+        "parallel_flags": {
+            "--tensor-parallel-size": "tensor",
+            "-tp": "tensor",
+            "--pipeline-parallel-size": "pipeline",
+            "-pp": "pipeline",
+        },
     },
     "tgi": {
         "port": 3000,  # not the image's 80: the container runs as an unprivileged account
@@ -52,7 +64,12 @@ ENGINES = {
         "api_key_file_flag": None,
         "needs_gpu": True,
         "flags": "tgi-launcher.flags",
-        "key_guards_every_route": True,
+        # Its router (router/src/server.rs at db931fc, 2026-01-08, lines 2203-2244) puts the key on
+        # the generation routes only: /info, /metrics, /v1/models and POST /chat_tokenize (which runs
+        # the tokenizer) answer without it, and the key is compared case-insensitively
+        # (to_lowercase on both sides). Beyond loopback it needs the proxy, like vLLM.
+        "key_guards_every_route": False,
+        "parallel_flags": {"--num-shard": "tensor"},
         # set by gpufleet from the service's fields: refused in args, naming the field
         "managed": {
             "--model-id": "model",
@@ -149,6 +166,7 @@ FIELDS = {
     "start_timeout",
     "listen",
     "proxy_port",
+    "ipc",
 }
 
 
@@ -191,6 +209,10 @@ def check_service(index, service, host_name=None):
     for field in ("memory", "shm_size"):
         if service.get(field) is not None and not checks.is_size(service[field]):
             _fail(index, field, "a size such as '16g' (k, m or g)", host_name)
+    if service.get("ipc") not in (None, "host"):
+        _fail(index, "ipc", "'host' (the host's IPC namespace, for tensor parallelism) or unset (shm_size)", host_name)
+    if service.get("ipc") and service.get("shm_size"):
+        _fail(index, "shm_size", "not with ipc: host (the container then uses the host's /dev/shm)", host_name)
     if service.get("listen") is not None and not checks.is_address(service["listen"]):
         _fail(index, "listen", "an IP address of the host (127.0.0.1, 10.0.0.5, 0.0.0.0 for all)", host_name)
     if service.get("network", "host") not in ("host", "bridge"):
@@ -251,10 +273,34 @@ def check_service(index, service, host_name=None):
                 ),
                 host_name,
             )
+    given, needed = service.get("gpus", "all"), gpus_needed(service)
+    if isinstance(given, list) and needed > len(given) or given == "none" and needed > 1:
+        _fail(
+            index,
+            "args",
+            f"its parallel sizes need {needed} GPUs (tensor x pipeline), but gpus gives it "
+            f"{len(given) if isinstance(given, list) else 0}",
+            host_name,
+        )
     if service.get("user") is not None and not re.fullmatch(r"\d+(:\d+)?", str(service["user"])):
         _fail(index, "user", "a numeric UID or UID:GID (default: the service's own account, gpufleet-NAME)", host_name)
     if service.get("cuda") is not None and not re.fullmatch(r"\d+\.\d+(\.\d+)?", str(service["cuda"])):
         _fail(index, "cuda", "the CUDA version the image was built for, such as '12.4'", host_name)
+
+
+def gpus_needed(service):
+    """The GPUs a service's own arguments spread it over: tensor x pipeline parallel sizes (1 if unset)."""
+    profile = ENGINES[service["engine"]]
+    flags, spelling = profile.get("parallel_flags", {}), profile.get("flag_spelling") or (lambda flag: flag)
+    sizes = {"tensor": 1, "pipeline": 1}
+    args = list(service.get("args", []))
+    for position, arg in enumerate(args):
+        flag, _, value = arg.partition("=")
+        flag = spelling(flag)
+        value = value or (args[position + 1] if position + 1 < len(args) else "")
+        if flag in flags and value.isdigit():
+            sizes[flags[flag]] = int(value)
+    return sizes["tensor"] * sizes["pipeline"]
 
 
 def guarded(service):
@@ -294,8 +340,12 @@ def gpu_count(gpus, available):
     return 0 if gpus == "none" else (available if gpus == "all" else len(gpus))
 
 
-def docker_args(service, weights_root, env_file, use_gpus, user=DEFAULT_USER, key_file=None):
-    """The ``docker run`` arguments for a service (pure: unit-tested)."""
+def docker_args(
+    service, weights_root, env_file, use_gpus, user=DEFAULT_USER, key_file=None, host_gpus=1, cache_dir=None
+):
+    """The ``docker run`` arguments for a service (pure: unit-tested). ``host_gpus``: how many the host
+    has (what ``gpus: all`` gives, to size shared memory); ``cache_dir``: the service's cache
+    directory on the host, for an engine that keeps caches."""
     profile = ENGINES[service["engine"]]
     name = managed_name(service["name"])
     listen_port = port(service)
@@ -333,14 +383,23 @@ def docker_args(service, weights_root, env_file, use_gpus, user=DEFAULT_USER, ke
         args += ["--gpus", "all" if gpus == "all" else '"device=' + ",".join(str(g) for g in gpus) + '"']
     if service.get("memory"):
         args += ["--memory", service["memory"]]
-    shm = service.get("shm_size") or (f"{max(1, gpu_count(gpus, 1))}g" if profile["needs_gpu"] else None)
-    if shm:
+    # Shared memory: 1 GiB per GPU the container gets (NCCL and the engine's workers), or the host's
+    # IPC namespace on request (tensor parallelism across many GPUs).
+    shm = service.get("shm_size") or (f"{max(1, gpu_count(gpus, host_gpus))}g" if profile["needs_gpu"] else None)
+    if service.get("ipc") == "host":
+        args += ["--ipc", "host"]
+    elif shm:
         args += ["--shm-size", shm]
     if env_file:
         args += ["--env-file", env_file]
     if key_file:
         args += ["-v", f"{key_file}:{KEY_MOUNT}:ro"]
-    for key, value in sorted(profile["env"].items()):
+    # Its account's name, which the image's /etc/passwd does not know (Python's getpass reads these).
+    environment = {**profile["env"], "USER": name, "LOGNAME": name}
+    if cache_dir and profile.get("caches"):
+        args += ["-v", f"{cache_dir}:{CACHE_MOUNT}"]
+        environment.update({key: f"{CACHE_MOUNT}/{sub}" for key, sub in profile["caches"].items()})
+    for key, value in sorted(environment.items()):
         args += ["-e", f"{key}={value}"]
     if service["engine"] == "ollama":
         args += [

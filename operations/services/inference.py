@@ -13,7 +13,7 @@ from pathlib import Path
 from jinja2 import Template
 from pyinfra import host, logger
 from pyinfra.api import deploy, operation
-from pyinfra.operations import files, systemd
+from pyinfra.operations import files, server, systemd
 
 from operations import TEMPLATES, TOOLS_DIR
 from operations.container import images as docker_images
@@ -27,7 +27,7 @@ from operations.offline import staging
 from operations.services import auth_proxy, engines, firewall, rolling, secret_files
 from operations.services.accounts import service_account
 from operations.services.facts import ServiceAccounts, ServiceReady
-from operations.services.names import managed_name, unit_name, unit_path
+from operations.services.names import cache_path, managed_name, unit_name, unit_path
 from operations.services.removal import remove_services, stale_units
 from operations.weights import volumes as weights
 
@@ -195,11 +195,30 @@ def readiness(service, secrets_dir=None):
     return {"urls": engines.ready_urls(engine_service), "key_file": where["key_source"], "key_var": where["key_var"]}
 
 
-def unit_text(service, weights_root, env_file, use_gpus, start_timeout, user=engines.DEFAULT_USER, key_file=None):
+def unit_text(
+    service,
+    weights_root,
+    env_file,
+    use_gpus,
+    start_timeout,
+    user=engines.DEFAULT_USER,
+    key_file=None,
+    host_gpus=1,
+    cache_dir=None,
+):
     """The systemd unit for ``service`` (pure: unit-tested); its words quoted for systemd, not a shell."""
     profile = engines.ENGINES[service["engine"]]
     container = managed_name(service["name"])
-    args = engines.docker_args(service, weights_root, env_file, use_gpus, user=user, key_file=key_file)
+    args = engines.docker_args(
+        service,
+        weights_root,
+        env_file,
+        use_gpus,
+        user=user,
+        key_file=key_file,
+        host_gpus=host_gpus,
+        cache_dir=cache_dir,
+    )
     return Template((TEMPLATES / "inference.service.j2").read_text(), keep_trailing_newline=True).render(
         name=service["name"],
         engine=service["engine"],
@@ -323,6 +342,17 @@ def _install_service(service, user, gpus, weights_root, start_timeout, volumes, 
     where = _placement_with_proxy(service, engine_service, user)
     new_key, new_secrets = write_secrets(service, engine_service, where, uid, gid)
     use_gpus = bool(gpus) and service.get("gpus", "all") != "none"
+    cache_dir = None
+    if engines.ENGINES[service["engine"]].get("caches") and not service.get("user"):
+        cache_dir = cache_path(name)
+        files.directory(
+            name=f"Keep {managed_name(name)}'s compile caches in {cache_dir} (its own, across restarts)",
+            path=cache_dir,
+            user=managed_name(name),
+            group=managed_name(name),
+            mode="700",
+        )
+    where["caches"] = cache_dir
     unit = files.put(
         name=f"Install unit {unit_name(name)}",
         src=StringIO(
@@ -334,6 +364,8 @@ def _install_service(service, user, gpus, weights_root, start_timeout, volumes, 
                 start_timeout,
                 user=user,
                 key_file=where["key_file"],
+                host_gpus=gpus or 1,
+                cache_dir=cache_dir,
             )
         ),
         dest=unit_path(unit_name(name)),
@@ -376,10 +408,11 @@ def _start_service(service, engine_service, where, restart, user, new_key, start
             timeout=host.data.gpufleet_upgrade_drain_timeout,
             _if=restart,
         )
-    systemd.service(
+    # Its unit's start limit (3 starts per 3 start timeouts) ends a loop of a model that never gets
+    # ready; gpufleet's own restarts clear the count first, so they never hit it.
+    server.shell(
         name=f"Restart {name} after its unit, secrets, weights or image changed, or it was not ready",
-        service=name,
-        restarted=True,
+        commands=[f"systemctl reset-failed {name}.service 2>/dev/null || true", f"systemctl restart {name}.service"],
         _if=restart,
     )
     systemd.service(
@@ -413,13 +446,26 @@ def _start_service(service, engine_service, where, restart, user, new_key, start
 def _says_where_it_runs(service, gpus):
     """Whether the service can run on this host: an engine that needs a GPU on a host without one gets its
     unit, not started; a CPU engine on a host without a GPU is said to run on the CPU."""
-    name, engine = service["name"], service["engine"]
+    name, engine, given = service["name"], service["engine"], service.get("gpus", "all")
+    if given == "all" and gpus and engines.gpus_needed(service) > gpus:
+        raise ConfigError(
+            f"inference_services[{name}].args",
+            f"its parallel sizes need {engines.gpus_needed(service)} GPUs (tensor x pipeline); this host has {gpus}",
+            host=host.name,
+        )
+    if engines.ENGINES[engine]["needs_gpu"] and given == "none":
+        logger.warning(
+            f"[{host.name}] {name}: gpus is 'none': {engine} runs on the CPU (its image must be the engine's "
+            "CPU build, such as vLLM's)"
+        )
+        return True
     if engines.ENGINES[engine]["needs_gpu"] and not gpus:
         logger.warning(
-            f"[{host.name}] {name}: {engine} needs a GPU and this host has none: unit installed, not started"
+            f"[{host.name}] {name}: {engine} needs a GPU and this host has none: unit installed, not started "
+            "(gpus: 'none' runs a CPU build)"
         )
         return False
-    if not gpus and service.get("gpus", "all") != "none":
+    if not gpus and given != "none":
         logger.warning(
             f"[{host.name}] {name}: no NVIDIA GPU on this host: {engine} runs on the CPU "
             "(no --gpus, no layers offloaded)"
@@ -594,4 +640,5 @@ def intent(service, started, where):
         "served_name": service.get("served_name") or service["name"],
         "started": started,
         "proxy": where.get("proxy"),
+        "caches": where.get("caches"),
     }

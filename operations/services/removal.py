@@ -1,5 +1,5 @@
 """Services the inventory no longer names, removed from the host: their units (proxies first), and for a
-service gone entirely its container, secret files and account. Images and weight volumes stay."""
+service gone entirely its container, secret files, caches and account. Images and weight volumes stay."""
 
 import posixpath
 
@@ -10,7 +10,7 @@ from pyinfra.operations.util import any_changed
 
 from operations.core import base, settings
 from operations.services.facts import InstalledServices
-from operations.services.names import managed_name, proxy_unit_name, unit_name, unit_path
+from operations.services.names import cache_path, managed_name, proxy_unit_name, unit_name, unit_path
 
 
 def wanted_units(services):
@@ -58,6 +58,7 @@ def remove_services(stale: dict, accounts: dict, secrets_dir: str | None = None)
                 path=posixpath.join(secrets_dir, f"{name}.{suffix}"),
                 present=False,
             )
+        files.directory(name=f"Remove {name}'s caches", path=cache_path(name), present=False)
         if who in accounts["users"] or who in accounts["groups"]:
             server.shell(
                 name=f"Remove account {who}",

@@ -111,3 +111,20 @@ def test_firewall_table_loaded_from_its_file_for_every_service_port(host, intent
     ports = {service["port"] for service in services} | {s["proxy"]["port"] for s in services if s.get("proxy")}
     listed = loaded.stdout.split("set inference_ports")[1].split("elements = {")[1].split("}")[0]
     assert {int(port) for port in listed.split(",")} >= ports
+
+
+def test_engine_caches_are_the_services_own_and_mounted(host, services):
+    """An engine that compiles (vLLM) keeps its caches in its own directory on the host (its account's,
+    0700), mounted at /cache in its container, so a restart starts warm."""
+    cached = [service for service in services if service.get("caches")]
+    if not cached:
+        pytest.skip(f"{host.backend.get_hostname()}: no service with a cache directory here")
+    for service in cached:
+        directory = host.file(service["caches"])
+        assert directory.is_directory and directory.mode == 0o700, service["name"]
+        assert directory.uid == int(service["user"].split(":")[0]), service["name"]
+        mounted = host.run(
+            f"docker inspect -f '{{{{range .Mounts}}}}{{{{.Source}}}}:{{{{.Destination}}}} {{{{end}}}}' "
+            f"gpufleet-{service['name']}"
+        ).stdout.split()
+        assert f"{service['caches']}:/cache" in mounted, service["name"]

@@ -82,7 +82,9 @@ def targets(lab):
 
 @pytest.fixture(scope="module")
 def new_bundle():
-    return lab_bundle.build(log=lambda *_: None, driver_version=NEW, out=lab_bundle.LAB / f"bundle-{NEW}")
+    return lab_bundle.build(
+        log=lambda *_: None, driver_version=NEW, out=lab_bundle.LAB / f"bundle-{NEW}", with_vllm=False
+    )
 
 
 def test_every_endpoint_answers_the_control_node_before_the_rollout(served, targets):

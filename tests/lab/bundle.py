@@ -1,8 +1,10 @@
 """The lab's offline bundle: Debian's Docker and NVIDIA driver packages with their dependencies,
-the toolkit test doubles, the llama.cpp server image and a tiny GGUF, built with
+the toolkit test doubles, the llama.cpp server image and a tiny GGUF, the vLLM CPU image and a tiny
+Hugging Face-format Llama (tests/e2e/test_inference_vllm.py serves them), built with
 ``python -m operations.offline.bundle``'s builder into .lab/bundle (reused when intact). It also carries a
 weight volume and an image that no lab service uses: a host gets only what its services use."""
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from operations.driver import plan as driver_plan
 from operations.offline.bundle import builder
 from operations.toolkit import install as nvidia_toolkit
 
-from . import image, llamacpp, models
+from . import image, llamacpp, models, vllm
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 LAB = ROOT / ".lab"
@@ -38,7 +40,7 @@ def _baseline_status():
     return status
 
 
-def spec(image_tag, driver_version=DRIVER_VERSION):
+def spec(image_tag, driver_version=DRIVER_VERSION, vllm_image=None):
     return {
         "apt": {
             "target": {
@@ -62,8 +64,12 @@ def spec(image_tag, driver_version=DRIVER_VERSION):
             "debs": ["toolkit-repo/*.deb"],
             "baseline_status": str(_baseline_status()),
         },
-        "images": [image_tag, UNUSED_IMAGE],
-        "weights": {"tiny": {"from": "models/tiny"}, "unused": {"from": "models/unused"}},
+        "images": [image_tag, UNUSED_IMAGE, *([vllm_image] if vllm_image else [])],
+        "weights": {
+            "tiny": {"from": "models/tiny"},
+            "unused": {"from": "models/unused"},
+            **({"tiny-hf": {"from": "models/tiny-hf"}} if vllm_image else {}),
+        },
     }
 
 
@@ -82,15 +88,40 @@ def _unused():
         subprocess.run(["docker", "import", "-", UNUSED_IMAGE], input=tar, check=True, capture_output=True)
 
 
-def build(log=print, driver_version=DRIVER_VERSION, out=BUNDLE):
-    """Build or refresh the lab's bundle (.lab/bundle; another driver version: give another ``out``);
-    returns its path."""
+def _link_archive(tag, archive, out):
+    """Hand the builder the image's cached ``docker save`` archive (a hard link, with the image ID it
+    stamps its own with), so it does not save 3 GB again; it saves as usual where no link can be made."""
+    image_id = subprocess.run(
+        ["docker", "image", "inspect", "--format", "{{.Id}}", tag], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    target = out / "images" / (tag.replace("/", "_").replace(":", "_") + ".tar")
+    stamp = target.with_suffix(".id")
+    if stamp.exists() and stamp.read_text() == image_id:
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.unlink(missing_ok=True)
+    try:
+        os.link(archive, target)
+    except OSError:
+        return
+    stamp.write_text(image_id)
+
+
+def build(log=print, driver_version=DRIVER_VERSION, out=BUNDLE, with_vllm=True):
+    """Build or refresh the lab's bundle (.lab/bundle; another driver version: give another ``out``,
+    and ``with_vllm=False`` to leave out the vLLM image's 3 GB); returns its path."""
     tag, _ = llamacpp.ensure_image(log=log)
     model = LAB / "models" / "tiny" / "tiny.gguf"
     if not model.exists():
         models.write_tiny_gguf(model)
+    vllm_tag = vllm.ensure_image(log=log)[0] if with_vllm else None
+    if with_vllm and not (LAB / "models" / "tiny-hf").exists():
+        models.write_tiny_hf(LAB / "models" / "tiny-hf", vllm_tag)
     _unused()
+    _link_archive(tag, llamacpp.archive_path(), out)
+    if with_vllm:
+        _link_archive(vllm_tag, vllm.archive_path(), out)
     spec_path = LAB / f"{out.name}.yaml"
-    spec_path.write_text(yaml.safe_dump(spec(tag, driver_version), sort_keys=False))
+    spec_path.write_text(yaml.safe_dump(spec(tag, driver_version, vllm_tag), sort_keys=False))
     builder.build(spec_path, out, log=log)
     return out

@@ -154,3 +154,18 @@ def ensure_image(log=print):
     log(f"image {tag}: importing {tarball}")
     _import(tarball, tag)
     return tag
+
+
+def ensure_archived(tag, archive, build, log=print):
+    """Return (tag, archive): an image built here in this machine's Docker and as a ``docker save``
+    archive, loaded from the archive, saved from Docker, or ``build(archive, tag, log)`` when neither has it."""
+    present = docker_has_image(tag)
+    if archive.exists() and not present:
+        subprocess.run(["docker", "load", "-q", "-i", str(archive)], check=True, stdout=subprocess.DEVNULL)
+    elif not archive.exists():
+        if present:
+            subprocess.run(["docker", "save", "-o", str(archive), tag], check=True)
+        else:
+            build(archive, tag, log)
+    log(f"image {tag}: {archive}")
+    return tag, archive

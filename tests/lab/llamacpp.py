@@ -13,7 +13,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from .image import CACHE_DIR, docker_has_image, recipe_key
+from .image import CACHE_DIR, ensure_archived, recipe_key
 
 SDIST = "llama-cpp-python==0.3.36"
 CMAKE_FLAGS = [
@@ -151,14 +151,4 @@ def _build_archive(archive, tag, log):
 
 def ensure_image(log=print):
     """Return (tag, archive): the image in this machine's Docker and as a ``docker save`` archive."""
-    tag, archive = image_tag(), archive_path()
-    present = docker_has_image(tag)
-    if archive.exists() and not present:
-        subprocess.run(["docker", "load", "-q", "-i", str(archive)], check=True, stdout=subprocess.DEVNULL)
-    elif not archive.exists():
-        if present:
-            subprocess.run(["docker", "save", "-o", str(archive), tag], check=True)
-        else:
-            _build_archive(archive, tag, log)
-    log(f"image {tag}: {archive}")
-    return tag, archive
+    return ensure_archived(image_tag(), archive_path(), _build_archive, log=log)

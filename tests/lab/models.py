@@ -68,3 +68,59 @@ def write_tiny_gguf(path):
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+# A tiny Llama in Hugging Face's layout (config, safetensors, tokenizer) for vLLM, written by
+# transformers and tokenizers inside the lab's vLLM image (the control node has neither). Random
+# weights from a fixed seed; head dimension 64: vLLM's CPU attention refuses 16.
+HF_SCRIPT = r"""
+import sys
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+out = sys.argv[1]
+corpus = ["the GPU fleet is ready", "hello world", "a model on every host", "gpufleet serves models"] * 8
+tokenizer = Tokenizer(models.BPE())
+tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+tokenizer.decoder = decoders.ByteLevel()
+trainer = trainers.BpeTrainer(
+    vocab_size=300, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    show_progress=False,
+)
+tokenizer.train_from_iterator(corpus, trainer)
+template = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+PreTrainedTokenizerFast(
+    tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", chat_template=template
+).save_pretrained(out)
+torch.manual_seed(0)
+config = LlamaConfig(
+    vocab_size=tokenizer.get_vocab_size(), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+    num_attention_heads=2, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
+    bos_token_id=0, eos_token_id=1, tie_word_embeddings=False,
+)
+LlamaForCausalLM(config).to(torch.float32).save_pretrained(out)
+"""
+
+
+def write_tiny_hf(directory, vllm_image):
+    """Write the tiny Hugging Face-format model into ``directory`` with ``vllm_image``'s Python."""
+    import subprocess
+
+    directory = Path(directory)
+    partial = directory.with_name(directory.name + ".partial")
+    subprocess.run(["rm", "-rf", str(partial)], check=True)
+    partial.mkdir(parents=True)
+    subprocess.run(
+        ["docker", "run", "--rm", "--network", "none", "-v", f"{partial}:/out", "--entrypoint", "python3"]
+        + [vllm_image, "-c", HF_SCRIPT, "/out"],
+        check=True,
+        capture_output=True,
+    )
+    for written in partial.iterdir():  # safetensors writes 0600; a volume's files are world-readable
+        written.chmod(0o644)
+    partial.rename(directory)
+    return directory

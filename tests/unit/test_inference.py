@@ -300,3 +300,61 @@ def test_installed_services_are_read_from_the_units_first_lines():
         "gpufleet-chat.service": {"service": "chat", "proxy": False},
         "gpufleet-chat-proxy.service": {"service": "chat", "proxy": True},
     }
+
+
+VLLM = {"name": "llm", "engine": "vllm", "image": "vllm/vllm-openai:v0.32.0", "model": "m", "args": []}
+
+
+def test_vllm_caches_go_to_its_own_directory_and_it_knows_its_accounts_name():
+    args = engines.docker_args(VLLM, "/w", None, False, user="60601:60601", cache_dir="/var/cache/gpufleet/llm")
+    assert args[args.index("/var/cache/gpufleet/llm:/cache") - 1] == "-v"
+    env = {args[i + 1] for i, arg in enumerate(args) if arg == "-e"}
+    assert {"USER=gpufleet-llm", "LOGNAME=gpufleet-llm", "VLLM_CACHE_ROOT=/cache/vllm"} <= env
+    assert {"TORCHINDUCTOR_CACHE_DIR=/cache/torchinductor", "TRITON_CACHE_DIR=/cache/triton"} <= env
+    llamacpp = engines.docker_args(SERVICE, "/w", None, False, cache_dir="/var/cache/gpufleet/chat")
+    assert "/var/cache/gpufleet/chat:/cache" not in llamacpp  # an engine with no caches gets no mount
+
+
+def test_shared_memory_follows_the_gpus_a_service_gets_or_the_hosts_ipc():
+    every = engines.docker_args(VLLM, "/w", None, True, host_gpus=8)
+    assert every[every.index("--shm-size") + 1] == "8g"  # gpus: all on an 8-GPU host
+    cpu = engines.docker_args({**VLLM, "gpus": "none"}, "/w", None, False, host_gpus=8)
+    assert cpu[cpu.index("--shm-size") + 1] == "1g"
+    shared = engines.docker_args({**VLLM, "ipc": "host"}, "/w", None, True, host_gpus=8)
+    assert shared[shared.index("--ipc") + 1] == "host" and "--shm-size" not in shared
+
+
+@pytest.mark.parametrize(
+    "service, field, message",
+    [
+        ({**VLLM, "gpus": [0, 1], "args": ["--tensor-parallel-size", "4"]}, "args", "need 4 GPUs .* gives it 2"),
+        ({**VLLM, "gpus": [0, 1, 2], "args": ["--tensor_parallel_size=2", "-pp", "2"]}, "args", "need 4 GPUs"),
+        ({**VLLM, "gpus": "none", "args": ["-tp", "2"]}, "args", "need 2 GPUs .* gives it 0"),
+        ({**VLLM, "engine": "tgi", "gpus": [0], "args": ["--num-shard", "2"]}, "args", "need 2 GPUs"),
+        ({**VLLM, "ipc": "private"}, "ipc", "'host'"),
+        ({**VLLM, "ipc": "host", "shm_size": "8g"}, "shm_size", "not with ipc: host"),
+    ],
+)
+def test_parallel_sizes_and_ipc_are_checked_against_the_gpus_given(service, field, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        engines.check_service(0, service)
+    assert error.value.field == f"inference_services[0].{field}"
+
+
+def test_parallel_sizes_that_fit_are_taken():
+    engines.check_service(0, {**VLLM, "gpus": [0, 1, 2, 3], "args": ["--tensor-parallel-size", "2", "-pp", "2"]})
+    assert engines.gpus_needed({**VLLM, "args": ["--tensor-parallel-size=2", "--pipeline-parallel-size", "2"]}) == 4
+    assert engines.gpus_needed(VLLM) == 1
+
+
+def test_tgi_and_vllm_keys_leave_routes_open_so_beyond_loopback_they_need_the_proxy():
+    for engine in ("tgi", "vllm"):
+        keyed = {**VLLM, "engine": engine, "api_key_file": "/k"}
+        assert not engines.guarded(keyed)
+        assert engines.guarded({**keyed, "proxy_port": 8443})
+
+
+def test_a_model_that_never_gets_ready_is_not_retried_for_ever():
+    unit = inference.unit_text(VLLM, "/w", None, False, 600)
+    assert "StartLimitBurst=3" in unit and f"StartLimitIntervalSec={3 * (600 + 35)}" in unit
+    assert unit.index("StartLimitBurst") < unit.index("[Service]")  # a [Unit] setting
