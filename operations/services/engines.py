@@ -92,7 +92,11 @@ ENGINES = {
         "flags": set(),  # `ollama serve` takes no flags: OLLAMA_* variables configure it
         "key_guards_every_route": False,
         "managed": {},
-        "env": {"HOME": "/tmp"},
+        # Its weight volume is an Ollama models directory (OLLAMA_MODELS, read-only): no prune at
+        # start, which deletes blobs no manifest names (server/routes.go Serve, fb30760, 2026-08-21).
+        "env": {"HOME": "/tmp", "OLLAMA_NOPRUNE": "1"},
+        # What that directory holds (manifest/paths.go: OLLAMA_MODELS/blobs, OLLAMA_MODELS/manifests).
+        "model_layout": ("manifests/", "blobs/"),
     },
     "llamacpp": {
         "port": 8080,

@@ -62,7 +62,7 @@ def check_services(data, host_name):
             else:
                 unkeyed = (
                     f"is keyed, but {service['engine']}'s key leaves some routes open (vLLM: "
-                    "/invocations, its --help says)"
+                    "/invocations, its --help says; TGI: /info, /metrics, /chat_tokenize, its router's source)"
                 )
             raise ConfigError(
                 field,
@@ -108,6 +108,7 @@ def check_services(data, host_name):
                 host_name=host_name,
             )
         weights.check_model(index, service["model"], data, host_name)
+        _check_model_layout(index, service, data, host_name)
         if data.get("gpufleet_offline") and not offline.carries(data.get("gpufleet_bundle"), service["image"]):
             raise ConfigError(
                 f"inference_services[{index}].image",
@@ -115,6 +116,26 @@ def check_services(data, host_name):
                 "images, and this offline host cannot pull it: add it to the bundle",
                 host=host_name,
             )
+
+
+def _check_model_layout(index, service, data, host_name):
+    """An engine that reads a directory of its own layout (Ollama's models directory) is refused a
+    model without it, where the control node can list the volume."""
+    layout = engines.ENGINES[service["engine"]].get("model_layout")
+    paths = weights.listed_files(service["model"], data) if layout else None
+    if paths is None:
+        return
+    inside = service["model"][len(weights.volume_of(service["model"])) + 1 :].rstrip("/")
+    prefix = f"{inside}/" if inside else ""
+    missing = [part for part in layout if not any(path.startswith(prefix + part) for path in paths)]
+    if missing:
+        raise ConfigError(
+            f"inference_services[{index}].model",
+            f"{service['model']}: {service['engine']} serves an Ollama models directory (manifests/ and "
+            f"blobs/, as ~/.ollama/models of a machine that pulled the model); it has no {', '.join(missing)}. "
+            "A lone GGUF file needs `ollama create` (a Modelfile: FROM file.gguf), which writes that directory",
+            host=host_name,
+        )
 
 
 @deploy("Provide the services' container images", data_defaults=settings.DEFAULTS)

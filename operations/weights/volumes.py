@@ -121,15 +121,20 @@ def check_model(index, model, data, host_name):
             f"nor inference_weight_volumes ({', '.join(sorted(known)) or 'none'})",
             host=host_name,
         )
-    kind, where = known[volume]
+    paths = listed_files(model, data)
+    if paths is not None and inside and not any(p == inside or p.startswith(inside + "/") for p in paths):
+        raise ConfigError(field, f"{model}: no {inside!r} in volume {volume!r} ({known[volume][1]})", host=host_name)
+
+
+def listed_files(model, data):
+    """The paths in ``model``'s volume, relative to the volume (None for a hub volume: only the hub
+    lists it, on the host)."""
+    kind, where = sources(data)[volume_of(model)]
     if kind == "bundle":
-        paths = bundle.part(bundle.load(data["gpufleet_bundle"]), where)
-    elif kind == "dir":
-        paths = directory_manifest(where)
-    else:
-        return
-    if inside and not any(p == inside or p.startswith(inside + "/") for p in paths):
-        raise ConfigError(field, f"{model}: no {inside!r} in volume {volume!r} ({where})", host=host_name)
+        return list(bundle.part(bundle.load(data["gpufleet_bundle"]), where))
+    if kind == "dir":
+        return list(directory_manifest(where))
+    return None
 
 
 @functools.cache

@@ -204,12 +204,16 @@ def test_services_listen_on_loopback_unless_told_and_are_probed_where_they_liste
 @pytest.mark.parametrize(
     "service, data, field",
     [
-        ({**SERVICE, "engine": "ollama", "args": []}, {"inference_listen": "0.0.0.0"}, "inference_listen"),
+        (
+            {**SERVICE, "engine": "ollama", "args": [], "model": "tiny"},
+            {"inference_listen": "0.0.0.0"},
+            "inference_listen",
+        ),
         ({**SERVICE, "listen": "10.0.0.5"}, {}, r"inference_services\[0\]\.listen"),
     ],
 )
 def test_a_service_without_a_key_is_not_exposed_beyond_loopback_unless_asked(service, data, field, tmp_path):
-    (tmp_path / "tiny.gguf").write_bytes(b"GGUF")
+    _ollama_models(tmp_path)
     data = {**data, "inference_services": [service], "inference_weight_volumes": {"tiny": {"from": str(tmp_path)}}}
     with pytest.raises(ConfigError, match=rf"^{field}: .*no (API key|api_key_file).*inference_expose_unauthenticated"):
         inference.check_services(data, None)
@@ -226,8 +230,16 @@ def test_a_service_without_a_key_is_not_exposed_beyond_loopback_unless_asked(ser
     )  # loopback: fine
 
 
+def _ollama_models(directory):
+    """``directory`` as a weight volume both engines take: a GGUF, and an Ollama models directory."""
+    (directory / "tiny.gguf").write_bytes(b"GGUF")
+    for part in ("manifests/registry.ollama.ai/library/tiny/latest", "blobs/sha256-" + "0" * 64):
+        (directory / part).parent.mkdir(parents=True, exist_ok=True)
+        (directory / part).write_text("{}")
+
+
 def _exposed(tmp_path, service, **data):
-    (tmp_path / "tiny.gguf").write_bytes(b"GGUF")
+    _ollama_models(tmp_path)
     (tmp_path / "key").write_text("k\n")
     return {
         "inference_listen": "0.0.0.0",
@@ -250,7 +262,7 @@ def test_vllm_with_its_own_key_is_not_exposed_its_key_leaves_invocations_open(tm
 
 
 def test_ollama_behind_the_proxy_may_listen_beyond_loopback(tmp_path):
-    ollama = {**SERVICE, "engine": "ollama", "args": [], "proxy_port": 11443}
+    ollama = {**SERVICE, "engine": "ollama", "args": [], "proxy_port": 11443, "model": "tiny"}
     inference.check_services(_exposed(tmp_path, ollama), None)
     assert engines.guarded(ollama) and engines.exposed_ports(ollama) == [11443]
 
@@ -358,3 +370,21 @@ def test_a_model_that_never_gets_ready_is_not_retried_for_ever():
     unit = inference.unit_text(VLLM, "/w", None, False, 600)
     assert "StartLimitBurst=3" in unit and f"StartLimitIntervalSec={3 * (600 + 35)}" in unit
     assert unit.index("StartLimitBurst") < unit.index("[Service]")  # a [Unit] setting
+
+
+def test_ollama_is_refused_a_lone_gguf_and_given_its_models_directory_unpruned(tmp_path):
+    (tmp_path / "tiny.gguf").write_bytes(b"GGUF")
+    ollama = {**SERVICE, "engine": "ollama", "args": [], "model": "tiny/tiny.gguf"}
+    data = {"inference_services": [ollama], "inference_weight_volumes": {"tiny": {"from": str(tmp_path)}}}
+    with pytest.raises(ConfigError, match=r"no manifests/, blobs/\. A lone GGUF file needs `ollama create`") as error:
+        inference.check_services(data, None)
+    assert error.value.field == "inference_services[0].model"
+    models = tmp_path / "models"
+    models.mkdir()
+    _ollama_models(models)
+    volumes = {"tiny": {"from": str(models)}}
+    inference.check_services(
+        {"inference_services": [{**ollama, "model": "tiny"}], "inference_weight_volumes": volumes}, None
+    )
+    args = engines.docker_args({**ollama, "model": "tiny"}, "/w", None, False)
+    assert "OLLAMA_NOPRUNE=1" in args and "OLLAMA_MODELS=/models/tiny" in args and "/w:/models:ro" in args
