@@ -261,6 +261,20 @@ class DevCharLinks(FactBase):
         return links
 
 
+# The nodes ``nvidia-ctk system create-dev-char-symlinks`` links (1.17.8, cmd/nvidia-ctk/system/
+# create-dev-char-symlinks: all.go links the GPUs, nvidiactl, nvidia-modeset, nvidia-uvm(-tools) and
+# the MIG caps; existing.go skips nvidia-fs*, nvidia-nvswitch* and nvidia-nvlink*). An NVSwitch's
+# node never gets a link, so it must not count as missing one.
+LINKED_BY_NVIDIA_CTK = re.compile(
+    r"/dev/(nvidia\d+|nvidiactl|nvidia-modeset|nvidia-uvm|nvidia-uvm-tools|nvidia-caps/nvidia-cap\d+)"
+)
+
+
+def linked_by_nvidia_ctk(nodes):
+    """Of the device nodes (path -> (major, minor)), those nvidia-ctk gives a /dev/char link."""
+    return {path: numbers for path, numbers in nodes.items() if LINKED_BY_NVIDIA_CTK.fullmatch(path)}
+
+
 def missing_dev_char_links(nodes, links):
     """The device nodes (path -> (major, minor)) that have no /dev/char/MAJOR:MINOR link to them."""
     return sorted(path for path, (major, minor) in nodes.items() if links.get(f"{major}:{minor}") != path)

@@ -19,7 +19,7 @@ from operations.container import docker
 from operations.container.containerd import ContainerdRuntimes
 from operations.core import apt_pin, apt_sources, host_memo, json_files, settings
 from operations.core.errors import ConfigError
-from operations.driver.devices import DevCharLinks, NvidiaDeviceNodes, missing_dev_char_links
+from operations.driver.devices import DevCharLinks, NvidiaDeviceNodes, linked_by_nvidia_ctk, missing_dev_char_links
 from operations.offline import bundle
 
 PACKAGES = [
@@ -254,8 +254,9 @@ def cgroups_off():
 
 @operation()
 def dev_char_links():
-    """Run ``nvidia-ctk system create-dev-char-symlinks --create-all`` when a GPU node lacks its link."""
-    nodes = host.get_fact(NvidiaDeviceNodes)
+    """Run ``nvidia-ctk system create-dev-char-symlinks --create-all`` when a node it links lacks its
+    link (an NVSwitch's, NVLink's or GPUDirect Storage's node never gets one)."""
+    nodes = linked_by_nvidia_ctk(host.get_fact(NvidiaDeviceNodes))
     missing = missing_dev_char_links(nodes, host.get_fact(DevCharLinks))
     if not missing:
         host.noop(f"/dev/char links all {len(nodes)} NVIDIA device nodes" if nodes else "no NVIDIA device nodes")

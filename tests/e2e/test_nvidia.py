@@ -82,8 +82,13 @@ def test_udev_rule_links_dev_char_for_gpu_nodes(second_deploy, lab):
         'ACTION=="add", DEVPATH=="/bus/pci/drivers/nvidia", '
         'RUN+="/usr/bin/nvidia-ctk system create-dev-char-symlinks --create-all"'
     ) in rule
-    # No GPU in the lab: stand-in nodes with the driver's numbers get their links, once.
-    sh(lab, "lab-2", "mknod /dev/nvidia0 c 195 0 && mknod /dev/nvidiactl c 195 255")
+    # No GPU in the lab: stand-in nodes with the driver's numbers get their links, once; an NVSwitch's
+    # node, which nvidia-ctk never links, does not keep the run from converging.
+    sh(
+        lab,
+        "lab-2",
+        "mknod /dev/nvidia0 c 195 0 && mknod /dev/nvidiactl c 195 255 && mknod /dev/nvidia-nvswitch0 c 239 0",
+    )
     try:
         result = run_deploy("--limit", "lab-2")
         assert result.rc == 0, result.output[-3000:]
@@ -92,10 +97,11 @@ def test_udev_rule_links_dev_char_for_gpu_nodes(second_deploy, lab):
         ], result.changed()
         links = sh(lab, "lab-2", "readlink /dev/char/195:0 /dev/char/195:255").stdout.split()
         assert links == ["/dev/nvidia0", "/dev/nvidiactl"]
+        assert sh(lab, "lab-2", "test -e /dev/char/239:0", check=False).returncode != 0
         again = run_deploy("--limit", "lab-2")
         assert again.rc == 0 and again.total_changed() == 0, again.changed()
     finally:
-        sh(lab, "lab-2", "rm -f /dev/nvidia0 /dev/nvidiactl /dev/char/195:0 /dev/char/195:255")
+        sh(lab, "lab-2", "rm -f /dev/nvidia0 /dev/nvidiactl /dev/nvidia-nvswitch0 /dev/char/195:0 /dev/char/195:255")
 
 
 def test_lxc_guest_leaves_dev_char_to_its_host(second_deploy, lab):

@@ -10,7 +10,7 @@ from operations.core import apt_pin, checks
 from operations.core.errors import ConfigError
 from operations.core.json_files import JsonFile
 from operations.driver import install as nvidia_driver
-from operations.driver.devices import DevCharLinks, missing_dev_char_links
+from operations.driver.devices import DevCharLinks, linked_by_nvidia_ctk, missing_dev_char_links
 from operations.toolkit import install as nvidia_toolkit
 
 from .test_inference import SERVICE
@@ -216,3 +216,29 @@ def test_offline_gpu_host_needs_the_check_image_in_its_bundle():
         r"is not among the bundle's images",
     ):
         nvidia_toolkit.require_bundled("nvidia/cuda:12.4.1-base-ubuntu22.04", manifest, "gap1")
+
+
+def test_an_nvswitch_host_converges_nvidia_ctk_never_links_its_switch_nodes(run_op):
+    """nvidia-ctk 1.17.8 links GPUs, control nodes and MIG caps, never nvidia-nvswitch*, nvidia-nvlink or
+    nvidia-fs* (cmd/nvidia-ctk/system/create-dev-char-symlinks): with those linked, nothing is missing."""
+    nodes = {
+        "/dev/nvidia0": (195, 0),
+        "/dev/nvidiactl": (195, 255),
+        "/dev/nvidia-uvm": (510, 0),
+        "/dev/nvidia-nvswitch0": (511, 0),
+        "/dev/nvidia-nvswitchctl": (511, 255),
+        "/dev/nvidia-nvlink": (234, 0),
+        "/dev/nvidia-fs0": (246, 0),
+        "/dev/nvidia-caps/nvidia-cap1": (237, 1),
+    }
+    linked = {
+        "195:0": "/dev/nvidia0",
+        "195:255": "/dev/nvidiactl",
+        "510:0": "/dev/nvidia-uvm",
+        "237:1": "/dev/nvidia-caps/nvidia-cap1",
+    }
+    assert sorted(linked_by_nvidia_ctk(nodes)) == sorted(linked.values())
+    commands, noops = run_op(nvidia_toolkit.dev_char_links, {"NvidiaDeviceNodes": nodes, "DevCharLinks": linked})
+    assert commands == [] and noops == ["/dev/char links all 4 NVIDIA device nodes"]
+    commands, _ = run_op(nvidia_toolkit.dev_char_links, {"NvidiaDeviceNodes": nodes, "DevCharLinks": {}})
+    assert commands == ["nvidia-ctk system create-dev-char-symlinks --create-all"]
