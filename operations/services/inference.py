@@ -13,7 +13,7 @@ from pathlib import Path
 from jinja2 import Template
 from pyinfra import host, logger
 from pyinfra.api import deploy, operation
-from pyinfra.operations import files, server, systemd
+from pyinfra.operations import files, systemd
 
 from operations import TEMPLATES, TOOLS_DIR
 from operations.container import images as docker_images
@@ -429,11 +429,10 @@ def _start_service(service, engine_service, where, restart, user, new_key, start
             timeout=host.data.gpufleet_upgrade_drain_timeout,
             _if=restart,
         )
-    # Its unit's start limit (3 starts per 3 start timeouts) ends a loop of a model that never gets
-    # ready; gpufleet's own restarts clear the count first, so they never hit it.
-    server.shell(
+    systemd.service(
         name=f"Restart {name} after its unit, secrets, weights or image changed, or it was not ready",
-        commands=[f"systemctl reset-failed {name}.service 2>/dev/null || true", f"systemctl restart {name}.service"],
+        service=name,
+        restarted=True,
         _if=restart,
     )
     systemd.service(

@@ -50,6 +50,17 @@ def pinned_version(host):
     return match.group(1)
 
 
+def test_nvidia_packages_kept_out_of_unattended_upgrades(driver_host):
+    """unattended-upgrades reads Unattended-Upgrade::Package-Blacklist (regular expressions matched at
+    the start of each package name) through apt's configuration: apt's own parser must list NVIDIA's
+    packages there."""
+    dumped = driver_host.run("apt-config dump").stdout
+    listed = set(re.findall(r'^Unattended-Upgrade::Package-Blacklist:: "([^"]+)";$', dumped, re.M))
+    assert {"nvidia-", "libnvidia-", "libcuda", "cuda-drivers"} <= listed, listed
+    for package in ("nvidia-smi", "libnvidia-ml1", "libcuda1", "nvidia-kernel-dkms"):
+        assert any(re.match(pattern, package) for pattern in listed), package
+
+
 def test_driver_pin_is_the_configured_version_or_of_its_branch(driver_host, intent):
     pinned, wanted = pinned_version(driver_host), intent["nvidia_driver_version"]
     assert pinned == wanted or (re.fullmatch(r"\d{3}", wanted) and pinned.startswith(wanted + ".")), (pinned, wanted)

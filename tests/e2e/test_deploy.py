@@ -41,6 +41,7 @@ EVERY_HOST = {
     "test_secrets_dir_is_root_only",
     "test_driver_packages_at_the_pinned_version_and_held",
     "test_driver_pin_is_the_configured_version_or_of_its_branch",
+    "test_nvidia_packages_kept_out_of_unattended_upgrades",
     "test_recorded_gpu_count_matches_hardware",
 }
 KERNEL_MODULE = {"test_nouveau_blacklisted"}  # every host that owns the kernel module (not a guest)

@@ -7,7 +7,8 @@ LOGNAME say its name), read-only root, weights read-only, its compile caches in 
 the host; the key is required on /v1; chat completions stream; a killed container comes back
 through systemd, warm (caches kept); a second run changes nothing. Beyond loopback it is served
 only behind gpufleet's authenticating proxy: /invocations, which vLLM's own key leaves open, is
-refused without the key from another lab host. Start times go to .lab/measurements/vllm.json.
+refused without the key from another lab host. The same model fetched from the site's hub (the
+hub double, huggingface_hub's own client) serves too. Start times go to .lab/measurements/vllm.json.
 """
 
 import json
@@ -20,7 +21,7 @@ import pytest
 
 from group_data.lab import inference_services as LAB_SERVICES
 from tests.lab import hosts as lab_hosts
-from tests.lab import vllm
+from tests.lab import site, vllm
 
 from .conftest import REPO, run_deploy
 
@@ -115,7 +116,13 @@ def test_vllm_wants_its_key_on_v1_and_streams_chat_completions(served):
     assert curl("/v1/models", key="not-" + key)[0] == "401"
     status, listed = curl("/v1/models", key=key)
     assert status == "200" and [model["id"] for model in json.loads(listed)["data"]] == ["vllm"]
-    chat = {"model": "vllm", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8, "stream": True}
+    chat = {
+        "model": "vllm",
+        "messages": [{"role": "user", "content": "hello"}],
+        "max_tokens": 8,
+        "stream": True,
+        "ignore_eos": True,
+    }
     status, streamed = curl("/v1/chat/completions", key=key, body=chat)
     events = [line[len("data: ") :] for line in streamed.splitlines() if line.startswith("data: ")]
     assert status == "200" and events[-1] == "[DONE]", streamed[-500:]
@@ -194,3 +201,22 @@ def test_beyond_loopback_only_its_proxy_answers_and_wants_the_key_on_every_route
     unguarded = run_deploy("--limit", HOST, *services(), *lan)
     assert unguarded.rc != 0 and "inference_listen" in unguarded.output, unguarded.output[-2000:]
     assert "/invocations" in unguarded.output
+
+
+def test_the_same_model_fetched_from_the_sites_hub_serves(served, lab, measured):
+    volume = {"hf": site.HUB_HF_REPO, "revision": site.hub_hf_commit(), "token_file": str(site.HUB_TOKEN_FILE)}
+    hub = [
+        "--data",
+        f"inference_hf_endpoint={site.hub_endpoint(lab['lab-svc-1']['address'])}",
+        "--data",
+        f"inference_weight_volumes={json.dumps({'hub-tiny-hf': volume})}",
+    ]
+    fetched = run_deploy("--limit", HOST, *services(model="hub-tiny-hf"), *hub)
+    assert fetched.rc == 0, fetched.output[-3000:]
+    measured["hub_model_restart_s"] = start_seconds()
+    record = json.loads(sh("cat /srv/gpufleet/weights/hub-tiny-hf/.gpufleet-hf.json").stdout)
+    assert record == {"repo": site.HUB_HF_REPO, "commit": site.hub_hf_commit()}
+    assert "/models/hub-tiny-hf" in json.loads(sh(f"docker inspect {UNIT}").stdout)[0]["Args"]
+    chat = {"model": "vllm", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4, "ignore_eos": True}
+    status, answer = curl("/v1/chat/completions", key=KEY.read_text().strip(), body=chat)
+    assert status == "200" and json.loads(answer)["usage"]["completion_tokens"] == 4, answer[-500:]

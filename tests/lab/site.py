@@ -5,7 +5,8 @@ The lab's site services on ``lab-svc-1``, for hosts deployed with no bundle (``l
   with a certificate of a CA made for the lab, htpasswd (bcrypt) logins; the lab's llama.cpp image
   pushed to it from the control node;
 - a hub: the Hugging Face Hub download API double (tests/fixtures/hub_double) serving the lab's tiny
-  GGUF as the private repository ``gpufleet-lab/tiny-llama``, token required.
+  GGUF as the private repository ``gpufleet-lab/tiny-llama`` and the vLLM test's Hugging Face-format
+  Llama as ``gpufleet-lab/tiny-hf``, token required.
 
 Everything a connected host needs to reach them is written under .lab: the CA, the registry login
 (``USER:PASSWORD``, 0600) and the hub token (0600).
@@ -25,6 +26,9 @@ from . import hosts, llamacpp, models
 REGISTRY_PORT = 5000
 HUB_PORT, CDN_PORT = 8090, 8091
 HUB_REPO = "gpufleet-lab/tiny-llama"
+# The tiny Hugging Face-format Llama of the vLLM test, when the lab has it (tests/lab/bundle.py).
+HUB_HF_REPO = "gpufleet-lab/tiny-hf"
+HUB_HF_FILES = hosts.STATE_DIR / "models" / "tiny-hf"
 SITE_DIR = hosts.STATE_DIR / "site"
 CA_CERT = SITE_DIR / "ca.crt"
 LOGIN_FILE = hosts.STATE_DIR / "secrets" / "registry-login"
@@ -67,13 +71,13 @@ systemctl restart docker-registry
 mkdir -p /usr/local/lib/gpufleet-lab /srv/hub
 install -m 755 /tmp/site/hub.py /usr/local/lib/gpufleet-lab/hub.py
 install -m 600 /tmp/site/hub-token /usr/local/lib/gpufleet-lab/hub-token
-rm -rf /srv/hub/{repo}; mkdir -p /srv/hub/{repo}; cp -r /tmp/site/repo/. /srv/hub/{repo}/
+rm -rf /srv/hub; mkdir -p /srv/hub; cp -r /tmp/site/repos/. /srv/hub/
 cat > /etc/systemd/system/gpufleet-lab-hub.service <<EOF
 [Unit]
 Description=gpufleet lab: Hugging Face Hub download API double
 After=network-online.target
 [Service]
-ExecStart=/usr/bin/python3 /usr/local/lib/gpufleet-lab/hub.py --public-host $3 --port {hub_port} --cdn-port {cdn_port} --token-file /usr/local/lib/gpufleet-lab/hub-token {repo}=/srv/hub/{repo}
+ExecStart=/usr/bin/python3 /usr/local/lib/gpufleet-lab/hub.py --public-host $3 --port {hub_port} --cdn-port {cdn_port} --token-file /usr/local/lib/gpufleet-lab/hub-token {repos}
 Restart=always
 [Install]
 WantedBy=multi-user.target
@@ -172,6 +176,19 @@ def _certificates(address):
         stamp.write_text(address)
 
 
+def hub_hf_commit():
+    """The commit the hub double serves ``gpufleet-lab/tiny-hf`` at."""
+    return hub_double.Repo(HUB_HF_REPO, HUB_HF_FILES).commit
+
+
+def _hub_repos():
+    """The repositories the hub serves: name -> directory."""
+    repos = {HUB_REPO: HUB_FILES}
+    if HUB_HF_FILES.exists():
+        repos[HUB_HF_REPO] = HUB_HF_FILES
+    return repos
+
+
 def _secret(path, value):
     if not path.exists():
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -256,7 +273,9 @@ def install(host, log=print):
     _hub_files()
     container = host["container"]
     subprocess.run(["docker", "exec", container, "rm", "-rf", "/tmp/site"], check=True)
-    subprocess.run(["docker", "exec", container, "mkdir", "-p", "/tmp/site/repo"], check=True)
+    repos = _hub_repos()
+    for name in repos:
+        subprocess.run(["docker", "exec", container, "mkdir", "-p", f"/tmp/site/repos/{name}"], check=True)
     for source, target in (
         (SITE_DIR / "registry.crt", "registry.crt"),
         (SITE_DIR / "registry.key", "registry.key"),
@@ -264,13 +283,14 @@ def install(host, log=print):
         (HUB_TOKEN_FILE, "hub-token"),
     ):
         subprocess.run(["docker", "cp", str(source), f"{container}:/tmp/site/{target}"], check=True)
-    subprocess.run(["docker", "cp", f"{HUB_FILES}/.", f"{container}:/tmp/site/repo"], check=True)
+    for name, files in repos.items():
+        subprocess.run(["docker", "cp", f"{files}/.", f"{container}:/tmp/site/repos/{name}"], check=True)
     user, password = login.split(":", 1)
     script = (
         SETUP.replace("{registry_port}", str(REGISTRY_PORT))
         .replace("{hub_port}", str(HUB_PORT))
         .replace("{cdn_port}", str(CDN_PORT))
-        .replace("{repo}", HUB_REPO)
+        .replace("{repos}", " ".join(f"{name}=/srv/hub/{name}" for name in repos))
     )
     setup = subprocess.run(
         ["docker", "exec", container, "sh", "-c", script, "site", user, password, address],

@@ -366,12 +366,6 @@ def test_tgi_and_vllm_keys_leave_routes_open_so_beyond_loopback_they_need_the_pr
         assert engines.guarded({**keyed, "proxy_port": 8443})
 
 
-def test_a_model_that_never_gets_ready_is_not_retried_for_ever():
-    unit = inference.unit_text(VLLM, "/w", None, False, 600)
-    assert "StartLimitBurst=3" in unit and f"StartLimitIntervalSec={3 * (600 + 35)}" in unit
-    assert unit.index("StartLimitBurst") < unit.index("[Service]")  # a [Unit] setting
-
-
 def test_ollama_is_refused_a_lone_gguf_and_given_its_models_directory_unpruned(tmp_path):
     (tmp_path / "tiny.gguf").write_bytes(b"GGUF")
     ollama = {**SERVICE, "engine": "ollama", "args": [], "model": "tiny/tiny.gguf"}
