@@ -177,7 +177,8 @@ inference_expose_unauthenticated = False
 inference_allowed_sources = []
 # False: leave the host's firewall to you (ufw, firewalld, your own nftables); the table is not written.
 inference_firewall = True
-# Seconds a service may take to answer its readiness endpoints after a (re)start.
+# Seconds a service may take to answer its readiness endpoints after a (re)start; raised for a
+# service whose model needs more (2 minutes + its bytes at 100 MB/s), unless it sets its own start_timeout.
 inference_start_timeout = 300
 # Images: one the offline bundle carries is loaded from it; any other is pulled from its registry by
 # the deploy (never at unit start). A tag is checked against its registry on each run: when the

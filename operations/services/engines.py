@@ -5,6 +5,7 @@ variable, the arguments it takes, and how its command line is made. Pure data an
 
 import difflib
 import ipaddress
+import math
 import re
 from pathlib import Path
 
@@ -338,6 +339,12 @@ def probe_address(service):
     """Where the host itself reaches the service: its address, or loopback when it listens on all."""
     address = listen(service)
     return LOOPBACK if address in ("0.0.0.0", "::") else address
+
+
+def fitting_start_timeout(setting, model_bytes):
+    """Seconds a service may take to get ready: the setting, or more for a large model: two minutes for
+    the engine itself plus its weights read at 100 MB/s (a disk's pace, not NVMe's)."""
+    return max(setting, 120 + math.ceil((model_bytes or 0) / 100e6))
 
 
 def gpu_count(gpus, available):

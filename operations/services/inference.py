@@ -352,6 +352,10 @@ def _install_service(service, user, gpus, weights_root, start_timeout, volumes, 
     name = service["name"]
     engine_service = auth_proxy.engine_side(service) if service.get("proxy_port") else service
     uid, gid = (int(number) for number in user.split(":"))
+    # Its own start_timeout, or the setting raised to what its model's size needs (volumes the control node lists).
+    start_timeout = service.get("start_timeout") or engines.fitting_start_timeout(
+        start_timeout, weights.model_bytes(service["model"], host.data)
+    )
     if not service.get("user"):
         service_account(
             name=f"Add account {managed_name(name)} (its containers run as it)",

@@ -127,14 +127,25 @@ def check_model(index, model, data, host_name):
 
 
 def listed_files(model, data):
-    """The paths in ``model``'s volume, relative to the volume (None for a hub volume: only the hub
-    lists it, on the host)."""
+    """The files of ``model``'s volume, relative to the volume: path -> {"size", "sha256"} (None for a
+    hub volume: only the hub lists it, on the host)."""
     kind, where = sources(data)[volume_of(model)]
     if kind == "bundle":
-        return list(bundle.part(bundle.load(data["gpufleet_bundle"]), where))
+        return bundle.part(bundle.load(data.get("gpufleet_bundle")), where)
     if kind == "dir":
-        return list(directory_manifest(where))
+        return directory_manifest(where)
     return None
+
+
+def model_bytes(model, data):
+    """The bytes of ``model`` (a file, or a directory of a volume) where the control node can list them, else None."""
+    files = listed_files(model, data)
+    if files is None:
+        return None
+    inside = model[len(volume_of(model)) + 1 :].rstrip("/")
+    return sum(
+        entry["size"] for path, entry in files.items() if not inside or path == inside or path.startswith(inside + "/")
+    )
 
 
 @functools.cache

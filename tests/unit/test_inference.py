@@ -5,6 +5,7 @@ import pytest
 from operations.core.errors import ConfigError
 from operations.offline import staging
 from operations.services import auth_proxy, engines, facts, inference, removal
+from operations.weights import volumes as weights
 
 SERVICE = {
     "name": "chat",
@@ -382,3 +383,18 @@ def test_ollama_is_refused_a_lone_gguf_and_given_its_models_directory_unpruned(t
     )
     args = engines.docker_args({**ollama, "model": "tiny"}, "/w", None, False)
     assert "OLLAMA_NOPRUNE=1" in args and "OLLAMA_MODELS=/models/tiny" in args and "/w:/models:ro" in args
+
+
+def test_a_large_models_start_timeout_fits_its_size(tmp_path):
+    assert engines.fitting_start_timeout(300, None) == 300  # a hub volume: the setting
+    assert engines.fitting_start_timeout(300, 10 << 20) == 300  # a small model: the setting
+    assert engines.fitting_start_timeout(300, 140 * 10**9) == 120 + 1400  # 140 GB at 100 MB/s, plus 2 minutes
+    (tmp_path / "big").mkdir()
+    (tmp_path / "big" / "a.safetensors").write_bytes(b"x" * 3000)
+    (tmp_path / "big" / "b.safetensors").write_bytes(b"x" * 2000)
+    (tmp_path / "other.gguf").write_bytes(b"x" * 7000)
+    data = {"inference_weight_volumes": {"vol": {"from": str(tmp_path)}, "hub": {"hf": "org/m", "revision": "0" * 40}}}
+    assert weights.model_bytes("vol/big", data) == 5000
+    assert weights.model_bytes("vol/other.gguf", data) == 7000
+    assert weights.model_bytes("vol", data) == 12000
+    assert weights.model_bytes("hub/x", data) is None
