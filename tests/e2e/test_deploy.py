@@ -57,6 +57,7 @@ DOCKER = {
     "test_toolkit_packages_pinned_and_held",
 }
 SERVING = {
+    "test_engine_caches_are_the_services_own_and_mounted",
     "test_firewall_table_loaded_from_its_file_for_every_service_port",
     "test_keyed_services_refuse_requests_without_key",
     "test_ports_listening",
