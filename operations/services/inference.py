@@ -122,10 +122,10 @@ def _check_model_layout(index, service, data, host_name):
     """An engine that reads a directory of its own layout (Ollama's models directory) is refused a
     model without it, where the control node can list the volume."""
     layout = engines.ENGINES[service["engine"]].get("model_layout")
-    paths = weights.listed_files(service["model"], data) if layout else None
+    paths = weights.model_files(service["model"], data) if layout else None
     if paths is None:
         return
-    inside = service["model"][len(weights.volume_of(service["model"])) + 1 :].rstrip("/")
+    inside = weights.path_in_volume(service["model"])
     prefix = f"{inside}/" if inside else ""
     missing = [part for part in layout if not any(path.startswith(prefix + part) for path in paths)]
     if missing:
@@ -367,17 +367,7 @@ def _install_service(service, user, gpus, weights_root, start_timeout, volumes, 
     where = _placement_with_proxy(service, engine_service, user)
     new_key, new_secrets = write_secrets(service, engine_service, where, uid, gid)
     use_gpus = bool(gpus) and service.get("gpus", "all") != "none"
-    cache_dir = None
-    if engines.ENGINES[service["engine"]].get("caches") and not service.get("user"):
-        cache_dir = cache_path(name)
-        files.directory(
-            name=f"Keep {managed_name(name)}'s compile caches in {cache_dir} (its own, across restarts)",
-            path=cache_dir,
-            user=managed_name(name),
-            group=managed_name(name),
-            mode="700",
-        )
-    where["caches"] = cache_dir
+    cache_dir = where["caches"] = _cache_directory(service)
     unit = files.put(
         name=f"Install unit {unit_name(name)}",
         src=StringIO(
@@ -467,14 +457,31 @@ def _start_service(service, engine_service, where, restart, user, new_key, start
     )
 
 
+def _cache_directory(service):
+    """The service's own cache directory on the host, for an engine that keeps caches, run as its own
+    account (None otherwise: its caches stay in the container's /tmp)."""
+    if not engines.ENGINES[service["engine"]].get("caches") or service.get("user"):
+        return None
+    name, path = managed_name(service["name"]), cache_path(service["name"])
+    files.directory(
+        name=f"Keep {name}'s compile caches in {path} (its own, across restarts)",
+        path=path,
+        user=name,
+        group=name,
+        mode="700",
+    )
+    return path
+
+
 def _says_where_it_runs(service, gpus):
     """Whether the service can run on this host: an engine that needs a GPU on a host without one gets its
     unit, not started; a CPU engine on a host without a GPU is said to run on the CPU."""
     name, engine, given = service["name"], service["engine"], service.get("gpus", "all")
-    if given == "all" and gpus and engines.gpus_needed(service) > gpus:
+    needed = engines.gpus_needed(service)
+    if given == "all" and gpus and needed > gpus:
         raise ConfigError(
             f"inference_services[{name}].args",
-            f"its parallel sizes need {engines.gpus_needed(service)} GPUs (tensor x pipeline); this host has {gpus}",
+            f"its parallel sizes need {needed} GPUs (tensor x pipeline); this host has {gpus}",
             host=host.name,
         )
     if engines.ENGINES[engine]["needs_gpu"] and given == "none":

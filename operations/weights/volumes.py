@@ -32,6 +32,11 @@ def volume_of(model):
     return model.split("/")[0]
 
 
+def path_in_volume(model):
+    """The rest of a service's ``model`` path: the file or directory inside its volume ('' for all of it)."""
+    return model[len(volume_of(model)) + 1 :].rstrip("/")
+
+
 def _refuse(field, message, host_name):
     raise ConfigError(f"inference_weight_volumes[{field!r}]", message, host=host_name)
 
@@ -111,7 +116,7 @@ def sources(data):
 def check_model(index, model, data, host_name):
     """Refuse a service whose model is in no volume, or missing from the one it names (hub volumes are
     listed by the hub itself: checked on the host when fetched)."""
-    volume, inside = volume_of(model), model[len(volume_of(model)) + 1 :].rstrip("/")
+    volume, inside = volume_of(model), path_in_volume(model)
     known = sources(data)
     field = f"inference_services[{index}].model"
     if volume not in known:
@@ -121,8 +126,7 @@ def check_model(index, model, data, host_name):
             f"nor inference_weight_volumes ({', '.join(sorted(known)) or 'none'})",
             host=host_name,
         )
-    paths = listed_files(model, data)
-    if paths is not None and inside and not any(p == inside or p.startswith(inside + "/") for p in paths):
+    if inside and model_files(model, data) == {}:
         raise ConfigError(field, f"{model}: no {inside!r} in volume {volume!r} ({known[volume][1]})", host=host_name)
 
 
@@ -137,15 +141,18 @@ def listed_files(model, data):
     return None
 
 
+def model_files(model, data):
+    """The files of ``model`` (a file, or a directory of its volume), as ``listed_files`` gives them."""
+    files, inside = listed_files(model, data), path_in_volume(model)
+    if files is None or not inside:
+        return files
+    return {path: entry for path, entry in files.items() if path == inside or path.startswith(inside + "/")}
+
+
 def model_bytes(model, data):
-    """The bytes of ``model`` (a file, or a directory of a volume) where the control node can list them, else None."""
-    files = listed_files(model, data)
-    if files is None:
-        return None
-    inside = model[len(volume_of(model)) + 1 :].rstrip("/")
-    return sum(
-        entry["size"] for path, entry in files.items() if not inside or path == inside or path.startswith(inside + "/")
-    )
+    """The bytes of ``model`` where the control node can list them, else None."""
+    files = model_files(model, data)
+    return None if files is None else sum(entry["size"] for entry in files.values())
 
 
 @functools.cache

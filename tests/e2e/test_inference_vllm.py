@@ -204,7 +204,11 @@ def test_beyond_loopback_only_its_proxy_answers_and_wants_the_key_on_every_route
 
 
 def test_the_same_model_fetched_from_the_sites_hub_serves(served, lab, measured):
-    volume = {"hf": site.HUB_HF_REPO, "revision": site.hub_hf_commit(), "token_file": str(site.HUB_TOKEN_FILE)}
+    volume = {
+        "hf": site.HUB_HF_REPO,
+        "revision": site.hub_commit(site.HUB_HF_REPO),
+        "token_file": str(site.HUB_TOKEN_FILE),
+    }
     hub = [
         "--data",
         f"inference_hf_endpoint={site.hub_endpoint(lab['lab-svc-1']['address'])}",
@@ -215,7 +219,7 @@ def test_the_same_model_fetched_from_the_sites_hub_serves(served, lab, measured)
     assert fetched.rc == 0, fetched.output[-3000:]
     measured["hub_model_restart_s"] = start_seconds()
     record = json.loads(sh("cat /srv/gpufleet/weights/hub-tiny-hf/.gpufleet-hf.json").stdout)
-    assert record == {"repo": site.HUB_HF_REPO, "commit": site.hub_hf_commit()}
+    assert record == {"repo": site.HUB_HF_REPO, "commit": site.hub_commit(site.HUB_HF_REPO)}
     assert "/models/hub-tiny-hf" in json.loads(sh(f"docker inspect {UNIT}").stdout)[0]["Args"]
     chat = {"model": "vllm", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4, "ignore_eos": True}
     status, answer = curl("/v1/chat/completions", key=KEY.read_text().strip(), body=chat)

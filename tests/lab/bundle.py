@@ -94,7 +94,7 @@ def _link_archive(tag, archive, out):
     image_id = subprocess.run(
         ["docker", "image", "inspect", "--format", "{{.Id}}", tag], capture_output=True, text=True, check=True
     ).stdout.strip()
-    target = out / "images" / (tag.replace("/", "_").replace(":", "_") + ".tar")
+    target = out / "images" / builder.archive_name(tag)
     stamp = target.with_suffix(".id")
     if stamp.exists() and stamp.read_text() == image_id:
         return

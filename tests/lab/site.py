@@ -108,9 +108,9 @@ def hub_endpoint(address):
     return f"http://{address}:{HUB_PORT}"
 
 
-def hub_commit():
-    """The commit the hub double serves ``gpufleet-lab/tiny-llama`` at (the SHA-1 of its file list)."""
-    return hub_double.Repo(HUB_REPO, HUB_FILES).commit
+def hub_commit(repo=HUB_REPO):
+    """The commit the hub double serves ``repo`` at (the SHA-1 of its file list)."""
+    return hub_double.Repo(repo, _hub_repos()[repo]).commit
 
 
 def _openssl(*args):
@@ -174,11 +174,6 @@ def _certificates(address):
             str(cert),
         )
         stamp.write_text(address)
-
-
-def hub_hf_commit():
-    """The commit the hub double serves ``gpufleet-lab/tiny-hf`` at."""
-    return hub_double.Repo(HUB_HF_REPO, HUB_HF_FILES).commit
 
 
 def _hub_repos():

@@ -142,6 +142,11 @@ def _index(repo):
     (repo / "Release").write_text("\n".join(lines) + "\n")
 
 
+def archive_name(image):
+    """The file a bundle keeps ``image``'s ``docker save`` archive in, under images/."""
+    return image.replace("/", "_").replace(":", "_") + ".tar"
+
+
 def _images(names, out, log):
     out.mkdir(parents=True, exist_ok=True)
     images = []
@@ -151,7 +156,7 @@ def _images(names, out, log):
         image_id = subprocess.run(
             ["docker", "image", "inspect", "--format", "{{.Id}}", name], capture_output=True, text=True, check=True
         ).stdout.strip()
-        archive = out / (name.replace("/", "_").replace(":", "_") + ".tar")
+        archive = out / archive_name(name)
         stamp = archive.with_suffix(".id")
         if not (archive.exists() and stamp.exists() and stamp.read_text() == image_id):
             log(f"images: docker save {name}")
