@@ -264,7 +264,7 @@ class DevCharLinks(FactBase):
 # The nodes ``nvidia-ctk system create-dev-char-symlinks`` links (1.17.8, cmd/nvidia-ctk/system/
 # create-dev-char-symlinks: all.go links the GPUs, nvidiactl, nvidia-modeset, nvidia-uvm(-tools) and
 # the MIG caps; existing.go skips nvidia-fs*, nvidia-nvswitch* and nvidia-nvlink*). An NVSwitch's
-# node never gets a link, so it must not count as missing one.
+# node never gets a link, so it must not count as missing one. Source: tests/data/upstream/.
 LINKED_BY_NVIDIA_CTK = re.compile(
     r"/dev/(nvidia\d+|nvidiactl|nvidia-modeset|nvidia-uvm|nvidia-uvm-tools|nvidia-caps/nvidia-cap\d+)"
 )

@@ -69,6 +69,7 @@ ENGINES = {
         # the generation routes only: /info, /metrics, /v1/models and POST /chat_tokenize (which runs
         # the tokenizer) answer without it, and the key is compared case-insensitively
         # (to_lowercase on both sides). Beyond loopback it needs the proxy, like vLLM.
+        # (Excerpt: tests/data/upstream/tgi-router-server-auth.rs.txt.)
         "key_guards_every_route": False,
         "parallel_flags": {"--num-shard": "tensor"},
         # set by gpufleet from the service's fields: refused in args, naming the field
@@ -97,6 +98,7 @@ ENGINES = {
         # start, which deletes blobs no manifest names (server/routes.go Serve, fb30760, 2026-08-21).
         "env": {"HOME": "/tmp", "OLLAMA_NOPRUNE": "1"},
         # What that directory holds (manifest/paths.go: OLLAMA_MODELS/blobs, OLLAMA_MODELS/manifests).
+        # (Excerpts: tests/data/upstream/ollama-serve-start.go.txt.)
         "model_layout": ("manifests/", "blobs/"),
     },
     "llamacpp": {
