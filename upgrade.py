@@ -41,6 +41,7 @@ for number in host.loop(range(len(batches))):
     )
     if host.name in batches[number]:
         summary.update(roles.rolled_gpu_host())
+summary.update(roles.gateway_host())  # in gateway_hosts: the site's gateway; otherwise none left
 # The serving hosts' service restarts, held by their roles, roll batch by batch.
 rollout.restart_held_in_batches()
 roles.finish(summary, guest_changes)

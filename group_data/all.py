@@ -138,6 +138,28 @@ gpufleet_bundle_dir = "/var/lib/gpufleet/bundle"
 # carry a signature (build --sign-key) by one of its keys, or the run stops before any host.
 gpufleet_bundle_signers = None
 
+# --- gpufleet_tls_ (the site's TLS: what the services' fronts present) -------------------------
+# gpufleet's site CA on the control node, made in this directory the first time a front needs it
+# (ca.key stays here; hand ca.crt to clients): it signs each host a certificate naming its
+# addresses (127.0.0.1, gpufleet_site_address, ssh_hostname, its inventory name), kept in
+# <dir>/hosts, renewed 30 days before its end.
+gpufleet_tls_dir = "~/.local/share/gpufleet/site-tls"
+# Or the site's own PKI: this host's certificate, its key and the CA that signed them, as files on
+# the control node (all three, or none).
+gpufleet_tls_cert_file = None
+gpufleet_tls_key_file = None
+gpufleet_tls_ca_file = None
+
+# --- gateway_ (the site's gateway: hosts of the gateway_hosts group) ----------------------------
+# HAProxy from the distribution: https://GATEWAY:gateway_port/SERVICE/v1 is service SERVICE's pool,
+# every host of the inventory serving it behind a TLS front (proxy_port), checked every
+# gateway_check_interval seconds (out after 2 failures, in after 2 successes), least connections
+# first; keys are the service's api_key_file (checked at the gateway and again at the front). A
+# rolling restart drains a host's servers at every gateway first and re-admits them once ready.
+gateway_port = 443
+gateway_listen = "0.0.0.0"
+gateway_check_interval = 2
+
 # --- inference_ (model services as systemd-managed containers) ----------------------------
 # Services of the host. Each: name, engine (vllm | tgi | ollama | llamacpp), image (pinned tag or
 # digest, never latest), model (path under the weights root, e.g. "tiny/tiny.gguf"), and optional
@@ -147,12 +169,14 @@ gpufleet_bundle_signers = None
 # streaming latency, or "bridge"), cuda (the image's CUDA version, checked against
 # nvidia_driver_version), served_name, user (numeric "UID:GID"; default: the service's own account
 # gpufleet-NAME, its own UID), start_timeout, listen (overrides inference_listen), proxy_port.
-# proxy_port puts gpufleet's authenticating proxy in front (gpufleet-NAME-proxy.service, needs
-# python3 on the host): the engine then listens on 127.0.0.1 with no key of its own, and the proxy
-# listens on the service's address and port proxy_port, admitting only requests that carry the
-# api_key_file's key as "Authorization: Bearer KEY" (401 otherwise). Ollama, which has no key, and
-# vLLM, whose --api-key leaves /invocations open (its --help says so), are served beyond loopback
-# only this way, unless inference_expose_unauthenticated is True.
+# proxy_port puts an authenticating TLS front in front (gpufleet-NAME-proxy.service: HAProxy from
+# the distribution, with the site's certificate, gpufleet_tls_*): the engine then listens on
+# 127.0.0.1 with no key of its own, and the front listens on the service's address and port
+# proxy_port, admitting only requests that carry a key of the api_key_file (one per line: add the
+# new key, deploy, hand it out, remove the old one, deploy; a reload, no request lost) as
+# "Authorization: Bearer KEY" (401 otherwise). Ollama, which has no key, and vLLM and TGI, whose
+# keys leave routes open, are served beyond loopback only this way, unless
+# inference_expose_unauthenticated is True.
 # A service removed from this list is removed from the host when the deploy runs: its units are
 # stopped and disabled, its unit files, secrets, container and account deleted (its port is free
 # before any new service starts). Its image and weights stay.
@@ -180,6 +204,10 @@ inference_firewall = True
 # Seconds a service may take to answer its readiness endpoints after a (re)start; raised for a
 # service whose model needs more (2 minutes + its bytes at 100 MB/s), unless it sets its own start_timeout.
 inference_start_timeout = 300
+# A front (proxy_port) refuses a request body over this size (413) or without a Content-Length (411),
+# before reading it; and gives up on a request after this many seconds without a byte either way.
+inference_max_request_bytes = "32m"
+inference_request_timeout = 900
 # Images: one the offline bundle carries is loaded from it; any other is pulled from its registry by
 # the deploy (never at unit start). A tag is checked against its registry on each run: when the
 # registry moved it, the deploy says so and keeps the image the host has, unless this is True.

@@ -1,6 +1,7 @@
 """The built-in lab: hosts started by ``python -m tests.lab up``, read from .lab/lab.json."""
 
 import json
+import os
 from pathlib import Path
 
 _LAB = Path(__file__).resolve().parent.parent / ".lab"
@@ -23,6 +24,7 @@ def _ssh(host):
         "ssh_known_hosts_file": "/dev/null",
         "ssh_strict_host_key_checking": "no",
         "gpufleet_site_address": host["address"],  # lab hosts reach each other on the lab network
+        "gpufleet_tls_dir": str(_LAB / "site-tls"),  # the lab's site CA (made by the first TLS front)
     }
 
 
@@ -103,3 +105,6 @@ gpu_hosts = [(h["name"], _data(h)) for h in _STATE["hosts"] if not h["name"].sta
 lxc_guests = [h["name"] for h in _STATE["hosts"] if h["name"].startswith("lab-ct-")]
 # Air-gapped lab hosts: no route out; group_data/airgapped.py sends them to the bundle.
 airgapped = [h["name"] for h in _STATE["hosts"] if h["airgapped"]]
+# The site's gateway: none in the lab's default run; tests/e2e/test_gateway.py names one
+# (GPUFLEET_LAB_GATEWAY=lab-2) for its runs, and the default run afterwards removes it.
+gateway_hosts = [h["name"] for h in _STATE["hosts"] if h["name"] == os.environ.get("GPUFLEET_LAB_GATEWAY")]

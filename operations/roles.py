@@ -5,6 +5,7 @@ The roles a host of the inventory plays, each a ``@deploy`` composed of the conc
 - ``proxmox_host`` (group proxmox_hosts): driver with its kernel module, device nodes, guests' config
 - ``gpu_host`` (group gpu_hosts): driver, container engine, toolkit, images, inference services
 - ``lxc_guest`` (groups gpu_hosts and lxc_guests): the same, with its Proxmox host's driver version
+- ``gateway_host`` (group gateway_hosts): the site's gateway, one TLS endpoint for every host's services
 - ``finish``: what the roles returned, written to host.json for the checks; guests restarted last
 
 Each role returns the part of the host's summary (host.json) it is responsible for. pyinfra
@@ -19,6 +20,8 @@ from operations.container import containerd, docker, podman
 from operations.core import base, checks, remote
 from operations.driver import devices
 from operations.driver import install as nvidia_driver
+from operations.gateway import drain as gateway_drain
+from operations.gateway import install as gateway
 from operations.offline import from_bundle as offline
 from operations.offline import staging
 from operations.proxmox import passthrough as proxmox
@@ -98,6 +101,13 @@ def rolled_gpu_host():
     """``upgrade.py``, in this host's batch: drain its services, run the GPU host role (the pinned
     driver and toolkit, services started again), then verify it serves before the next batch."""
     services = host.data.inference_services
+    pooled = [service["name"] for service in services if service.get("proxy_port")]
+    for name in pooled:
+        gateway_drain.drained(
+            name=f"Take the host out of the gateways' pool {name} and let its requests there finish",
+            service=name,
+            timeout=host.data.gpufleet_upgrade_drain_timeout,
+        )
     rollout.drained(
         name="Drain the inference services: open requests finish, then they stop",
         ports=inference.guarded_ports(services),
@@ -110,6 +120,12 @@ def rolled_gpu_host():
         services=services,
         gpus=len(devices.gpus()),
     )
+    for name in pooled:
+        gateway_drain.readmitted(
+            name=f"Put the host back into the gateways' pool {name} once their checks see it up",
+            service=name,
+            timeout=host.data.gateway_check_interval * 10 + 30,
+        )
     return summary
 
 
@@ -128,6 +144,16 @@ def lxc_guest(driver_version: str):
         "lxc": lxc,
         **_serving_stack(driver, no_cgroups=unprivileged, dev_char_symlinks=False),
     }
+
+
+@deploy("Gateway")
+def gateway_host():
+    """HAProxy in front of every host's TLS fronts: one pool per service, keys checked, health-checked.
+    A host that left gateway_hosts has the gateway removed."""
+    if "gateway_hosts" not in host.groups:
+        gateway.remove_if_left()
+        return {}
+    return gateway.install()
 
 
 def _serving_stack(driver, no_cgroups=False, dev_char_symlinks=None):

@@ -10,15 +10,12 @@ pyinfra runs one operation at a time on every host. Every host takes part in eac
 step they share), so a batch's operations run after the previous batch's and before the next's.
 """
 
-import posixpath
-
 from pyinfra import host, logger
 from pyinfra.api import deploy, operation
 from pyinfra.api.exceptions import OperationError
 from pyinfra.context import ctx_host
 from pyinfra.facts.systemd import SystemdStatus
 
-from operations.core import base
 from operations.core.errors import ConfigError
 from operations.driver import devices
 from operations.driver import install as nvidia_driver
@@ -223,8 +220,7 @@ def verified(services: list[dict], gpus: int):
         if not ready["ready"]:
             problems.append(f"service {service['name']} not ready: {ready['reason']}")
         elif service.get("proxy_port"):
-            key_file = posixpath.join(base.secrets_dir(), f"{service['name']}.key")
-            ready = host.get_fact(ServiceReady, urls=auth_proxy.ready_urls(service), key_file=key_file, key_var="")
+            ready = host.get_fact(ServiceReady, **auth_proxy.readiness(service))
             if not ready["ready"]:
                 problems.append(f"service {service['name']}'s proxy not ready: {ready['reason']}")
     if problems:

@@ -149,6 +149,11 @@ CHECKS = {
     "gpufleet_upgrade_max_failed": (is_count, "a whole number, 0 or more (failed hosts a rollout goes on past)"),
     "gpufleet_upgrade_drain_timeout": (is_positive_int, "seconds (a whole number above 0)"),
     "gpufleet_prune": TRUE_OR_FALSE,
+    # the site's TLS
+    "gpufleet_tls_dir": (is_str, "a directory on the control node"),
+    "gpufleet_tls_cert_file": (is_str, "a certificate file (PEM) on the control node"),
+    "gpufleet_tls_key_file": (is_str, "its key file (PEM) on the control node"),
+    "gpufleet_tls_ca_file": (is_str, "the CA certificate file (PEM) on the control node"),
     # container runtime (Docker)
     "docker_packages": (is_str_list, "a list of package names"),
     "docker_log_max_size": (is_size, "a size such as '50m' (k, m or g)"),
@@ -197,6 +202,12 @@ CHECKS = {
     ),
     "inference_firewall": TRUE_OR_FALSE,
     "inference_start_timeout": SECONDS,
+    "inference_max_request_bytes": (is_size, "a size such as '32m' (k, m or g)"),
+    # the site's gateway
+    "gateway_port": (is_positive_int, "a TCP port (443 by default)"),
+    "gateway_listen": (is_address, "an IP address of the gateway host (0.0.0.0 for all)"),
+    "gateway_check_interval": SECONDS,
+    "inference_request_timeout": SECONDS,
     "inference_image_follow_tag": TRUE_OR_FALSE,
     # weights
     "inference_weights_root": (is_str, "an absolute path on the host"),
@@ -223,6 +234,7 @@ CROSS_CHECKS = [
     "operations.container.docker:check_registry_files",  # logins and CAs exist, logins root-only
     "operations.toolkit.install:check_runtime",  # hosts with services run Docker
     "operations.weights.volumes:check_volumes",  # each volume's source, revision and token
+    "operations.services.site_tls:check_tls_files",  # the site's own certificate, key and CA together
     "operations.services.inference:check_services",  # each service: engine, args, ports, exposure, image, model
 ]
 
@@ -281,7 +293,7 @@ def validate(data, host_name=None):
 
 
 # Groups whose name means something to gpufleet; any other group needs a group_data file to mean anything.
-GROUPS = {"all", "gpu_hosts", "proxmox_hosts", "lxc_guests"}
+GROUPS = {"all", "gpu_hosts", "proxmox_hosts", "lxc_guests", "gateway_hosts"}
 
 
 def unknown_groups(groups, group_data=settings.GROUP_DATA_ALL.parent):

@@ -1,13 +1,15 @@
 """
-An authenticating proxy in front of an inference service (a service's ``proxy_port``): the engine
-listens on 127.0.0.1 only, without a key of its own, and ``gpufleet-NAME-proxy.service`` listens on
-the service's address, admitting only requests that carry the service's API key as a bearer token.
-This is how an engine without authentication (Ollama) is served beyond the host. The proxy is a
-standard-library Python script (templates/gpufleet-auth-proxy): started by systemd as root, it
-reads the root-only key file and binds its port, then drops to the service's own account for good
-before serving (systemd's credentials need a ramfs, which containers and LXC guests may not mount).
+The authenticating TLS front of an inference service (a service's ``proxy_port``): the engine
+listens on 127.0.0.1 only, without a key of its own, and ``gpufleet-NAME-proxy.service`` runs
+HAProxy from the distribution on the service's address, with the site's certificate
+(``site_tls``), admitting only requests that carry one of the service's API keys as a bearer token.
+This is how an engine without authentication (Ollama), or whose key leaves routes open (vLLM,
+TGI), is served beyond the host. Started by systemd as root, HAProxy reads the root-only key and
+certificate files and binds its port, then serves as the service's own account in a chroot; a
+change of keys or certificate reloads it (open requests finish), a change of its unit restarts it.
 """
 
+import posixpath
 from io import StringIO
 
 from jinja2 import Template
@@ -16,31 +18,73 @@ from pyinfra.api import deploy
 from pyinfra.operations import apt, files, systemd
 
 from operations import TEMPLATES, TOOLS_DIR
-from operations.core import settings, systemd_syntax
-from operations.services import engines
+from operations.core import base, checks, settings, systemd_syntax
+from operations.services import engines, site_tls
 from operations.services.names import proxy_unit_name, unit_path
 
 
 def engine_side(service):
-    """What the engine of a proxied service is: on 127.0.0.1, with no key (the proxy checks it)."""
+    """What the engine of a proxied service is: on 127.0.0.1, with no key (the front checks it)."""
     return {**{k: v for k, v in service.items() if k not in ("api_key_file", "proxy_port")}, "listen": engines.LOOPBACK}
 
 
 def ready_urls(service):
-    """The proxy's own readiness: the engine's endpoints through the proxy, with the key."""
+    """The front's own readiness: the engine's endpoints through it (TLS), with the key."""
     address = engines.probe_address(service)
     host_part = f"[{address}]" if ":" in address else address
-    return [f"http://{host_part}:{service['proxy_port']}{path}" for path in engines.ENGINES[service["engine"]]["ready"]]
+    return [
+        f"https://{host_part}:{service['proxy_port']}{path}" for path in engines.ENGINES[service["engine"]]["ready"]
+    ]
 
 
-def unit_text(service, user, key_file, start_timeout):
-    """The proxy's unit (pure: unit-tested with ``systemd-analyze verify``)."""
+def key_path(name):
+    """The front's key file on the host (root only): ``<secrets>/NAME.key``."""
+    return posixpath.join(base.secrets_dir(), f"{name}.key")
+
+
+def readiness(service):
+    """``ServiceReady``'s arguments for the front: its URLs, its key file, the site's CA."""
+    return {
+        "urls": ready_urls(service),
+        "key_file": key_path(service["name"]),
+        "key_var": "",
+        "ca_file": site_tls.paths()["ca_at"],
+    }
+
+
+def config_path(name, config_dir=None):
+    """The front's HAProxy configuration on the host."""
+    return posixpath.join(config_dir or host.data.gpufleet_config_dir, "proxy", f"{name}.cfg")
+
+
+def config_text(service, user, key_file, certificate, max_bytes, timeout):
+    """The front's HAProxy configuration (pure: unit-tested with ``haproxy -c``)."""
+    uid, _, gid = user.partition(":")
+    return Template((TEMPLATES / "gpufleet-front.cfg.j2").read_text(), keep_trailing_newline=True).render(
+        name=service["name"],
+        listen=engines.listen(service),
+        port=service["proxy_port"],
+        upstream_port=engines.port(service),
+        key_file=key_file,
+        certificate=certificate,
+        uid=uid,
+        gid=gid or uid,
+        max_bytes=max_bytes,
+        timeout=timeout,
+        ready_path=engines.ENGINES[service["engine"]]["ready"][0],
+    )
+
+
+def unit_text(service, user, key_file, ca_file, config, start_timeout):
+    """The front's unit (pure: unit-tested with ``systemd-analyze verify``)."""
     return Template((TEMPLATES / "gpufleet-auth-proxy.service.j2").read_text(), keep_trailing_newline=True).render(
         name=service["name"],
         listen=engines.listen(service),
         port=service["proxy_port"],
         upstream_port=engines.port(service),
         key_file=key_file,
+        ca_file=ca_file,
+        config=config,
         user=user,
         tools_dir=TOOLS_DIR,
         start_timeout=int(service.get("start_timeout", start_timeout)),
@@ -48,32 +92,48 @@ def unit_text(service, user, key_file, start_timeout):
     )
 
 
-@deploy("Run the authenticating proxy", data_defaults=settings.DEFAULTS)
-def install(service: dict, user: str, key_file: str, new_key: bool, ready: dict, start_timeout: int | None = None):
+@deploy("Run the authenticating TLS front", data_defaults=settings.DEFAULTS)
+def install(
+    service: dict, user: str, key_file: str, new_key: bool, tls: dict, ready: dict, start_timeout: int | None = None
+):
     """
-    Install and run ``service``'s proxy, restarted when its unit, its script or its key changed,
-    or when it did not answer with the key; it is ready when the engine's endpoints answer through it.
+    Install and run ``service``'s front: restarted when its unit changed or it did not answer with
+    the key, reloaded (open requests finish) when its configuration, keys or certificate changed; it
+    is ready when the engine's endpoints answer through it.
 
-    + service: the service (its ``listen`` is where the proxy listens, its ``proxy_port`` the port)
-    + user: ``UID:GID`` the proxy runs as (the service's account)
-    + key_file: the key file on the host (root only; the proxy reads it before dropping to ``user``)
-    + new_key: whether this run writes other bytes into it (a mode fix alone restarts nothing)
-    + ready: whether it answered through the proxy with the key before this run (``ServiceReady``
+    + service: the service (its ``listen`` is where the front listens, its ``proxy_port`` the port)
+    + user: ``UID:GID`` the front serves as (the service's account)
+    + key_file: the key file on the host (root only; one key per line)
+    + new_key: whether this run writes other bytes into it (a mode fix alone reloads nothing)
+    + tls: ``site_tls.install``'s answer (where the CA and the host's certificate are, and whether they changed)
+    + ready: whether it answered through the front with the key before this run (``ServiceReady``
       of ``ready_urls``)
-    + start_timeout: seconds the proxy may take to answer (``inference_start_timeout``)
+    + start_timeout: seconds the front may take to answer (``inference_start_timeout``)
     """
     start_timeout = start_timeout or host.data.inference_start_timeout
-    unit = proxy_unit_name(service["name"])
-    apt.packages(name="Install python3 (the proxy's interpreter)", packages=["python3"])
-    script = files.put(
-        name="Install the authenticating proxy",
-        src=str(TEMPLATES / "gpufleet-auth-proxy"),
-        dest=f"{TOOLS_DIR}/gpufleet-auth-proxy",
-        mode="755",
+    unit, config = proxy_unit_name(service["name"]), config_path(service["name"])
+    apt.packages(name="Install HAProxy (the services' fronts)", packages=["haproxy"])
+    files.directory(name=f"Ensure {posixpath.dirname(config)} exists", path=posixpath.dirname(config), mode="755")
+    config_op = files.put(
+        name=f"Write {config}",
+        src=StringIO(
+            config_text(
+                service,
+                user,
+                key_file,
+                tls["pem_at"],
+                max_bytes=checks.size_bytes(host.data.inference_max_request_bytes),
+                timeout=host.data.inference_request_timeout,
+            )
+        ),
+        dest=config,
+        mode="644",
+        user="root",
+        group="root",
     )
     unit_op = files.put(
         name=f"Install unit {unit}",
-        src=StringIO(unit_text(service, user, key_file, start_timeout)),
+        src=StringIO(unit_text(service, user, key_file, tls["ca_at"], config, start_timeout)),
         dest=unit_path(unit),
         mode="644",
         user="root",
@@ -82,10 +142,16 @@ def install(service: dict, user: str, key_file: str, new_key: bool, ready: dict,
     )
     systemd.daemon_reload(name=f"Reload systemd for {unit}", _if=unit_op.did_change)
     systemd.service(
-        name=f"Restart {unit} after its unit, script or key changed, or it was not ready",
+        name=f"Restart {unit} after its unit changed, or it was not ready",
         service=unit,
         restarted=True,
-        _if=restart_needed(ready, new_key, unit_op, script),
+        _if=restart_needed(ready, unit_op),
+    )
+    systemd.service(
+        name=f"Reload {unit} after its configuration, keys or certificate changed (open requests finish)",
+        service=unit,
+        reloaded=True,
+        _if=reload_needed(ready, unit_op, config_op, new_key, tls),
     )
     systemd.service(
         name=f"Run {unit} on {engines.listen(service)}:{service['proxy_port']} and wait until ready",
@@ -95,11 +161,21 @@ def install(service: dict, user: str, key_file: str, new_key: bool, ready: dict,
     )
 
 
-def restart_needed(ready, new_key, unit_op, script):
-    """The condition pyinfra checks (``_if``) once the earlier operations ran: restart the proxy when it
-    did not answer with the key before this run, its key's bytes change, or its unit or script changed."""
+def restart_needed(ready, unit_op):
+    """The condition pyinfra checks (``_if``) once the earlier operations ran: restart the front when it
+    did not answer with the key before this run, or its unit changed."""
 
     def needed():
-        return not ready["ready"] or new_key or unit_op.did_change() or script.did_change()
+        return not ready["ready"] or unit_op.did_change()
+
+    return needed
+
+
+def reload_needed(ready, unit_op, config_op, new_key, tls):
+    """Reload a running front (not restarted now) whose configuration, keys or certificate changed."""
+
+    def needed():
+        restarted = not ready["ready"] or unit_op.did_change()
+        return not restarted and (config_op.did_change() or new_key or tls["changed"]())
 
     return needed

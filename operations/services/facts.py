@@ -20,9 +20,10 @@ class ServiceReady(FactBase):
         {"ready": False, "reason": "http://127.0.0.1:8080/health not ready after 2 s (Connection refused)"}
     """
 
-    def command(self, urls, key_file, key_var):
+    def command(self, urls, key_file, key_var, ca_file=None):
         return (
             f"GPUFLEET_KEY_FILE={shlex.quote(key_file or '')} GPUFLEET_KEY_VAR={shlex.quote(key_var or '')} "
+            f"GPUFLEET_CA_FILE={shlex.quote(ca_file or '')} "
             f"{TOOLS_DIR}/gpufleet-wait-ready 2 {' '.join(shlex.quote(u) for u in urls)} 2>&1 "
             "|| echo __not_ready__"
         )
@@ -79,8 +80,8 @@ class InstalledServices(FactBase):
         units = {}
         for line in output:
             path, _, text = line.partition(":")
-            match = re.match(
-                r"# Managed by gpufleet: (inference service|authenticating proxy of inference "
+            match = re.match(  # a front's unit: "TLS front" since HAProxy, "proxy" before (stdlib Python)
+                r"# Managed by gpufleet: (inference service|authenticating (?:TLS front|proxy) of inference "
                 r"service) ([a-z0-9-]+)[ .]",
                 text,
             )

@@ -5,9 +5,11 @@ host itself, and refuses the rest with a TCP reset. It sits beside the host's ot
 ufw's, firewalld's): a packet must pass every table's hook, so this table only ever narrows.
 
 Ports of services on the host network are filtered on the input hook; ports Docker publishes from
-a bridge network are filtered on the forward hook by their original destination port (Docker
-rewrote it). A boot unit loads the table before Docker starts; the table carries the SHA-256 of
-the file it came from, so a deploy sees whether what is loaded is what it wrote.
+a bridge network on the forward hook, by the bridge and port the packet goes to (whether Docker
+rewrote it or a LAN host routed it there directly), and by the original port of any other DNAT.
+A boot unit loads the table before Docker starts and after nftables.service, and again when that
+one reloads (its stock file flushes the whole ruleset); the table carries the SHA-256 of the file
+it came from, so a deploy sees whether what is loaded is what it wrote.
 """
 
 import hashlib
@@ -54,12 +56,13 @@ class LoadedFirewall(FactBase):
 
 
 def sources_by_family(sources):
-    """``inference_allowed_sources`` split into IPv4 and IPv6 networks (pure)."""
-    networks = sorted(
-        {ipaddress.ip_network(source, strict=False) for source in sources},
-        key=lambda network: (network.version, network),
+    """``inference_allowed_sources`` split into IPv4 and IPv6 networks, each family collapsed (a network
+    inside another, or two adjacent ones, written once: an interval set refuses overlaps) (pure)."""
+    networks = {ipaddress.ip_network(source, strict=False) for source in sources}
+    return tuple(
+        [str(n) for n in ipaddress.collapse_addresses(n for n in networks if n.version == version)]
+        for version in (4, 6)
     )
-    return ([str(n) for n in networks if n.version == 4], [str(n) for n in networks if n.version == 6])
 
 
 def rules(ports, sources):
@@ -80,6 +83,11 @@ def rules(ports, sources):
     )
     digest = "sha256:" + hashlib.sha256(body.encode()).hexdigest()
     return body.replace("@DIGEST@", digest), digest
+
+
+def unit_text(rules_path):
+    """The boot unit that loads ``rules_path`` (pure)."""
+    return Template((TEMPLATES / f"{UNIT}.j2").read_text(), keep_trailing_newline=True).render(rules_path=rules_path)
 
 
 @deploy("Admit inference ports only from the allowed sources", data_defaults=settings.DEFAULTS)
@@ -109,12 +117,9 @@ def admit_only_allowed(ports: list[int], sources: list[str] | None = None, confi
         user="root",
         group="root",
     )
-    unit_text = Template((TEMPLATES / f"{UNIT}.j2").read_text(), keep_trailing_newline=True).render(
-        rules_path=rules_path
-    )
     unit = files.put(
         name=f"Install unit {UNIT}",
-        src=StringIO(unit_text),
+        src=StringIO(unit_text(rules_path)),
         dest=UNIT_PATH,
         mode="644",
         user="root",

@@ -22,9 +22,10 @@ from operations.core import base, settings, systemd_syntax
 from operations.core.errors import ConfigError
 from operations.core.remote import Shell
 from operations.driver import cuda_gate
+from operations.gateway import drain as gateway_drain
 from operations.offline import from_bundle as offline
 from operations.offline import staging
-from operations.services import auth_proxy, engines, firewall, rolling, secret_files
+from operations.services import auth_proxy, engines, firewall, rolling, secret_files, site_tls
 from operations.services.accounts import service_account
 from operations.services.facts import ServiceAccounts, ServiceReady
 from operations.services.names import cache_path, managed_name, unit_name, unit_path
@@ -310,8 +311,12 @@ def install_services(
     # gpufleet's table is removed.
     firewall.admit_only_allowed(ports=guarded_ports(services) if services and host.data.inference_firewall else [])
     ids = service_ids(services, accounts)
+    # The site's certificate, for the services' TLS fronts (proxy_port).
+    tls = site_tls.install() if any(service.get("proxy_port") for service in services) else None
     installed = [
-        _install_service(service, ids[service["name"]], gpus, weights_root, start_timeout, volumes, image_ops or {})
+        _install_service(
+            service, ids[service["name"]], gpus, weights_root, start_timeout, volumes, image_ops or {}, tls
+        )
         for service in services
     ]
     # Starting them (a restart where anything they use changed) and pruning what they no longer use:
@@ -346,7 +351,7 @@ def _install_tools(with_weight_check):
         )
 
 
-def _install_service(service, user, gpus, weights_root, start_timeout, volumes, image_ops):
+def _install_service(service, user, gpus, weights_root, start_timeout, volumes, image_ops, tls):
     """One service: its account, secrets and unit. Returns ``((engine side, ready fact or None, where),
     start)``: ``start`` adds the operations that run it (None when it cannot run here)."""
     name = service["name"]
@@ -407,15 +412,23 @@ def _install_service(service, user, gpus, weights_root, start_timeout, volumes, 
     )
 
     def start():
-        _start_service(service, engine_service, where, restart, user, new_key, start_timeout)
+        _start_service(service, engine_service, where, restart, user, new_key, start_timeout, tls)
 
     return (engine_service, ready, where), start
 
 
-def _start_service(service, engine_service, where, restart, user, new_key, start_timeout):
+def _start_service(service, engine_service, where, restart, user, new_key, start_timeout, tls):
     """Restart the service when ``restart()`` says so (on a host that serves, once its open requests
     finished), keep it running, its proxy too, and check it answers at apply time."""
     name = managed_name(service["name"])
+    in_pools = bool(service.get("proxy_port")) and rolling.holds_restarts()
+    if in_pools:
+        gateway_drain.drained(
+            name=f"Take {name} out of the gateways' pool {service['name']} and let its requests there finish",
+            service=service["name"],
+            timeout=host.data.gpufleet_upgrade_drain_timeout,
+            _if=restart,
+        )
     if rolling.holds_restarts():
         requests_finished(
             name=f"Let {name}'s open requests finish before it restarts (at most gpufleet_upgrade_drain_timeout s)",
@@ -436,15 +449,13 @@ def _start_service(service, engine_service, where, restart, user, new_key, start
         enabled=True,
     )
     if service.get("proxy_port"):
-        proxy_ready = host.get_fact(
-            ServiceReady, urls=auth_proxy.ready_urls(service), key_file=where["proxy"]["api_key_at"], key_var=""
-        )
         auth_proxy.install(
             service,
             user=user,
             key_file=where["proxy"]["api_key_at"],
             new_key=new_key,
-            ready=proxy_ready,
+            tls=tls,
+            ready=host.get_fact(ServiceReady, **auth_proxy.readiness(service)),
             start_timeout=start_timeout,
         )
     answers(
@@ -455,6 +466,13 @@ def _start_service(service, engine_service, where, restart, user, new_key, start
         key_var=where["key_var"],
         timeout=int(service.get("start_timeout", start_timeout)),
     )
+    if in_pools:
+        gateway_drain.readmitted(
+            name=f"Put {name} back into the gateways' pool {service['name']} once their checks see it up",
+            service=service["name"],
+            timeout=host.data.gateway_check_interval * 10 + 30,
+            _if=restart,
+        )
 
 
 def _cache_directory(service):
@@ -511,7 +529,9 @@ def _placement_with_proxy(service, engine_service, user):
         where["proxy"] = {
             "listen": engines.listen(service),
             "port": service["proxy_port"],
-            "api_key_at": posixpath.join(base.secrets_dir(), f"{service['name']}.key"),
+            "api_key_at": auth_proxy.key_path(service["name"]),
+            **site_tls.paths(),
+            "config_at": auth_proxy.config_path(service["name"]),
         }
     return where
 

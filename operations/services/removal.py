@@ -9,6 +9,7 @@ from pyinfra.operations import files, server, systemd
 from pyinfra.operations.util import any_changed
 
 from operations.core import base, settings
+from operations.services import auth_proxy
 from operations.services.facts import InstalledServices
 from operations.services.names import cache_path, managed_name, proxy_unit_name, unit_name, unit_path
 
@@ -39,7 +40,7 @@ def remove_services(stale: dict, accounts: dict, secrets_dir: str | None = None)
     """
     secrets_dir = secrets_dir or base.secrets_dir()
     removed = []
-    for unit, _found in sorted(stale.items(), key=lambda item: not item[1]["proxy"]):
+    for unit, found in sorted(stale.items(), key=lambda item: not item[1]["proxy"]):
         systemd.service(
             name=f"Stop and disable {unit} (no longer in inference_services)",
             service=unit,
@@ -47,6 +48,9 @@ def remove_services(stale: dict, accounts: dict, secrets_dir: str | None = None)
             enabled=False,
         )
         removed.append(files.file(name=f"Remove unit {unit}", path=unit_path(unit), present=False))
+        if found["proxy"]:
+            config = auth_proxy.config_path(found["service"])
+            files.file(name=f"Remove {found['service']}'s front configuration {config}", path=config, present=False)
     for name in sorted({found["service"] for found in stale.values() if not found["proxy"]}):
         who = managed_name(name)
         server.shell(

@@ -78,8 +78,9 @@ def test_secrets_root_only_and_not_in_units(host, services):
 
 
 def test_proxies_running_and_refusing_requests_without_the_key(host, services):
-    """A service behind gpufleet's authenticating proxy: the proxy unit runs, listens where host.json
-    says, refuses a keyless request and serves one with the key (read from its root-only file)."""
+    """A service behind its authenticating TLS front: the front's unit runs, listens where host.json
+    says, speaks TLS only with a certificate the site's CA verifies, refuses a keyless request and
+    serves one with the key (read from its root-only file)."""
     proxied = [service for service in services if service.get("proxy")]
     if not proxied:
         pytest.skip(f"{host.backend.get_hostname()}: no service behind a proxy here")
@@ -89,13 +90,15 @@ def test_proxies_running_and_refusing_requests_without_the_key(host, services):
         assert host.socket(f"tcp://{proxy['listen']}:{proxy['port']}").is_listening, service["name"]
         stored = host.file(proxy["api_key_at"])
         assert (stored.mode, stored.user) == (0o400, "root"), service["name"]
-        url = f"http://{probe(proxy)}:{proxy['port']}{service['ready'][0]}"
-        keyless = host.run(f"curl -s -o /dev/null -w '%{{http_code}}' {url}")
-        keyed = host.run(
-            f"key=$(head -1 {proxy['api_key_at']}); "
-            f"curl -s -o /dev/null -w '%{{http_code}}' -H \"Authorization: Bearer $key\" {url}"
-        )
+        certificate = host.file(proxy["pem_at"])
+        assert (certificate.mode, certificate.user) == (0o600, "root"), service["name"]
+        url = f"https://{probe(proxy)}:{proxy['port']}{service['ready'][0]}"
+        curl = f"curl -s -o /dev/null -w '%{{http_code}}' --cacert {proxy['ca_at']}"
+        keyless = host.run(f"{curl} {url}")
+        keyed = host.run(f'key=$(head -1 {proxy["api_key_at"]}); {curl} -H "Authorization: Bearer $key" {url}')
+        plain = host.run(f"curl -s -o /dev/null -w '%{{http_code}}' http://{probe(proxy)}:{proxy['port']}/")
         assert (keyless.stdout, keyed.stdout) == ("401", "200"), service["name"]
+        assert plain.stdout in ("000", "400"), service["name"]  # TLS only
 
 
 def test_firewall_table_loaded_from_its_file_for_every_service_port(host, intent, services):

@@ -53,9 +53,14 @@ class Deploy:
         return {name: row for name, row in self.results().items() if row[1]}
 
 
-def run_deploy(*args, deploy="deploy.py", inventory="inventories/lab.py"):
+def run_deploy(*args, deploy="deploy.py", inventory="inventories/lab.py", env=None):
     completed = subprocess.run(
-        [PYINFRA, "-y", inventory, deploy, *args], cwd=REPO, capture_output=True, text=True, timeout=900
+        [PYINFRA, "-y", inventory, deploy, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, **(env or {})},
     )
     return Deploy(completed)
 

@@ -61,11 +61,13 @@ def start_seconds():
     )
 
 
-def curl(path, key=None, body=None, address="127.0.0.1", port=8000, name=HOST):
-    """HTTP status and body of a request made on lab host ``name`` (bounded: 60 s)."""
+def curl(path, key=None, body=None, address="127.0.0.1", port=8000, name=HOST, ca=None):
+    """HTTP status and body of a request made on lab host ``name`` (bounded: 60 s); https, trusting
+    the CA file ``ca`` on that host, when one is given."""
     header = f"-H 'Authorization: Bearer {key}' " if key else ""
     data = f"-H 'Content-Type: application/json' -d '{json.dumps(body)}' " if body is not None else ""
-    result = sh(f"curl -sN -m 60 -w '\\n%{{http_code}}' {header}{data}http://{address}:{port}{path}", name=name)
+    scheme = f"--cacert {ca} https" if ca else "http"
+    result = sh(f"curl -sN -m 60 -w '\\n%{{http_code}}' {header}{data}{scheme}://{address}:{port}{path}", name=name)
     text, _, status = result.stdout.rpartition("\n")
     return status, text
 
@@ -195,8 +197,10 @@ def test_beyond_loopback_only_its_proxy_answers_and_wants_the_key_on_every_route
     assert proxied.rc == 0, proxied.output[-3000:]
     address, key = lab[HOST]["address"], KEY.read_text().strip()
     body = {"model": "vllm", "prompt": "hello", "max_tokens": 2}
-    assert curl("/invocations", body=body, address=address, port=8443, name="lab-1")[0] == "401"
-    assert curl("/invocations", key=key, body=body, address=address, port=8443, name="lab-1")[0] == "200"
+    ca = "/tmp/gpufleet-site-ca.crt"  # the site's CA, trusted by the client on lab-1
+    sh(f"cat > {ca} <<'EOF'\n{(REPO / '.lab' / 'site-tls' / 'ca.crt').read_text()}EOF", name="lab-1")
+    assert curl("/invocations", body=body, address=address, port=8443, name="lab-1", ca=ca)[0] == "401"
+    assert curl("/invocations", key=key, body=body, address=address, port=8443, name="lab-1", ca=ca)[0] == "200"
     assert curl("/v1/models", key=key, address=address, port=8000, name="lab-1")[0] == "000"  # loopback only
     unguarded = run_deploy("--limit", HOST, *services(), *lan)
     assert unguarded.rc != 0 and "inference_listen" in unguarded.output, unguarded.output[-2000:]

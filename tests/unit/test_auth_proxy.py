@@ -1,24 +1,26 @@
-"""The authenticating proxy (templates/gpufleet-auth-proxy) run here in front of a small engine
-stand-in: requests without the key never reach the engine, the key is not passed on, responses
-stream through as the engine writes them. Its unit passes ``systemd-analyze verify``."""
+"""The authenticating TLS front (HAProxy with templates/gpufleet-front.cfg.j2) run here, with a
+certificate from a site CA made by ``site_tls``, in front of a small engine stand-in: requests
+without a key never reach the engine, any key of the file admits them and is not passed on, bodies
+over the limit or without a length are refused unread, responses stream through as the engine
+writes them. Its unit passes ``systemd-analyze verify``."""
 
 import http.client
 import http.server
 import os
 import shutil
 import socket
+import ssl
 import subprocess
-import sys
 import threading
 import time
 
 import pytest
 
-from operations import TEMPLATES
-from operations.services import auth_proxy, firewall
+from operations.services import auth_proxy, site_tls
 from tests.unit.test_inference import SERVICE
 
-KEY = "s3cret-key"
+KEY, OTHER_KEY = "s3cret-key", "next-key"
+HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 
 
 class Engine(http.server.BaseHTTPRequestHandler):
@@ -68,28 +70,34 @@ def _free_port():
         return probe.getsockname()[1]
 
 
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """A site CA and this machine's certificate from it, as a deploy makes them."""
+    directory = tmp_path_factory.mktemp("site-tls")
+    pem = directory / "host.pem"
+    pem.write_bytes(site_tls.host_certificate(directory, "front", ["127.0.0.1", "front.example"]))
+    pem.chmod(0o600)
+    return {"ca": str(directory / "ca.crt"), "pem": str(pem)}
+
+
 @pytest.fixture
-def proxy(tmp_path):
+def proxy(tmp_path, site):
+    # scripts/bootstrap.sh installs Debian's HAProxy here: the test fails, never skips, without it
+    assert os.path.exists(HAPROXY), "HAProxy is not installed: run scripts/bootstrap.sh"
     engine = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Engine)
     threading.Thread(target=engine.serve_forever, daemon=True).start()
     key_file = tmp_path / "key"
-    key_file.write_text(KEY + "\n")
+    key_file.write_text(f"{KEY}\n{OTHER_KEY}\n")
     key_file.chmod(0o400)
     port = _free_port()
-    drop = ["65534:65534"] if os.geteuid() == 0 else []  # as the unit does: read the key as root, then drop
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-I",
-            str(TEMPLATES / "gpufleet-auth-proxy"),
-            "127.0.0.1",
-            str(port),
-            str(engine.server_address[1]),
-            str(key_file),
-            *drop,
-        ],
-        stderr=subprocess.PIPE,
-    )
+    service = {**SERVICE, "listen": "127.0.0.1", "proxy_port": port, "port": engine.server_address[1]}
+    # as the unit does: read the key and certificate as root, then serve as another account
+    account = "65534:65534" if os.geteuid() == 0 else f"{os.getuid()}:{os.getgid()}"
+    config = auth_proxy.config_text(service, account, str(key_file), site["pem"], max_bytes=1000, timeout=60)
+    if os.geteuid() != 0:
+        config = config.replace("    chroot /var/lib/haproxy\n", "")
+    (tmp_path / "front.cfg").write_text(config)
+    process = subprocess.Popen([HAPROXY, "-db", "-f", str(tmp_path / "front.cfg")], stderr=subprocess.PIPE)
     for _ in range(100):  # up to 5 s
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
@@ -98,32 +106,61 @@ def proxy(tmp_path):
             time.sleep(0.05)
     Engine.seen.clear()
     Engine.proxy_pid = process.pid
-    yield port
+    yield {"port": port, "ca": site["ca"]}
     process.terminate()
     process.wait(10)
     engine.shutdown()
 
 
-def _request(port, method, path, key=None, body=None):
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+def _request(proxy, method, path, key=None, body=None, headers=None):
+    context = ssl.create_default_context(cafile=proxy["ca"])
+    connection = http.client.HTTPSConnection("127.0.0.1", proxy["port"], timeout=10, context=context)
+    headers = {**({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {})}
     connection.request(method, path, body=body, headers=headers)
     return connection, connection.getresponse()
 
 
-@pytest.mark.parametrize("key", [None, "not-the-key", KEY + "x", KEY[:-1]])
-def test_a_request_without_the_key_gets_401_and_never_reaches_the_engine(proxy, key):
+@pytest.mark.parametrize("key", [None, "not-the-key", KEY + "x", KEY[:-1], f"{KEY} {OTHER_KEY}"])
+def test_a_request_without_a_key_gets_401_and_never_reaches_the_engine(proxy, key):
     _, answer = _request(proxy, "POST", "/v1/completions", key=key, body=b'{"prompt": "hi"}')
     assert answer.status == 401 and b"unauthorized" in answer.read()
+    assert answer.getheader("WWW-Authenticate") == 'Bearer realm="gpufleet"'
     assert Engine.seen == []
 
 
-def test_the_key_admits_the_request_and_is_not_passed_on(proxy):
+def test_each_key_of_the_file_admits_the_request_and_is_not_passed_on(proxy):
     _, answer = _request(proxy, "POST", "/v1/completions", key=KEY, body=b'{"prompt": "hi"}')
     assert answer.status == 200 and answer.read() == b'{"prompt": "hi"}'
-    _, health = _request(proxy, "GET", "/health", key=KEY)
+    _, health = _request(proxy, "GET", "/health", key=OTHER_KEY)  # the second key: a rotation's new one
     assert health.status == 200 and health.read() == b'{"status": "ok"}'
     assert Engine.seen == [("/v1/completions", None), ("/health", None)]
+
+
+def test_a_body_over_the_limit_or_without_a_length_is_refused_unread(proxy):
+    _, big = _request(proxy, "POST", "/v1/completions", key=KEY, body=b"x" * 1001)
+    assert big.status == 413 and b"inference_max_request_bytes" in big.read()
+    _, fits = _request(proxy, "POST", "/v1/completions", key=KEY, body=b"x" * 1000)
+    assert fits.status == 200 and fits.read() == b"x" * 1000
+    # a chunked body, sent with its headers in one piece (HAProxy answers and closes without reading it)
+    context = ssl.create_default_context(cafile=proxy["ca"])
+    connection = socket.create_connection(("127.0.0.1", proxy["port"]), timeout=10)
+    with context.wrap_socket(connection, server_hostname="127.0.0.1") as raw:
+        raw.sendall(
+            f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+            "Transfer-Encoding: chunked\r\n\r\na\r\nxxxxxxxxxx\r\n0\r\n\r\n".encode()
+        )
+        assert raw.recv(100).startswith(b"HTTP/1.1 411 ")
+    assert Engine.seen == [("/v1/completions", None)]
+
+
+def test_it_speaks_tls_only_with_the_sites_certificate(proxy):
+    plain = http.client.HTTPConnection("127.0.0.1", proxy["port"], timeout=5)
+    with pytest.raises((http.client.RemoteDisconnected, ConnectionResetError, http.client.BadStatusLine)):
+        plain.request("GET", "/health")
+        plain.getresponse()
+    with pytest.raises(ssl.SSLCertVerificationError):  # not a CA the system trusts
+        http.client.HTTPSConnection("127.0.0.1", proxy["port"], timeout=5).request("GET", "/health")
+    assert Engine.seen == []
 
 
 def test_a_streamed_answer_passes_each_piece_as_the_engine_writes_it(proxy):
@@ -149,7 +186,16 @@ def test_started_as_root_it_serves_as_the_account_it_was_given(proxy):
 def test_the_proxy_unit_verifies(tmp_path):
     service = {**SERVICE, "listen": "0.0.0.0", "proxy_port": 8443, "api_key_file": "/k"}
     unit = tmp_path / "gpufleet-chat-proxy.service"
-    unit.write_text(auth_proxy.unit_text(service, "60600:60600", "/etc/gpufleet/secrets/chat.key", 300))
+    unit.write_text(
+        auth_proxy.unit_text(
+            service,
+            "60600:60600",
+            "/etc/gpufleet/secrets/chat.key",
+            "/etc/gpufleet/site-ca.crt",
+            "/etc/gpufleet/proxy/chat.cfg",
+            300,
+        )
+    )
     checked = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
     # gpufleet's tools are not installed on this machine: that is the only complaint allowed
     complaints = [
@@ -160,19 +206,23 @@ def test_the_proxy_unit_verifies(tmp_path):
     ]
     assert complaints == [], checked.stderr
     text = unit.read_text()
+    assert "ExecStart=/usr/sbin/haproxy -Ws -f /etc/gpufleet/proxy/chat.cfg\n" in text
     assert (
-        "ExecStart=/usr/bin/python3 -I /usr/local/lib/gpufleet/gpufleet-auth-proxy 0.0.0.0 8443 8080 "
-        "/etc/gpufleet/secrets/chat.key 60600:60600"
-    ) in text
+        "ExecStartPost=/usr/local/lib/gpufleet/gpufleet-wait-ready 300 https://127.0.0.1:8443/health https://127.0.0.1:8443/v1/models\n"
+        in text
+    )
+    assert "ExecReload=/bin/kill -USR2 $MAINPID\n" in text and "GPUFLEET_CA_FILE=/etc/gpufleet/site-ca.crt" in text
 
 
-def test_firewall_rules_admit_the_allowed_sources_per_family_and_carry_their_digest():
-    text, digest = firewall.rules([8443, 8080, 8080], ["10.0.0.0/8", "192.0.2.7", "fd00::/8"])
-    assert f'comment "{digest}"' in text
-    assert "elements = { 8080, 8443 }" in text
-    assert "elements = { 10.0.0.0/8, 192.0.2.7/32 }" in text and "elements = { fd00::/8 }" in text
-    assert "tcp dport @inference_ports ip saddr @allowed_ipv4 accept" in text
-    assert text.rstrip().endswith("}") and text.count("reject with tcp reset") == 2
-    assert firewall.rules([8080, 8443], ["192.0.2.7", "10.0.0.0/8", "fd00::/8"]) == (text, digest)
-    alone, _ = firewall.rules([8080], [])
-    assert "accept\n" in alone and "saddr" not in alone and "tcp dport @inference_ports reject" in alone
+def test_the_front_configuration_is_valid_for_haproxy_and_binds_the_services_address(tmp_path, site):
+    assert os.path.exists(HAPROXY), "HAProxy is not installed: run scripts/bootstrap.sh"
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY + "\n")
+    service = {**SERVICE, "listen": "0.0.0.0", "proxy_port": 8443}
+    text = auth_proxy.config_text(service, "60600:60600", str(key_file), site["pem"], max_bytes=33554432, timeout=900)
+    (tmp_path / "front.cfg").write_text(text)
+    checked = subprocess.run([HAPROXY, "-c", "-f", str(tmp_path / "front.cfg")], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert f"bind 0.0.0.0:8443 ssl crt {site['pem']} alpn h2,http/1.1" in text
+    assert "server engine 127.0.0.1:8080" in text and "uid 60600\n    gid 60600" in text
+    assert "gt 33554432" in text and "timeout server 900s" in text

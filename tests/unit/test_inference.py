@@ -293,7 +293,7 @@ def test_a_proxied_engine_listens_on_loopback_with_no_key_and_the_proxy_takes_th
     engine = auth_proxy.engine_side(service)
     assert engine["listen"] == "127.0.0.1" and "api_key_file" not in engine and "proxy_port" not in engine
     assert inference.placement(engine, "/etc/gpufleet/secrets")["key_file"] is None
-    assert auth_proxy.ready_urls(service) == ["http://127.0.0.1:8443/health", "http://127.0.0.1:8443/v1/models"]
+    assert auth_proxy.ready_urls(service) == ["https://127.0.0.1:8443/health", "https://127.0.0.1:8443/v1/models"]
     assert removal.wanted_units([service, {**SERVICE, "name": "plain"}]) == {
         "gpufleet-chat.service",
         "gpufleet-chat-proxy.service",
@@ -305,13 +305,21 @@ def test_installed_services_are_read_from_the_units_first_lines():
     output = [
         "/etc/systemd/system/gpufleet-chat.service:# Managed by gpufleet: inference service chat (llamacpp, "
         "model tiny/tiny.gguf). Edits are overwritten.",
-        "/etc/systemd/system/gpufleet-chat-proxy.service:# Managed by gpufleet: authenticating proxy of "
+        "/etc/systemd/system/gpufleet-chat-proxy.service:# Managed by gpufleet: authenticating TLS front of "
         "inference service chat. Edits are overwritten.",
+        # an older gpufleet's stdlib proxy, still on a host being upgraded
+        "/etc/systemd/system/gpufleet-old-proxy.service:# Managed by gpufleet: authenticating proxy of "
+        "inference service old. Edits are overwritten.",
         "/etc/systemd/system/gpufleet-firewall.service:# Managed by gpufleet: loads its nftables table",
     ]
     assert facts.InstalledServices().process(output) == {
         "gpufleet-chat.service": {"service": "chat", "proxy": False},
         "gpufleet-chat-proxy.service": {"service": "chat", "proxy": True},
+        "gpufleet-old-proxy.service": {"service": "old", "proxy": True},
+    }
+    unit = auth_proxy.unit_text({**SERVICE, "proxy_port": 8443}, "1:1", "/k", "/ca", "/c", 300)
+    assert facts.InstalledServices().process([f"/x/gpufleet-chat-proxy.service:{unit.splitlines()[0]}"]) == {
+        "gpufleet-chat-proxy.service": {"service": "chat", "proxy": True}
     }
 
 

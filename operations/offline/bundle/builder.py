@@ -32,8 +32,8 @@ from operations.offline.bundle.manifest import (
 )
 
 # What gpufleet itself installs on hosts besides the spec's packages: every apt bundle carries them
-# (nftables for the inference firewall, python3 for the authenticating proxy and gpufleet's checks).
-HOST_PACKAGES = ["nftables", "python3"]
+# (nftables for the inference firewall, HAProxy for the services' TLS fronts, python3 for gpufleet's checks).
+HOST_PACKAGES = ["nftables", "haproxy", "python3"]
 
 
 def sign(bundle, key):

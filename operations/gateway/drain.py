@@ -1,0 +1,64 @@
+"""
+A served host leaving and rejoining the gateways' pools around its own restarts. ``drained`` sets
+its server in a service's pool to drain at every gateway of the run (no new request goes to it;
+open ones go on) and waits, at most the given seconds, until none is in flight to it; ``readmitted``
+sets it ready again and waits until the gateway's health check says it is UP, so the next batch
+only drains once this host takes requests. Both run in the served host's turn and act on each
+gateway over the gateway's own connection (``gpufleet-gateway-ctl``, HAProxy's runtime API).
+"""
+
+import shlex
+
+from pyinfra import host, logger
+from pyinfra.api import FunctionCommand, OperationError, operation
+
+from operations import TOOLS_DIR
+from operations.core.remote import Shell
+
+
+def gateways():
+    """The gateway hosts of this run that are still going (connected, not failed)."""
+    return [other for other in host.inventory if "gateway_hosts" in other.groups and other in host.state.active_hosts]
+
+
+def _at_gateways(state, served, action, service, timeout, targets):
+    """Run ``gpufleet-gateway-ctl ACTION SERVICE HOST TIMEOUT`` at each gateway; a drain that ran out of
+    time is said (the host goes on), a server not back UP fails the served host."""
+    command = (
+        f"{TOOLS_DIR}/gpufleet-gateway-ctl {action} {shlex.quote(service)} {shlex.quote(served.name)} {int(timeout)}"
+    )
+    for gateway in targets:
+        lines = Shell.of(state, gateway).run(f"{command}; echo __status=$?")
+        status = lines[-1].split("=", 1)[1] if lines and lines[-1].startswith("__status=") else "?"
+        said = "; ".join(lines[:-1])
+        logger.info(f"[{served.name}] gateway {gateway.name}: {said}")
+        if status != "0" and action == "ready":
+            raise OperationError(f"{served.name}: gateway {gateway.name} does not take it back: {said}")
+        if status != "0":
+            logger.warning(f"[{served.name}] gateway {gateway.name}: {said}: stopping anyway")
+
+
+@operation(is_idempotent=False)
+def drained(service: str, timeout: int):
+    """
+    Take this host's server out of ``service``'s pool at every gateway of the run, and wait until no
+    request is in flight to it (at most ``timeout`` seconds; then it goes on, saying so).
+    """
+    targets = gateways()
+    if not targets:
+        host.noop("no gateway in this run")
+        return
+    yield FunctionCommand(_at_gateways, [host, "drain", service, timeout, targets], {})
+
+
+@operation(is_idempotent=False)
+def readmitted(service: str, timeout: int):
+    """
+    Put this host's server back into ``service``'s pool at every gateway of the run, and wait until
+    its health check there says UP (at most ``timeout`` seconds; the host fails otherwise).
+    """
+    targets = gateways()
+    if not targets:
+        host.noop("no gateway in this run")
+        return
+    yield FunctionCommand(_at_gateways, [host, "ready", service, timeout, targets], {})

@@ -1,0 +1,220 @@
+"""The gateway (templates/gpufleet-gateway.cfg.j2) run here with Debian's HAProxy in front of two TLS
+fronts (templates/gpufleet-front.cfg.j2), each before an engine stand-in, all with certificates from a
+site CA ``site_tls`` made: one URL per service, keys checked at the gateway, a host whose engine stops
+taken out by the health checks and clients served by the other, and a drain through HAProxy's
+runtime API (templates/gpufleet-gateway-ctl) that waits for the request in flight and sends no new
+one there. The pools read from an inventory."""
+
+import http.client
+import http.server
+import json
+import os
+import socket
+import ssl
+import subprocess
+import threading
+import time
+
+import pytest
+
+from operations import TEMPLATES
+from operations.core.errors import ConfigError
+from operations.gateway import install as gateway
+from operations.gateway import pools as gateway_pools
+from operations.services import auth_proxy, site_tls
+from tests.unit.test_auth_proxy import HAPROXY, _free_port
+from tests.unit.test_inference import SERVICE
+
+KEY = "gateway-key"
+
+
+class Engine(http.server.BaseHTTPRequestHandler):
+    """/health and /v1/models answer at once; /slow waits until the test lets it go. Each request is
+    recorded with the port of the engine that got it."""
+
+    protocol_version = "HTTP/1.1"
+    seen = []
+    release = threading.Event()
+
+    def do_GET(self):
+        Engine.seen.append((self.server.server_address[1], self.path))
+        if self.path == "/slow":
+            Engine.release.wait(30)
+        body = json.dumps({"port": self.server.server_address[1]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def _start(config_path):
+    return subprocess.Popen([HAPROXY, "-db", "-f", str(config_path)], stderr=subprocess.DEVNULL)
+
+
+def _wait_port(port):
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"nothing listens on {port}")
+
+
+@pytest.fixture
+def site(tmp_path):
+    """Two fronts (front-1, front-2) before two engines, and a gateway pooling them as service chat."""
+    assert os.path.exists(HAPROXY), "HAProxy is not installed: run scripts/bootstrap.sh"
+    if os.geteuid() != 0:
+        pytest.fail("the gateway test runs HAProxy as root (it drops to haproxy and chroots), as on a host")
+    key_file = tmp_path / "keys"
+    key_file.write_text(KEY + "\n")
+    key_file.chmod(0o600)
+    processes, engines, members = [], [], []
+    for name in ("front-1", "front-2"):
+        engine = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Engine)
+        threading.Thread(target=engine.serve_forever, daemon=True).start()
+        engines.append(engine)
+        pem = tmp_path / f"{name}.pem"
+        pem.write_bytes(site_tls.host_certificate(tmp_path / "ca", name, ["127.0.0.1", name]))
+        port = _free_port()
+        service = {**SERVICE, "listen": "127.0.0.1", "proxy_port": port, "port": engine.server_address[1]}
+        config = tmp_path / f"{name}.cfg"
+        config.write_text(auth_proxy.config_text(service, "65534:65534", str(key_file), str(pem), 1000, 60))
+        processes.append(_start(config))
+        members.append({"host": name, "address": "127.0.0.1", "port": port})
+    pem = tmp_path / "gateway.pem"
+    pem.write_bytes(site_tls.host_certificate(tmp_path / "ca", "gateway", ["127.0.0.1", "gateway"]))
+    port, admin = _free_port(), str(tmp_path / "admin.sock")
+    pools = {"chat": {"api_key_file": str(key_file), "keys_at": str(key_file), "members": members}}
+    text = gateway.config_text(pools, str(pem), str(tmp_path / "ca" / "ca.crt"), port, "127.0.0.1", 1, 1000, 60)
+    (tmp_path / "gateway.cfg").write_text(text.replace("/run/haproxy/admin.sock", admin))
+    processes.append(_start(tmp_path / "gateway.cfg"))
+    for member in members:
+        _wait_port(member["port"])
+    _wait_port(port)
+    Engine.seen.clear()
+    Engine.release.clear()
+    yield {"port": port, "ca": str(tmp_path / "ca" / "ca.crt"), "admin": admin, "engines": engines}
+    Engine.release.set()
+    for process in processes:
+        process.terminate()
+        process.wait(10)
+    for engine in engines:
+        engine.shutdown()
+
+
+def _get(site, path, key=KEY):
+    context = ssl.create_default_context(cafile=site["ca"])
+    connection = http.client.HTTPSConnection("127.0.0.1", site["port"], timeout=30, context=context)
+    connection.request("GET", path, headers={"Authorization": f"Bearer {key}"} if key else {})
+    answer = connection.getresponse()
+    return answer.status, answer.read()
+
+
+def _ctl(site, *args):
+    return subprocess.run(
+        ["python3", str(TEMPLATES / "gpufleet-gateway-ctl"), *args],
+        env={**os.environ, "GPUFLEET_HAPROXY_SOCKET": site["admin"]},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def _status(site, server):
+    return _ctl(site, "ready", "chat", server, "0").stdout  # ready, waiting 0 s: says its state
+
+
+def _until(condition, seconds):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_one_url_per_service_keys_checked_at_the_gateway_and_both_hosts_used(site):
+    assert _until(lambda: "UP" in _status(site, "front-1") and "UP" in _status(site, "front-2"), 20)
+    Engine.seen.clear()
+    assert _get(site, "/chat/v1/models", key=None)[0] == 401
+    assert _get(site, "/chat/v1/models", key="not-the-key")[0] == 401
+    assert Engine.seen == []
+    ports = {json.loads(_get(site, "/chat/v1/models")[1])["port"] for _ in range(4)}
+    assert ports == {engine.server_address[1] for engine in site["engines"]}  # both hosts take requests
+    assert {path for _, path in Engine.seen} == {"/v1/models"}  # the service's prefix is the gateway's
+    assert _get(site, "/other/v1/models")[0] == 404
+
+
+def test_a_host_whose_engine_stops_is_taken_out_and_clients_are_served_by_the_other(site):
+    assert _until(lambda: "UP" in _status(site, "front-1") and "UP" in _status(site, "front-2"), 20)
+    site["engines"][0].shutdown()
+    site["engines"][0].server_close()
+    started = time.monotonic()
+    assert _until(lambda: "DOWN" in _status(site, "front-1"), 20)
+    out_after = time.monotonic() - started
+    statuses = [_get(site, "/chat/v1/models")[0] for _ in range(6)]
+    assert statuses == [200] * 6 and out_after < 10, (statuses, out_after)
+
+
+def test_a_drained_host_finishes_its_request_in_flight_and_gets_no_new_one(site):
+    assert _until(lambda: "UP" in _status(site, "front-1") and "UP" in _status(site, "front-2"), 20)
+    in_flight = []
+    threading.Thread(target=lambda: in_flight.append(_get(site, "/chat/slow")), daemon=True).start()
+    assert _until(lambda: any(path == "/slow" for _, path in Engine.seen), 10)
+    busy = next(port for port, path in Engine.seen if path == "/slow")
+    server = "front-1" if busy == site["engines"][0].server_address[1] else "front-2"
+    draining = subprocess.Popen(
+        ["python3", str(TEMPLATES / "gpufleet-gateway-ctl"), "drain", "chat", server, "20"],
+        env={**os.environ, "GPUFLEET_HAPROXY_SOCKET": site["admin"]},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1)
+    assert draining.poll() is None  # waits: a request is in flight there
+    ports = {json.loads(_get(site, "/chat/v1/models")[1])["port"] for _ in range(4)}
+    assert busy not in ports  # new requests go to the other host
+    Engine.release.set()
+    said, _ = draining.communicate(timeout=30)
+    assert draining.returncode == 0 and "drained" in said, said
+    assert _until(lambda: in_flight, 10) and in_flight[0][0] == 200
+    back = _ctl(site, "ready", "chat", server, "20")
+    assert back.returncode == 0 and "ready (UP" in back.stdout, back.stdout
+
+
+def test_pools_are_read_from_the_inventory_and_need_one_set_of_keys(tmp_path):
+    one, other = tmp_path / "one", tmp_path / "other"
+    one.write_text("k1\nk2\n")
+    other.write_text("k3\n")
+    chat = {"name": "chat", "proxy_port": 8443, "api_key_file": str(one)}
+    hosts = [
+        ("gpu-1", {"gpufleet_site_address": "10.0.0.1", "inference_services": [chat]}),
+        ("gpu-2", {"ssh_hostname": "gpu-2.example", "inference_services": [chat, {"name": "local", "port": 1}]}),
+        ("gw", {"inference_services": []}),
+    ]
+    assert gateway_pools.pools(hosts) == {
+        "chat": {
+            "api_key_file": str(one),
+            "members": [
+                {"host": "gpu-1", "address": "10.0.0.1", "port": 8443},
+                {"host": "gpu-2", "address": "gpu-2.example", "port": 8443},
+            ],
+        }
+    }
+    assert gateway_pools.key_file_content(str(one)) == b"k1\nk2\n"
+    hosts.append(("gpu-3", {"inference_services": [{**chat, "api_key_file": str(other)}]}))
+    with pytest.raises(ConfigError, match="gpu-3's api_key_file holds other keys than gpu-1's"):
+        gateway_pools.pools(hosts)
+
+
+def test_a_host_that_left_the_gateway_group_is_recognised_by_its_configuration_and_keys():
+    text = gateway.config_text({}, "/p", "/ca", 443, "0.0.0.0", 2, 1000, 60)
+    assert text.splitlines()[0] == gateway.MARK + " Edits are overwritten."
+    assert "unless" not in text.split("http-request return status 404")[1].splitlines()[0]  # no pool: 404 for all
+    found = gateway.GatewayKeyFiles().process(["__config__", "/etc/gpufleet/secrets/gateway-chat.keys"])
+    assert found == {"config": True, "keys": ["/etc/gpufleet/secrets/gateway-chat.keys"]}
+    assert gateway.GatewayKeyFiles().process([]) == {"config": False, "keys": []}
