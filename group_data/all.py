@@ -159,6 +159,9 @@ gpufleet_tls_ca_file = None
 gateway_port = 443
 gateway_listen = "0.0.0.0"
 gateway_check_interval = 2
+# Who may reach the gateway's port (gpufleet's nftables table, as for inference_allowed_sources):
+# the clients' addresses or networks; a gateway with none is refused unless inference_firewall is False.
+gateway_allowed_sources = []
 
 # --- inference_ (model services as systemd-managed containers) ----------------------------
 # Services of the host. Each: name, engine (vllm | tgi | ollama | llamacpp), image (pinned tag or

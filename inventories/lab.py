@@ -80,7 +80,27 @@ def _ubuntu(host):
     }
 
 
+def _behind_the_gateway(host):
+    """With GPUFLEET_LAB_GATEWAY (tests/e2e/test_gateway.py): lab-1 and lab-2 serve the lab's chat behind
+    TLS fronts on 8443, on every address, admitting each other only; lab-2 is the gateway, on 9443,
+    admitting lab-ubu-1 (the client) only."""
+    from group_data.lab import inference_services
+
+    addresses = [h["address"] for h in _STATE["hosts"] if h["name"] in ("lab-1", "lab-2")]
+    clients = [h["address"] for h in _STATE["hosts"] if h["name"] == "lab-ubu-1"]
+    return {
+        **_ssh(host),
+        "inference_services": [{**service, "proxy_port": 8443} for service in inference_services],
+        "inference_listen": "0.0.0.0",
+        "inference_allowed_sources": addresses,
+        "gateway_port": 9443,
+        "gateway_allowed_sources": clients,
+    }
+
+
 def _data(host):
+    if os.environ.get("GPUFLEET_LAB_GATEWAY") and host["name"] in ("lab-1", "lab-2"):
+        return _behind_the_gateway(host)
     if host["name"].startswith("lab-ct-"):
         return _guest(host)
     if host["name"].startswith("lab-net-"):

@@ -207,6 +207,7 @@ CHECKS = {
     "gateway_port": (is_positive_int, "a TCP port (443 by default)"),
     "gateway_listen": (is_address, "an IP address of the gateway host (0.0.0.0 for all)"),
     "gateway_check_interval": SECONDS,
+    "gateway_allowed_sources": (is_network_list, "a list of addresses or networks such as ['10.0.0.0/8']"),
     "inference_request_timeout": SECONDS,
     "inference_image_follow_tag": TRUE_OR_FALSE,
     # weights

@@ -21,21 +21,21 @@ def gateways():
     return [other for other in host.inventory if "gateway_hosts" in other.groups and other in host.state.active_hosts]
 
 
-def _at_gateways(state, served, action, service, timeout, targets):
+def _at_gateways(state, host, action, service, timeout, targets):  # pyinfra passes state and host by these names
     """Run ``gpufleet-gateway-ctl ACTION SERVICE HOST TIMEOUT`` at each gateway; a drain that ran out of
-    time is said (the host goes on), a server not back UP fails the served host."""
+    time is said (the host goes on), a server not back UP fails the served ``host``."""
     command = (
-        f"{TOOLS_DIR}/gpufleet-gateway-ctl {action} {shlex.quote(service)} {shlex.quote(served.name)} {int(timeout)}"
+        f"{TOOLS_DIR}/gpufleet-gateway-ctl {action} {shlex.quote(service)} {shlex.quote(host.name)} {int(timeout)}"
     )
     for gateway in targets:
         lines = Shell.of(state, gateway).run(f"{command}; echo __status=$?")
         status = lines[-1].split("=", 1)[1] if lines and lines[-1].startswith("__status=") else "?"
         said = "; ".join(lines[:-1])
-        logger.info(f"[{served.name}] gateway {gateway.name}: {said}")
+        logger.info(f"[{host.name}] gateway {gateway.name}: {said}")
         if status != "0" and action == "ready":
-            raise OperationError(f"{served.name}: gateway {gateway.name} does not take it back: {said}")
+            raise OperationError(f"{host.name}: gateway {gateway.name} does not take it back: {said}")
         if status != "0":
-            logger.warning(f"[{served.name}] gateway {gateway.name}: {said}: stopping anyway")
+            logger.warning(f"[{host.name}] gateway {gateway.name}: {said}: stopping anyway")
 
 
 @operation(is_idempotent=False)
@@ -48,7 +48,7 @@ def drained(service: str, timeout: int):
     if not targets:
         host.noop("no gateway in this run")
         return
-    yield FunctionCommand(_at_gateways, [host, "drain", service, timeout, targets], {})
+    yield FunctionCommand(_at_gateways, ["drain", service, timeout, targets], {})
 
 
 @operation(is_idempotent=False)
@@ -61,4 +61,4 @@ def readmitted(service: str, timeout: int):
     if not targets:
         host.noop("no gateway in this run")
         return
-    yield FunctionCommand(_at_gateways, [host, "ready", service, timeout, targets], {})
+    yield FunctionCommand(_at_gateways, ["ready", service, timeout, targets], {})

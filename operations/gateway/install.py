@@ -17,8 +17,9 @@ from pyinfra.operations import apt, files, systemd
 
 from operations import TEMPLATES, TOOLS_DIR
 from operations.core import base, checks, settings
+from operations.core.errors import ConfigError
 from operations.gateway import pools as gateway_pools
-from operations.services import secret_files, site_tls
+from operations.services import firewall, secret_files, site_tls
 
 CONFIG = "/etc/haproxy/haproxy.cfg"
 UNIT = "haproxy.service"
@@ -83,12 +84,21 @@ def install():
     Install HAProxy and run it as the site's gateway: one pool per service served behind a TLS front
     by hosts of the inventory. Returns what host.json records of it.
     """
+    if host.data.inference_firewall and not host.data.gateway_allowed_sources:
+        raise ConfigError(
+            "gateway_allowed_sources",
+            "the gateway's port admits nobody: name the clients' addresses or networks "
+            "(e.g. ['10.0.0.0/8']), or set inference_firewall = False to keep your own firewall",
+            host=host.name,
+        )
     pools = gateway_pools.pools(run_hosts())
     if not pools:
         logger.warning(
             f"[{host.name}] gateway: no host of the inventory serves a service behind a TLS front "
             "(proxy_port): the gateway answers 404 to everything"
         )
+    if "gpu_hosts" not in host.groups:  # a GPU host's services deploy writes the table, the gateway's port in it
+        firewall.admit_only_allowed(ports=[])
     tls = site_tls.install()
     apt.packages(name="Install HAProxy (the gateway)", packages=["haproxy"])
     files.put(
@@ -153,3 +163,5 @@ def remove_if_left():
     for path in found["keys"]:
         files.file(name=f"Remove the gateway's key file {path}", path=path, present=False)
     files.file(name="Remove the gateway's runtime API tool", path=f"{TOOLS_DIR}/gpufleet-gateway-ctl", present=False)
+    if found["config"] and "gpu_hosts" not in host.groups:
+        firewall.admit_only_allowed(ports=[])  # no port left to guard: the table goes

@@ -15,7 +15,7 @@ from io import StringIO
 from jinja2 import Template
 from pyinfra import host
 from pyinfra.api import deploy
-from pyinfra.operations import apt, files, systemd
+from pyinfra.operations import apt, files, server, systemd
 
 from operations import TEMPLATES, TOOLS_DIR
 from operations.core import base, checks, settings, systemd_syntax
@@ -141,6 +141,11 @@ def install(
         create_remote_dir=False,
     )
     systemd.daemon_reload(name=f"Reload systemd for {unit}", _if=unit_op.did_change)
+    server.shell(
+        name=f"Enable {unit} as its unit now says (with multi-user.target and its engine)",
+        commands=[f"systemctl reenable {unit}"],
+        _if=unit_op.did_change,
+    )
     systemd.service(
         name=f"Restart {unit} after its unit changed, or it was not ready",
         service=unit,

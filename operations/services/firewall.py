@@ -7,8 +7,8 @@ ufw's, firewalld's): a packet must pass every table's hook, so this table only e
 Ports of services on the host network are filtered on the input hook; ports Docker publishes from
 a bridge network on the forward hook, by the bridge and port the packet goes to (whether Docker
 rewrote it or a LAN host routed it there directly), and by the original port of any other DNAT.
-A boot unit loads the table before Docker starts and after nftables.service, and again when that
-one reloads (its stock file flushes the whole ruleset); the table carries the SHA-256 of the file
+A boot unit loads the table before Docker starts and after nftables.service, and a drop-in of that
+one loads it again after it starts or reloads (its stock file flushes the whole ruleset); the table carries the SHA-256 of the file
 it came from, so a deploy sees whether what is loaded is what it wrote.
 """
 
@@ -20,6 +20,7 @@ from jinja2 import Template
 from pyinfra import host
 from pyinfra.api import FactBase, deploy
 from pyinfra.operations import apt, files, server, systemd
+from pyinfra.operations.util import any_changed
 
 from operations import TEMPLATES
 from operations.core import settings
@@ -28,6 +29,8 @@ TABLE = "inet gpufleet"
 RULES_FILE = "firewall.nft"  # in gpufleet_config_dir
 UNIT = "gpufleet-firewall.service"
 UNIT_PATH = f"/etc/systemd/system/{UNIT}"
+# nftables.service's drop-in: its stock file flushes the ruleset, so gpufleet's table is loaded after it
+DROP_IN = "/etc/systemd/system/nftables.service.d/gpufleet.conf"
 
 
 class LoadedFirewall(FactBase):
@@ -65,10 +68,12 @@ def sources_by_family(sources):
     )
 
 
-def rules(ports, sources):
-    """The nftables file for ``ports`` admitted from ``sources`` (pure: unit-tested with ``nft -c``).
-    Its table comment is the SHA-256 of the rest, which the deploy compares with the loaded table's."""
+def rules(ports, sources, gateway_ports=(), gateway_sources=()):
+    """The nftables file for ``ports`` admitted from ``sources``, and the gateway's ``gateway_ports``
+    from ``gateway_sources`` (pure: unit-tested with ``nft -c``). Its table comment is the SHA-256 of
+    the rest, which the deploy compares with the loaded table's."""
     ipv4, ipv6 = sources_by_family(sources)
+    gateway_ipv4, gateway_ipv6 = sources_by_family(gateway_sources)
     body = Template(
         (TEMPLATES / "gpufleet-firewall.nft.j2").read_text(),
         keep_trailing_newline=True,
@@ -79,6 +84,9 @@ def rules(ports, sources):
         ports=", ".join(str(p) for p in sorted(set(ports))),
         ipv4=", ".join(ipv4),
         ipv6=", ".join(ipv6),
+        gateway_ports=", ".join(str(p) for p in sorted(set(gateway_ports))),
+        gateway_ipv4=", ".join(gateway_ipv4),
+        gateway_ipv6=", ".join(gateway_ipv6),
         digest="@DIGEST@",
     )
     digest = "sha256:" + hashlib.sha256(body.encode()).hexdigest()
@@ -90,11 +98,23 @@ def unit_text(rules_path):
     return Template((TEMPLATES / f"{UNIT}.j2").read_text(), keep_trailing_newline=True).render(rules_path=rules_path)
 
 
+def drop_in_text(rules_path):
+    """nftables.service's drop-in that loads ``rules_path`` after its own file (pure)."""
+    template = (TEMPLATES / "gpufleet-nftables-dropin.conf.j2").read_text()
+    return Template(template, keep_trailing_newline=True).render(rules_path=rules_path)
+
+
+def gateway_ports():
+    """The gateway's port on a host of ``gateway_hosts`` whose firewall gpufleet keeps; none elsewhere."""
+    return [host.data.gateway_port] if "gateway_hosts" in host.groups and host.data.inference_firewall else []
+
+
 @deploy("Admit inference ports only from the allowed sources", data_defaults=settings.DEFAULTS)
 def admit_only_allowed(ports: list[int], sources: list[str] | None = None, config_dir: str | None = None):
     """
-    Load the ``inet gpufleet`` table for ``ports`` and keep it loaded at boot; with no ports, remove
-    the table and its unit (nothing of gpufleet's is left to guard).
+    Load the ``inet gpufleet`` table for ``ports`` (and, on a gateway, its port from
+    ``gateway_allowed_sources``) and keep it loaded at boot; with neither, remove the table and its
+    unit (nothing of gpufleet's is left to guard).
 
     + ports: every TCP port an inference service or its proxy listens on
     + sources: addresses and networks that may connect (``inference_allowed_sources``); the host
@@ -104,13 +124,13 @@ def admit_only_allowed(ports: list[int], sources: list[str] | None = None, confi
     sources = host.data.inference_allowed_sources if sources is None else sources
     config_dir = config_dir or host.data.gpufleet_config_dir
     rules_path = f"{config_dir}/{RULES_FILE}"
-    if not ports:
+    if not ports and not gateway_ports():
         _remove(rules_path)
         return
-    text, digest = rules(ports, sources)
+    text, digest = rules(ports, sources, gateway_ports(), host.data.gateway_allowed_sources)
     apt.packages(name="Install nftables", packages=["nftables"])
     rules_file = files.put(
-        name=f"Write {rules_path} (ports {', '.join(str(p) for p in sorted(set(ports)))})",
+        name=f"Write {rules_path} (ports {', '.join(str(p) for p in sorted({*ports, *gateway_ports()}))})",
         src=StringIO(text),
         dest=rules_path,
         mode="644",
@@ -126,7 +146,15 @@ def admit_only_allowed(ports: list[int], sources: list[str] | None = None, confi
         group="root",
         create_remote_dir=False,
     )
-    systemd.daemon_reload(name=f"Reload systemd for {UNIT}", _if=unit.did_change)
+    drop_in = files.put(
+        name=f"Install {DROP_IN} (the table loaded again after nftables.service flushes the ruleset)",
+        src=StringIO(drop_in_text(rules_path)),
+        dest=DROP_IN,
+        mode="644",
+        user="root",
+        group="root",
+    )
+    systemd.daemon_reload(name=f"Reload systemd for {UNIT}", _if=any_changed(unit, drop_in))
     loaded = host.get_fact(LoadedFirewall)
     systemd.service(
         name=f"Load the rules ({UNIT}) after they changed, or when the loaded table is not theirs",
@@ -141,7 +169,8 @@ def _remove(rules_path):
     """No service to guard: the unit, the rules file and the loaded table go (each only if there)."""
     systemd.service(name=f"Stop {UNIT}", service=UNIT, running=False, enabled=False)
     unit = files.file(name=f"Remove unit {UNIT} (no inference port to guard)", path=UNIT_PATH, present=False)
-    systemd.daemon_reload(name=f"Reload systemd without {UNIT}", _if=unit.did_change)
+    drop_in = files.file(name=f"Remove {DROP_IN}", path=DROP_IN, present=False)
+    systemd.daemon_reload(name=f"Reload systemd without {UNIT}", _if=any_changed(unit, drop_in))
     files.file(name=f"Remove {rules_path}", path=rules_path, present=False)
     if host.get_fact(LoadedFirewall) is not None:
         server.shell(name=f"Unload the nftables table {TABLE}", commands=[f"nft delete table {TABLE}"])

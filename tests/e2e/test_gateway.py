@@ -9,6 +9,8 @@ removes the gateway and the fronts.
 """
 
 import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -16,31 +18,22 @@ import pytest
 from tests.lab import hosts as lab_hosts
 
 from .conftest import REPO, run_deploy
-from .test_security import KEY, _lab2_services
+from .test_security import KEY
 
 MEASURED = REPO / ".lab" / "measurements" / "gateway.json"
 GATEWAY = {"GPUFLEET_LAB_GATEWAY": "lab-2"}
 CA = "/tmp/gpufleet-site-ca.crt"
 CLIENT = "lab-ubu-1"
+BOTH = ["--limit", "lab-1", "--limit", "lab-2"]
 
 
 def sh(name, command, **kwargs):
     return lab_hosts.ssh({"name": name}, command, check=False, **kwargs)
 
 
-def _fronted(lab, **change):
-    sources = [lab["lab-1"]["address"], lab["lab-2"]["address"]]  # the fronts admit the gateway (and lab-1)
-    return [
-        *_lab2_services(proxy_port=8443, **change),
-        "--data",
-        "inference_listen=0.0.0.0",
-        "--data",
-        f"inference_allowed_sources={json.dumps(sources)}",
-        "--data",
-        "gateway_port=9443",
-        "--limit",
-        "lab-1,lab-2",
-    ]
+def _fronted(*more):
+    """The lab with its gateway (inventories/lab.py: GPUFLEET_LAB_GATEWAY), lab-1 and lab-2 only."""
+    return [*more, *BOTH]
 
 
 def _gateway_url(lab, path):
@@ -54,8 +47,18 @@ def _probe(url, key=None):
     ).stdout.strip()
 
 
+def _until_lines(count, seconds=30):
+    """Whether the client's loop has written ``count`` answers within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if len(sh(CLIENT, "cat /tmp/gpufleet-codes 2>/dev/null").stdout.split()) >= count:
+            return True
+        time.sleep(0.5)
+    return False
+
+
 def _server_state(server):
-    return sh("lab-2", f"/usr/local/lib/gpufleet/gpufleet-gateway-ctl ready chat {server} 0").stdout
+    return sh("lab-2", f"/usr/local/lib/gpufleet/gpufleet-gateway-ctl state chat {server}").stdout
 
 
 @pytest.fixture(scope="module")
@@ -68,11 +71,11 @@ def measured():
 
 @pytest.fixture(scope="module")
 def gateway(second_deploy, lab):
-    first = run_deploy(*_fronted(lab), env=GATEWAY)
+    first = run_deploy(*_fronted(), env=GATEWAY)
     assert first.rc == 0, first.output[-4000:]
     sh(CLIENT, f"cat > {CA} <<'EOF'\n{(REPO / '.lab' / 'site-tls' / 'ca.crt').read_text()}EOF")
     yield first
-    back = run_deploy("--limit", "lab-1,lab-2")
+    back = run_deploy(*BOTH)
     assert back.rc == 0, back.output[-3000:]
     assert "Stop and disable haproxy.service (no longer in gateway_hosts)" in back.output
     assert sh("lab-2", "systemctl is-active haproxy").stdout.strip() != "active"
@@ -94,14 +97,32 @@ def test_one_url_for_the_service_with_its_key_and_the_sites_ca(gateway, lab):
     assert _probe(_gateway_url(lab, "/nothing/v1/models"), key=key) == "404 0"
     # the fronts themselves admit the gateway and lab-1 only: the client must go through the gateway
     assert _probe(f"https://{lab['lab-1']['address']}:8443/v1/models", key=key).endswith(" 7")
+    # and the gateway admits its clients only (gateway_allowed_sources): lab-net-1 is not one
+    other = sh("lab-net-1", f"curl -s -o /dev/null -m 5 -k {_gateway_url(lab, '/chat/v1/models')}; echo $?").stdout
+    assert other.strip() == "7", other
     streamed = sh(
         CLIENT,
         f"curl -sN -m 30 --cacert {CA} -H 'Authorization: Bearer {key}' {_gateway_url(lab, '/chat/v1/completions')} "
         '-d \'{"prompt": "hello", "max_tokens": 4, "stream": true}\'',
     ).stdout
-    assert streamed.count("data: {") >= 2 and streamed.rstrip().endswith("data: [DONE]"), streamed[-500:]
-    again = run_deploy(*_fronted(lab), env=GATEWAY)
+    # streamed as events (llama.cpp may join tokens that split a UTF-8 character into one event)
+    assert streamed.rstrip().endswith("data: [DONE]") and '"completion_tokens":4' in streamed, streamed[-500:]
+    again = run_deploy(*_fronted(), env=GATEWAY)
     assert again.rc == 0 and again.total_changed() == 0, again.changed()
+    # the host-by-host checks: the gateway's and the front's must pass on lab-2, none skipped
+    checks = subprocess.run(
+        [
+            sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider",
+            "tests/checks/test_gateway.py", "tests/checks/test_inference.py::test_proxies_running_and_refusing_requests_without_the_key",
+            "--hosts=ssh://lab-2", f"--ssh-config={lab_hosts.SSH_CONFIG}", "--sudo",
+        ],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    passed = {line.split("::")[-1].split("[")[0] for line in checks.stdout.splitlines() if line.startswith("PASSED")}
+    assert passed == {
+        "test_gateway_serves_its_pools_with_tls_and_every_member_up",
+        "test_proxies_running_and_refusing_requests_without_the_key",
+    }, checks.stdout[-3000:]
 
 
 def test_a_rolling_restart_under_steady_requests_fails_none(gateway, lab, measured):
@@ -114,10 +135,12 @@ def test_a_rolling_restart_under_steady_requests_fails_none(gateway, lab, measur
         f"curl -s -o /dev/null -m 30 -w '%{{http_code}}\\n' --cacert {CA} -H 'Authorization: Bearer {key}' "
         f"{_gateway_url(lab, '/chat/v1/completions')} -d '{body}' >> /tmp/gpufleet-codes; sleep 0.05; done"
     )
-    sh(CLIENT, f"nohup sh -c {json.dumps(loop)} >/dev/null 2>&1 &")
-    time.sleep(3)
+    sh(CLIENT, f"cat > /tmp/gpufleet-loop.sh <<'EOF'\n{loop}\nEOF")
+    sh(CLIENT, "setsid nohup sh /tmp/gpufleet-loop.sh >/dev/null 2>&1 < /dev/null &")
+    assert _until_lines(10), "the client's loop does not run"
     started = time.monotonic()
-    rolled = run_deploy(*_fronted(lab, args=["--ctx-size", "512", "--threads", "1"]), env=GATEWAY)
+    # a longer start timeout: both hosts' engine units change, so each restarts in its batch
+    rolled = run_deploy(*_fronted("--data", "inference_start_timeout=301"), env=GATEWAY)
     seconds = time.monotonic() - started
     time.sleep(3)
     sh(CLIENT, "touch /tmp/gpufleet-stop")

@@ -198,7 +198,7 @@ def test_behind_its_proxy_a_service_answers_the_key_from_allowed_sources_only(se
             '-d \'{"prompt": "hello", "max_tokens": 4, "stream": true}\'',
         ).stdout
         # streamed as events (llama.cpp may join tokens that split a UTF-8 character into one event)
-        assert streamed.count("data: {") >= 2 and streamed.rstrip().endswith("data: [DONE]"), streamed[-500:]
+        assert streamed.rstrip().endswith("data: [DONE]"), streamed[-500:]
         assert '"completion_tokens":4' in streamed
         assert _probe("lab-1", f"http://{target}:8080/health").endswith(" 7")  # the engine: loopback only
         assert _probe("lab-ubu-1", f"{proxy}/health").endswith(" 7")  # not an allowed source: reset

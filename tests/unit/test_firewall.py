@@ -57,8 +57,20 @@ def test_a_packet_routed_to_a_containers_port_is_judged_by_where_it_goes_dnat_or
     ]
 
 
-def test_the_boot_unit_follows_nftables_service_and_reloads_with_it(tmp_path):
+def test_the_boot_unit_follows_nftables_service_whose_drop_in_loads_the_table_after_its_own_file():
     unit = firewall.unit_text("/etc/gpufleet/firewall.nft")
-    assert "After=nftables.service\n" in unit and "PartOf=nftables.service\n" in unit
-    assert "ReloadPropagatedFrom=nftables.service\n" in unit
-    assert "ExecReload=/usr/sbin/nft -f /etc/gpufleet/firewall.nft\n" in unit
+    assert "After=nftables.service\n" in unit and "ExecStart=/usr/sbin/nft -f /etc/gpufleet/firewall.nft\n" in unit
+    drop_in = firewall.drop_in_text("/etc/gpufleet/firewall.nft")
+    assert "ExecStartPost=-/usr/sbin/nft -f /etc/gpufleet/firewall.nft\n" in drop_in
+    assert "ExecReload=-/usr/sbin/nft -f /etc/gpufleet/firewall.nft\n" in drop_in
+
+
+def test_a_gateways_port_is_admitted_from_its_own_sources_with_or_without_service_ports(tmp_path):
+    for ports in ([8443], []):
+        text, _ = firewall.rules(ports, ["10.1.0.0/16"] if ports else [], [9443], ["192.0.2.0/24", "192.0.2.9"])
+        (tmp_path / "firewall.nft").write_text(text)
+        checked = subprocess.run([NFT, "-c", "-f", str(tmp_path / "firewall.nft")], capture_output=True, text=True)
+        assert checked.returncode == 0, checked.stderr
+        assert "elements = { 192.0.2.0/24 }" in text  # the address inside the network, collapsed
+        assert "tcp dport @gateway_ports ip saddr @gateway_ipv4 accept\n\t\ttcp dport @gateway_ports reject" in text
+        assert ("chain forward" in text) == bool(ports)

@@ -126,7 +126,7 @@ def _ctl(site, *args):
 
 
 def _status(site, server):
-    return _ctl(site, "ready", "chat", server, "0").stdout  # ready, waiting 0 s: says its state
+    return _ctl(site, "state", "chat", server).stdout
 
 
 def _until(condition, seconds):
