@@ -31,9 +31,20 @@ class Engine(http.server.BaseHTTPRequestHandler):
     seen = []
     first_piece_read = threading.Event()
     resumed_after_read = []
+    upstream_closed = []
 
     def do_GET(self):
         Engine.seen.append((self.path, self.headers.get("Authorization")))
+        if self.path == "/hold":  # answers nothing; says whether the proxy closed this connection within 10 s
+            self.connection.settimeout(10)
+            try:
+                Engine.upstream_closed.append(self.connection.recv(1) == b"")
+            except ConnectionResetError:  # closed with a reset
+                Engine.upstream_closed.append(True)
+            except TimeoutError:
+                Engine.upstream_closed.append(False)
+            self.close_connection = True
+            return
         if self.path == "/stream":
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
@@ -151,6 +162,24 @@ def test_a_body_over_the_limit_or_without_a_length_is_refused_unread(proxy):
         )
         assert raw.recv(100).startswith(b"HTTP/1.1 411 ")
     assert Engine.seen == [("/v1/completions", None)]
+
+
+def test_a_client_that_goes_away_closes_its_request_at_the_engine(proxy):
+    Engine.upstream_closed.clear()
+    context = ssl.create_default_context(cafile=proxy["ca"])
+    connection = socket.create_connection(("127.0.0.1", proxy["port"]), timeout=10)
+    with context.wrap_socket(connection, server_hostname="127.0.0.1") as raw:
+        raw.sendall(f"GET /hold HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n\r\n".encode())
+        for _ in range(100):  # until the engine has the request (at most 5 s)
+            if ("/hold", None) in Engine.seen:
+                break
+            time.sleep(0.05)
+    # the client is gone: the front closes the engine's connection (option abortonclose)
+    for _ in range(200):
+        if Engine.upstream_closed:
+            break
+        time.sleep(0.05)
+    assert Engine.upstream_closed == [True]
 
 
 def test_it_speaks_tls_only_with_the_sites_certificate(proxy):
