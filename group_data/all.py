@@ -28,6 +28,13 @@ gpufleet_stage_transport = "openssh"
 # How the other hosts of the site reach this one when it is a seed (default: its ssh_hostname).
 gpufleet_site_address = None
 gpufleet_site_port = 22
+# A host that freezes (a hung kernel, a network black hole: its TCP connection stays open, nothing
+# answers) is failed, named, and the run goes on with the others: every gpufleet_liveness_interval
+# seconds each host's SSH server is asked for a new channel; one that grants none within
+# gpufleet_liveness_timeout seconds is taken as frozen and its connection closed. A busy host (a
+# DKMS build, a model load) still answers: its SSH server is not what is busy.
+gpufleet_liveness_interval = 10
+gpufleet_liveness_timeout = 20
 # Every key of the inventory's data is checked: a key gpufleet and pyinfra do not know stops the run
 # (naming it, with the closest known key). Data your own deploys read from the same inventory: list
 # its keys here, and gpufleet leaves them alone.

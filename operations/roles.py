@@ -17,7 +17,7 @@ from pyinfra.api import deploy
 
 from operations import rollout
 from operations.container import containerd, docker, podman
-from operations.core import base, checks, remote
+from operations.core import base, checks, liveness, remote
 from operations.driver import devices
 from operations.driver import install as nvidia_driver
 from operations.gateway import drain as gateway_drain
@@ -55,6 +55,7 @@ def check_settings():
             "names it, so it changes nothing for this host (a misspelt group?)"
         )
     remote.require_root(host)
+    liveness.watch(host)  # a host that freezes from here on is failed within a bounded time, the others go on
 
 
 @deploy("Every host")

@@ -145,6 +145,8 @@ CHECKS = {
     "gpufleet_stage_transport": (STAGE_TRANSPORTS, "'openssh' or 'paramiko'"),
     "gpufleet_site_address": (is_str, "the address other hosts of the site reach this one at"),
     "gpufleet_site_port": (is_positive_int, "the SSH port other hosts of the site reach this one at"),
+    "gpufleet_liveness_interval": SECONDS,
+    "gpufleet_liveness_timeout": SECONDS,
     "gpufleet_upgrade_batch": (is_positive_int, "a whole number above 0 (hosts upgraded at once)"),
     "gpufleet_upgrade_max_failed": (is_count, "a whole number, 0 or more (failed hosts a rollout goes on past)"),
     "gpufleet_upgrade_drain_timeout": (is_positive_int, "seconds (a whole number above 0)"),

@@ -20,6 +20,7 @@ from pyinfra.api import FactBase, FunctionCommand, StringCommand
 from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS, pop_global_arguments
 from pyinfra.connectors.util import make_unix_command_for_host
 
+from operations.core import liveness
 from operations.core.errors import ConfigError
 
 # Connector arguments that say how a command runs (not what runs): kept out of the command line.
@@ -196,7 +197,16 @@ def openssh_argv(host, remote_command):
     data = host.connector.data  # the connector's settings, its defaults filled in
     if data.get("ssh_password") or data.get("ssh_key_password"):
         return None
-    argv = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=30", "-c", OPENSSH_CIPHERS]
+    argv = [
+        "ssh",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "ConnectTimeout=30",
+        *liveness.openssh_options(data),
+        "-c",
+        OPENSSH_CIPHERS,
+    ]
     if data.get("ssh_config_file"):
         argv += ["-F", str(data["ssh_config_file"])]
     if data.get("ssh_known_hosts_file"):

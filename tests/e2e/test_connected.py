@@ -162,8 +162,21 @@ def test_missing_revision_is_named_and_the_volume_left_as_it_was(second_deploy, 
     assert unit_digest() == unit and container_id() == running and answers(8080)
 
 
+def host_state():
+    """What a refused run must leave as it was: the digests of gpufleet's units, host.json, apt's
+    preferences and sources, Docker's daemon.json and the weight volumes' records, and the services'
+    containers."""
+    files = (
+        "/etc/systemd/system/gpufleet-*.service /etc/gpufleet/host.json /etc/apt/preferences.d/* "
+        "/etc/apt/sources.list.d/* /etc/docker/daemon.json /srv/gpufleet/weights/*/.gpufleet-*"
+    )
+    state = sh(f"sha256sum {files} 2>/dev/null; docker ps -q --no-trunc | sort").stdout
+    assert "/etc/gpufleet/host.json" in state and "gpufleet-chat.service" in state, state
+    return state
+
+
 def test_branch_revision_is_refused_before_any_host_changes(second_deploy, address):
-    before = sh("stat -c %Y /etc/gpufleet/host.json").stdout
+    before = host_state()
     volumes = {"hub-tiny": {"hf": site.HUB_REPO, "revision": "main", "token_file": str(site.HUB_TOKEN_FILE)}}
     result = run_deploy("--limit", HOST, *_services_with(volumes=volumes, address=address))
     assert result.rc != 0
@@ -172,10 +185,11 @@ def test_branch_revision_is_refused_before_any_host_changes(second_deploy, addre
         in result.output
     ), result.output[-2000:]
     assert "Starting operation" not in result.output
-    assert sh("stat -c %Y /etc/gpufleet/host.json").stdout == before
+    assert host_state() == before
 
 
 def test_login_file_readable_by_others_is_refused_before_any_host(second_deploy, address, tmp_path):
+    before = host_state()
     login = tmp_path / "login"
     login.write_text("gpufleet-lab:whatever\n")
     login.chmod(0o644)
@@ -185,6 +199,7 @@ def test_login_file_readable_by_others_is_refused_before_any_host(second_deploy,
     assert result.rc != 0
     assert f"{login}: readable by others than its owner (mode 644); chmod 600" in result.output
     assert "Starting operation" not in result.output
+    assert host_state() == before
 
 
 def test_moved_tag_is_reported_and_followed_only_when_asked(second_deploy, address):

@@ -1,5 +1,5 @@
 """Faults a fleet meets, each survived and named: a secret whose mode drifted, an image untagged and
-loaded again, a disk without room, a host that is down among live ones. Each fault ends with an
+loaded again, a disk without room, a host that is down among live ones, a host that freezes mid-run. Each fault ends with an
 assertion on the final state (files, units, the service answering)."""
 
 import json
@@ -7,7 +7,10 @@ import os
 import re
 import signal
 import subprocess
+import threading
 import time
+
+import pytest
 
 from tests.lab import hosts as lab_hosts
 from tests.lab.llamacpp import image_tag
@@ -15,6 +18,17 @@ from tests.lab.llamacpp import image_tag
 from .conftest import PYINFRA, REPO, run_deploy
 
 KEY = REPO / ".lab" / "secrets" / "chat-api-key"
+
+
+MEASURED = REPO / ".lab" / "measurements" / "faults.json"
+
+
+@pytest.fixture(scope="module")
+def measured():
+    results = {}
+    yield results
+    MEASURED.parent.mkdir(parents=True, exist_ok=True)
+    MEASURED.write_text(json.dumps(results, indent=2) + "\n")
 
 
 def sh(name, command):
@@ -128,6 +142,60 @@ def test_a_dead_host_among_live_ones_is_named_and_the_others_converge(second_dep
         "Record what gpufleet deployed | Write /etc/gpufleet/host.json"
     ], back.changed()
     assert sh("lab-ubu-1", "test -s /etc/gpufleet/host.json").returncode == 0
+
+
+def test_a_frozen_host_is_failed_within_the_liveness_bound_and_the_others_converge(second_deploy, lab, measured):
+    """lab-ubu-1 frozen (docker pause: its TCP connection stays open, nothing answers) once the run has
+    connected: within gpufleet_liveness_interval + gpufleet_liveness_timeout (10 + 20 s) its connection
+    is closed and it is named; lab-1 and lab-2 converge (lab-2's removed host.json written again); the
+    run ends non-zero; unfrozen, the next run converges it too."""
+    hosts = ["--limit", "lab-1", "--limit", "lab-2", "--limit", "lab-ubu-1"]
+    started = time.monotonic()
+    baseline = run_deploy(*hosts)
+    baseline_s = time.monotonic() - started
+    assert baseline.rc == 0, baseline.output[-3000:]
+    sh("lab-2", "rm /etc/gpufleet/host.json")
+    container = lab["lab-ubu-1"]["container"]
+    process = subprocess.Popen(
+        [PYINFRA, "-y", "inventories/lab.py", "deploy.py", *hosts],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines, frozen_at = [], None
+    reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
+    started = time.monotonic()
+    reader.start()
+    try:
+        while frozen_at is None and process.poll() is None and time.monotonic() - started < 120:
+            if any("--> Preparing operation files" in line for line in list(lines)):
+                subprocess.run(["docker", "pause", container], check=True, timeout=60)
+                frozen_at = time.monotonic()
+            time.sleep(0.05)
+        process.wait(600)  # bounded: a run that hangs fails the test here
+        ended = time.monotonic()
+        reader.join(30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        subprocess.run(["docker", "unpause", container], check=False, timeout=60)
+    output = "".join(lines)
+    assert frozen_at is not None, output[-3000:]
+    assert process.returncode != 0, output[-3000:]
+    assert "[lab-ubu-1] its SSH server granted no channel within 20 s" in output, output[-3000:]
+    assert sh("lab-2", "test -s /etc/gpufleet/host.json").returncode == 0  # the live hosts went on
+    assert answers("lab-1") and answers("lab-2")
+    measured["frozen_host"] = {
+        "converged_run_s": round(baseline_s, 1),
+        "frozen_run_s": round(ended - started, 1),
+        "frozen_after_s": round(frozen_at - started, 1),
+        "bound_s": 10 + 20,
+    }
+    # the live hosts finish within the bound plus their own time (and a margin for this machine)
+    assert ended - started <= baseline_s + 10 + 20 + 30, measured["frozen_host"]
+    back = run_deploy(*hosts)
+    assert back.rc == 0, back.output[-3000:]
 
 
 def _killed_when(command, seen, limit_s=120):

@@ -231,8 +231,8 @@ class SSHConnector:
 
 
 class FakeHost:
-    def __init__(self, name, connector):
-        self.name, self.connector = name, connector
+    def __init__(self, name, connector, data=None):
+        self.name, self.connector, self.data = name, connector, data or {}
 
 
 def test_openssh_reaches_the_host_as_pyinfra_does():
@@ -252,6 +252,7 @@ def test_openssh_reaches_the_host_as_pyinfra_does():
     flags = " ".join(argv[1:-3])
     for flag in (
         "-o BatchMode=yes",
+        "-o ServerAliveInterval=10 -o ServerAliveCountMax=2",  # the liveness bound: 20 s without an answer
         "-c aes128-gcm@openssh.com,",
         "-F /etc/ssh/fleet_config",
         "-o UserKnownHostsFile=/etc/ssh/fleet_hosts",
