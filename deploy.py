@@ -16,17 +16,19 @@ from pyinfra import host
 from operations import roles, rollout
 from operations.proxmox import passthrough as proxmox
 
-roles.check_settings()
-# A guest's driver is its Proxmox host's: a guest pinned to another version is refused up front.
-guest_driver = proxmox.guest_driver_version() if "lxc_guests" in host.groups else None
+# A host that fails while planned (frozen) leaves the plan; the others go on.
+with roles.planned_unless_failed():
+    roles.check_settings()
+    # A guest's driver is its Proxmox host's: a guest pinned to another version is refused up front.
+    guest_driver = proxmox.guest_driver_version() if "lxc_guests" in host.groups else None
 
-summary, guest_changes = roles.every_host(), []
-if "proxmox_hosts" in host.groups:
-    proxmox_summary, guest_changes = roles.proxmox_host()
-    summary.update(proxmox_summary)
-if "gpu_hosts" in host.groups:
-    summary.update(roles.lxc_guest(guest_driver) if "lxc_guests" in host.groups else roles.gpu_host())
-summary.update(roles.gateway_host())  # in gateway_hosts: the site's gateway; otherwise none left
-# The serving hosts' service restarts, held by their roles, roll batch by batch.
-rollout.restart_held_in_batches()
-roles.finish(summary, guest_changes)
+    summary, guest_changes = roles.every_host(), []
+    if "proxmox_hosts" in host.groups:
+        proxmox_summary, guest_changes = roles.proxmox_host()
+        summary.update(proxmox_summary)
+    if "gpu_hosts" in host.groups:
+        summary.update(roles.lxc_guest(guest_driver) if "lxc_guests" in host.groups else roles.gpu_host())
+    summary.update(roles.gateway_host())  # in gateway_hosts: the site's gateway; otherwise none left
+    # The serving hosts' service restarts, held by their roles, roll batch by batch.
+    rollout.restart_held_in_batches()
+    roles.finish(summary, guest_changes)

@@ -18,30 +18,32 @@ from pyinfra import host
 from operations import roles, rollout
 from operations.proxmox import passthrough as proxmox
 
-roles.check_settings()
-guest_driver = proxmox.guest_driver_version() if "lxc_guests" in host.groups else None
-batches = rollout.batches()
-rollout.refuse_unloadable_driver(batches)
-rollout.log_plan(batches)
-rolling = any(host.name in batch for batch in batches)
+# A host that fails while planned (frozen) leaves the plan; the others go on.
+with roles.planned_unless_failed():
+    roles.check_settings()
+    guest_driver = proxmox.guest_driver_version() if "lxc_guests" in host.groups else None
+    batches = rollout.batches()
+    rollout.refuse_unloadable_driver(batches)
+    rollout.log_plan(batches)
+    rolling = any(host.name in batch for batch in batches)
 
-summary, guest_changes = roles.every_host(), []
-if "proxmox_hosts" in host.groups:
-    proxmox_summary, guest_changes = roles.proxmox_host()
-    summary.update(proxmox_summary)
-if "gpu_hosts" in host.groups and not rolling:
-    summary.update(roles.lxc_guest(guest_driver) if "lxc_guests" in host.groups else roles.gpu_host())
-for number in host.loop(range(len(batches))):
-    # every host takes each batch's gate: batch N+1's steps wait for batch N's
-    rollout.batch_gate(
-        name=f"Rollout batch {number + 1} of {len(batches)}: go on unless too many hosts failed",
-        number=number,
-        batches=batches,
-        max_failed=host.data.gpufleet_upgrade_max_failed,
-    )
-    if host.name in batches[number]:
-        summary.update(roles.rolled_gpu_host())
-summary.update(roles.gateway_host())  # in gateway_hosts: the site's gateway; otherwise none left
-# The serving hosts' service restarts, held by their roles, roll batch by batch.
-rollout.restart_held_in_batches()
-roles.finish(summary, guest_changes)
+    summary, guest_changes = roles.every_host(), []
+    if "proxmox_hosts" in host.groups:
+        proxmox_summary, guest_changes = roles.proxmox_host()
+        summary.update(proxmox_summary)
+    if "gpu_hosts" in host.groups and not rolling:
+        summary.update(roles.lxc_guest(guest_driver) if "lxc_guests" in host.groups else roles.gpu_host())
+    for number in host.loop(range(len(batches))):
+        # every host takes each batch's gate: batch N+1's steps wait for batch N's
+        rollout.batch_gate(
+            name=f"Rollout batch {number + 1} of {len(batches)}: go on unless too many hosts failed",
+            number=number,
+            batches=batches,
+            max_failed=host.data.gpufleet_upgrade_max_failed,
+        )
+        if host.name in batches[number]:
+            summary.update(roles.rolled_gpu_host())
+    summary.update(roles.gateway_host())  # in gateway_hosts: the site's gateway; otherwise none left
+    # The serving hosts' service restarts, held by their roles, roll batch by batch.
+    rollout.restart_held_in_batches()
+    roles.finish(summary, guest_changes)

@@ -12,6 +12,8 @@ Each role returns the part of the host's summary (host.json) it is responsible f
 prefixes an operation's name with its role's: "GPU host | Install NVIDIA driver | ...".
 """
 
+from contextlib import contextmanager
+
 from pyinfra import host, logger
 from pyinfra.api import deploy
 
@@ -46,8 +48,22 @@ GPU_ONLY_STEPS = [
 ]
 
 
+@contextmanager
+def planned_unless_failed():
+    """This host's plan, unless the host fails while it is planned (a frozen host whose facts cannot be
+    read: pyinfra fails it and hands back empty facts): then its plan stops there, said so, and the
+    other hosts' plans go on. Any other error stops the run, as before."""
+    try:
+        yield
+    except Exception:
+        if host in host.state.active_hosts or not host.state.active_hosts:  # not this host's failure, or none left
+            raise
+        logger.error(f"[{host.name}] failed while its steps were planned: the rest of its plan is left out")
+
+
 def check_settings():
     """Refuse bad data and a login that cannot become root, before any host changes; warn of unknown groups."""
+    liveness.watch_every_host(host.state)  # a host that freezes from here on is failed in bounded time
     checks.validate(checks.host_settings(host), host.name)
     for group in checks.unknown_groups(host.groups):
         logger.warning(
@@ -55,7 +71,6 @@ def check_settings():
             "names it, so it changes nothing for this host (a misspelt group?)"
         )
     remote.require_root(host)
-    liveness.watch(host)  # a host that freezes from here on is failed within a bounded time, the others go on
 
 
 @deploy("Every host")

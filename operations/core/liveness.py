@@ -10,6 +10,7 @@ client (staging) carry the same bound as ``ServerAliveInterval``/``ServerAliveCo
 """
 
 import gevent
+from paramiko import SSHException
 from pyinfra import logger
 
 # host names whose connection is watched in this run
@@ -22,6 +23,13 @@ def watch(host):
         return
     _WATCHED.add(host.name)
     gevent.spawn(_watch, host, host.data.gpufleet_liveness_interval, host.data.gpufleet_liveness_timeout)
+
+
+def watch_every_host(state):
+    """Watch every host pyinfra connected to, from the first moment gpufleet's code runs: a host that
+    freezes before its own turn in the plan is caught too."""
+    for connected in list(state.active_hosts):
+        watch(connected)
 
 
 def answers(transport, timeout):
@@ -45,8 +53,18 @@ def _watch(host, interval, timeout):
                 f"[{host.name}] its SSH server granted no channel within {timeout} s "
                 "(gpufleet_liveness_timeout): taken as frozen, its connection closed; the other hosts go on"
             )
-            transport.close()
+            _close_as_frozen(transport, host.name, timeout)
             return
+
+
+def _close_as_frozen(transport, name, timeout):
+    """Close ``transport`` so that whatever waits on it fails as pyinfra expects a lost connection to:
+    paramiko raises the transport's saved exception to a channel still being opened (its EOFError, which
+    pyinfra's fact and command code does not catch, would end the whole run); here an SSHException
+    naming the host, which fails only that host."""
+    frozen = SSHException(f"{name}: no answer within {timeout} s (gpufleet_liveness_timeout): taken as frozen")
+    transport.get_exception = lambda: frozen
+    transport.close()
 
 
 def openssh_options(data):
