@@ -1,5 +1,6 @@
 """One lab per test session: hosts come up once, are deployed once, and go down at the end."""
 
+import json
 import os
 import re
 import subprocess
@@ -51,6 +52,16 @@ class Deploy:
 
     def changed(self):
         return {name: row for name, row in self.results().items() if row[1]}
+
+
+def measurements(name, **first):
+    """A module's measurements (``first`` and what its tests add), written to
+    .lab/measurements/NAME.json when the module ends: ``yield from`` it in a module fixture."""
+    results = dict(first)
+    yield results
+    path = REPO / ".lab" / "measurements" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
 
 
 def run_deploy(*args, deploy="deploy.py", inventory="inventories/lab.py", env=None):

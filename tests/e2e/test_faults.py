@@ -15,20 +15,14 @@ import pytest
 from tests.lab import hosts as lab_hosts
 from tests.lab.llamacpp import image_tag
 
-from .conftest import PYINFRA, REPO, run_deploy
+from .conftest import PYINFRA, REPO, measurements, run_deploy
 
 KEY = REPO / ".lab" / "secrets" / "chat-api-key"
 
 
-MEASURED = REPO / ".lab" / "measurements" / "faults.json"
-
-
 @pytest.fixture(scope="module")
 def measured():
-    results = {}
-    yield results
-    MEASURED.parent.mkdir(parents=True, exist_ok=True)
-    MEASURED.write_text(json.dumps(results, indent=2) + "\n")
+    yield from measurements("faults")
 
 
 def sh(name, command):

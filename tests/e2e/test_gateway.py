@@ -8,7 +8,6 @@ seconds and the other serves. Measured: .lab/measurements/gateway.json. The defa
 removes the gateway and the fronts.
 """
 
-import json
 import subprocess
 import sys
 import time
@@ -17,10 +16,9 @@ import pytest
 
 from tests.lab import hosts as lab_hosts
 
-from .conftest import REPO, run_deploy
+from .conftest import REPO, measurements, run_deploy
 from .test_security import KEY
 
-MEASURED = REPO / ".lab" / "measurements" / "gateway.json"
 GATEWAY = {"GPUFLEET_LAB_GATEWAY": "lab-2"}
 CA = "/tmp/gpufleet-site-ca.crt"
 CLIENT = "lab-ubu-1"
@@ -63,10 +61,7 @@ def _server_state(server):
 
 @pytest.fixture(scope="module")
 def measured():
-    results = {}
-    yield results
-    MEASURED.parent.mkdir(parents=True, exist_ok=True)
-    MEASURED.write_text(json.dumps(results, indent=2) + "\n")
+    yield from measurements("gateway")
 
 
 @pytest.fixture(scope="module")

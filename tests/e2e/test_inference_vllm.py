@@ -23,11 +23,10 @@ from group_data.lab import inference_services as LAB_SERVICES
 from tests.lab import hosts as lab_hosts
 from tests.lab import site, vllm
 
-from .conftest import REPO, run_deploy
+from .conftest import REPO, measurements, run_deploy
 
 HOST = "lab-2"
 KEY = REPO / ".lab" / "secrets" / "chat-api-key"
-MEASURED = REPO / ".lab" / "measurements" / "vllm.json"
 UNIT = "gpufleet-vllm"
 CACHES = "/var/cache/gpufleet/vllm"
 SERVICE = {
@@ -74,10 +73,7 @@ def curl(path, key=None, body=None, address="127.0.0.1", port=8000, name=HOST, c
 
 @pytest.fixture(scope="module")
 def measured():
-    results = {"image": vllm.image_tag()}
-    yield results
-    MEASURED.parent.mkdir(parents=True, exist_ok=True)
-    MEASURED.write_text(json.dumps(results, indent=2) + "\n")
+    yield from measurements("vllm", image=vllm.image_tag())
 
 
 @pytest.fixture(scope="module")

@@ -16,11 +16,10 @@ from group_data.lab import inference_services as LAB_SERVICES
 from tests.lab import hosts as lab_hosts
 from tests.lab import probe
 
-from .conftest import REPO, run_deploy
+from .conftest import REPO, measurements, run_deploy
 
 HOSTS = ("lab-1", "lab-2")
 KEY = REPO / ".lab" / "secrets" / "chat-api-key"
-MEASURED = REPO / ".lab" / "measurements" / "rolling.json"
 ROLLED = "gpufleet-lab/llama-server:rolled"  # the service's image, committed again: same program, new ID
 DOCKER_RESTART = (
     "GPU host | Apply Docker configuration | Restart Docker if a key it reads only at start changed (log options); "
@@ -69,10 +68,7 @@ def fleet(second_deploy, lab):
 
 @pytest.fixture(scope="module")
 def measured():
-    results = {}
-    yield results
-    MEASURED.parent.mkdir(parents=True, exist_ok=True)
-    MEASURED.write_text(json.dumps(results, indent=2) + "\n")
+    yield from measurements("rolling")
 
 
 def probed(lab, run, change, measured):
