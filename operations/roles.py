@@ -140,7 +140,6 @@ def rolled_gpu_host():
         gateway_drain.readmitted(
             name=f"Put the host back into the gateways' pool {name} once their checks see it up",
             service=name,
-            timeout=host.data.gateway_check_interval * 10 + 30,
         )
     return summary
 

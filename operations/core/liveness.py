@@ -13,6 +13,8 @@ import gevent
 from paramiko import SSHException
 from pyinfra import logger
 
+from operations.core import settings
+
 # host names whose connection is watched in this run
 _WATCHED = set()
 
@@ -70,6 +72,7 @@ def _close_as_frozen(transport, name, timeout):
 def openssh_options(data):
     """The OpenSSH client's options for the same bound: a server alive check every interval, given up
     after the timeout."""
-    interval = data.get("gpufleet_liveness_interval") or 10
-    count = max(1, -(-int(data.get("gpufleet_liveness_timeout") or 20) // interval))
+    interval = data.get("gpufleet_liveness_interval") or settings.DEFAULTS["gpufleet_liveness_interval"]
+    timeout = data.get("gpufleet_liveness_timeout") or settings.DEFAULTS["gpufleet_liveness_timeout"]
+    count = max(1, -(-int(timeout) // interval))
     return ["-o", f"ServerAliveInterval={interval}", "-o", f"ServerAliveCountMax={count}"]

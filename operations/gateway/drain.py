@@ -38,27 +38,28 @@ def _at_gateways(state, host, action, service, timeout, targets):  # pyinfra pas
             logger.warning(f"[{host.name}] gateway {gateway.name}: {said}: stopping anyway")
 
 
+def _at_every_gateway(action, service, timeout):
+    """The command an operation yields to run ``action`` at every gateway of the run (none: said)."""
+    targets = gateways()
+    if not targets:
+        host.noop("no gateway in this run")
+        return
+    yield FunctionCommand(_at_gateways, [action, service, timeout, targets], {})
+
+
 @operation(is_idempotent=False)
 def drained(service: str, timeout: int):
     """
     Take this host's server out of ``service``'s pool at every gateway of the run, and wait until no
     request is in flight to it (at most ``timeout`` seconds; then it goes on, saying so).
     """
-    targets = gateways()
-    if not targets:
-        host.noop("no gateway in this run")
-        return
-    yield FunctionCommand(_at_gateways, ["drain", service, timeout, targets], {})
+    yield from _at_every_gateway("drain", service, timeout)
 
 
 @operation(is_idempotent=False)
-def readmitted(service: str, timeout: int):
+def readmitted(service: str):
     """
     Put this host's server back into ``service``'s pool at every gateway of the run, and wait until
-    its health check there says UP (at most ``timeout`` seconds; the host fails otherwise).
+    its health check there says UP (at most 10 check intervals and 30 s; the host fails otherwise).
     """
-    targets = gateways()
-    if not targets:
-        host.noop("no gateway in this run")
-        return
-    yield FunctionCommand(_at_gateways, ["ready", service, timeout, targets], {})
+    yield from _at_every_gateway("ready", service, host.data.gateway_check_interval * 10 + 30)

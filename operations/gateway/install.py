@@ -107,8 +107,9 @@ def install():
         dest=f"{TOOLS_DIR}/gpufleet-gateway-ctl",
         mode="755",
     )
+    wanted_keys = {keys_path(name) for name in pools}
     for path in host.get_fact(GatewayKeyFiles, secrets_dir=base.secrets_dir())["keys"]:
-        if path not in {keys_path(name) for name in pools}:
+        if path not in wanted_keys:
             files.file(name=f"Remove {path} (its pool is gone)", path=path, present=False)
     new_keys = []
     for name, pool in pools.items():

@@ -470,7 +470,6 @@ def _start_service(service, engine_service, where, restart, user, new_key, start
         gateway_drain.readmitted(
             name=f"Put {name} back into the gateways' pool {service['name']} once their checks see it up",
             service=service["name"],
-            timeout=host.data.gateway_check_interval * 10 + 30,
             _if=restart,
         )
 
