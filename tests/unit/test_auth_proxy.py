@@ -139,6 +139,21 @@ def test_a_request_without_a_key_gets_401_and_never_reaches_the_engine(proxy, ke
     assert Engine.seen == []
 
 
+def test_an_http2_client_without_a_key_reads_its_401_not_a_reset_stream(proxy):
+    """HAProxy 2.6 answering before a request's body arrived resets the HTTP/2 stream (CANCEL), which
+    curl reports as error 92 instead of the answer: the front lets a small body in first."""
+    codes = subprocess.run(
+        "for i in $(seq 20); do curl -sS --http2 -m 10 -o /dev/null -w '%{http_code} ' "
+        f"--cacert {proxy['ca']} https://127.0.0.1:{proxy['port']}/invocations -d '{{\"a\": 1}}' 2>&1; done",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    assert codes.split() == ["401"] * 20, codes
+    assert Engine.seen == []
+
+
 def test_each_key_of_the_file_admits_the_request_and_is_not_passed_on(proxy):
     _, answer = _request(proxy, "POST", "/v1/completions", key=KEY, body=b'{"prompt": "hi"}')
     assert answer.status == 200 and answer.read() == b'{"prompt": "hi"}'
