@@ -44,6 +44,7 @@ with roles.planned_unless_failed():
         if host.name in batches[number]:
             summary.update(roles.rolled_gpu_host())
     summary.update(roles.gateway_host())  # in gateway_hosts: the site's gateway; otherwise none left
+    summary.update(roles.monitoring())  # exporters for the monitoring hosts; Prometheus on them
     # The serving hosts' service restarts, held by their roles, roll batch by batch.
     rollout.restart_held_in_batches()
     roles.finish(summary, guest_changes)

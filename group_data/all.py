@@ -170,6 +170,34 @@ gateway_check_interval = 2
 # the clients' addresses or networks; a gateway with none is refused unless inference_firewall is False.
 gateway_allowed_sources = []
 
+# --- monitoring_ (Prometheus on the hosts of monitoring_hosts; exporters on the others) -------
+# With a host in monitoring_hosts, every other host of the inventory runs the node exporter from
+# the distribution (its systemd collector watching gpufleet's units), each engine behind a TLS front
+# (proxy_port) serves its own metrics there to the monitoring hosts without a key (vLLM's and TGI's
+# /metrics, llama.cpp's with --metrics; Ollama has none), and a gateway serves HAProxy's. The
+# firewall admits those ports from the monitoring hosts' addresses only. A monitoring host runs
+# Prometheus from the distribution on 127.0.0.1 (reach it through SSH: ssh -L 9090:127.0.0.1:9090),
+# its targets written from the inventory and gpufleet's alert rules beside them. With no monitoring
+# host, the exporters are stopped and gpufleet's Prometheus configuration removed.
+monitoring_node_exporter_port = 9100
+monitoring_gateway_metrics_port = 8405
+monitoring_prometheus_port = 9090
+# GPU metrics: NVIDIA's dcgm-exporter on each GPU host of gpu_hosts (a host without a GPU skips it and
+# says so: set this False for such a host, so that Prometheus does not wait for it), from this pinned
+# image (loaded by the deploy; offline bundles must carry it; the unit never pulls), on this port.
+monitoring_gpu_metrics = True
+monitoring_dcgm_exporter_image = "nvcr.io/nvidia/k8s/dcgm-exporter:4.2.3-4.1.3-ubuntu22.04"
+monitoring_dcgm_exporter_port = 9400
+# Seconds between scrapes, and how long a condition must hold before its alert fires.
+monitoring_scrape_interval = 15
+monitoring_alert_after = 120
+# How long Prometheus keeps samples, and where.
+monitoring_retention = "30d"
+monitoring_storage_path = "/var/lib/prometheus/metrics2"
+# Alert thresholds: free space on a host's weights filesystem (percent), a GPU's temperature (C).
+monitoring_weights_free_percent = 10
+monitoring_gpu_temperature_limit = 87
+
 # --- inference_ (model services as systemd-managed containers) ----------------------------
 # Services of the host. Each: name, engine (vllm | tgi | ollama | llamacpp), image (pinned tag or
 # digest, never latest), model (path under the weights root, e.g. "tiny/tiny.gguf"), and optional

@@ -24,3 +24,5 @@ inference_services = [
         "api_key_file": str(_LAB / "secrets" / "chat-api-key"),
     },
 ]
+# No lab host has a GPU: no GPU metrics for the site's monitoring to wait for.
+monitoring_gpu_metrics = False

@@ -98,7 +98,19 @@ def _behind_the_gateway(host):
     }
 
 
+def _watching(host):
+    """With GPUFLEET_LAB_MONITORING (tests/e2e/test_monitoring.py): the monitoring host scrapes every 2 s
+    and alerts after 6 s, so that a test sees an alert rise and clear in seconds."""
+    return {"monitoring_scrape_interval": 2, "monitoring_alert_after": 6}
+
+
 def _data(host):
+    if host["name"] == os.environ.get("GPUFLEET_LAB_MONITORING"):
+        return {**_role_data(host), **_watching(host)}
+    return _role_data(host)
+
+
+def _role_data(host):
     if os.environ.get("GPUFLEET_LAB_GATEWAY") and host["name"] in ("lab-1", "lab-2"):
         return _behind_the_gateway(host)
     if host["name"].startswith("lab-ct-"):
@@ -128,3 +140,6 @@ airgapped = [h["name"] for h in _STATE["hosts"] if h["airgapped"]]
 # The site's gateway: none in the lab's default run; tests/e2e/test_gateway.py names one
 # (GPUFLEET_LAB_GATEWAY=lab-2) for its runs, and the default run afterwards removes it.
 gateway_hosts = [h["name"] for h in _STATE["hosts"] if h["name"] == os.environ.get("GPUFLEET_LAB_GATEWAY")]
+# The site's monitoring: none in the lab's default run; tests/e2e/test_monitoring.py names one
+# (GPUFLEET_LAB_MONITORING=lab-ubu-1) for its runs, and the default run afterwards removes it.
+monitoring_hosts = [h["name"] for h in _STATE["hosts"] if h["name"] == os.environ.get("GPUFLEET_LAB_MONITORING")]

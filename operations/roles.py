@@ -6,6 +6,7 @@ The roles a host of the inventory plays, each a ``@deploy`` composed of the conc
 - ``gpu_host`` (group gpu_hosts): driver, container engine, toolkit, images, inference services
 - ``lxc_guest`` (groups gpu_hosts and lxc_guests): the same, with its Proxmox host's driver version
 - ``gateway_host`` (group gateway_hosts): the site's gateway, one TLS endpoint for every host's services
+- ``monitoring``: the node exporter when the inventory has monitoring hosts; Prometheus on those (monitoring_hosts)
 - ``finish``: what the roles returned, written to host.json for the checks; guests restarted last
 
 Each role returns the part of the host's summary (host.json) it is responsible for. pyinfra
@@ -24,11 +25,15 @@ from operations.driver import devices
 from operations.driver import install as nvidia_driver
 from operations.gateway import drain as gateway_drain
 from operations.gateway import install as gateway
+from operations.monitoring import exporters, prometheus
+from operations.monitoring import gpus as gpu_metrics
+from operations.monitoring import inventory as monitoring_inventory
 from operations.offline import from_bundle as offline
 from operations.offline import staging
 from operations.proxmox import passthrough as proxmox
 from operations.services import inference
 from operations.toolkit import install as nvidia_toolkit
+from operations.toolkit import service_gpus
 
 # The container runtime a GPU host runs (nvidia_toolkit_engine) -> (its install deploy, returning its
 # configuration operation or None; the deploy that restarts it after any of the given operations changed)
@@ -45,6 +50,8 @@ GPU_ONLY_STEPS = [
     "/dev/char links",
     "GPU container run",
     "GPU-only inference services",
+    "GPU metrics (dcgm-exporter)",
+    "each GPU service's GPUs checked from inside its container",
 ]
 
 
@@ -65,6 +72,7 @@ def check_settings():
     """Refuse bad data and a login that cannot become root, before any host changes; warn of unknown groups."""
     liveness.watch_every_host(host.state)  # a host that freezes from here on is failed in bounded time
     checks.validate(checks.host_settings(host), host.name)
+    monitoring_inventory.watchers()  # the monitoring hosts' addresses, which the exporters' firewall admits
     for group in checks.unknown_groups(host.groups):
         logger.warning(
             f"[{host.name}] group {group!r}: gpufleet does not know it and no group_data/{group}.py "
@@ -171,6 +179,18 @@ def gateway_host():
     return gateway.install()
 
 
+@deploy("Monitoring")
+def monitoring():
+    """The node exporter, for the inventory's monitoring hosts (stopped when it has none); on a host of
+    monitoring_hosts, the site's Prometheus (removed from a host that left the group)."""
+    summary = exporters.install().get("monitoring", {})
+    if "monitoring_hosts" in host.groups:
+        summary = {**summary, **prometheus.install()["monitoring"]}
+    else:
+        prometheus.remove_if_left()
+    return {"monitoring": summary} if summary else {}
+
+
 def _serving_stack(driver, no_cgroups=False, dev_char_symlinks=None):
     """
     Container runtime, NVIDIA Container Toolkit, the GPU container check, images and inference services.
@@ -189,6 +209,8 @@ def _serving_stack(driver, no_cgroups=False, dev_char_symlinks=None):
             after=[op for op in (driver, toolkit, *runtime_applied) if op], engine=runtime_name
         )
     services = _services(gpus, image_ops) if on_docker else []
+    if on_docker:
+        gpu_metrics.install(gpus, image_op=image_ops.get(host.data.monitoring_dcgm_exporter_image))
     guarded = on_docker and host.data.inference_firewall and bool(services)
     return {
         "engine": runtime_name,
@@ -219,6 +241,8 @@ def _images(gpus):
     images = [service["image"] for service in host.data.inference_services]
     if gpus and offline.carries(host.data.get("gpufleet_bundle"), check_image):
         images.append(check_image)  # otherwise the check's `docker run --pull missing` fetches it
+    if gpu_metrics.wanted(gpus):
+        images.append(host.data.monitoring_dcgm_exporter_image)
     return inference.install_images(images)
 
 
@@ -237,6 +261,12 @@ def finish(summary, guest_changes=()):
     if not summary["gpus"]:
         skipped = GPU_ONLY_STEPS + (["device node service start"] if "lxc_guests" in summary else [])
         base.say_no_gpu(skipped)
+    elif summary.get("docker") and service_gpus.gpu_services(host.data.inference_services):
+        service_gpus.gpus_seen_inside(
+            name="Check each GPU service still sees its GPUs from inside its container (after this run's changes)",
+            services=service_gpus.gpu_services(host.data.inference_services),
+            _if=service_gpus.host_changed(),
+        )
     base.record(summary)
     if guest_changes:
         proxmox.restart_guests(guest_changes)

@@ -54,6 +54,19 @@ def is_size(value):
     return isinstance(value, str) and value[:-1].isdigit() and value[-1] in "kmg"
 
 
+def is_duration(value):
+    """A Prometheus duration of one unit: '30d', '12w', '90m'."""
+    return isinstance(value, str) and value[:-1].isdigit() and int(value[:-1]) > 0 and value[-1] in "smhdwy"
+
+
+def is_absolute_path(value):
+    return is_str(value) and value.startswith("/")
+
+
+def is_percent(value):
+    return is_positive_int(value) and value < 100
+
+
 def is_url(value):
     return is_str(value) and value.startswith(("http://", "https://"))
 
@@ -210,6 +223,19 @@ CHECKS = {
     "gateway_listen": (is_address, "an IP address of the gateway host (0.0.0.0 for all)"),
     "gateway_check_interval": SECONDS,
     "gateway_allowed_sources": (is_network_list, "a list of addresses or networks such as ['10.0.0.0/8']"),
+    # monitoring
+    "monitoring_node_exporter_port": (is_positive_int, "a TCP port (9100 by default)"),
+    "monitoring_gateway_metrics_port": (is_positive_int, "a TCP port (8405 by default)"),
+    "monitoring_prometheus_port": (is_positive_int, "a TCP port (9090 by default)"),
+    "monitoring_gpu_metrics": TRUE_OR_FALSE,
+    "monitoring_dcgm_exporter_image": (is_pinned_image, "dcgm-exporter's image pinned by tag or digest"),
+    "monitoring_dcgm_exporter_port": (is_positive_int, "a TCP port (9400 by default)"),
+    "monitoring_scrape_interval": SECONDS,
+    "monitoring_alert_after": SECONDS,
+    "monitoring_retention": (is_duration, "a Prometheus duration such as '30d' or '12w'"),
+    "monitoring_storage_path": (is_absolute_path, "an absolute path on the monitoring host"),
+    "monitoring_weights_free_percent": (is_percent, "a whole number of percent, 1 to 99"),
+    "monitoring_gpu_temperature_limit": (is_positive_int, "degrees Celsius, such as 87"),
     "inference_request_timeout": SECONDS,
     "inference_image_follow_tag": TRUE_OR_FALSE,
     # weights
@@ -296,7 +322,7 @@ def validate(data, host_name=None):
 
 
 # Groups whose name means something to gpufleet; any other group needs a group_data file to mean anything.
-GROUPS = {"all", "gpu_hosts", "proxmox_hosts", "lxc_guests", "gateway_hosts"}
+GROUPS = {"all", "gpu_hosts", "proxmox_hosts", "lxc_guests", "gateway_hosts", "monitoring_hosts"}
 
 
 def unknown_groups(groups, group_data=settings.GROUP_DATA_ALL.parent):

@@ -19,6 +19,7 @@ from operations import TEMPLATES, TOOLS_DIR
 from operations.core import base, checks, settings
 from operations.core.errors import ConfigError
 from operations.gateway import pools as gateway_pools
+from operations.monitoring.inventory import watchers
 from operations.services import firewall, secret_files, site_tls
 
 CONFIG = "/etc/haproxy/haproxy.cfg"
@@ -55,9 +56,10 @@ def keys_path(name):
     return posixpath.join(base.secrets_dir(), f"gateway-{name}.keys")
 
 
-def config_text(pools, certificate, ca_file, port, listen, check_interval, max_bytes, timeout):
+def config_text(pools, certificate, ca_file, port, listen, check_interval, max_bytes, timeout, metrics_port=None):
     """The gateway's HAProxy configuration for ``pools`` (each with its ``keys_at``: the key file on the
-    gateway) (pure: unit-tested by running it)."""
+    gateway), with HAProxy's metrics on ``metrics_port`` when the site has monitoring hosts (pure:
+    unit-tested by running it)."""
     return Template(
         (TEMPLATES / "gpufleet-gateway.cfg.j2").read_text(), keep_trailing_newline=True, trim_blocks=True
     ).render(
@@ -69,6 +71,7 @@ def config_text(pools, certificate, ca_file, port, listen, check_interval, max_b
         check_interval=check_interval,
         max_bytes=max_bytes,
         timeout=timeout,
+        metrics_port=metrics_port,
     )
 
 
@@ -125,6 +128,7 @@ def install():
         check_interval=host.data.gateway_check_interval,
         max_bytes=checks.size_bytes(host.data.inference_max_request_bytes),
         timeout=host.data.inference_request_timeout,
+        metrics_port=host.data.monitoring_gateway_metrics_port if watchers() else None,
     )
     config = files.put(
         name=f"Write {CONFIG} ({len(pools)} pool(s): {', '.join(pools) or 'none'})",

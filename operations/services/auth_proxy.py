@@ -19,6 +19,7 @@ from pyinfra.operations import apt, files, server, systemd
 
 from operations import TEMPLATES, TOOLS_DIR
 from operations.core import base, checks, settings, systemd_syntax
+from operations.monitoring.inventory import watchers
 from operations.services import engines, site_tls
 from operations.services.names import proxy_unit_name, unit_path
 
@@ -57,10 +58,12 @@ def config_path(name, config_dir=None):
     return posixpath.join(config_dir or host.data.gpufleet_config_dir, "proxy", f"{name}.cfg")
 
 
-def config_text(service, user, key_file, certificate, max_bytes, timeout):
-    """The front's HAProxy configuration (pure: unit-tested with ``haproxy -c``)."""
+def config_text(service, user, key_file, certificate, max_bytes, timeout, metrics_sources=()):
+    """The front's HAProxy configuration (pure: unit-tested with ``haproxy -c``); the engine's own
+    metrics path answers ``metrics_sources`` (the monitoring hosts) without a key."""
     uid, _, gid = user.partition(":")
-    return Template((TEMPLATES / "gpufleet-front.cfg.j2").read_text(), keep_trailing_newline=True).render(
+    template = (TEMPLATES / "gpufleet-front.cfg.j2").read_text()
+    return Template(template, keep_trailing_newline=True, trim_blocks=True).render(
         name=service["name"],
         listen=engines.listen(service),
         port=service["proxy_port"],
@@ -72,7 +75,13 @@ def config_text(service, user, key_file, certificate, max_bytes, timeout):
         max_bytes=max_bytes,
         timeout=timeout,
         ready_path=engines.ENGINES[service["engine"]]["ready"][0],
+        metrics_exception=_metrics_exception(engines.ENGINES[service["engine"]].get("metrics"), metrics_sources),
     )
+
+
+def _metrics_exception(path, sources):
+    """The front's 401 condition's exception for the monitoring hosts' metrics requests (HAProxy ACLs)."""
+    return f" || {{ path {path} }} {{ src {' '.join(sources)} }}" if path and sources else ""
 
 
 def unit_text(service, user, key_file, ca_file, config, start_timeout):
@@ -124,6 +133,7 @@ def install(
                 tls["pem_at"],
                 max_bytes=checks.size_bytes(host.data.inference_max_request_bytes),
                 timeout=host.data.inference_request_timeout,
+                metrics_sources=watchers() if host.data.inference_firewall else (),
             )
         ),
         dest=config,

@@ -29,6 +29,7 @@ ENGINES = {
     "vllm": {
         "port": 8000,
         "ready": ["/health", "/v1/models"],
+        "metrics": "/metrics",  # Prometheus' text format, on by default, outside the key's routes
         "api_key_env": "VLLM_API_KEY",
         "api_key_file_flag": None,
         "needs_gpu": True,
@@ -61,6 +62,7 @@ ENGINES = {
     "tgi": {
         "port": 3000,  # not the image's 80: the container runs as an unprivileged account
         "ready": ["/health"],
+        "metrics": "/metrics",  # on by default (router/src/server.rs)
         "api_key_env": "API_KEY",
         "api_key_file_flag": None,
         "needs_gpu": True,
@@ -88,6 +90,7 @@ ENGINES = {
     "ollama": {
         "port": 11434,
         "ready": ["/api/tags"],
+        "metrics": None,  # Ollama serves no Prometheus metrics
         "api_key_env": None,  # Ollama has no API key: put an authenticating proxy in front of it
         "api_key_file_flag": None,
         "needs_gpu": False,
@@ -104,6 +107,7 @@ ENGINES = {
     "llamacpp": {
         "port": 8080,
         "ready": ["/health", "/v1/models"],
+        "metrics": "/metrics",  # with --metrics, which gpufleet passes (llama-server.help)
         "api_key_env": "LLAMA_API_KEY",
         "api_key_file_flag": "--api-key-file",
         "needs_gpu": False,
@@ -441,7 +445,11 @@ def engine_args(service, listen_port, use_gpus, key_in_file=False, bind=LOOPBACK
             else ["--n-gpu-layers", "999" if use_gpus else "0"]
         )
         keyed = ["--api-key-file", KEY_MOUNT] if key_in_file else []
-        return ["-m", model, "--alias", served, "--host", bind, "--port", str(listen_port), *layers, *keyed, *extra]
+        metrics = [] if "--metrics" in extra else ["--metrics"]
+        return [
+            "-m", model, "--alias", served, "--host", bind, "--port", str(listen_port),
+            *layers, *metrics, *keyed, *extra,
+        ]  # fmt: skip
     return ["serve"] if engine == "ollama" else []
 
 

@@ -24,6 +24,7 @@ from pyinfra.operations.util import any_changed
 
 from operations import TEMPLATES
 from operations.core import settings
+from operations.monitoring.inventory import watchers
 
 TABLE = "inet gpufleet"
 RULES_FILE = "firewall.nft"  # in gpufleet_config_dir
@@ -68,12 +69,24 @@ def sources_by_family(sources):
     )
 
 
-def rules(ports, sources, gateway_ports=(), gateway_sources=()):
-    """The nftables file for ``ports`` admitted from ``sources``, and the gateway's ``gateway_ports``
-    from ``gateway_sources`` (pure: unit-tested with ``nft -c``). Its table comment is the SHA-256 of
-    the rest, which the deploy compares with the loaded table's."""
+def rules(ports, sources, others=()):
+    """The nftables file for ``ports`` admitted from ``sources``, and each of ``others`` (``{"name",
+    "ports", "sources", "comment"}``: the gateway's port from its clients, the exporters' from the
+    monitoring hosts) from its own sources (pure: unit-tested with ``nft -c``). Its table comment is
+    the SHA-256 of the rest, which the deploy compares with the loaded table's."""
     ipv4, ipv6 = sources_by_family(sources)
-    gateway_ipv4, gateway_ipv6 = sources_by_family(gateway_sources)
+    rendered_others = []
+    for other in others:
+        other_ipv4, other_ipv6 = sources_by_family(other["sources"])
+        rendered_others.append(
+            {
+                "name": other["name"],
+                "comment": other["comment"],
+                "ports": ", ".join(str(p) for p in sorted(set(other["ports"]))),
+                "ipv4": ", ".join(other_ipv4),
+                "ipv6": ", ".join(other_ipv6),
+            }
+        )
     body = Template(
         (TEMPLATES / "gpufleet-firewall.nft.j2").read_text(),
         keep_trailing_newline=True,
@@ -84,13 +97,20 @@ def rules(ports, sources, gateway_ports=(), gateway_sources=()):
         ports=", ".join(str(p) for p in sorted(set(ports))),
         ipv4=", ".join(ipv4),
         ipv6=", ".join(ipv6),
-        gateway_ports=", ".join(str(p) for p in sorted(set(gateway_ports))),
-        gateway_ipv4=", ".join(gateway_ipv4),
-        gateway_ipv6=", ".join(gateway_ipv6),
+        others=rendered_others,
         digest="@DIGEST@",
     )
     digest = "sha256:" + hashlib.sha256(body.encode()).hexdigest()
     return body.replace("@DIGEST@", digest), digest
+
+
+def _gpu_metrics():
+    """Whether the monitoring hosts expect this host's GPU metrics (its port admitted, listened on or not)."""
+    return "gpu_hosts" in host.groups and host.data.monitoring_gpu_metrics
+
+
+def all_ports(others):
+    return {port for other in others for port in other["ports"]}
 
 
 def unit_text(rules_path):
@@ -104,9 +124,39 @@ def drop_in_text(rules_path):
     return Template(template, keep_trailing_newline=True).render(rules_path=rules_path)
 
 
-def gateway_ports():
-    """The gateway's port on a host of ``gateway_hosts`` whose firewall gpufleet keeps; none elsewhere."""
-    return [host.data.gateway_port] if "gateway_hosts" in host.groups and host.data.inference_firewall else []
+def other_admissions(ports):
+    """What this host admits besides its services' ports, each from its own sources: a gateway's port
+    from ``gateway_allowed_sources``; with monitoring hosts in the inventory, the node exporter, the
+    fronts (engines' metrics) and a gateway's metrics from the monitoring hosts. None without
+    gpufleet's firewall (``inference_firewall``)."""
+    if not host.data.inference_firewall:
+        return []
+    found = []
+    if "gateway_hosts" in host.groups:
+        found.append(
+            {
+                "name": "gateway",
+                "comment": "the site's gateway: its clients (gateway_allowed_sources)",
+                "ports": [host.data.gateway_port],
+                "sources": host.data.gateway_allowed_sources,
+            }
+        )
+    watching = watchers()
+    if watching:
+        fronts = [
+            s["proxy_port"] for s in host.data.inference_services if s.get("proxy_port") and s["proxy_port"] in ports
+        ]
+        gateway = [host.data.monitoring_gateway_metrics_port] if "gateway_hosts" in host.groups else []
+        gpu = [host.data.monitoring_dcgm_exporter_port] if _gpu_metrics() else []
+        found.append(
+            {
+                "name": "monitoring",
+                "comment": "metrics: the monitoring hosts (monitoring_hosts)",
+                "ports": [host.data.monitoring_node_exporter_port, *fronts, *gateway, *gpu],
+                "sources": watching,
+            }
+        )
+    return found
 
 
 @deploy("Admit inference ports only from the allowed sources", data_defaults=settings.DEFAULTS)
@@ -124,13 +174,14 @@ def admit_only_allowed(ports: list[int], sources: list[str] | None = None, confi
     sources = host.data.inference_allowed_sources if sources is None else sources
     config_dir = config_dir or host.data.gpufleet_config_dir
     rules_path = f"{config_dir}/{RULES_FILE}"
-    if not ports and not gateway_ports():
+    others = other_admissions(ports)
+    if not ports and not others:
         _remove(rules_path)
         return
-    text, digest = rules(ports, sources, gateway_ports(), host.data.gateway_allowed_sources)
+    text, digest = rules(ports, sources, others)
     apt.packages(name="Install nftables", packages=["nftables"])
     rules_file = files.put(
-        name=f"Write {rules_path} (ports {', '.join(str(p) for p in sorted({*ports, *gateway_ports()}))})",
+        name=f"Write {rules_path} (ports {', '.join(str(p) for p in sorted({*ports, *all_ports(others)}))})",
         src=StringIO(text),
         dest=rules_path,
         mode="644",

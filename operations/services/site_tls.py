@@ -137,15 +137,18 @@ def material(name, data):
     """``{"ca": bytes, "pem": bytes}``: the CA clients check against, and the host's certificate
     followed by its key; the site's own files where set, gpufleet's site CA otherwise."""
     if data.get("gpufleet_tls_cert_file"):
-        return {
-            "ca": Path(data["gpufleet_tls_ca_file"]).read_bytes(),
-            "pem": Path(data["gpufleet_tls_cert_file"]).read_bytes().rstrip(b"\n")
-            + b"\n"
-            + Path(data["gpufleet_tls_key_file"]).read_bytes(),
-        }
+        pem = Path(data["gpufleet_tls_cert_file"]).read_bytes().rstrip(b"\n") + b"\n"
+        return {"ca": ca_certificate(data), "pem": pem + Path(data["gpufleet_tls_key_file"]).read_bytes()}
     directory = data.get("gpufleet_tls_dir") or settings.DEFAULTS["gpufleet_tls_dir"]
-    ca_cert, _ = ensure_ca(directory)
-    return {"ca": ca_cert.read_bytes(), "pem": host_certificate(directory, name, host_addresses(name, data))}
+    return {"ca": ca_certificate(data), "pem": host_certificate(directory, name, host_addresses(name, data))}
+
+
+def ca_certificate(data):
+    """The CA certificate the site's fronts are checked against: the site's own, or gpufleet's site CA."""
+    if data.get("gpufleet_tls_ca_file"):
+        return Path(data["gpufleet_tls_ca_file"]).read_bytes()
+    ca_cert, _ = ensure_ca(data.get("gpufleet_tls_dir") or settings.DEFAULTS["gpufleet_tls_dir"])
+    return ca_cert.read_bytes()
 
 
 def check_tls_files(data, host_name):

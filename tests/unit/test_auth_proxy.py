@@ -92,7 +92,8 @@ def site(tmp_path_factory):
 
 
 @pytest.fixture
-def proxy(tmp_path, site):
+def proxy(tmp_path, site, request):
+    """The front on a free port; ``request.param`` (indirect), when given, is its monitoring hosts."""
     # scripts/bootstrap.sh installs Debian's HAProxy here: the test fails, never skips, without it
     assert os.path.exists(HAPROXY), "HAProxy is not installed: run scripts/bootstrap.sh"
     engine = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Engine)
@@ -104,7 +105,8 @@ def proxy(tmp_path, site):
     service = {**SERVICE, "listen": "127.0.0.1", "proxy_port": port, "port": engine.server_address[1]}
     # as the unit does: read the key and certificate as root, then serve as another account
     account = "65534:65534" if os.geteuid() == 0 else f"{os.getuid()}:{os.getgid()}"
-    config = auth_proxy.config_text(service, account, str(key_file), site["pem"], max_bytes=1000, timeout=60)
+    watchers = getattr(request, "param", ())
+    config = auth_proxy.config_text(service, account, str(key_file), site["pem"], 1000, 60, metrics_sources=watchers)
     if os.geteuid() != 0:
         config = config.replace("    chroot /var/lib/haproxy\n", "")
     (tmp_path / "front.cfg").write_text(config)
@@ -152,6 +154,26 @@ def test_an_http2_client_without_a_key_reads_its_401_not_a_reset_stream(proxy):
     ).stdout
     assert codes.split() == ["401"] * 20, codes
     assert Engine.seen == []
+
+
+@pytest.mark.parametrize("proxy", [["192.0.2.9", "127.0.0.1"]], indirect=True)
+def test_the_monitoring_hosts_read_the_engines_metrics_without_a_key_and_nothing_else(proxy):
+    _, metrics = _request(proxy, "GET", "/metrics")
+    assert metrics.status == 200
+    _, models = _request(proxy, "GET", "/v1/models")
+    assert models.status == 401
+    _, beyond = _request(proxy, "GET", "/metrics/../v1/models")
+    assert beyond.status == 401
+    assert Engine.seen == [("/metrics", None)]
+
+
+@pytest.mark.parametrize("proxy", [["192.0.2.9"]], indirect=True)
+def test_metrics_asked_from_any_other_address_need_the_key(proxy):
+    _, metrics = _request(proxy, "GET", "/metrics")
+    assert metrics.status == 401
+    _, keyed = _request(proxy, "GET", "/metrics", key=KEY)
+    assert keyed.status == 200
+    assert Engine.seen == [("/metrics", None)]
 
 
 def test_each_key_of_the_file_admits_the_request_and_is_not_passed_on(proxy):

@@ -67,10 +67,17 @@ def test_the_boot_unit_follows_nftables_service_whose_drop_in_loads_the_table_af
 
 def test_a_gateways_port_is_admitted_from_its_own_sources_with_or_without_service_ports(tmp_path):
     for ports in ([8443], []):
-        text, _ = firewall.rules(ports, ["10.1.0.0/16"] if ports else [], [9443], ["192.0.2.0/24", "192.0.2.9"])
+        gateway = {"name": "gateway", "comment": "clients", "ports": [9443], "sources": ["192.0.2.0/24", "192.0.2.9"]}
+        text, _ = firewall.rules(ports, ["10.1.0.0/16"] if ports else [], [gateway])
         (tmp_path / "firewall.nft").write_text(text)
         checked = subprocess.run([NFT, "-c", "-f", str(tmp_path / "firewall.nft")], capture_output=True, text=True)
         assert checked.returncode == 0, checked.stderr
         assert "elements = { 192.0.2.0/24 }" in text  # the address inside the network, collapsed
-        assert "tcp dport @gateway_ports ip saddr @gateway_ipv4 accept\n\t\ttcp dport @gateway_ports reject" in text
+        input_chain = [line.strip() for line in text.split("chain input {", 1)[1].split("}", 1)[0].splitlines()]
+        gateway_rules = [line for line in input_chain if "@gateway_ports" in line]
+        assert gateway_rules == [
+            "tcp dport @gateway_ports ip saddr @gateway_ipv4 accept",
+            "tcp dport @gateway_ports reject with tcp reset",
+        ]
+        assert input_chain[-2] == gateway_rules[-1]  # refused after every admission
         assert ("chain forward" in text) == bool(ports)

@@ -88,9 +88,10 @@ def site(tmp_path):
         members.append({"host": name, "address": "127.0.0.1", "port": port})
     pem = tmp_path / "gateway.pem"
     pem.write_bytes(site_tls.host_certificate(tmp_path / "ca", "gateway", ["127.0.0.1", "gateway"]))
-    port, admin = _free_port(), str(tmp_path / "admin.sock")
+    port, admin, metrics = _free_port(), str(tmp_path / "admin.sock"), _free_port()
     pools = {"chat": {"api_key_file": str(key_file), "keys_at": str(key_file), "members": members}}
-    text = gateway.config_text(pools, str(pem), str(tmp_path / "ca" / "ca.crt"), port, "127.0.0.1", 1, 1000, 60)
+    ca = str(tmp_path / "ca" / "ca.crt")
+    text = gateway.config_text(pools, str(pem), ca, port, "127.0.0.1", 1, 1000, 60, metrics_port=metrics)
     (tmp_path / "gateway.cfg").write_text(text.replace("/run/haproxy/admin.sock", admin))
     processes.append(_start(tmp_path / "gateway.cfg"))
     for member in members:
@@ -98,7 +99,7 @@ def site(tmp_path):
     _wait_port(port)
     Engine.seen.clear()
     Engine.release.clear()
-    yield {"port": port, "ca": str(tmp_path / "ca" / "ca.crt"), "admin": admin, "engines": engines}
+    yield {"port": port, "ca": ca, "admin": admin, "engines": engines, "metrics": metrics}
     Engine.release.set()
     for process in processes:
         process.terminate()
@@ -159,6 +160,12 @@ def test_a_host_whose_engine_stops_is_taken_out_and_clients_are_served_by_the_ot
     out_after = time.monotonic() - started
     statuses = [_get(site, "/chat/v1/models")[0] for _ in range(6)]
     assert statuses == [200] * 6 and out_after < 10, (statuses, out_after)
+    # HAProxy's own metrics say it as gpufleet's GpufleetGatewayMemberDown rule reads it
+    metrics = http.client.HTTPConnection("127.0.0.1", site["metrics"], timeout=10)
+    metrics.request("GET", "/metrics")
+    lines = metrics.getresponse().read().decode().splitlines()
+    assert 'haproxy_server_status{proxy="chat",server="front-1",state="DOWN"} 1' in lines
+    assert 'haproxy_server_status{proxy="chat",server="front-2",state="UP"} 1' in lines
 
 
 def test_a_drained_host_finishes_its_request_in_flight_and_gets_no_new_one(site):

@@ -32,8 +32,9 @@ from operations.offline.bundle.manifest import (
 )
 
 # What gpufleet itself installs on hosts besides the spec's packages: every apt bundle carries them
-# (nftables for the inference firewall, HAProxy for the services' TLS fronts, python3 for gpufleet's checks).
-HOST_PACKAGES = ["nftables", "haproxy", "python3"]
+# (nftables for the inference firewall, HAProxy for the services' TLS fronts and the gateway, python3 for
+# gpufleet's checks, the node exporter and Prometheus for the site's monitoring).
+HOST_PACKAGES = ["nftables", "haproxy", "python3", "prometheus-node-exporter", "prometheus"]
 
 
 def sign(bundle, key):
