@@ -15,9 +15,11 @@ import json
 import subprocess
 import sys
 import time
+import xml.etree.ElementTree as ElementTree
 
 import pytest
 
+from operations.monitoring import status_page
 from tests.lab import hosts as lab_hosts
 
 from .conftest import REPO, measurements, run_deploy
@@ -147,6 +149,15 @@ def test_only_the_monitoring_host_reaches_the_exporters_and_the_engines_metrics_
     # a host that is neither: refused at both
     assert sh("lab-net-1", f'{code}{exporter}; echo " $?"').stdout.strip() == "000 7"
     assert sh("lab-net-1", f'{code}-k {metrics}; echo " $?"').stdout.strip() == "000 7"
+
+
+def test_the_fleets_picture_is_drawn_from_this_prometheus(watched, lab):
+    out = REPO / ".lab" / "measurements" / "fleet-status.svg"
+    status_page.main(["--ssh", MONITOR, "--ssh-config", str(lab_hosts.SSH_CONFIG), "--minutes", "5", "--out", str(out)])
+    svg = ElementTree.parse(out).getroot()
+    texts = {text.text for text in svg.iter("{http://www.w3.org/2000/svg}text")}
+    deployed = {name for name, host in lab.items() if host.get("role", "deploy") == "deploy"}
+    assert deployed <= texts and "GpufleetHostDown (critical) host=lab-gap-1" in texts, sorted(texts)
 
 
 def test_the_checks_pass_on_a_watched_host_and_name_the_unreachable_one_on_the_monitoring_host(watched, lab):
