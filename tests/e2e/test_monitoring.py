@@ -82,6 +82,7 @@ def watched(second_deploy, lab, measured):
     assert "Stop and disable prometheus.service (no longer in monitoring_hosts)" in back.output
     assert "Stop and disable prometheus-node-exporter.service (no monitoring host in the inventory)" in back.output
     assert sh("lab-1", "systemctl is-active prometheus-node-exporter").stdout.strip() != "active"
+    assert sh("lab-1", "systemctl is-active gpufleet-host-metrics.timer").stdout.strip() != "active"
     assert (
         sh(MONITOR, "ls /etc/prometheus/gpufleet 2>&1; systemctl is-active prometheus").stdout.split()[-1] != "active"
     )
@@ -107,6 +108,12 @@ def test_prometheus_scrapes_every_host_both_engines_through_their_fronts_and_the
     units = _api("query?query=node_systemd_unit_state{name%3D%22gpufleet-chat.service%22,state%3D%22active%22}")
     active = {r["metric"]["host"]: r["value"][1] for r in units["result"]}  # every host that serves chat
     assert {"lab-1", "lab-2", "lab-net-1"} <= set(active) and set(active.values()) == {"1"}, active
+    # gpufleet's host metrics, through the exporter's textfile collector: the weights' filesystem of
+    # every host that serves; nothing of GPUs on hosts without one
+    weights = _api("query?query=gpufleet_weights_filesystem_size_bytes")["result"]
+    assert {"lab-1", "lab-2", "lab-net-1"} <= {r["metric"]["host"] for r in weights}, weights
+    assert all(float(r["value"][1]) > 0 for r in weights)
+    assert _api("query?query=gpufleet_nvidia_smi_ok")["result"] == []
     assert _firing("GpufleetServiceNotReady") == []
     unreachable = sorted(name for name in deployed if lab[name]["airgapped"])
     measured["host_down_alert_s"] = _until(

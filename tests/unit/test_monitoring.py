@@ -193,7 +193,58 @@ RULE_CASES = {
                 (
                     "GpufleetFilesystemNearlyFull",
                     {"mountpoint": "/srv", "host": "gpu-1"},
-                    "gpu-1: /srv has under 10% free (weights, images)",
+                    "gpu-1: /srv has under 10% free (images, logs)",
+                )
+            ],
+        },
+    ),
+    "the weights' filesystem under its free share (named once: not again as a plain filesystem)": (
+        [
+            _series(
+                'gpufleet_weights_filesystem_avail_bytes{job="node", host="gpu-1", path="/srv/gpufleet/weights", mountpoint="/srv"}',
+                "95x6",
+            ),
+            _series(
+                'gpufleet_weights_filesystem_size_bytes{job="node", host="gpu-1", path="/srv/gpufleet/weights", mountpoint="/srv"}',
+                "1000x6",
+            ),
+            _series('node_filesystem_avail_bytes{job="node", host="gpu-1", mountpoint="/srv", fstype="ext4"}', "95x6"),
+            _series('node_filesystem_size_bytes{job="node", host="gpu-1", mountpoint="/srv", fstype="ext4"}', "1000x6"),
+        ],
+        {
+            "1m": [],
+            "5m": [
+                (
+                    "GpufleetWeightsFilesystemNearlyFull",
+                    {"mountpoint": "/srv", "host": "gpu-1", "path": "/srv/gpufleet/weights"},
+                    "gpu-1: the weights' filesystem (/srv, holding /srv/gpufleet/weights) has under 10% free",
+                )
+            ],
+        },
+    ),
+    "a GPU service whose container lost its GPUs": (
+        [_series('gpufleet_service_gpus_visible{job="node", host="gpu-1", service="chat"}', "1 1 0 0 0 0 0")],
+        {
+            "1m": [],
+            "5m": [
+                (
+                    "GpufleetGpuMissingInService",
+                    {"service": "chat", "host": "gpu-1"},
+                    "chat on gpu-1: its container no longer lists its GPUs (restart it; gpufleet's next run does)",
+                )
+            ],
+        },
+    ),
+    "a driver whose packages changed under its loaded module": (
+        [_series('gpufleet_nvidia_driver_library_mismatch{job="node", host="gpu-2"}', "0 0 1 1 1 1 1")],
+        {
+            "1m": [],
+            "5m": [
+                (
+                    "GpufleetDriverLibraryMismatch",
+                    {"host": "gpu-2"},
+                    "gpu-2: NVML says Driver/library version mismatch (the driver's packages changed, the loaded "
+                    "module did not: reboot the host)",
                 )
             ],
         },
@@ -231,6 +282,9 @@ SEVERITY = {
     "GpufleetUnitFailed": "critical",
     "GpufleetGatewayMemberDown": "warning",
     "GpufleetFilesystemNearlyFull": "warning",
+    "GpufleetWeightsFilesystemNearlyFull": "warning",
+    "GpufleetGpuMissingInService": "critical",
+    "GpufleetDriverLibraryMismatch": "critical",
 }
 
 
@@ -250,6 +304,7 @@ def test_the_drop_ins_start_the_distributions_daemons_with_gpufleets_arguments()
     exporter = exporters.drop_in_text(9100)
     assert "ExecStart=\nExecStart=/usr/bin/prometheus-node-exporter --web.listen-address=:9100 " in exporter
     assert "--collector.systemd.unit-include=(gpufleet-.+|docker|containerd|nvidia-persistenced)[.]service" in exporter
+    assert exporter.rstrip().endswith("--collector.textfile.directory=/var/lib/prometheus/node-exporter")
     server = prometheus.drop_in_text(9090, "30d", "/data/prometheus")
     assert "--web.listen-address=127.0.0.1:9090" in server  # never beyond the host: reached through SSH
     assert "--storage.tsdb.path=/data/prometheus --storage.tsdb.retention.time=30d" in server
