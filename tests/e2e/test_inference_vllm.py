@@ -197,6 +197,9 @@ def test_beyond_loopback_only_its_proxy_answers_and_wants_the_key_on_every_route
     sh(f"cat > {ca} <<'EOF'\n{(REPO / '.lab' / 'site-tls' / 'ca.crt').read_text()}EOF", name="lab-1")
     assert curl("/invocations", body=body, address=address, port=8443, name="lab-1", ca=ca)[0] == "401"
     assert curl("/invocations", key=key, body=body, address=address, port=8443, name="lab-1", ca=ca)[0] == "200"
+    # vLLM's own metrics, what a monitoring host scrapes through the front (docs/monitoring.md)
+    status, metrics = curl("/metrics", key=key, address=address, port=8443, name="lab-1", ca=ca)
+    assert status == "200" and "vllm:generation_tokens_total" in metrics, metrics[-500:]
     assert curl("/v1/models", key=key, address=address, port=8000, name="lab-1")[0] == "000"  # loopback only
     unguarded = run_deploy("--limit", HOST, *services(), *lan)
     assert unguarded.rc != 0 and "inference_listen" in unguarded.output, unguarded.output[-2000:]
