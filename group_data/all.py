@@ -257,7 +257,9 @@ inference_weights_root = "/srv/gpufleet/weights"
 #                                       SHA-256 verified, skipped when intact)
 #   {"qwen": {"hf": "Qwen/Qwen2.5-0.5B-Instruct", "revision": "<40-hex commit>",
 #             "token_file": "/root/.config/gpufleet/hf-token"}}   fetched on the host from the hub
-#                                       (token_file optional, root-only on the control node)
+#                                       (token_file optional, root-only on the control node; optional
+#                                       allow_patterns / ignore_patterns as snapshot_download takes them,
+#                                       e.g. "ignore_patterns": ["original/"] for Meta's .pth copies)
 # A host gets only the volumes its services use.
 inference_weight_volumes = {}
 # The hub hf volumes come from (HF_ENDPOINT): None for huggingface.co, or a site mirror's URL.

@@ -9,6 +9,7 @@ Python and architecture): the control node downloads them once (pip, cached unde
 host needs Python 3.10-3.13 and a route to the hub, nothing from PyPI.
 """
 
+import fnmatch
 import functools
 import hashlib
 import json
@@ -242,6 +243,8 @@ def fetched(
     token_file: str | None = None,
     state_dir: str = "/var/lib/gpufleet",
     margin: int = 0,
+    allow_patterns: list[str] | None = None,
+    ignore_patterns: list[str] | None = None,
 ):
     """
     Make ``dest`` hold ``repo`` at ``revision`` from a hub, every file checked (``gpufleet-hf-fetch``).
@@ -254,6 +257,9 @@ def fetched(
     + token_file: a root-only file on the host holding the token (read by the fetcher, never in argv)
     + state_dir: where the client keeps its own state (``HF_HOME``)
     + margin: bytes to keep free beyond what is fetched (the fetcher refuses before downloading)
+    + allow_patterns, ignore_patterns: which files of the repository the volume holds, as
+      huggingface_hub's ``snapshot_download`` takes them (recorded in the volume's source: a change
+      fetches again, and what the patterns leave out is removed)
 
     A volume whose source matches and whose files still match the record is left alone without
     touching the network; anything else runs the fetcher, which hashes what is there and downloads
@@ -267,13 +273,16 @@ def fetched(
         else host.get_fact(HubRevision, repo=repo, revision=revision, env=env, token_file=token_file)
     )
     source = current.get("source") or {}
-    if commit and source == {"repo": repo, "commit": commit} and current["intact"]:
+    wanted = source_record(repo, commit, allow_patterns, ignore_patterns)
+    if commit and source == wanted and current["intact"]:
         host.noop(f"{dest}: {repo}@{commit[:12]}, {current['files']} files intact")
         return
     why = (
         "not fetched yet"
         if not source
         else "files changed since they were checked"
+        if source == wanted
+        else "other file patterns there"
         if source.get("commit") == commit
         else f"{source.get('repo')}@{(source.get('commit') or '?')[:12]} there, {repo}@{(commit or revision)[:12]} wanted"
     )
@@ -281,4 +290,38 @@ def fetched(
     yield (
         f"{env} {FETCH} fetch {shlex.quote(repo)} {shlex.quote(commit or revision)} {shlex.quote(dest)}"
         f" --margin {int(margin)}{f' --token-file {shlex.quote(token_file)}' if token_file else ''}"
+        f"{pattern_flags(allow_patterns, ignore_patterns)}"
     )
+
+
+def source_record(repo, commit, allow_patterns=None, ignore_patterns=None):
+    """What a volume fetched from ``repo`` at ``commit`` with these patterns records as its source (as
+    gpufleet-hf-fetch writes it) (pure)."""
+    record = {"repo": repo, "commit": commit}
+    if allow_patterns:
+        record["allow_patterns"] = list(allow_patterns)
+    if ignore_patterns:
+        record["ignore_patterns"] = list(ignore_patterns)
+    return record
+
+
+def pattern_flags(allow_patterns, ignore_patterns):
+    """The fetcher's --allow and --ignore arguments (pure)."""
+    return "".join(f" --allow {shlex.quote(p)}" for p in allow_patterns or []) + "".join(
+        f" --ignore {shlex.quote(p)}" for p in ignore_patterns or []
+    )
+
+
+def patterns(value):
+    """A volume's allow_patterns or ignore_patterns as a list (huggingface_hub also takes one string)."""
+    return [value] if isinstance(value, str) else list(value or [])
+
+
+def selected(path, allow_patterns=None, ignore_patterns=None):
+    """Whether a file of the repository passes the patterns, as huggingface_hub's filter_repo_objects
+    decides (utils/_paths.py: a pattern ending in "/" gets "*"; fnmatchcase) (pure)."""
+    allow = [p + "*" if p.endswith("/") else p for p in patterns(allow_patterns)]
+    ignore = [p + "*" if p.endswith("/") else p for p in patterns(ignore_patterns)]
+    if allow and not any(fnmatch.fnmatchcase(path, p) for p in allow):
+        return False
+    return not any(fnmatch.fnmatchcase(path, p) for p in ignore)

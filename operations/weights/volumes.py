@@ -46,6 +46,12 @@ def root_only(path):
     return not os.stat(path).st_mode & (stat.S_IRWXG | stat.S_IRWXO)
 
 
+# A hub volume's keys: the repository, its commit, a token, and which of its files (snapshot_download's
+# allow_patterns / ignore_patterns: Meta's Llama repositories carry original/*.pth beside the
+# safetensors, twice the bytes: "ignore_patterns": ["original/"]).
+HUB_KEYS = {"hf", "revision", "token_file", "allow_patterns", "ignore_patterns"}
+
+
 def check_volume(name, spec, data, host_name):
     if not isinstance(spec, dict) or sorted(set(spec) & {"from", "hf"}) not in (["from"], ["hf"]):
         _refuse(name, "a dict with 'from' (a directory on the control node) or 'hf' (a hub repository)", host_name)
@@ -56,11 +62,20 @@ def check_volume(name, spec, data, host_name):
         if not Path(spec["from"]).expanduser().is_dir():
             _refuse(name, f"{spec['from']}: no such directory on the control node", host_name)
         return
-    unknown = set(spec) - {"hf", "revision", "token_file"}
+    unknown = set(spec) - HUB_KEYS
     if unknown:
         _refuse(
-            name, f"unknown key {sorted(unknown)[0]!r} for a hub volume (known: hf, revision, token_file)", host_name
+            name,
+            f"unknown key {sorted(unknown)[0]!r} for a hub volume (known: {', '.join(sorted(HUB_KEYS))})",
+            host_name,
         )
+    for key in ("allow_patterns", "ignore_patterns"):
+        value = spec.get(key)
+        if value is not None and not (
+            (isinstance(value, str) and value)
+            or (isinstance(value, list) and value and all(isinstance(p, str) and p for p in value))
+        ):
+            _refuse(name, f"{key}: {value!r}: a glob or a list of globs, as snapshot_download takes them", host_name)
     if not isinstance(spec["hf"], str) or not hf_hub.REPO.fullmatch(spec["hf"]):
         _refuse(name, f"hf: {spec['hf']!r} is not a repository id such as 'org/name'", host_name)
     revision = spec.get("revision")
@@ -128,6 +143,14 @@ def check_model(index, model, data, host_name):
         )
     if inside and model_files(model, data) == {}:
         raise ConfigError(field, f"{model}: no {inside!r} in volume {volume!r} ({known[volume][1]})", host=host_name)
+    kind, spec = known[volume]
+    if kind == "hf" and inside and "." in posixpath.basename(inside):  # a file (model.gguf), not a directory
+        if not hf_hub.selected(inside, spec.get("allow_patterns"), spec.get("ignore_patterns")):
+            raise ConfigError(
+                field,
+                f"{model}: volume {volume!r}'s allow_patterns / ignore_patterns leave {inside!r} out of it",
+                host=host_name,
+            )
 
 
 def listed_files(model, data):
@@ -234,5 +257,7 @@ def stage_volumes(volumes: set[str], weights_root: str | None = None, endpoint: 
                 token_file=token,
                 state_dir=host.data.gpufleet_state_dir,
                 margin=checks.size_bytes(host.data.gpufleet_free_space_margin),
+                allow_patterns=hf_hub.patterns(where.get("allow_patterns")),
+                ignore_patterns=hf_hub.patterns(where.get("ignore_patterns")),
             )
     return operations

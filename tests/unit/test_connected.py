@@ -149,6 +149,14 @@ def test_mirrors_go_into_daemon_json_only_when_set():
         ({"hf": "org/model", "revision": COMMIT, "token": "x"}, "unknown key 'token'"),
         ({"from": "/nonexistent/dir"}, "/nonexistent/dir: no such directory on the control node"),
         ({"from": "/tmp", "hf": "org/model"}, "a dict with 'from'"),
+        (
+            {"hf": "org/model", "revision": COMMIT, "ignore_patterns": ["original/", 3]},
+            "ignore_patterns: ['original/', 3]",
+        ),
+        (
+            {"hf": "org/model", "revision": COMMIT, "allow_patterns": []},
+            "allow_patterns: []: a glob or a list of globs",
+        ),
     ],
 )
 def test_bad_volume_names_the_field(spec, message):
@@ -314,3 +322,20 @@ def test_a_docker_hub_tag_is_asked_of_the_mirrors_first_as_docker_pulls_it(mirro
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == DIGEST
     assert asked == ["/v2/library/nginx/manifests/1.27"]
+
+
+def test_a_model_the_volumes_patterns_leave_out_is_refused_before_any_host():
+    spec = {
+        "hf": "meta/llama",
+        "revision": COMMIT,
+        "ignore_patterns": ["original/", "*.pth"],
+        "allow_patterns": "*.gguf",
+    }
+    data = {"inference_weight_volumes": {"llama": spec}}
+    weights.check_volumes(data, "h")  # a glob or a list of globs, as snapshot_download takes them
+    weights.check_model(0, "llama/llama-q4.gguf", data, "h")
+    weights.check_model(0, "llama", data, "h")  # a directory (vLLM's model): what it holds is the hub's to list
+    with pytest.raises(ConfigError, match=r"inference_services\[0\]\.model: llama/original/x.gguf: volume 'llama'"):
+        weights.check_model(0, "llama/original/x.gguf", data, "h")
+    with pytest.raises(ConfigError, match="leave 'model.safetensors' out of it"):
+        weights.check_model(0, "llama/model.safetensors", data, "h")

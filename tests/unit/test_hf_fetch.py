@@ -153,3 +153,55 @@ def test_no_room_is_refused_before_any_download(hub, tmp_path):
     ), result.stderr
     assert not any("/resolve/" in path or path.startswith("/lfs/") for _, path, _ in hub.requests)
     assert not (dest / "model.gguf").exists()
+
+
+def test_patterns_select_files_as_snapshot_download_does_and_a_change_removes_the_rest(hub, tmp_path):
+    hub, endpoint, _ = hub
+    dest = tmp_path / "vol"
+    first = fetch(endpoint, dest, "fetch", "lab/tiny", commit(hub), str(dest), "--ignore", "sub/", "--ignore", "*.json")
+    assert first.returncode == 0, first.stderr
+    assert "(2 left out by the patterns)" in first.stdout
+    assert sorted(json.loads((dest / ".gpufleet-staged.json").read_text())) == ["model.gguf"]
+    assert json.loads((dest / ".gpufleet-hf.json").read_text()) == {
+        "repo": "lab/tiny",
+        "commit": commit(hub),
+        "ignore_patterns": ["sub/", "*.json"],
+    }
+    narrower = fetch(endpoint, dest, "fetch", "lab/tiny", commit(hub), str(dest), "--allow", "*.json")
+    assert narrower.returncode == 0, narrower.stderr
+    kept = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file() and ".cache" not in p.parts)
+    # the model the first patterns kept is gone; "*.json" takes sub/tokenizer.json too (fnmatch's "*" crosses "/")
+    assert kept == [".gpufleet-hf.json", ".gpufleet-staged.json", "config.json", "sub/tokenizer.json"]
+
+
+def test_patterns_that_leave_nothing_are_refused(hub, tmp_path):
+    hub, endpoint, _ = hub
+    dest = tmp_path / "vol"
+    refused = fetch(endpoint, dest, "fetch", "lab/tiny", commit(hub), str(dest), "--allow", "*.safetensors")
+    assert refused.returncode == 1 and "the patterns leave none of its 3 files" in refused.stderr
+
+
+@pytest.mark.parametrize(
+    "allow, ignore",
+    [
+        (None, ["original/"]),
+        (["*.safetensors", "*.json"], None),
+        (["*.json"], ["sub/*"]),
+        ("model.gguf", None),
+        (None, "*.GGUF"),
+        (["sub/"], ["*tokenizer*"]),
+    ],
+)
+def test_gpufleets_own_reading_of_the_patterns_is_the_clients(allow, ignore):
+    """The control node refuses a service whose model the patterns leave out (hub.selected): it must
+    decide as huggingface_hub's filter_repo_objects does, which the fetcher uses on the host."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from operations.weights import hub as hf_hub
+
+    paths = [
+        "model.gguf", "config.json", "sub/tokenizer.json", "original/consolidated.00.pth", "original/params.json",
+        "model-00001-of-00002.safetensors", "README.md", "sub/deeper/x.json",
+    ]  # fmt: skip
+    theirs = list(filter_repo_objects(paths, allow_patterns=allow, ignore_patterns=ignore))
+    assert [p for p in paths if hf_hub.selected(p, allow, ignore)] == theirs
