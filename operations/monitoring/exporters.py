@@ -14,13 +14,12 @@ from jinja2 import Template
 from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.facts.deb import DebPackages
-from pyinfra.facts.files import File
 from pyinfra.operations import apt, files, systemd
 from pyinfra.operations.util import any_changed
 
 from operations import TEMPLATES, TOOLS_DIR
 from operations.core import settings
-from operations.monitoring.inventory import watchers
+from operations.monitoring.inventory import left_over, watchers
 from operations.services import firewall
 from operations.toolkit import service_gpus
 
@@ -137,7 +136,7 @@ def _stop_if_installed():
             running=False,
             enabled=False,
         )
-    if host.get_fact(File, path=f"/etc/systemd/system/{HOST_METRICS}.timer"):
+    if left_over(f"/etc/systemd/system/{HOST_METRICS}.timer"):
         systemd.service(
             name=f"Stop and disable {HOST_METRICS}.timer", service=f"{HOST_METRICS}.timer", running=False, enabled=False
         )

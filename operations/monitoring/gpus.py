@@ -12,12 +12,11 @@ from io import StringIO
 from jinja2 import Template
 from pyinfra import host, logger
 from pyinfra.api import deploy
-from pyinfra.facts.files import File
 from pyinfra.operations import files, systemd
 
 from operations import TEMPLATES
 from operations.core import settings
-from operations.monitoring.inventory import watchers
+from operations.monitoring.inventory import left_over, watchers
 from operations.services.names import unit_path
 
 UNIT = "gpufleet-dcgm-exporter.service"
@@ -79,7 +78,7 @@ def install(gpus: int, image_op=None):
 
 
 def _remove_if_present():
-    if host.get_fact(File, path=unit_path(UNIT)):
+    if left_over(unit_path(UNIT)):
         systemd.service(name=f"Stop and disable {UNIT}", service=UNIT, running=False, enabled=False)
         unit = files.file(name=f"Remove unit {UNIT}", path=unit_path(UNIT), present=False)
         files.file(name=f"Remove {COUNTERS}", path=f"{host.data.gpufleet_config_dir}/{COUNTERS}", present=False)

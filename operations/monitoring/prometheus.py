@@ -13,14 +13,13 @@ from io import BytesIO, StringIO
 from jinja2 import Environment, Template
 from pyinfra import host
 from pyinfra.api import deploy
-from pyinfra.facts.files import Directory
 from pyinfra.operations import apt, files, systemd
 from pyinfra.operations.util import any_changed
 
 from operations import TEMPLATES
 from operations.core import settings
 from operations.monitoring import targets
-from operations.monitoring.inventory import run_hosts
+from operations.monitoring.inventory import left_over, run_hosts
 from operations.services import site_tls
 
 PACKAGE = "prometheus"
@@ -135,7 +134,7 @@ def install():
 def remove_if_left():
     """A host no longer in ``monitoring_hosts``: Prometheus stopped and disabled, gpufleet's configuration
     and drop-in removed (the package and the samples stay)."""
-    if host.get_fact(Directory, path=CONFIG_DIR) is None:
+    if not left_over(CONFIG_DIR):
         return
     systemd.service(
         name=f"Stop and disable {UNIT} (no longer in monitoring_hosts)", service=UNIT, running=False, enabled=False

@@ -14,7 +14,7 @@ import yaml
 from operations import TEMPLATES
 from operations.core import settings
 from operations.core.errors import ConfigError
-from operations.monitoring import exporters, gpus, prometheus, targets
+from operations.monitoring import exporters, gpus, inventory, prometheus, targets
 from operations.services import firewall
 from tests.unit.test_firewall import NFT
 
@@ -492,3 +492,16 @@ def test_the_gpu_exporters_unit_never_pulls_and_serves_on_the_host_network():
         "nvcr.io/nvidia/k8s/dcgm-exporter:4.2.3-4.1.3-ubuntu22.04 -a :9400 -f /etc/dcgm-exporter/gpufleet-counters.csv"
     )
     assert "-v /etc/gpufleet/dcgm-counters.csv:/etc/dcgm-exporter/gpufleet-counters.csv:ro" in command
+
+
+def test_what_monitoring_leaves_on_a_host_is_looked_for_in_one_command(tmp_path):
+    (tmp_path / "b").mkdir()
+    fact = inventory.PresentPaths()
+    paths = (str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "c"))
+    done = subprocess.run(["sh", "-c", fact.command(paths)], capture_output=True, text=True)
+    assert done.returncode == 0 and fact.process(done.stdout.splitlines()) == [str(tmp_path / "b")]
+    assert set(inventory.LEFTOVERS) == {
+        prometheus.CONFIG_DIR,
+        f"/etc/systemd/system/{exporters.HOST_METRICS}.timer",
+        f"/etc/systemd/system/{gpus.UNIT}",
+    }
