@@ -292,3 +292,24 @@ def test_the_front_configuration_is_valid_for_haproxy_and_binds_the_services_add
     assert f"bind 0.0.0.0:8443 ssl crt {site['pem']} alpn h2,http/1.1" in text
     assert "server engine 127.0.0.1:8080" in text and "uid 60600\n    gid 60600" in text
     assert "gt 33554432" in text and "timeout server 900s" in text
+
+
+def test_a_keyed_request_whose_body_arrives_slowly_is_passed_on_not_held(proxy):
+    """The wait for a body before an early refusal is for refused requests only: a keyed upload whose
+    body pauses past that wait (3 s) reaches the engine whole."""
+    context = ssl.create_default_context(cafile=proxy["ca"])
+    connection = socket.create_connection(("127.0.0.1", proxy["port"]), timeout=20)
+    with context.wrap_socket(connection, server_hostname="127.0.0.1") as raw:
+        raw.sendall(
+            f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+            "Content-Length: 20\r\n\r\n0123456789".encode()
+        )
+        time.sleep(3)
+        raw.sendall(b"abcdefghij")
+        answer = b""
+        while not answer.endswith(b"0123456789abcdefghij"):
+            piece = raw.recv(1000)
+            if not piece:
+                break
+            answer += piece
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"0123456789abcdefghij"), answer
