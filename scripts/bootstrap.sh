@@ -7,8 +7,7 @@ cd "$(dirname "$0")/.."
 need_apt=()
 for bin_pkg in docker:docker.io dockerd:docker.io debootstrap:debootstrap zstd:zstd \
                iptables:iptables ssh:openssh-client ssh-keygen:openssh-client \
-               dpkg-scanpackages:dpkg-dev rsync:rsync haproxy:haproxy nft:nftables \
-               promtool:prometheus; do
+               dpkg-scanpackages:dpkg-dev rsync:rsync haproxy:haproxy nft:nftables; do
   bin=${bin_pkg%%:*} pkg=${bin_pkg#*:}
   command -v "$bin" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
@@ -34,5 +33,15 @@ if [ ! -x .venv/bin/pyinfra ] || ! cmp -s requirements.txt .venv/.requirements; 
   python3 -m venv .venv
   .venv/bin/pip install -q -r requirements.txt
   cp requirements.txt .venv/.requirements
+fi
+# promtool (Prometheus' own checker: the unit tests run gpufleet's alert rules through it), taken out
+# of Debian's prometheus package into .venv/bin: no Prometheus is installed or started on this machine.
+if [ ! -x .venv/bin/promtool ]; then
+  echo "bootstrap: promtool from Debian's prometheus package into .venv/bin"
+  work=$(mktemp -d)
+  (cd "$work" && { apt-get download -qq prometheus 2>/dev/null || { apt-get update -qq && apt-get download -qq prometheus; }; })
+  dpkg-deb --fsys-tarfile "$work"/prometheus_*.deb | tar -xO ./usr/bin/promtool > .venv/bin/promtool.new
+  chmod 755 .venv/bin/promtool.new && mv .venv/bin/promtool.new .venv/bin/promtool
+  rm -rf "$work"
 fi
 echo "bootstrap: ready (docker $(docker version --format '{{.Server.Version}}'), $(.venv/bin/pyinfra --version))"

@@ -4,14 +4,13 @@ host, one whose driver packages changed under the loaded module (NVML's own mess
 service container lost its GPUs. Every output passes ``promtool check metrics`` (the text format the
 node exporter's textfile collector reads); a host without the driver says nothing of GPUs."""
 
-import shutil
 import subprocess
 
 import pytest
 
 from operations import TEMPLATES
+from tests.unit.test_monitoring import PROMTOOL
 
-PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 MISMATCH = "Failed to initialize NVML: Driver/library version mismatch\nNVML library version: 535.309\n"
 HEALTHY = "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-5b6b1f2a-0000-0000-0000-000000000000)\n"
 

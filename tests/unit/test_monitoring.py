@@ -4,8 +4,8 @@ series that change as a failing fleet's do, the drop-ins' command lines, and the
 admission of the monitoring hosts (``nft -c``)."""
 
 import re
-import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +18,8 @@ from operations.monitoring import exporters, gpus, inventory, prometheus, target
 from operations.services import firewall
 from tests.unit.test_firewall import NFT
 
-PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
+# Prometheus' own checker: scripts/bootstrap.sh puts Debian's beside the venv's python
+PROMTOOL = str(Path(sys.executable).parent / "promtool")
 DEFAULTS = settings.DEFAULTS
 CHAT = {"name": "chat", "engine": "llamacpp", "image": "x:1", "model": "m/m.gguf", "proxy_port": 8443}
 
