@@ -34,7 +34,8 @@ class Engine(http.server.BaseHTTPRequestHandler):
     upstream_closed = []
 
     def do_GET(self):
-        Engine.seen.append((self.path, self.headers.get("Authorization")))
+        if self.request_version != "HTTP/1.0":  # not the front's own health check (HAProxy's httpchk: HTTP/1.0)
+            Engine.seen.append((self.path, self.headers.get("Authorization")))
         if self.path == "/hold":  # answers nothing; says whether the proxy closed this connection within 10 s
             self.connection.settimeout(10)
             try:

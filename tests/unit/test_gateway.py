@@ -37,7 +37,8 @@ class Engine(http.server.BaseHTTPRequestHandler):
     release = threading.Event()
 
     def do_GET(self):
-        Engine.seen.append((self.server.server_address[1], self.path))
+        if self.request_version != "HTTP/1.0":  # not a front's own health check (HAProxy's httpchk: HTTP/1.0)
+            Engine.seen.append((self.server.server_address[1], self.path))
         if self.path == "/slow":
             Engine.release.wait(30)
         body = json.dumps({"port": self.server.server_address[1]}).encode()
