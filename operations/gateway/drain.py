@@ -24,9 +24,9 @@ def gateways():
 def _at_gateways(state, host, action, service, timeout, targets):  # pyinfra passes state and host by these names
     """Run ``gpufleet-gateway-ctl ACTION SERVICE HOST TIMEOUT`` at each gateway; a drain that ran out of
     time is said (the host goes on), a server not back UP fails the served ``host``."""
-    command = (
-        f"{TOOLS_DIR}/gpufleet-gateway-ctl {action} {shlex.quote(service)} {shlex.quote(host.name)} {int(timeout)}"
-    )
+    tool = f"{TOOLS_DIR}/gpufleet-gateway-ctl"
+    asked = f"{tool} {action} {shlex.quote(service)} {shlex.quote(host.name)} {int(timeout)}"
+    command = f"if [ -x {tool} ]; then {asked}; else echo 'no gateway installed there yet'; fi"
     for gateway in targets:
         lines = Shell.of(state, gateway).run(f"{command}; echo __status=$?")
         status = lines[-1].split("=", 1)[1] if lines and lines[-1].startswith("__status=") else "?"

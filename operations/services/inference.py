@@ -421,8 +421,8 @@ def _start_service(service, engine_service, where, restart, user, new_key, start
     """Restart the service when ``restart()`` says so (on a host that serves, once its open requests
     finished), keep it running, its proxy too, and check it answers at apply time."""
     name = managed_name(service["name"])
-    in_pools = bool(service.get("proxy_port")) and rolling.holds_restarts()
-    if in_pools:
+    pooled = bool(service.get("proxy_port"))  # a member of the gateways' pool of its name
+    if pooled and rolling.holds_restarts():
         gateway_drain.drained(
             name=f"Take {name} out of the gateways' pool {service['name']} and let its requests there finish",
             service=service["name"],
@@ -466,7 +466,9 @@ def _start_service(service, engine_service, where, restart, user, new_key, start
         key_var=where["key_var"],
         timeout=int(service.get("start_timeout", start_timeout)),
     )
-    if in_pools:
+    # put back whenever it restarted: also a host that served nothing when the run started (a
+    # rollout that halted on it left it drained at the gateways)
+    if pooled and rolling.readmits_itself():
         gateway_drain.readmitted(
             name=f"Put {name} back into the gateways' pool {service['name']} once their checks see it up",
             service=service["name"],

@@ -54,6 +54,12 @@ def holds_restarts():
     return host.name not in IN_PLACE and serves()
 
 
+def readmits_itself():
+    """Whether this host puts its restarted services back into the gateways' pools itself: every host
+    but upgrade.py's rolled ones, which are put back once verified (``roles.rolled_gpu_host``)."""
+    return host.name not in IN_PLACE
+
+
 def hold(steps):
     """Keep ``steps`` (functions adding the operations that start this host's services) for its batch
     when its restarts wait for it; True when held, False when the caller runs them now."""

@@ -2,21 +2,24 @@
 each answer recorded, so a rollout can be judged by who answered when (tests, bench)."""
 
 import json
+import ssl
 import threading
 import time
 import urllib.error
 import urllib.request
 
 
-def completion(url, key, timeout=10):
-    """True when ``url``'s /v1/completions returns a completion for a two-token prompt with ``key``."""
+def completion(url, key, timeout=10, ca=None):
+    """True when ``url``'s /v1/completions returns a completion for a two-token prompt with ``key``
+    (an https URL checked against the CA file ``ca``)."""
     request = urllib.request.Request(
         f"{url}/v1/completions",
         data=json.dumps({"prompt": "Hello", "max_tokens": 2}).encode(),
         headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
     )
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        context = ssl.create_default_context(cafile=ca) if url.startswith("https:") else None
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
             return response.status == 200 and bool(json.load(response).get("choices"))
     except (OSError, ValueError, urllib.error.URLError):
         return False
@@ -25,13 +28,14 @@ def completion(url, key, timeout=10):
 class Prober(threading.Thread):
     """
     Every ``interval`` seconds, one round: a completion to each of ``targets`` (name -> base URL),
-    in turn, until ``stop()`` or ``limit_s`` seconds (bounded). ``rounds``: ``(seconds since start,
+    in turn (https ones checked against ``ca``), until ``stop()`` or ``limit_s`` seconds (bounded). ``rounds``: ``(seconds since start,
     {name: answered})``.
     """
 
-    def __init__(self, targets, key, interval=0.5, limit_s=1800, timeout=10):
+    def __init__(self, targets, key, interval=0.5, limit_s=1800, timeout=10, ca=None):
         super().__init__(daemon=True)
         self.targets, self.key, self.interval, self.limit_s, self.timeout = targets, key, interval, limit_s, timeout
+        self.ca = ca
         self.rounds, self._halt = [], threading.Event()
 
     def run(self):
@@ -39,7 +43,7 @@ class Prober(threading.Thread):
         while not self._halt.is_set() and time.monotonic() - start < self.limit_s:
             at = time.monotonic() - start
             self.rounds.append(
-                (at, {name: completion(url, self.key, self.timeout) for name, url in self.targets.items()})
+                (at, {name: completion(url, self.key, self.timeout, self.ca) for name, url in self.targets.items()})
             )
             self._halt.wait(self.interval)
 

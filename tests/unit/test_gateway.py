@@ -169,6 +169,17 @@ def test_a_host_whose_engine_stops_is_taken_out_and_clients_are_served_by_the_ot
     assert 'haproxy_server_status{proxy="chat",server="front-2",state="UP"} 1' in lines
 
 
+def test_before_its_health_check_sees_it_a_host_whose_engine_stopped_costs_no_request(site):
+    """In the seconds before the gateway's checks take a host out, its front answers 503 (no engine
+    behind it): the gateway retries those requests on the other host (retry-on 503)."""
+    assert _until(lambda: "UP" in _status(site, "front-1") and "UP" in _status(site, "front-2"), 20)
+    site["engines"][0].shutdown()
+    site["engines"][0].server_close()
+    answers = [_get(site, "/chat/v1/models") for _ in range(6)]
+    assert [status for status, _ in answers] == [200] * 6, answers
+    assert {json.loads(body)["port"] for _, body in answers} == {site["engines"][1].server_address[1]}
+
+
 def test_a_drained_host_finishes_its_request_in_flight_and_gets_no_new_one(site):
     assert _until(lambda: "UP" in _status(site, "front-1") and "UP" in _status(site, "front-2"), 20)
     in_flight = []
@@ -192,6 +203,20 @@ def test_a_drained_host_finishes_its_request_in_flight_and_gets_no_new_one(site)
     assert _until(lambda: in_flight, 10) and in_flight[0][0] == 200
     back = _ctl(site, "ready", "chat", server, "20")
     assert back.returncode == 0 and "ready (UP" in back.stdout, back.stdout
+
+
+def test_a_gateway_whose_haproxy_does_not_run_yet_is_said_and_left(tmp_path):
+    """A served host readmitted on a first deploy, before the gateway's HAProxy is installed and
+    started, is told so and goes on (the gateway's own start reads its servers as they are)."""
+    for action in ("ready", "drain", "state"):
+        said = subprocess.run(
+            ["python3", str(TEMPLATES / "gpufleet-gateway-ctl"), action, "chat", "lab-1", "5"],
+            env={**os.environ, "GPUFLEET_HAPROXY_SOCKET": str(tmp_path / "admin.sock")},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert (said.returncode, said.stdout) == (0, "chat/lab-1: HAProxy does not run on this gateway\n"), said
 
 
 def test_pools_are_read_from_the_inventory_and_need_one_set_of_keys(tmp_path):
