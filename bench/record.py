@@ -62,13 +62,24 @@ def machine():
     }
 
 
+def commit():
+    """The commit measured (with "+changes" when the work tree differs from it), or None outside git."""
+    repo = Path(__file__).resolve().parents[1]
+    head = _first_line(["git", "-C", str(repo), "rev-parse", "HEAD"])
+    if not head or not re.fullmatch(r"[0-9a-f]{40}", head):
+        return None
+    dirty = _first_line(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"])
+    return head + ("+changes" if dirty else "")
+
+
 def save(part, results, out=RESULTS, command=None):
-    """Write ``out/part.json``: the part's results, the machine, the date and the command."""
+    """Write ``out/part.json``: the part's results, the machine, the date, the command and the commit."""
     out.mkdir(parents=True, exist_ok=True)
     document = {
         "part": part,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": command or " ".join(["python -m bench", *sys.argv[1:]]),
+        "commit": commit(),
         "machine": machine(),
         "results": results,
     }

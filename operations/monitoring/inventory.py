@@ -38,11 +38,13 @@ def left_over(path):
     return path in host_memo.fact(PresentPaths, paths=LEFTOVERS)
 
 
+@host_memo.per_run
 def run_hosts():
-    """Every host of the inventory as ``(name, data, groups)``, data as a dict."""
+    """Every host of the inventory as ``(name, data, groups)``, data as a dict (read once per run)."""
     return [(other.name, other.data.dict(), set(other.groups)) for other in host.inventory]
 
 
+@host_memo.per_run
 def watchers():
     """The addresses of the inventory's monitoring hosts: who may scrape this host (none: not watched)."""
     return targets.monitoring_addresses(run_hosts())

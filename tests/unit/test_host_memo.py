@@ -110,3 +110,23 @@ def test_a_fact_is_asked_once_until_an_operation_changes_the_host_and_each_calle
         assert gpu.asked == [("KernelHeaders", {}), ("StagedFiles", {"path": "/srv"}), ("KernelHeaders", {})]
     finally:
         ctx_host.set(None)
+
+
+def test_an_inventory_wide_answer_is_worked_out_once_per_run_whatever_the_host():
+    calls = []
+
+    @host_memo.per_run
+    def site():
+        calls.append(ctx_host.get().name)
+        return f"site {len(calls)}"
+
+    run, next_run = SimpleNamespace(ops={}), SimpleNamespace(ops={})
+    try:
+        for name in ("gpu-01", "gpu-02", "edge-01"):
+            ctx_host.set(Host(name, run))
+            assert site() == "site 1"
+        ctx_host.set(Host("gpu-01", next_run))  # another run (state): worked out again
+        assert site() == "site 2"
+        assert calls == ["gpu-01", "gpu-01"]
+    finally:
+        ctx_host.set(None)
