@@ -17,7 +17,7 @@ from pyinfra.operations import files, systemd
 
 from operations import TEMPLATES, TOOLS_DIR
 from operations.container import images as docker_images
-from operations.container import prune
+from operations.container import prune, site_images
 from operations.core import base, settings, systemd_syntax
 from operations.core.errors import ConfigError
 from operations.core.remote import Shell
@@ -155,9 +155,23 @@ def install_images(images: list[str], follow_tag: bool | None = None):
     bundle_path = host.data.get("gpufleet_bundle")
     bundled = [image for image in sorted(set(images)) if offline.carries(bundle_path, image)]
     operations = offline.load_images(bundled) if bundled else {}
+    seed = staging.relay_seed()
+    site = site_images.site_list(seed or host, offline.carries)  # what the site's seed keeps for it
     for image in sorted(set(images) - set(bundled)):
-        operations[image] = docker_images.pulled(
-            name=f"Pull image {image}", image=image, follow_tag=follow_tag, state_dir=host.data.gpufleet_state_dir
+        if seed is None or image not in site:
+            operations[image] = docker_images.pulled(
+                name=f"Pull image {image}", image=image, follow_tag=follow_tag, state_dir=host.data.gpufleet_state_dir
+            )
+    for image in site:
+        site_images.saved_for_site(
+            name=f"Keep image {image} for the site's hosts",
+            image=image,
+            seed=(seed or host).name,
+            pulled_now=bool(seed is None and operations[image].will_change),
+        )
+    for image in [image for image in site if image in images] if seed else []:
+        operations[image] = site_images.from_seed(
+            name=f"Load image {image} from {seed.name}", image=image, seed=seed.name
         )
     return operations
 

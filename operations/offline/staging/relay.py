@@ -115,7 +115,7 @@ def authorized_line(public, marker, expiry):
     return f'restrict,command="{RELAY_SENDER}",expiry-time="{expiry}" {public} {marker}'
 
 
-def _relay(state, host, shell, seed, keys_dir, dest, wanted, send, mode):
+def pull_from_seed(state, host, shell, seed, keys_dir, dest, wanted, send, mode):
     """Run on the host's connection: pull ``send`` from the seed over a one-run key, verify, record.
 
     The key's public half goes into the seed's login user's own ``authorized_keys`` (edited as that
@@ -192,4 +192,4 @@ def relayed(seed: str, dest: str, files: dict, mode: str = "444"):
     keys_dir = posixpath.join(host.data.gpufleet_state_dir, "relay")
     yield f"mkdir -p {shlex.quote(dest)} && rm -f {shlex.quote(keys_dir)}/gpufleet-relay-*"  # an interrupted run's
     logger.info(f"[{host.name}] {dest}: {len(intact)} intact, {len(send)} to pull from {seed.name}")
-    yield HostFunction(_relay, [seed, keys_dir, dest, files, dict(send), mode], {})
+    yield HostFunction(pull_from_seed, [seed, keys_dir, dest, files, dict(send), mode], {})
