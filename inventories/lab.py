@@ -77,20 +77,21 @@ def _ubuntu(host):
         "nvidia_toolkit_source": "local-repo",
         "nvidia_toolkit_local_repo_src": str(_LAB / "toolkit-repo"),
         "inference_services": [],
-        **(_from_the_seed(host) if host["name"] == os.environ.get("GPUFLEET_LAB_SITE_IMAGES") else {}),
+        **(_from_the_seed(host) if host["name"] == os.environ.get("GPUFLEET_LAB_SITE_FETCH") else {}),
     }
 
 
 def _from_the_seed(host):
-    """With GPUFLEET_LAB_SITE_IMAGES=lab-ubu-1 (tests/e2e/test_connected.py): lab-ubu-1 stages from
-    lab-net-1 (gpufleet_stage_via) and runs lab-net-1's directory-volume service, so its image comes
-    as lab-net-1's archive over the site's relay (lab-ubu-1 has no login to the site registry, nor
-    its CA) and its weights through lab-net-1 too."""
+    """With GPUFLEET_LAB_SITE_FETCH=lab-ubu-1 (tests/e2e/test_connected.py): lab-ubu-1 stages from
+    lab-net-1 (gpufleet_stage_via) and runs lab-net-1's two services, so their image comes as
+    lab-net-1's archive and the hub volume as lab-net-1 fetched it, both over the site's relay
+    (lab-ubu-1 has neither the registry's login and CA nor the hub's address), the directory volume
+    through lab-net-1 too."""
     connected = _connected(host)
     return {
         "gpufleet_stage_via": "lab-net-1",
-        "inference_services": [s for s in connected["inference_services"] if s["name"] == "chat-dir"],
-        "inference_weight_volumes": {"dir-tiny": connected["inference_weight_volumes"]["dir-tiny"]},
+        "inference_services": connected["inference_services"],
+        "inference_weight_volumes": connected["inference_weight_volumes"],
     }
 
 

@@ -21,19 +21,10 @@ from pyinfra.api import operation
 from operations.container.images import LocalImage
 from operations.core import checks
 from operations.core.remote import HostFunction, Shell
-from operations.offline.staging.facts import RECORD, FreeSpace, StagedFiles, plan, room_shortfall
-from operations.offline.staging.relay import pull_from_seed
+from operations.offline.staging.facts import RECORD, StagedFiles
+from operations.offline.staging.relay import pull_recorded, pullers
 
 SITE_IMAGES = "/var/lib/gpufleet/site-images"
-
-
-def pullers(seed):
-    """The hosts of this run that stage from ``seed`` (``gpufleet_stage_via``)."""
-    return [
-        other
-        for other in host.state.inventory.iter_activated_hosts()
-        if other.name != seed.name and other.data.get("gpufleet_stage_via") == seed.name
-    ]
 
 
 def _served_images(other, carried):
@@ -60,12 +51,6 @@ def relayable(image):
 def archive_name(image, image_id):
     """The archive's file name in SITE_IMAGES: the reference made safe, then the ID's hex (pure)."""
     return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', image)}@{image_id.removeprefix('sha256:')}.tar"
-
-
-def wanted_from(record, name):
-    """The relay's wanted entry for archive ``name`` from the seed's record (pure), or None."""
-    entry = record.get(name)
-    return {name: {"size": entry[0], "sha256": entry[2]}} if entry else None
 
 
 def _image_id(shell, image):
@@ -127,29 +112,13 @@ def saved_for_site(image: str, seed: str, pulled_now: bool = False):
 def _load_from_seed(state, host, shell, seed, image, keys_dir, margin):
     """On a host of the site: pull the seed's archive of ``image`` (the seed's record read now, after
     the seed saved it), load it, check the loaded ID is the seed's, remove the copy."""
-    seed_shell = Shell.of(state, seed)
-    seed_id = _image_id(seed_shell, image)
-    name = archive_name(image, seed_id)
-    facts = StagedFiles()
-    wanted = wanted_from(facts.process(seed_shell.run(facts.command(SITE_IMAGES)))["record"], name)
-    if wanted is None:
-        raise OSError(f"{host.name}: {seed.name} holds no archive of {image} ({name}) to relay")
+    seed_id = _image_id(Shell.of(state, seed), image)
     here = shell.run(f"docker image inspect --format '{{{{.Id}}}}' {shlex.quote(image)} 2>/dev/null || true")
     if here and here[0].strip() == seed_id:
         logger.info(f"[{host.name}] {image}: already the seed's ({seed_id[:19]})")
         return
-    shell.run(f"mkdir -p {SITE_IMAGES}")
-    _, check, send = plan(wanted, facts.process(shell.run(facts.command(SITE_IMAGES))))
-    send.update(dict.fromkeys(check, 0))
-    free = FreeSpace()
-    needed = sum(wanted[path]["size"] - offset for path, offset in send.items())
-    shortfall = room_shortfall(
-        host.name, SITE_IMAGES, needed, free.process(shell.run(free.command(SITE_IMAGES))), margin
-    )
-    if shortfall:
-        raise OSError(shortfall)
-    if send:
-        pull_from_seed(state, host, shell, seed, keys_dir, SITE_IMAGES, wanted, send, "400")
+    name = archive_name(image, seed_id)
+    pull_recorded(state, host, shell, seed, SITE_IMAGES, keys_dir, margin, "400", only={name})
     path = shlex.quote(posixpath.join(SITE_IMAGES, name))
     shell.run(f"docker load -q -i {path}")
     loaded = _image_id(shell, image)

@@ -22,12 +22,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pyinfra import host
+from pyinfra import host, logger
 from pyinfra.api import FactBase, deploy, operation
 from pyinfra.operations import files
 
 from operations import TEMPLATES, TOOLS_DIR
 from operations.core.errors import ConfigError
+from operations.core.remote import HostFunction, Shell
 from operations.offline import staging
 
 LOCK = Path(__file__).resolve().with_name("hf_fetch.lock.json")
@@ -292,6 +293,55 @@ def fetched(
         f" --margin {int(margin)}{f' --token-file {shlex.quote(token_file)}' if token_file else ''}"
         f"{pattern_flags(allow_patterns, ignore_patterns)}"
     )
+
+
+def site_source(spec):
+    """What makes two hosts' hub volumes one fetch for their site: the source record of ``spec`` (an
+    ``inference_weight_volumes`` entry) at its commit (pure); None for a branch or tag, which each
+    host resolves itself."""
+    if not COMMIT.fullmatch(str(spec.get("revision", ""))):
+        return None
+    return source_record(
+        spec["hf"], spec["revision"], patterns(spec.get("allow_patterns")), patterns(spec.get("ignore_patterns"))
+    )
+
+
+def _pull_volume(state, host, shell, seed, dest, source, keys_dir, margin):  # pyinfra passes state and host
+    """On a host of the site: the seed's copy of the volume (its source checked, its record read now,
+    once it fetched), only the files missing or different here; files the record does not list are
+    removed; the source recorded last, so a volume being changed is never marked."""
+    at = shlex.quote(posixpath.join(dest, SOURCE))
+    held = json.loads("".join(Shell.of(state, seed).run(f"cat {at} 2>/dev/null || echo '{{}}'")))
+    if held != source:
+        raise OSError(f"{host.name}: {seed.name} holds {held or 'nothing'} in {dest}, not {source}")
+    shell.run(f"rm -f {at}")
+    wanted, staged = staging.pull_recorded(state, host, shell, seed, dest, keys_dir, margin, "444")
+    extra = sorted(path for path in staged["files"] if path not in wanted and path != SOURCE)
+    if extra:
+        shell.run(f"cd {shlex.quote(dest)} && rm -f -- {' '.join(shlex.quote(path) for path in extra)}")
+    shell.send(f"cat > {at} && chmod 444 {at}", json.dumps(source, sort_keys=True) + "\n")
+    logger.info(f"[{host.name}] {dest}: {source['repo']}@{source['commit'][:12]} as {seed.name} fetched it")
+
+
+@operation(is_idempotent=False)
+def from_seed(dest: str, seed: str, source: dict, margin: int = 0):
+    """
+    Make ``dest`` hold the hub volume ``source`` as the site's seed fetched it: nothing when its
+    source and files already match; otherwise the seed's files pulled over the site's relay (only
+    those missing or different), what the seed's record does not list removed, the source recorded.
+    The host asks the hub nothing and needs no token.
+
+    + dest: the volume directory, the same on the seed
+    + seed: the host this one stages from (``gpufleet_stage_via``), in this run, fetching the volume
+    + source: the volume's source record (``site_source``)
+    + margin: bytes to keep free beyond what is pulled
+    """
+    current = host.get_fact(HubVolume, path=dest)
+    if current.get("source") == source and current["intact"]:
+        host.noop(f"{dest}: {source['repo']}@{source['commit'][:12]}, {current['files']} files intact")
+        return
+    keys_dir = posixpath.join(host.data.gpufleet_state_dir, "relay")
+    yield HostFunction(_pull_volume, [host.inventory.get_host(seed), dest, source, keys_dir, margin], {})
 
 
 def source_record(repo, commit, allow_patterns=None, ignore_patterns=None):

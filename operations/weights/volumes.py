@@ -217,10 +217,13 @@ def stage_volumes(volumes: set[str], weights_root: str | None = None, endpoint: 
     endpoint = endpoint or host.data.inference_hf_endpoint
     files.directory(name=f"Ensure {weights_root} exists", path=weights_root, mode="755", user="root", group="root")
     known = sources(host.data)
-    if any(known[name][0] == "hf" for name in volumes):
+    seed = staging.relay_seed()
+    site = site_volumes(seed or host)  # hub volumes the site's seed fetches for it
+    from_seed = set(site) & set(volumes) if seed else set()
+    if any(known[name][0] == "hf" for name in set(volumes) - from_seed):
         hf_hub.install_client()
     operations = {}
-    for name in sorted(volumes):
+    for name in sorted(set(volumes) - from_seed):
         kind, where = known[name]
         dest = posixpath.join(weights_root, name)
         if kind == "bundle":
@@ -260,4 +263,38 @@ def stage_volumes(volumes: set[str], weights_root: str | None = None, endpoint: 
                 allow_patterns=hf_hub.patterns(where.get("allow_patterns")),
                 ignore_patterns=hf_hub.patterns(where.get("ignore_patterns")),
             )
+    for name in site:
+        staging.seed_ready(name=f"Weight volume {name} for the site's hosts", what=name, seed=(seed or host).name)
+    for name in sorted(from_seed):
+        operations[name] = hf_hub.from_seed(
+            name=f"Pull weight volume {name} from {seed.name}",
+            dest=posixpath.join(weights_root, name),
+            seed=seed.name,
+            source=hf_hub.site_source(known[name][1]),
+            margin=checks.size_bytes(host.data.gpufleet_free_space_margin),
+        )
     return operations
+
+
+def _hub_volumes(other):
+    """name -> (source record, weights root) of the hub volumes at a commit that ``other``'s services use."""
+    known = sources(other.data)
+    found = {}
+    for service in other.data.inference_services:
+        name = volume_of(service["model"])
+        kind, where = known.get(name, (None, None))
+        source = hf_hub.site_source(where) if kind == "hf" else None
+        if source:
+            found[name] = (source, other.data.inference_weights_root)
+    return found
+
+
+def site_volumes(seed):
+    """The hub volumes ``seed`` fetches for its site: those a host pulling from it uses too, with the
+    same repository, commit, patterns and weights root (sorted names: the same list on the seed and
+    on each of its hosts)."""
+    own = _hub_volumes(seed)
+    shared = set()
+    for other in staging.pullers(seed):
+        shared |= {name for name, value in _hub_volumes(other).items() if own.get(name) == value}
+    return sorted(shared)

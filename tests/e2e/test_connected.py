@@ -256,18 +256,19 @@ def test_bundle_hosts_get_only_what_their_services_use(second_deploy, lab):
         assert UNUSED_IMAGE.split(":")[0] not in repositories and vllm.image_tag().split(":")[0] not in repositories
 
 
-def test_a_host_of_the_site_gets_its_image_from_the_seeds_archive_not_the_registry(second_deploy, address):
-    """lab-ubu-1 stages from lab-net-1 and runs its directory-volume service (GPUFLEET_LAB_SITE_IMAGES):
-    lab-net-1 keeps a `docker save` archive of the image it pulled; lab-ubu-1, which has neither the
-    registry's login nor its CA (a pull from it would fail), pulls the archive over the site's relay,
-    loads it as the seed's image ID, and serves. The registry's log shows no request from lab-ubu-1.
-    Then zero changes; the default run takes the service off lab-ubu-1 again."""
+def test_a_host_of_the_site_gets_image_and_hub_weights_from_the_seed_not_the_registry_or_hub(second_deploy, address):
+    """lab-ubu-1 stages from lab-net-1 and runs its two services (GPUFLEET_LAB_SITE_FETCH): lab-net-1
+    keeps a `docker save` archive of the image it pulled; lab-ubu-1, which has neither the registry's
+    login nor its CA (a pull from it would fail) nor the hub's address, pulls that archive and the hub
+    volume as lab-net-1 fetched it over the site's relay, loads the image as the seed's ID, and both
+    services serve. Neither the registry's nor the hub's access log has a request from lab-ubu-1.
+    Then zero changes; the default run takes the services off lab-ubu-1 again."""
     image = site.image(address)
     pair = ("--limit", HOST, "--limit", "lab-ubu-1")
-    env = {"GPUFLEET_LAB_SITE_IMAGES": "lab-ubu-1"}
+    env = {"GPUFLEET_LAB_SITE_FETCH": "lab-ubu-1"}
     ubu = "lab-ubu-1"
     ubu_address, lab_address = (sh("hostname -I", name=name).stdout.split()[0] for name in (ubu, HOST))
-    sh(f"docker rmi -f {image} >/dev/null 2>&1; rm -rf /var/lib/gpufleet/site-images", name=ubu)
+    sh(f"docker rmi -f {image} >/dev/null 2>&1; rm -rf /var/lib/gpufleet/site-images /srv/gpufleet/weights/*", name=ubu)
     assert sh(f"docker image inspect {image}", name=ubu).returncode != 0
     since = sh("date -u +%Y-%m-%dT%H:%M:%S", name="lab-svc-1").stdout.strip()
     try:
@@ -277,20 +278,26 @@ def test_a_host_of_the_site_gets_its_image_from_the_seeds_archive_not_the_regist
             rf"\[{HOST}\] {re.escape(image)}: saved for the site's hosts \(\S+\.tar, \d+ bytes\)", first.output
         )
         assert f"[{ubu}] {image}: loaded from {HOST}'s archive" in first.output, first.output[-3000:]
-        assert re.search(
-            rf"\[{ubu}\] relayed 1 file\(s\), \d+ bytes, from {HOST} into /var/lib/gpufleet/site-images", first.output
-        )
+        for into in ("/var/lib/gpufleet/site-images", "/srv/gpufleet/weights/hub-tiny"):
+            assert re.search(rf"\[{ubu}\] relayed \d+ file\(s\), \d+ bytes, from {HOST} into {into}\n", first.output), (
+                into
+            )
         seed_id = sh(f"docker image inspect -f '{{{{.Id}}}}' {image}").stdout.strip()
         assert sh(f"docker image inspect -f '{{{{.Id}}}}' {image}", name=ubu).stdout.strip() == seed_id
         assert sh("ls -A /var/lib/gpufleet/site-images | grep -v gpufleet-staged", name=ubu).stdout.strip() == ""
-        assert answers(8081, name=ubu)
-        # the registry's access log (a line per request, the client's address first): none from lab-ubu-1
-        registry_log = sh(f"journalctl -u docker-registry --since {since} --no-pager -o cat", name="lab-svc-1").stdout
-        assert not [line for line in registry_log.splitlines() if line.startswith(f"{ubu_address} ")]
-        assert [line for line in registry_log.splitlines() if line.startswith(f"{lab_address} ")], registry_log[-2000:]
+        tree = "cd /srv/gpufleet/weights/hub-tiny && find . -type f ! -path './.cache/*' ! -name .gpufleet-staged.json | sort | xargs sha256sum"
+        assert sh(tree, name=ubu).stdout == sh(tree).stdout  # the same files, the source record too
+        assert sh("test -e /etc/gpufleet/secrets/hf-hub-tiny.token", name=ubu).returncode == 1  # no hub token there
+        assert answers(8080, name=ubu) and answers(8081, name=ubu)
+        # the registry's and the hub's access logs (a line per request, the client's address first)
+        for unit in ("docker-registry", "gpufleet-lab-hub"):
+            log = sh(f"journalctl -u {unit} --since {since} --no-pager -o cat", name="lab-svc-1").stdout
+            assert not [line for line in log.splitlines() if line.startswith(f"{ubu_address} ")], (unit, log[-2000:])
+        log = sh(f"journalctl -u docker-registry --since {since} --no-pager -o cat", name="lab-svc-1").stdout
+        assert [line for line in log.splitlines() if line.startswith(f"{lab_address} ")], log[-2000:]
         again = run_deploy(*pair, env=env)
         assert again.rc == 0 and again.total_changed() == 0, again.changed()
     finally:
         back = run_deploy(*pair)
     assert back.rc == 0, back.output[-3000:]
-    assert sh("systemctl is-active gpufleet-chat-dir", name=ubu).stdout.strip() != "active"
+    assert sh("systemctl is-active gpufleet-chat", name=ubu).stdout.strip() != "active"

@@ -123,8 +123,8 @@ def test_one_url_for_the_service_with_its_key_and_the_sites_ca(gateway, lab):
 
 def _client_loop(lab, key, count):
     """A bounded client on lab-ubu-1: at most ``count`` streamed completions through the gateway, one
-    after another, each written as "START-TIME ok|failed" (ok: the stream ended with its [DONE]),
-    until /tmp/gpufleet-stop exists."""
+    after another, each written as "START-TIME ok|failed HTTP-CODE" (ok: the stream ended with its
+    [DONE]), until /tmp/gpufleet-stop exists."""
     body = '{"prompt": "hello", "max_tokens": 8, "stream": true}'
     request = (
         f"curl -sN -m 30 --cacert {CA} -H 'Authorization: Bearer {key}' "
@@ -132,8 +132,9 @@ def _client_loop(lab, key, count):
     )
     loop = (
         f"for i in $(seq {count}); do [ -e /tmp/gpufleet-stop ] && break; t=$(date +%s.%N); "
-        f"if {request} | grep -q 'data: \\[DONE\\]'; then r=ok; else r=failed; fi; "
-        'echo "$t $r" >> /tmp/gpufleet-codes; sleep 0.05; done'
+        f"o=$({request} -w '\\ncode=%{{http_code}}'); c=${{o##*code=}}; "
+        "case \"$o\" in *'data: [DONE]'*) r=ok;; *) r=failed;; esac; "
+        'echo "$t $r $c" >> /tmp/gpufleet-codes; sleep 0.05; done'
     )
     sh(CLIENT, "rm -f /tmp/gpufleet-stop /tmp/gpufleet-codes")
     sh(CLIENT, f"cat > /tmp/gpufleet-loop.sh <<'EOF'\n{loop}\nEOF")
@@ -141,11 +142,11 @@ def _client_loop(lab, key, count):
 
 
 def _client_results():
-    """Stop the client's loop; its requests as ``[(start time, ok)]``."""
+    """Stop the client's loop; its requests as ``[(start time, ok, HTTP code)]``."""
     sh(CLIENT, "touch /tmp/gpufleet-stop")
     time.sleep(2)
     lines = sh(CLIENT, "cat /tmp/gpufleet-codes").stdout.splitlines()
-    return [(float(line.split()[0]), line.split()[1] == "ok") for line in lines]
+    return [(float(at), said == "ok", code) for at, said, code in (line.split() for line in lines)]
 
 
 def test_a_rolling_restart_under_steady_streams_fails_none(gateway, lab, measured):
@@ -163,11 +164,12 @@ def test_a_rolling_restart_under_steady_streams_fails_none(gateway, lab, measure
     for name in ("lab-1", "lab-2"):
         assert f"[{name}] gateway lab-2: chat/{name}: drained" in rolled.output, rolled.output[-3000:]
         assert f"[{name}] gateway lab-2: chat/{name}: ready (UP" in rolled.output, rolled.output[-3000:]
-    failed = [at for at, ok in requests if not ok]
+    failed = [(at, code) for at, ok, code in requests if not ok]
     measured["rolling_restart"] = {
         "hosts": 2,
         "streamed_requests": len(requests),
         "failed": len(failed),
+        "failed_codes": sorted({code for _, code in failed}),
         "deploy_seconds": round(seconds, 1),
     }
     assert len(requests) > 50 and failed == [], measured["rolling_restart"]
@@ -197,11 +199,12 @@ def test_a_backend_killed_mid_stream_fails_only_its_request_in_flight(gateway, l
         assert _until_lines(before_back + 20), "the client's loop stopped"
     finally:
         requests = _client_results()
-    failed = [at for at, ok in requests if not ok]
-    after_kill = [at for at in failed if at > killed_at]
+    failed = [(at, code) for at, ok, code in requests if not ok]
+    after_kill = [at for at, _ in failed if at > killed_at]
     measured["engine_killed"] = {
         "requests": len(requests),
         "failed": len(failed),
+        "failed_codes": sorted({code for _, code in failed}),
         "failed_started_after_the_kill": len(after_kill),
         "out_of_pool_s": round(out_after, 1),
         "back_in_pool_s": round(back_after, 1),

@@ -77,7 +77,7 @@ cat > /etc/systemd/system/gpufleet-lab-hub.service <<EOF
 Description=gpufleet lab: Hugging Face Hub download API double
 After=network-online.target
 [Service]
-ExecStart=/usr/bin/python3 /usr/local/lib/gpufleet-lab/hub.py --public-host $3 --port {hub_port} --cdn-port {cdn_port} --token-file /usr/local/lib/gpufleet-lab/hub-token {repos}
+ExecStart=/usr/bin/python3 /usr/local/lib/gpufleet-lab/hub.py --public-host $3 --port {hub_port} --cdn-port {cdn_port} --token-file /usr/local/lib/gpufleet-lab/hub-token --access-log {repos}
 Restart=always
 [Install]
 WantedBy=multi-user.target

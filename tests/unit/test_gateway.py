@@ -47,6 +47,10 @@ class Engine(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.do_GET()
+
     def log_message(self, *args):
         pass
 
@@ -117,6 +121,21 @@ def _get(site, path, key=KEY):
     return answer.status, answer.read()
 
 
+def _post(site, path, body=b'{"prompt": "hello", "max_tokens": 8}'):
+    """A keyed POST whose body follows its headers, as an OpenAI client sends a completion."""
+    context = ssl.create_default_context(cafile=site["ca"])
+    connection = http.client.HTTPSConnection("127.0.0.1", site["port"], timeout=30, context=context)
+    connection.putrequest("POST", path)
+    connection.putheader("Authorization", f"Bearer {KEY}")
+    connection.putheader("Content-Type", "application/json")
+    connection.putheader("Content-Length", str(len(body)))
+    connection.endheaders()
+    time.sleep(0.05)  # the body in its own TLS record, after the gateway has the headers
+    connection.send(body)
+    answer = connection.getresponse()
+    return answer.status, answer.read()
+
+
 def _ctl(site, *args):
     return subprocess.run(
         ["python3", str(TEMPLATES / "gpufleet-gateway-ctl"), *args],
@@ -171,11 +190,14 @@ def test_a_host_whose_engine_stops_is_taken_out_and_clients_are_served_by_the_ot
 
 def test_before_its_health_check_sees_it_a_host_whose_engine_stopped_costs_no_request(site):
     """In the seconds before the gateway's checks take a host out, its front answers 503 (no engine
-    behind it): the gateway retries those requests on the other host (retry-on 503)."""
+    behind it): the gateway retries those requests on the other host (retry-on 503), a completion's
+    body too (the gateway keeps a small body until it is whole: http-buffer-request)."""
     assert _until(lambda: "UP" in _status(site, "front-1") and "UP" in _status(site, "front-2"), 20)
     site["engines"][0].shutdown()
     site["engines"][0].server_close()
-    answers = [_get(site, "/chat/v1/models") for _ in range(6)]
+    answers = [_get(site, "/chat/v1/models") for _ in range(3)] + [
+        _post(site, "/chat/v1/completions") for _ in range(3)
+    ]
     assert [status for status, _ in answers] == [200] * 6, answers
     assert {json.loads(body)["port"] for _, body in answers} == {site["engines"][1].server_address[1]}
 

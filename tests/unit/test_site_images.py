@@ -1,12 +1,15 @@
-"""Images a connected site fetches once (operations/container/site_images.py): which images a seed
-keeps for its site, the archive's name and record, and when the seed saves or a host loads."""
+"""What a connected site fetches once, on its seed: images (operations/container/site_images.py:
+which images a seed keeps for its site, the archive's name, when the seed saves or a host loads)
+and hub volumes (operations/weights/volumes.py, hub.py: which volumes, when a host pulls)."""
 
 from types import SimpleNamespace
 
 from pyinfra.api import Config
-from pyinfra.context import ctx_host, ctx_state
+from pyinfra.context import ctx_host, ctx_inventory, ctx_state
 
 from operations.container import site_images
+from operations.weights import hub as hf_hub
+from operations.weights import volumes as weights
 from tests.unit.conftest import FakeHost
 
 IMAGE = "10.0.0.5:5000/team/llama-server:v1"
@@ -30,18 +33,17 @@ def _site(*hosts):
         )
         for name, via, images, bundle in hosts
     ]
-    inventory = SimpleNamespace(iter_activated_hosts=lambda: iter(made))
-    return {host.name: host for host in made}, SimpleNamespace(state=SimpleNamespace(inventory=inventory))
+    return {host.name: host for host in made}, SimpleNamespace(iter_activated_hosts=lambda: iter(made))
 
 
 def test_a_seed_keeps_the_registry_images_it_runs_that_its_hosts_run_too():
-    hosts, current = _site(
+    hosts, inventory = _site(
         ("seed", None, [IMAGE, OTHER, "repo/x@sha256:" + "d" * 64], None),
         ("gpu-01", "seed", [IMAGE, "repo/x@sha256:" + "d" * 64], None),
         ("gpu-02", "seed", [IMAGE, "only/here:1"], None),
         ("gpu-03", None, [OTHER], None),  # pulls itself: not the seed's
     )
-    ctx_host.set(current)
+    ctx_inventory.set(inventory)
     try:
         # OTHER: no host of the seed runs it; a digest reference cannot travel as an archive;
         # only/here:1: the seed does not run it (gpu-02 pulls it itself)
@@ -50,14 +52,12 @@ def test_a_seed_keeps_the_registry_images_it_runs_that_its_hosts_run_too():
         # an image the seed's bundle carries comes from the bundle, not through an archive
         assert site_images.site_list(hosts["seed"], lambda bundle, image: image == IMAGE) == []
     finally:
-        ctx_host.set(None)
+        ctx_inventory.set(None)
 
 
-def test_the_archive_is_named_by_reference_and_id_and_relayed_from_the_seeds_record():
+def test_the_archive_is_named_by_reference_and_id():
     assert site_images.archive_name(IMAGE, ID) == NAME
-    record = {NAME: [1234, 1700000000, "e" * 64]}
-    assert site_images.wanted_from(record, NAME) == {NAME: {"size": 1234, "sha256": "e" * 64}}
-    assert site_images.wanted_from(record, "other.tar") is None
+    assert site_images.archive_name("nginx:1.27", ID) == f"nginx_1.27@{'c' * 64}.tar"
 
 
 def test_the_seed_saves_an_archive_it_lacks_and_keeps_one_it_has(run_op):
@@ -102,3 +102,56 @@ def test_a_host_loads_from_the_seed_only_what_differs_from_the_seeds_image(run_o
             commands = list(site_images.from_seed._inner(image=IMAGE, seed="seed-01"))
         assert len(commands) == changes, (local, commands)
         assert (host.noops == [f"{IMAGE}: the seed's ({ID[:19]})"]) == (changes == 0)
+
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+HUB = {"hf": "org/model", "revision": COMMIT, "ignore_patterns": "original/"}
+
+
+def _volume_host(name, via, volumes, models, root="/srv/gpufleet/weights"):
+    values = {"gpufleet_stage_via": via, "gpufleet_bundle": None, "inference_weight_volumes": volumes}
+    return SimpleNamespace(
+        name=name,
+        data=SimpleNamespace(
+            inference_services=[{"model": model} for model in models],
+            inference_weights_root=root,
+            get=lambda key, default=None: values.get(key, default),
+        ),
+    )
+
+
+def test_a_seed_fetches_for_its_site_the_hub_volumes_its_hosts_use_alike():
+    seed = _volume_host(
+        "seed", None, {"m": HUB, "branch": {**HUB, "revision": "main"}, "d": {"from": "/x"}}, ["m/a", "branch/a", "d/a"]
+    )
+    hosts = [
+        seed,
+        _volume_host("gpu-01", "seed", {"m": HUB, "branch": {**HUB, "revision": "main"}}, ["m/a", "branch/a"]),
+        _volume_host("gpu-02", "seed", {"m": {**HUB, "ignore_patterns": None}}, ["m/a"]),  # other files: its own
+        _volume_host("gpu-03", "seed", {"m": HUB}, ["m/a"], root="/data"),  # elsewhere: its own
+    ]
+    ctx_inventory.set(SimpleNamespace(iter_activated_hosts=lambda: iter(hosts)))
+    try:
+        # a branch is resolved by each host; a directory volume is staged from the control node as before
+        assert weights.site_volumes(seed) == ["m"]
+        assert weights.site_volumes(hosts[2]) == []  # nobody pulls from gpu-02
+    finally:
+        ctx_inventory.set(None)
+    assert hf_hub.site_source(HUB) == {"repo": "org/model", "commit": COMMIT, "ignore_patterns": ["original/"]}
+    assert hf_hub.site_source({**HUB, "revision": "main"}) is None
+
+
+def test_a_host_pulls_a_hub_volume_from_the_seed_only_when_its_own_copy_differs(run_op):
+    source = hf_hub.site_source(HUB)
+    seed = FakeHost({}, name="seed-01")
+    for volume, changes in (
+        ({"source": source, "intact": True, "files": 3}, 0),
+        ({"source": source, "intact": False, "files": 3}, 1),
+        ({"source": {**source, "commit": "f" * 40}, "intact": True, "files": 3}, 1),
+        ({"source": None, "intact": False, "files": 0}, 1),
+    ):
+        runner = FakeHost({"HubVolume": volume}, {"gpufleet_state_dir": "/var/lib/gpufleet"})
+        runner.inventory = SimpleNamespace(get_host=lambda name: seed)
+        with ctx_state.use(SimpleNamespace(config=Config(), print_noop_info=False)), ctx_host.use(runner):
+            commands = list(hf_hub.from_seed._inner(dest="/srv/gpufleet/weights/m", seed="seed-01", source=source))
+        assert len(commands) == changes, (volume, commands)

@@ -20,7 +20,7 @@ receiver, templates/gpufleet-receive), ``push`` (the operation from the control 
 
 from operations.offline.staging.facts import PART, RECORD, StagedFiles, plan
 from operations.offline.staging.push import staged
-from operations.offline.staging.relay import relay_seed, relayed, serve_relays
+from operations.offline.staging.relay import pull_recorded, pullers, relay_seed, relayed, seed_ready, serve_relays
 from operations.offline.staging.wire import content_changed
 
 __all__ = [
@@ -29,8 +29,11 @@ __all__ = [
     "StagedFiles",
     "content_changed",
     "plan",
+    "pull_recorded",
+    "pullers",
     "relay_seed",
     "relayed",
+    "seed_ready",
     "serve_relays",
     "stage",
     "staged",

@@ -25,6 +25,15 @@ RELAY_SENDER = f"{TOOLS_DIR}/gpufleet-relay-send"
 RELAY_LOCK = "~/.ssh/.gpufleet-relay.lock"
 
 
+def pullers(seed):
+    """The hosts of this run that stage from ``seed`` (``gpufleet_stage_via``)."""
+    return [
+        other
+        for other in inventory.iter_activated_hosts()
+        if other.name != seed.name and other.data.get("gpufleet_stage_via") == seed.name
+    ]
+
+
 def relay_seed(target=None):
     """
     The host ``target`` pulls its staged files from (``gpufleet_stage_via``), or None: from the
@@ -159,6 +168,49 @@ def pull_from_seed(state, host, shell, seed, keys_dir, dest, wanted, send, mode)
     write_record(shell, dest, wanted)
     mark_content(host.name, dest, send)
     logger.info(f"[{host.name}] relayed {len(send)} file(s), {size} bytes, from {seed.name} into {dest}")
+
+
+def pull_recorded(state, host, shell, seed, dest, keys_dir, margin, mode, only=None):
+    """
+    Run on the host's connection: pull what the seed's staged record of ``dest`` lists (``only``
+    these paths when given), the record read now, once the seed's own operations of this run are
+    done; resumable and verified as any relay. Returns ``(wanted, staged)``: path -> ``{size,
+    sha256}``, and what ``dest`` held here before.
+    """
+    facts = StagedFiles()
+    record = facts.process(Shell.of(state, seed).run(facts.command(dest)))["record"]
+    wanted = {path: {"size": e[0], "sha256": e[2]} for path, e in record.items() if only is None or path in only}
+    missing = sorted(set(only or ()) - set(wanted)) or ([] if wanted else [dest])
+    if missing:
+        raise OSError(f"{host.name}: {seed.name} holds no {', '.join(missing)} in {dest} to relay")
+    shell.run(f"mkdir -p {shlex.quote(dest)}")
+    staged = facts.process(shell.run(facts.command(dest)))
+    _, check, send = plan(wanted, staged)
+    send.update(dict.fromkeys(check, 0))
+    needed = sum(wanted[path]["size"] - offset for path, offset in send.items())
+    space = FreeSpace()
+    shortfall = room_shortfall(host.name, dest, needed, space.process(shell.run(space.command(dest))), margin)
+    if shortfall:
+        raise OSError(shortfall)
+    if send:
+        pull_from_seed(state, host, shell, seed, keys_dir, dest, wanted, send, mode)
+    else:
+        mark_content(host.name, dest, {})  # nothing moved: no service restarts for it
+    return wanted, staged
+
+
+@operation(is_idempotent=False)
+def seed_ready(what: str, seed: str):
+    """
+    A step every host of a seed's site passes, changing nothing: pyinfra orders each host's steps,
+    and a step they share orders the seed's own work on ``what`` (before it there) before any host's
+    pull of it (after it there).
+
+    + what: what the seed provides, as the run says it
+    + seed: the seed's name
+    """
+    host.noop(f"{what}: {'provided here for the site' if host.name == seed else f'from {seed}'}")
+    yield from ()
 
 
 @operation()
