@@ -177,8 +177,20 @@ def test_patterns_select_files_as_snapshot_download_does_and_a_change_removes_th
 def test_patterns_that_leave_nothing_are_refused(hub, tmp_path):
     hub, endpoint, _ = hub
     dest = tmp_path / "vol"
-    refused = fetch(endpoint, dest, "fetch", "lab/tiny", commit(hub), str(dest), "--allow", "*.safetensors")
+    refused = fetch(endpoint, dest, "fetch", "lab/tiny", commit(hub), str(dest), "--ignore", "*")
     assert refused.returncode == 1 and "the patterns leave none of its 3 files" in refused.stderr
+    assert not dest.exists()  # refused before anything was written
+
+
+def test_an_allow_pattern_that_matches_no_file_is_named_before_anything_is_written(hub, tmp_path):
+    hub, endpoint, _ = hub
+    dest = tmp_path / "vol"
+    refused = fetch(
+        endpoint, dest, "fetch", "lab/tiny", commit(hub), str(dest), "--allow", "*.gguf", "--allow", "*.safetensor"
+    )
+    assert refused.returncode == 1, refused.stderr
+    assert f"lab/tiny@{commit(hub)[:12]}: allow_patterns '*.safetensor' matches none of its 3 files" in refused.stderr
+    assert not dest.exists()
 
 
 @pytest.mark.parametrize(
