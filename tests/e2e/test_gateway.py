@@ -179,21 +179,24 @@ def test_a_backend_killed_mid_stream_fails_only_its_request_in_flight(gateway, l
     """lab-1's engine container killed while a client streams completions through the gateway, one
     after another: the request in flight at that moment may fail (at most that one: the client has one
     at a time); every request started after it is answered (one that reached lab-1's front while its
-    engine was down or loading got 503 there and was retried on lab-2); the gateway's health check
-    takes lab-1 out within seconds, systemd brings the engine back, and the gateway takes it back."""
+    engine was down or loading got 503 there and was retried on lab-2), whether or not the gateway's
+    checks saw lab-1 down before systemd brought its engine back; the gateway has it UP again."""
     key = KEY.read_text().strip()
+    container = sh("lab-1", "docker inspect -f '{{.Id}}' gpufleet-chat").stdout.strip()
     _client_loop(lab, key, 600)
     try:
         assert _until_lines(10), "the client's loop does not run"
         killed = sh("lab-1", "docker kill gpufleet-chat")
-        killed_at = time.time()
-        started = time.monotonic()
-        while time.monotonic() - started < 30 and "(DOWN" not in _server_state("lab-1"):
+        killed_at, started = time.time(), time.monotonic()
+        seen_down = None
+        while time.monotonic() - started < 60:
+            state = _server_state("lab-1")
+            if seen_down is None and "(DOWN" in state:
+                seen_down = time.monotonic() - started
+            back = sh("lab-1", "docker inspect -f '{{.Id}}' gpufleet-chat").stdout.strip()
+            if back and back != container and "(UP" in state and time.monotonic() - started > 10:
+                break
             time.sleep(0.2)
-        out_after = time.monotonic() - started
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and "(UP" not in _server_state("lab-1"):
-            time.sleep(1)
         back_after = time.monotonic() - started
         before_back = len(sh(CLIENT, "cat /tmp/gpufleet-codes").stdout.splitlines())
         assert _until_lines(before_back + 20), "the client's loop stopped"
@@ -206,13 +209,13 @@ def test_a_backend_killed_mid_stream_fails_only_its_request_in_flight(gateway, l
         "failed": len(failed),
         "failed_codes": sorted({code for _, code in failed}),
         "failed_started_after_the_kill": len(after_kill),
-        "out_of_pool_s": round(out_after, 1),
-        "back_in_pool_s": round(back_after, 1),
+        "seen_down_at_the_gateway_s": seen_down and round(seen_down, 1),
+        "engine_back_and_up_s": round(back_after, 1),
     }
     assert killed.returncode == 0, killed.stderr
-    assert "(UP" in _server_state("lab-1"), measured["engine_killed"]
+    assert back and back != container and "(UP" in _server_state("lab-1"), measured["engine_killed"]
     assert len(requests) > 40 and len(failed) <= 1 and after_kill == [], measured["engine_killed"]
-    assert out_after < 15, measured["engine_killed"]
+    assert seen_down is None or seen_down < 15, measured["engine_killed"]
 
 
 def test_a_key_added_is_taken_and_once_revoked_refused_at_the_gateway(gateway, lab):
