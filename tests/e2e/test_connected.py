@@ -256,7 +256,9 @@ def test_bundle_hosts_get_only_what_their_services_use(second_deploy, lab):
         assert UNUSED_IMAGE.split(":")[0] not in repositories and vllm.image_tag().split(":")[0] not in repositories
 
 
-def test_a_host_of_the_site_gets_image_and_hub_weights_from_the_seed_not_the_registry_or_hub(second_deploy, address):
+def test_a_host_of_the_site_gets_image_and_hub_weights_from_the_seed_not_the_registry_or_hub(
+    second_deploy, address, lab
+):
     """lab-ubu-1 stages from lab-net-1 and runs its two services (GPUFLEET_LAB_SITE_FETCH): lab-net-1
     keeps a `docker save` archive of the image it pulled; lab-ubu-1, which has neither the registry's
     login nor its CA (a pull from it would fail) nor the hub's address, pulls that archive and the hub
@@ -267,7 +269,7 @@ def test_a_host_of_the_site_gets_image_and_hub_weights_from_the_seed_not_the_reg
     pair = ("--limit", HOST, "--limit", "lab-ubu-1")
     env = {"GPUFLEET_LAB_SITE_FETCH": "lab-ubu-1"}
     ubu = "lab-ubu-1"
-    ubu_address, lab_address = (sh("hostname -I", name=name).stdout.split()[0] for name in (ubu, HOST))
+    ubu_address, lab_address = lab[ubu]["address"], lab[HOST]["address"]  # on the lab network
     sh(f"docker rmi -f {image} >/dev/null 2>&1; rm -rf /var/lib/gpufleet/site-images /srv/gpufleet/weights/*", name=ubu)
     assert sh(f"docker image inspect {image}", name=ubu).returncode != 0
     sh("rm -rf /var/lib/gpufleet/site-images")  # the seed saves its archive in this run
