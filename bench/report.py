@@ -159,8 +159,9 @@ def latency_table(latency):
 
     lines = [
         f"llama.cpp tiny model, one lab host; {len(rounds)} rounds of {latency['runs']} streamed completions × "
-        f"{latency['max_tokens']} tokens per path, interleaved, each on a kept-alive connection (median of the "
-        "rounds, their range in brackets):",
+        f"{latency['max_tokens']} tokens per path, interleaved, through HAProxy on a kept-alive connection, to "
+        "the engine on a new one each time (llama-cpp-python's server closes it after each streamed answer); "
+        "median of the rounds, their range in brackets:",
         "",
         "| path | TTFT p50 (ms) | TTFT p99 (ms) | inter-token p50 (ms) | inter-token p99 (ms) |",
         "|---|---|---|---|---|",
