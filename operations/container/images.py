@@ -124,6 +124,28 @@ def has_digest(local, image, digest):
     return f"{repository(image)}@{digest}" in (local or {}).get("repo_digests", [])
 
 
+def registry_of(image):
+    """The registry a reference names, Docker Hub's as ``docker.io`` (pure)."""
+    first, _, rest = image.partition("/")
+    return first if rest and ("." in first or ":" in first or first == "localhost") else "docker.io"
+
+
+def pull_command(image):
+    """``docker pull`` of ``image``; a registry refusing it for too many pulls (HTTP 429: Docker Hub
+    allows 10 anonymous pulls an hour per address) said plainly, with what to do, before Docker's
+    own words."""
+    quoted = shlex.quote(image)
+    advice = shlex.quote(
+        f"gpufleet: {registry_of(image)} refused the pull of {image}: too many pulls from this address "
+        "(HTTP 429, its rate limit). Let one host pull for the site (gpufleet_stage_via), log in "
+        "(docker_registry_logins) or name a mirror (docker_registry_mirrors)"
+    )
+    return (
+        f"out=$(docker pull -q {quoted} 2>&1) || {{ case \"$out\" in *toomanyrequests*|*'429 Too Many Requests'*) "
+        f'echo {advice} >&2;; esac; echo "$out" >&2; exit 1; }}'
+    )
+
+
 def record_path(state_dir, image):
     return posixpath.join(state_dir, "images", re.sub(r"[^A-Za-z0-9_.-]", "_", image) + ".json")
 
@@ -144,7 +166,7 @@ def pulled(image: str, follow_tag: bool = False, state_dir: str = "/var/lib/gpuf
     local = host.get_fact(LocalImage, image=image)
     record = shlex.quote(record_path(state_dir, image))
     pull = (
-        f"docker pull -q {shlex.quote(image)} && mkdir -p {shlex.quote(posixpath.dirname(record_path(state_dir, image)))}"
+        f"{pull_command(image)} && mkdir -p {shlex.quote(posixpath.dirname(record_path(state_dir, image)))}"
         f" && docker image inspect --format {DIGESTS} {shlex.quote(image)} > {record}"
     )
     if not local:

@@ -26,10 +26,50 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 def test_absent_image_is_pulled_and_its_digests_recorded(run_op):
     commands, _ = run_op(docker_images.pulled, {}, image=f"{REG}:v1")
     assert commands == [
-        f"docker pull -q {REG}:v1 && mkdir -p /var/lib/gpufleet/images && docker image inspect "
+        f"{docker_images.pull_command(f'{REG}:v1')} && mkdir -p /var/lib/gpufleet/images && docker image inspect "
         f"--format '{{{{json .RepoDigests}}}}' {REG}:v1 > "
         "/var/lib/gpufleet/images/10.0.0.5_5000_team_llama-server_v1.json"
     ]
+
+
+# Docker's own words when Docker Hub refuses a pull for its rate limit (docker/docs#22134)
+HUB_429 = (
+    "Error response from daemon: toomanyrequests: You have reached your pull rate limit. You may increase the "
+    "limit by authenticating and upgrading: https://www.docker.com/increase-rate-limit"
+)
+
+
+@pytest.mark.parametrize(
+    "says, status, named",
+    [(HUB_429, 1, True), ("Error response from daemon: manifest unknown", 1, False), ("sha256:" + "c" * 64, 0, False)],
+)
+def test_a_pull_refused_for_the_rate_limit_is_named_with_what_to_do(tmp_path, says, status, named):
+    """The pull command run by sh with a stand-in `docker` on PATH that says what Docker says."""
+    fake = tmp_path / "docker"
+    fake.write_text(f"#!/bin/sh\necho {json.dumps(says)} >&2\nexit {status}\n")
+    fake.chmod(0o755)
+    done = subprocess.run(
+        ["sh", "-c", docker_images.pull_command("vllm/vllm-openai:v0.6.3")],
+        env={**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == status
+    advice = (
+        "gpufleet: docker.io refused the pull of vllm/vllm-openai:v0.6.3: too many pulls from this address "
+        "(HTTP 429, its rate limit). Let one host pull for the site (gpufleet_stage_via)"
+    )
+    assert (advice in done.stderr) == named, done.stderr
+    assert status == 0 or says in done.stderr  # Docker's own words follow
+
+
+def test_the_registry_a_reference_names():
+    assert docker_images.registry_of("vllm/vllm-openai:v0.6.3") == "docker.io"
+    assert docker_images.registry_of("nginx") == "docker.io"
+    assert docker_images.registry_of("10.0.0.5:5000/team/x:v1") == "10.0.0.5:5000"
+    assert docker_images.registry_of("nvcr.io/nvidia/k8s/dcgm-exporter:4.2.3") == "nvcr.io"
+    assert docker_images.registry_of("localhost/x") == "localhost"
 
 
 def test_digest_pinned_image_present_asks_no_registry(run_op):
@@ -57,7 +97,7 @@ def test_moved_tag_is_reported_and_followed_only_when_asked(run_op, caplog):
     assert commands == [] and noops == [f"{REG}:v1: tag moved in the registry; not followed"]
     assert f"its registry now serves {MOVED} for this tag; this host keeps {REG}@{DIGEST}" in caplog.text
     commands, _ = run_op(docker_images.pulled, facts, image=f"{REG}:v1", follow_tag=True)
-    assert commands[0].startswith(f"docker pull -q {REG}:v1 && ")
+    assert commands[0].startswith(f"{docker_images.pull_command(f'{REG}:v1')} && ")
 
 
 def test_unreachable_registry_keeps_the_image_and_says_so(run_op, caplog):
