@@ -18,6 +18,7 @@ from pyinfra.operations import apt, files, systemd
 from operations import TEMPLATES, TOOLS_DIR
 from operations.core import base, checks, settings
 from operations.core.errors import ConfigError
+from operations.core.site_hosts import site_hosts
 from operations.gateway import pools as gateway_pools
 from operations.monitoring.inventory import watchers
 from operations.services import firewall, secret_files, site_tls
@@ -75,12 +76,6 @@ def config_text(pools, certificate, ca_file, port, listen, check_interval, max_b
     )
 
 
-def run_hosts():
-    """The inventory's hosts as ``(name, data)``: every host, whether this run touches it or not (a
-    gateway's pools are the site's, not the --limit's)."""
-    return [(other.name, other.data.dict()) for other in host.inventory]
-
-
 @deploy("Run the gateway", data_defaults=settings.DEFAULTS)
 def install():
     """
@@ -94,7 +89,7 @@ def install():
             "(e.g. ['10.0.0.0/8']), or set inference_firewall = False to keep your own firewall",
             host=host.name,
         )
-    pools = gateway_pools.pools(run_hosts())
+    pools = gateway_pools.pools([(name, data) for name, data, _ in site_hosts()])  # the site's, not the --limit's
     if not pools:
         logger.warning(
             f"[{host.name}] gateway: no host of the inventory serves a service behind a TLS front "

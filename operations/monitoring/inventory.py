@@ -1,10 +1,10 @@
-"""The inventory as monitoring reads it: every host of it, whether this run touches it or not (the
-site's Prometheus watches the site, not the --limit)."""
+"""The inventory as monitoring reads it: who watches (every host of it, whether this run touches it
+or not: the site's Prometheus watches the site, not the --limit), and what monitoring left on a host."""
 
-from pyinfra import host
 from pyinfra.api import FactBase
 
 from operations.core import host_memo
+from operations.core.site_hosts import site_hosts
 from operations.monitoring import targets
 
 # What gpufleet's monitoring leaves on a host, looked for in one command when it has to go.
@@ -39,12 +39,6 @@ def left_over(path):
 
 
 @host_memo.per_run
-def run_hosts():
-    """Every host of the inventory as ``(name, data, groups)``, data as a dict (read once per run)."""
-    return [(other.name, other.data.dict(), set(other.groups)) for other in host.inventory]
-
-
-@host_memo.per_run
 def watchers():
     """The addresses of the inventory's monitoring hosts: who may scrape this host (none: not watched)."""
-    return targets.monitoring_addresses(run_hosts())
+    return targets.monitoring_addresses(site_hosts())

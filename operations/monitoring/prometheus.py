@@ -18,8 +18,9 @@ from pyinfra.operations.util import any_changed
 
 from operations import TEMPLATES
 from operations.core import settings
+from operations.core.site_hosts import site_hosts
 from operations.monitoring import targets
-from operations.monitoring.inventory import left_over, run_hosts
+from operations.monitoring.inventory import left_over
 from operations.services import site_tls
 
 PACKAGE = "prometheus"
@@ -64,7 +65,7 @@ def install():
     """
     data = host.data
     port, storage = data.monitoring_prometheus_port, data.monitoring_storage_path
-    hosts = run_hosts()
+    hosts = site_hosts()
     found = targets.scrape_targets(hosts, settings.DEFAULTS)
     files.directory(name=f"Ensure {CONFIG_DIR}/targets exists", path=f"{CONFIG_DIR}/targets", mode="755")
     written = [
