@@ -64,6 +64,22 @@ def measurements(name, **first):
     path.write_text(json.dumps(results, indent=2) + "\n")
 
 
+def run_checks(paths, hosts):
+    """Run the host-by-host checks ``paths`` (under tests/checks) against lab ``hosts`` (names) as an
+    operator runs them: pytest-testinfra over the lab's SSH config, with sudo. Returns the finished
+    process and each check's outcome, ``{(check, host): "PASSED" | "FAILED" | "ERROR"}``."""
+    completed = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", *paths]
+        + [f"--hosts={','.join(f'ssh://{name}' for name in hosts)}", f"--ssh-config={lab_hosts.SSH_CONFIG}", "--sudo"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    found = re.findall(r"^(PASSED|FAILED|ERROR) tests/checks/\S+::(\w+)\[ssh://([\w-]+)\]", completed.stdout, re.M)
+    return completed, {(check, host): outcome for outcome, check, host in found}
+
+
 def run_deploy(*args, deploy="deploy.py", inventory="inventories/lab.py", env=None):
     completed = subprocess.run(
         [PYINFRA, "-y", inventory, deploy, *args],

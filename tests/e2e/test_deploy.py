@@ -2,9 +2,8 @@
 
 import re
 import subprocess
-import sys
 
-from tests.e2e.conftest import PYINFRA, REPO, run_deploy
+from tests.e2e.conftest import PYINFRA, REPO, run_checks, run_deploy
 from tests.lab import hosts as lab_hosts
 
 
@@ -84,30 +83,12 @@ MUST_PASS = {
 
 def test_testinfra_checks_pass_on_every_host(second_deploy, lab):
     """Every host passes exactly the checks the lab makes it for; the rest (GPU-only: no GPU here) skip."""
-    hosts = ",".join(f"ssh://{host['name']}" for host in lab_hosts.deployed())
-    checks = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-rA",
-            "-p",
-            "no:cacheprovider",
-            "tests/checks",
-            f"--hosts={hosts}",
-            f"--ssh-config={lab_hosts.SSH_CONFIG}",
-            "--sudo",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    checks, outcomes = run_checks(["tests/checks"], [host["name"] for host in lab_hosts.deployed()])
     assert checks.returncode == 0, checks.stdout[-4000:]
     passed = {name: set() for name in MUST_PASS}
-    for check, name in re.findall(r"^PASSED tests/checks/\S+::(\w+)\[ssh://([\w-]+)\]", checks.stdout, re.M):
-        passed.setdefault(name, set()).add(check)
+    for (check, name), outcome in outcomes.items():
+        if outcome == "PASSED":
+            passed.setdefault(name, set()).add(check)
     assert passed == MUST_PASS, {
         name: {"missing": sorted(MUST_PASS.get(name, set()) - got), "extra": sorted(got - MUST_PASS.get(name, set()))}
         for name, got in passed.items()

@@ -9,15 +9,13 @@ revoked key is refused. Measured: .lab/measurements/gateway.json. The default ru
 the gateway and the fronts.
 """
 
-import subprocess
-import sys
 import time
 
 import pytest
 
 from tests.lab import hosts as lab_hosts
 
-from .conftest import REPO, measurements, run_deploy
+from .conftest import REPO, measurements, run_checks, run_deploy
 from .test_security import KEY
 
 GATEWAY = {"GPUFLEET_LAB_GATEWAY": "lab-2"}
@@ -106,15 +104,14 @@ def test_one_url_for_the_service_with_its_key_and_the_sites_ca(gateway, lab):
     again = run_deploy(*_fronted(), env=GATEWAY)
     assert again.rc == 0 and again.total_changed() == 0, again.changed()
     # the host-by-host checks: the gateway's and the front's must pass on lab-2, none skipped
-    checks = subprocess.run(
+    checks, outcomes = run_checks(
         [
-            sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider",
-            "tests/checks/test_gateway.py", "tests/checks/test_inference.py::test_proxies_running_and_refusing_requests_without_the_key",
-            "--hosts=ssh://lab-2", f"--ssh-config={lab_hosts.SSH_CONFIG}", "--sudo",
+            "tests/checks/test_gateway.py",
+            "tests/checks/test_inference.py::test_proxies_running_and_refusing_requests_without_the_key",
         ],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    passed = {line.split("::")[-1].split("[")[0] for line in checks.stdout.splitlines() if line.startswith("PASSED")}
+        ["lab-2"],
+    )
+    passed = {check for (check, _), outcome in outcomes.items() if outcome == "PASSED"}
     assert passed == {
         "test_gateway_serves_its_pools_with_tls_and_every_member_up",
         "test_proxies_running_and_refusing_requests_without_the_key",

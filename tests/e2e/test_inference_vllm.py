@@ -12,9 +12,6 @@ hub double, huggingface_hub's own client) serves too. Start times go to .lab/mea
 """
 
 import json
-import re
-import subprocess
-import sys
 import time
 
 import pytest
@@ -23,7 +20,7 @@ from group_data.lab import inference_services as LAB_SERVICES
 from tests.lab import hosts as lab_hosts
 from tests.lab import site, vllm
 
-from .conftest import REPO, measurements, run_deploy
+from .conftest import REPO, measurements, run_checks, run_deploy
 
 HOST = "lab-2"
 KEY = REPO / ".lab" / "secrets" / "chat-api-key"
@@ -162,16 +159,9 @@ def test_the_hosts_checks_cover_vllm_as_they_cover_llamacpp(served):
     """tests/checks on lab-2: every service check passes with vLLM among the services host.json names."""
     record = json.loads(sh("cat /etc/gpufleet/host.json").stdout)
     assert {s["name"]: s["started"] for s in record["services"]} == {"chat": True, "vllm": True}
-    checks = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "tests/checks/test_inference.py"]
-        + [f"--hosts=ssh://{HOST}", f"--ssh-config={lab_hosts.SSH_CONFIG}", "--sudo"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    checks, outcomes = run_checks(["tests/checks/test_inference.py"], [HOST])
     assert checks.returncode == 0, checks.stdout[-4000:]
-    passed = set(re.findall(r"^PASSED tests/checks/test_inference.py::(\w+)\[", checks.stdout, re.M))
+    passed = {check for (check, _), outcome in outcomes.items() if outcome == "PASSED"}
     assert {
         "test_units_enabled_and_running",
         "test_readiness_endpoints_answer",

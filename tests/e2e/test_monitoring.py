@@ -12,8 +12,6 @@ afterwards stops the exporters and removes Prometheus' configuration.
 """
 
 import json
-import subprocess
-import sys
 import time
 import xml.etree.ElementTree as ElementTree
 
@@ -22,7 +20,7 @@ import pytest
 from operations.monitoring import status_page
 from tests.lab import hosts as lab_hosts
 
-from .conftest import REPO, measurements, run_deploy
+from .conftest import REPO, measurements, run_checks, run_deploy
 from .test_security import KEY
 
 WATCHED = {"GPUFLEET_LAB_GATEWAY": "lab-2", "GPUFLEET_LAB_MONITORING": "lab-ubu-1"}
@@ -175,36 +173,12 @@ def test_the_fleets_picture_is_drawn_from_this_prometheus(watched, lab):
 
 
 def test_the_checks_pass_on_a_watched_host_and_name_the_unreachable_one_on_the_monitoring_host(watched, lab):
-    checks = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-rA",
-            "-p",
-            "no:cacheprovider",
-            "tests/checks/test_monitoring.py",
-            f"--hosts=ssh://{MONITOR},ssh://lab-1",
-            f"--ssh-config={lab_hosts.SSH_CONFIG}",
-            "--sudo",
-        ],  # fmt: skip
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    results = dict(
-        (line.split(" ", 1)[1].split(" - ")[0], line.split(" ", 1)[0])
-        for line in checks.stdout.splitlines()
-        if line.startswith(("PASSED ", "FAILED ", "SKIPPED ", "ERROR "))
-    )
-    check = "tests/checks/test_monitoring.py::"
+    checks, outcomes = run_checks(["tests/checks/test_monitoring.py"], [MONITOR, "lab-1"])
     assert {
-        f"{check}test_node_exporter_runs_with_gpufleets_arguments_and_answers[ssh://{MONITOR}]": "PASSED",
-        f"{check}test_node_exporter_runs_with_gpufleets_arguments_and_answers[ssh://lab-1]": "PASSED",
-        f"{check}test_prometheus_runs_on_loopback_with_the_targets_the_deploy_wrote[ssh://{MONITOR}]": "PASSED",
-        f"{check}test_every_target_is_up_and_no_alert_fires[ssh://{MONITOR}]": "FAILED",
-    }.items() <= results.items(), checks.stdout[-4000:]
+        ("test_node_exporter_runs_with_gpufleets_arguments_and_answers", MONITOR): "PASSED",
+        ("test_node_exporter_runs_with_gpufleets_arguments_and_answers", "lab-1"): "PASSED",
+        ("test_prometheus_runs_on_loopback_with_the_targets_the_deploy_wrote", MONITOR): "PASSED",
+        ("test_every_target_is_up_and_no_alert_fires", MONITOR): "FAILED",
+    }.items() <= outcomes.items(), checks.stdout[-4000:]
     # the one failure is the air-gapped host the monitoring host cannot reach, named
     assert f"node lab-gap-1 http://{lab['lab-gap-1']['address']}:9100/metrics" in checks.stdout, checks.stdout[-4000:]

@@ -5,13 +5,12 @@ from elsewhere, a request without the key is refused."""
 import json
 import shlex
 import subprocess
-import sys
 
 import pytest
 
 from tests.lab import hosts as lab_hosts
 
-from .conftest import REPO, run_deploy
+from .conftest import REPO, run_checks, run_deploy
 
 KEY = REPO / ".lab" / "secrets" / "chat-api-key"
 HOSTS = ["lab-1", "lab-gap-1"]
@@ -212,25 +211,7 @@ def test_behind_its_proxy_a_service_answers_the_key_from_allowed_sources_only(se
         record = json.loads(as_root("lab-2", "cat /etc/gpufleet/host.json").stdout)
         assert record["services"][0]["proxy"]["port"] == 8090 and record["allowed_sources"] == [lab["lab-1"]["address"]]
         # the host-by-host checks see the proxy and the firewall too (their proxy check runs here)
-        checks = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pytest",
-                "-q",
-                "-rs",
-                "-p",
-                "no:cacheprovider",
-                "tests/checks/test_inference.py",
-                "--hosts=ssh://lab-2",
-                f"--ssh-config={lab_hosts.SSH_CONFIG}",
-                "--sudo",
-            ],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        checks, _ = run_checks(["tests/checks/test_inference.py"], ["lab-2"])
         assert checks.returncode == 0 and " failed" not in checks.stdout, checks.stdout[-3000:]
         assert "skipped" not in checks.stdout, checks.stdout[-3000:]
         again = run_deploy("--limit", "lab-2", *exposed)
