@@ -4,6 +4,7 @@ commands a guest's passthrough takes; the device node script; the guest's user-s
 import os
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from operations.toolkit import install as nvidia_toolkit
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 REPO = Path(__file__).resolve().parents[2]
+DOUBLE_DIR = REPO / "tests" / "fixtures" / "proxmox_double"
 H100_DEVICES = (DATA / "nvidia" / "h100-proc-devices.txt").read_text().splitlines()
 
 
@@ -276,3 +278,63 @@ def test_device_node_script_reads_majors_and_replaces_stale_nodes(tmp_path):
     devices.write_text("Character devices:\n  1 mem\n")
     failed = subprocess.run(["sh", script], env=env, capture_output=True, text=True)
     assert failed.returncode == 1 and "is the NVIDIA kernel module loaded?" in failed.stderr
+
+
+def _pct(root, *args):
+    """The lab's pct double run against a configuration tree under ``root``."""
+    return subprocess.run(
+        [sys.executable, str(DOUBLE_DIR / "pct"), *args],
+        env={**os.environ, "GPUFLEET_PCT_DOUBLE_ROOT": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def _section(text, name):
+    """The ``key: value`` lines of one section of a .conf (None: the main one)."""
+    found, current = [], None
+    for line in text.splitlines():
+        if line.startswith("["):
+            current = line
+            continue
+        if current == name and ":" in line and not line.startswith("#"):
+            found.append(line)
+    return found
+
+
+def test_the_pct_double_stages_changes_and_hotplugs_as_pve_container_does(tmp_path):
+    """As pve-container's update_pct_config and vmconfig_hotplug_pending do on a running guest: a new
+    devN is hot-plugged, a changed one and features wait in [pve:pending] (pct config shows them
+    taken in, --current does not), a deletion of a devN waits too; a reboot applies them (vm_start);
+    on a stopped guest everything applies at once; a path that is not a device node is refused."""
+    conf = tmp_path / "etc/pve/lxc/101.conf"
+    conf.parent.mkdir(parents=True)
+    conf.write_text((DOUBLE_DIR / "101.conf").read_text())
+    null = "/dev/null"  # a character device everywhere
+    assert _pct(tmp_path, "set", "101", "--dev0", null, "--features", "fuse=1,nesting=1").returncode == 0
+    text = conf.read_text()
+    assert "dev0: /dev/null" in _section(text, None)  # new device: hot-plugged
+    assert _section(text, "[pve:pending]") == ["features: fuse=1,nesting=1"]
+    assert "features: fuse=1,nesting=1" in _pct(tmp_path, "config", "101").stdout.splitlines()
+    assert "features: fuse=1" in _pct(tmp_path, "config", "101", "--current").stdout.splitlines()
+    assert _pct(tmp_path, "set", "101", "--dev0", "/dev/zero").returncode == 0  # an existing devN changed
+    assert _section(conf.read_text(), "[pve:pending]") == ["dev0: /dev/zero", "features: fuse=1,nesting=1"]
+    assert _pct(tmp_path, "set", "101", "--delete", "dev0").returncode == 0
+    assert _section(conf.read_text(), "[pve:pending]") == ["delete: dev0", "features: fuse=1,nesting=1"]
+    assert "dev0: /dev/null" in _section(conf.read_text(), None)
+    assert not [line for line in _pct(tmp_path, "config", "101").stdout.splitlines() if line.startswith("dev0")]
+    assert _pct(tmp_path, "reboot", "101").returncode == 0
+    text = conf.read_text()
+    assert "[pve:pending]" not in text and "features: fuse=1,nesting=1" in _section(text, None)
+    assert not [line for line in _section(text, None) if line.startswith("dev0")]
+    assert "snaptime: 1731500000" in _section(text, "[before-gpu]")  # snapshots kept
+    (tmp_path / "var/lib/gpufleet-pct-double").mkdir(parents=True)
+    (tmp_path / "var/lib/gpufleet-pct-double/101.stopped").touch()
+    assert _pct(tmp_path, "status", "101").stdout == "status: stopped\n"
+    assert _pct(tmp_path, "set", "101", "--dev1", null, "--features", "fuse=1").returncode == 0
+    assert "[pve:pending]" not in conf.read_text()  # stopped: applied at once
+    refused = _pct(tmp_path, "set", "101", "--dev2", str(conf))
+    assert refused.returncode == 255 and f"{conf} is not a device" in refused.stderr
+    refused = _pct(tmp_path, "set", "101", "--dev2", "/dev/nvidia-none")
+    assert refused.returncode == 255 and "Device /dev/nvidia-none does not exist" in refused.stderr
