@@ -10,7 +10,6 @@ A digest reference (``repo@sha256:...``) cannot be relayed so: ``docker load`` r
 a unit naming the digest would find nothing. Hosts pull those themselves (said in the run).
 """
 
-import json
 import posixpath
 import re
 import shlex
@@ -21,8 +20,9 @@ from pyinfra.api import operation
 from operations.container.images import LocalImage
 from operations.core import checks
 from operations.core.remote import HostFunction, Shell
-from operations.offline.staging.facts import RECORD, StagedFiles
+from operations.offline.staging.facts import StagedFiles
 from operations.offline.staging.relay import pull_recorded, pullers
+from operations.offline.staging.wire import write_record
 
 SITE_IMAGES = "/var/lib/gpufleet/site-images"
 
@@ -58,13 +58,18 @@ def _image_id(shell, image):
     return lines[0].strip()
 
 
+def _kept(staged, name):
+    """Whether the archive ``name`` is in SITE_IMAGES as its record says (``StagedFiles``) (pure)."""
+    return bool(staged["files"].get(name)) and staged["record"].get(name, [])[:2] == staged["files"][name]
+
+
 def _save(state, host, shell, image):  # pyinfra passes state and host by these names
     """On the seed: the archive of ``image`` as Docker holds it now, saved unless its record is
     already there; archives of the image's other IDs removed."""
     name = archive_name(image, _image_id(shell, image))
     facts = StagedFiles()
     staged = facts.process(shell.run(facts.command(SITE_IMAGES)))
-    if staged["files"].get(name) and staged["record"].get(name, [])[:2] == staged["files"][name]:
+    if _kept(staged, name):
         logger.info(f"[{host.name}] {image}: archive for the site kept ({name})")
         return
     path = shlex.quote(posixpath.join(SITE_IMAGES, name))
@@ -73,14 +78,10 @@ def _save(state, host, shell, image):  # pyinfra passes state and host by these 
         f"mkdir -p {SITE_IMAGES} && rm -f {prefix}@*.tar {prefix}@*.tar.saving && "
         f"docker save -o {path}.saving {shlex.quote(image)} && mv -f {path}.saving {path}"
     )
-    size, mtime = shell.run(f"stat -c '%s %Y' {path}")[0].split()
-    digest = shell.run(f"sha256sum {path}")[0].split()[0]
-    record = {
-        kept: entry for kept, entry in staged["record"].items() if not kept.startswith(name.rsplit("@", 1)[0] + "@")
-    }
-    record[name] = [int(size), int(mtime), digest]
-    at = shlex.quote(posixpath.join(SITE_IMAGES, RECORD))
-    shell.send(f"cat > {at}.new && mv -f {at}.new {at}", json.dumps(record, sort_keys=True))
+    size, digest = shell.run(f"stat -c %s {path} && sha256sum {path}")
+    # the staging record as every staged directory keeps it (archives removed above drop out of it)
+    recorded = {kept: {"sha256": entry[2]} for kept, entry in staged["record"].items()}
+    write_record(shell, SITE_IMAGES, {**recorded, name: {"sha256": digest.split()[0]}})
     logger.info(f"[{host.name}] {image}: saved for the site's hosts ({name}, {size} bytes)")
 
 
@@ -102,8 +103,7 @@ def saved_for_site(image: str, seed: str, pulled_now: bool = False):
     local = host.get_fact(LocalImage, image=image)
     if local and not pulled_now:
         name = archive_name(image, local["id"])
-        staged = host.get_fact(StagedFiles, path=SITE_IMAGES)
-        if staged["files"].get(name) and staged["record"].get(name, [])[:2] == staged["files"][name]:
+        if _kept(host.get_fact(StagedFiles, path=SITE_IMAGES), name):
             host.noop(f"{image}: archive for the site's hosts kept ({name})")
             return
     yield HostFunction(_save, [image], {})

@@ -169,10 +169,11 @@ def install_images(images: list[str], follow_tag: bool | None = None):
             seed=(seed or host).name,
             pulled_now=bool(seed is None and operations[image].will_change),
         )
-    for image in [image for image in site if image in images] if seed else []:
-        operations[image] = site_images.from_seed(
-            name=f"Load image {image} from {seed.name}", image=image, seed=seed.name
-        )
+    for image in site if seed else []:
+        if image in images:
+            operations[image] = site_images.from_seed(
+                name=f"Load image {image} from {seed.name}", image=image, seed=seed.name
+            )
     return operations
 
 
