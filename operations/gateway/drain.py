@@ -5,20 +5,31 @@ open ones go on) and waits, at most the given seconds, until none is in flight t
 sets it ready again and waits until the gateway's health check says it is UP, so the next batch
 only drains once this host takes requests. Both run in the served host's turn and act on each
 gateway over the gateway's own connection (``gpufleet-gateway-ctl``, HAProxy's runtime API).
+``put_back_where_left_out`` converges what an earlier run left: a server it drained and did not
+put back (a rollout halted on its host) returns once its service answers.
 """
 
 import shlex
 
 from pyinfra import host, logger
 from pyinfra.api import FunctionCommand, OperationError, operation
+from pyinfra.context import ctx_host
 
 from operations import TOOLS_DIR
 from operations.core.remote import Shell
+from operations.gateway.facts import HeldOutServers
 
 
 def gateways():
     """The gateway hosts of this run that are still going (connected, not failed)."""
     return [other for other in host.inventory if "gateway_hosts" in other.groups and other in host.state.active_hosts]
+
+
+def _held_out_at(gateway, service):
+    """Whether ``gateway`` holds this host's server in ``service``'s pool out (set to drain or maint)."""
+    server = f"{service}/{host.name}"  # read before ``host`` stands for the gateway
+    with ctx_host.use(gateway):
+        return server in gateway.get_fact(HeldOutServers)
 
 
 def _at_gateways(state, host, action, service, timeout, targets):  # pyinfra passes state and host by these names
@@ -36,6 +47,11 @@ def _at_gateways(state, host, action, service, timeout, targets):  # pyinfra pas
             raise OperationError(f"{host.name}: gateway {gateway.name} does not take it back: {said}")
         if status != "0":
             logger.warning(f"[{host.name}] gateway {gateway.name}: {said}: stopping anyway")
+
+
+def _ready_timeout():
+    """Seconds a server put back may take to be UP at a gateway: 10 check intervals and 30 s."""
+    return host.data.gateway_check_interval * 10 + 30
 
 
 def _at_every_gateway(action, service, timeout):
@@ -62,4 +78,19 @@ def readmitted(service: str):
     Put this host's server back into ``service``'s pool at every gateway of the run, and wait until
     its health check there says UP (at most 10 check intervals and 30 s; the host fails otherwise).
     """
-    yield from _at_every_gateway("ready", service, host.data.gateway_check_interval * 10 + 30)
+    yield from _at_every_gateway("ready", service, _ready_timeout())
+
+
+@operation()
+def put_back_where_left_out(service: str):
+    """
+    Put this host's server back into ``service``'s pool at the gateways of the run that hold it out
+    (set to drain or maintenance, read when the run starts: an earlier run drained it and stopped,
+    as a rollout halted on this host does), and wait until UP there. Call it where the service
+    answers; nothing where every gateway has it in.
+    """
+    held_out = [gateway for gateway in gateways() if _held_out_at(gateway, service)]
+    if not held_out:
+        host.noop(f"{service}: in the pool at every gateway of the run")
+        return
+    yield FunctionCommand(_at_gateways, ["ready", service, _ready_timeout(), held_out], {})

@@ -425,11 +425,26 @@ def _install_service(service, user, gpus, weights_root, start_timeout, volumes, 
         volumes[volume],
         posixpath.join(weights_root, volume),
     )
+    if service.get("proxy_port") and rolling.readmits_itself():
+        _back_where_left_out(service, ready)
 
     def start():
         _start_service(service, engine_service, where, restart, user, new_key, start_timeout, tls)
 
     return (engine_service, ready, where), start
+
+
+def _back_where_left_out(service, ready):
+    """A pooled service that answers now (its engine and its TLS front), yet is held out at a gateway
+    by a run that drained it and stopped (a rollout halted on this host), goes back into the pool now,
+    not in its host's batch: before any other host of the pool is drained."""
+    front = host.get_fact(ServiceReady, **auth_proxy.readiness(service))
+    if ready["ready"] and front["ready"]:
+        gateway_drain.put_back_where_left_out(
+            name=f"Put {managed_name(service['name'])} back into the gateways' pool {service['name']} "
+            "where an earlier run left it out",
+            service=service["name"],
+        )
 
 
 def _start_service(service, engine_service, where, restart, user, new_key, start_timeout, tls):

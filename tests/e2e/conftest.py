@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,17 @@ def measurements(name, **first):
     path = REPO / ".lab" / "measurements" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def until(condition, seconds, every=1):
+    """Seconds until ``condition()`` held (asked every ``every`` seconds), or None when it did not
+    within ``seconds``."""
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        if condition():
+            return round(time.monotonic() - started, 1)
+        time.sleep(every)
+    return None
 
 
 def run_checks(paths, hosts):

@@ -20,7 +20,7 @@ import pytest
 from operations.monitoring import status_page
 from tests.lab import hosts as lab_hosts
 
-from .conftest import REPO, measurements, run_checks, run_deploy
+from .conftest import REPO, measurements, run_checks, run_deploy, until
 from .test_security import KEY
 
 WATCHED = {"GPUFLEET_LAB_GATEWAY": "lab-2", "GPUFLEET_LAB_MONITORING": "lab-ubu-1"}
@@ -51,16 +51,6 @@ def _firing(alertname):
     """The labels of each firing ``alertname`` alert."""
     data = _api("alerts") or {"alerts": []}
     return [a["labels"] for a in data["alerts"] if a["labels"]["alertname"] == alertname and a["state"] == "firing"]
-
-
-def _until(condition, seconds):
-    """Seconds until ``condition()`` held (polled every second), or None when it did not within ``seconds``."""
-    started = time.monotonic()
-    while time.monotonic() - started < seconds:
-        if condition():
-            return round(time.monotonic() - started, 1)
-        time.sleep(1)
-    return None
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +85,7 @@ def test_prometheus_scrapes_every_host_both_engines_through_their_fronts_and_the
         ("engines", "lab-2", "chat"): "up",
         ("gateways", "lab-2", None): "up",
     }
-    measured["all_targets_up_s"] = _until(lambda: _targets() == wanted, 90)
+    measured["all_targets_up_s"] = until(lambda: _targets() == wanted, 90)
     assert measured["all_targets_up_s"] is not None, _targets()
     # the engines' own series, by host and service
     processing = _api("query?query=llamacpp:requests_processing")["result"]
@@ -121,7 +111,7 @@ def test_prometheus_scrapes_every_host_both_engines_through_their_fronts_and_the
     assert smi == {"lab-pve-1": "0"} and mismatch == {"lab-pve-1": "0"}, (smi, mismatch)
     assert _firing("GpufleetServiceNotReady") == []
     unreachable = sorted(name for name in deployed if lab[name]["airgapped"])
-    measured["host_down_alert_s"] = _until(
+    measured["host_down_alert_s"] = until(
         lambda: sorted(a["host"] for a in _firing("GpufleetHostDown")) == unreachable, 60
     )
     assert measured["host_down_alert_s"] is not None, _api("alerts")
@@ -133,16 +123,16 @@ def test_a_second_run_changes_nothing(watched):
 
 
 def test_a_stopped_service_raises_its_alert_and_it_clears_when_back(watched, measured):
-    assert _until(lambda: _targets().get(("engines", "lab-1", "chat")) == "up", 60) is not None
+    assert until(lambda: _targets().get(("engines", "lab-1", "chat")) == "up", 60) is not None
     sh("lab-1", "systemctl stop gpufleet-chat.service")
     try:
-        measured["alert_fires_after_stop_s"] = _until(
+        measured["alert_fires_after_stop_s"] = until(
             lambda: [(a["host"], a["service"]) for a in _firing("GpufleetServiceNotReady")] == [("lab-1", "chat")], 90
         )
         assert measured["alert_fires_after_stop_s"] is not None, _api("alerts")
     finally:
         sh("lab-1", "systemctl start gpufleet-chat.service")
-    measured["alert_clears_after_start_s"] = _until(lambda: _firing("GpufleetServiceNotReady") == [], 120)
+    measured["alert_clears_after_start_s"] = until(lambda: _firing("GpufleetServiceNotReady") == [], 120)
     assert measured["alert_clears_after_start_s"] is not None, _api("alerts")
 
 

@@ -22,7 +22,7 @@ from tests.lab import bundle as lab_bundle
 from tests.lab import hosts as lab_hosts
 from tests.lab import probe
 
-from .conftest import REPO, measurements, run_deploy
+from .conftest import REPO, measurements, run_deploy, until
 
 HOSTS = ("lab-1", "lab-2", "lab-gap-1")
 OLD = settings.DEFAULTS["nvidia_driver_version"]
@@ -190,15 +190,23 @@ def test_a_host_failing_verification_halts_the_rollout_naming_it(served, targets
 
 
 def test_run_again_resumes_one_host_at_a_time_while_two_always_answer(served, targets, new_bundle, measured):
-    """... and the gateway answers every request: lab-1, left drained there by the halted run, is put
-    back once it serves; lab-2 is drained there before its batch and put back after it."""
+    """... and the gateway answers every request. Fixed, lab-1's service comes back by itself
+    (systemd restarts it), yet the gateway still holds it out, set to drain by the halted run: the
+    run puts it back before lab-2, the pool's other host, is drained there for its batch (otherwise
+    the pool would have no server), and lab-2 is put back after its batch."""
     sh("lab-1", f"rm -f {FAULT} && systemctl daemon-reload")
+    key = KEY.read_text().strip()
+    assert until(lambda: probe.completion(targets["lab-1"], key, ca=str(CA)), 90, every=2) is not None
+    left = sh("lab-2", f"{TOOLS}/gpufleet-gateway-ctl state chat lab-1").stdout
+    assert "; set to drain" in left, left
     resumed, rounds = _probed(targets, lambda: served(version=NEW, bundle=new_bundle))
     assert resumed.rc == 0, resumed.output[-4000:]
     measured["resumed"] = {"rounds": len(rounds), "gateway_failed": sum(not a["gateway"] for _, a in rounds)}
     assert probe.out_of_service(rounds)["gateway"] == [], rounds
-    assert _gateway_said(resumed.output, "lab-1", "ready (UP"), resumed.output[-3000:]
-    assert _gateway_said(resumed.output, "lab-2", "drained") and _gateway_said(resumed.output, "lab-2", "ready (UP")
+    put_back = resumed.output.find("[lab-1] gateway lab-2: chat/lab-1: ready (UP")
+    lab_2_out = resumed.output.find("[lab-2] gateway lab-2: chat/lab-2: drained")
+    assert 0 <= put_back < lab_2_out, resumed.output[-6000:]
+    assert _gateway_said(resumed.output, "lab-2", "ready (UP")
     states = {name: sh("lab-2", f"{TOOLS}/gpufleet-gateway-ctl state chat {name}").stdout for name in FRONTED}
     assert all("(UP" in said for said in states.values()), states
     # lab-1 is upgraded already (no longer pending): it is brought back first, with every host not rolled

@@ -21,6 +21,7 @@ from operations import TEMPLATES
 from operations.core.errors import ConfigError
 from operations.gateway import install as gateway
 from operations.gateway import pools as gateway_pools
+from operations.gateway.facts import HeldOutServers
 from operations.services import auth_proxy, site_tls
 from tests.unit.test_auth_proxy import HAPROXY, _free_port
 from tests.unit.test_inference import SERVICE
@@ -227,18 +228,43 @@ def test_a_drained_host_finishes_its_request_in_flight_and_gets_no_new_one(site)
     assert back.returncode == 0 and "ready (UP" in back.stdout, back.stdout
 
 
+def test_a_server_left_drained_is_told_apart_from_one_whose_check_fails(site):
+    """A drain not followed by its ready (a run that stopped) leaves the server out for good, even
+    once its check passes, and while its check fails "show stat" says only DOWN: gpufleet reads the
+    admin state HAProxy keeps (``held``; the fact deploy.py reads to put such a server back)."""
+    assert _until(lambda: "UP" in _status(site, "front-1") and "UP" in _status(site, "front-2"), 20)
+    assert _ctl(site, "held").stdout == "" and HeldOutServers().process([]) == {}
+    left = _ctl(site, "drain", "chat", "front-1", "5")
+    assert left.returncode == 0 and "drained" in left.stdout, left.stdout
+    site["engines"][0].shutdown()
+    site["engines"][0].server_close()
+    assert _until(lambda: "(DOWN" in _status(site, "front-1"), 20)
+    assert _status(site, "front-1") == "chat/front-1: (DOWN, 0 in flight); set to drain\n"
+    assert _status(site, "front-2") == "chat/front-2: (UP, 0 in flight)\n"
+    held = _ctl(site, "held").stdout
+    assert held == "chat/front-1 drain\n"
+    assert HeldOutServers().process(held.splitlines()) == {"chat/front-1": "drain"}
+    # the last server UP of a pool is drained with a warning: the gateway has none left for it
+    last = _ctl(site, "drain", "chat", "front-2", "5")
+    assert "no other server of chat is UP: this gateway answers 503 for it until one is" in last.stdout, last.stdout
+    assert HeldOutServers().process(_ctl(site, "held").stdout.splitlines()) == {
+        "chat/front-1": "drain",
+        "chat/front-2": "drain",
+    }
+    assert _ctl(site, "ready", "chat", "front-2", "20").returncode == 0
+    assert HeldOutServers().process(_ctl(site, "held").stdout.splitlines()) == {"chat/front-1": "drain"}
+
+
 def test_a_gateway_whose_haproxy_does_not_run_yet_is_said_and_left(tmp_path):
     """A served host readmitted on a first deploy, before the gateway's HAProxy is installed and
     started, is told so and goes on (the gateway's own start reads its servers as they are)."""
+    nowhere = {"admin": str(tmp_path / "admin.sock")}
     for action in ("ready", "drain", "state"):
-        said = subprocess.run(
-            ["python3", str(TEMPLATES / "gpufleet-gateway-ctl"), action, "chat", "lab-1", "5"],
-            env={**os.environ, "GPUFLEET_HAPROXY_SOCKET": str(tmp_path / "admin.sock")},
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        said = _ctl(nowhere, action, "chat", "lab-1", "5")
         assert (said.returncode, said.stdout) == (0, "chat/lab-1: HAProxy does not run on this gateway\n"), said
+    held = _ctl(nowhere, "held")
+    assert (held.returncode, held.stdout) == (0, "HAProxy does not run on this gateway\n"), held
+    assert HeldOutServers().process(held.stdout.splitlines()) == {}
 
 
 def test_pools_are_read_from_the_inventory_and_need_one_set_of_keys(tmp_path):
