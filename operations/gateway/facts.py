@@ -17,6 +17,8 @@ class HeldOutServers(FactBase):
         {"chat/lab-1": "drain"}
     """
 
+    default = dict
+
     def command(self):
         tool = f"{TOOLS_DIR}/gpufleet-gateway-ctl"
         return f"! [ -x {tool} ] || {tool} held"
