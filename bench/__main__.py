@@ -1,4 +1,5 @@
-"""python -m bench [--only fleet,staging,sudo,latency,rollout] [--fleet 1,4] [--fan-out 4] [--repeats 5]
+"""python -m bench [--only fleet,scale,staging,sudo,latency,rollout] [--fleet 1,4] [--scale 1,4,8,16]
+                   [--fan-out 4] [--repeats 5]
                    [--size full|small] [--out DIR]
 python -m bench report [--out DIR]
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from tests.lab import hosts as lab
 
-from . import fleet, latency, record, report, rollout, staging
+from . import fleet, latency, record, report, rollout, scale, staging
 
 
 def main(argv=None):
@@ -24,6 +25,7 @@ def main(argv=None):
     )
     parser.add_argument("--only", default=",".join(record.PARTS), help="parts to run, comma-separated")
     parser.add_argument("--fleet", default="1,4", help="host counts for the fleet runs")
+    parser.add_argument("--scale", default="1,4,8,16", help="host counts for the scale runs (deploy.py alone)")
     parser.add_argument("--variants", default=",".join(fleet.VARIANTS), help="fleet variants to run")
     parser.add_argument("--fan-out", type=int, default=4, help="hosts for the staging fan-out (1: none)")
     parser.add_argument("--repeats", type=int, default=5, help="repeats of each one-host staging row")
@@ -40,6 +42,7 @@ def main(argv=None):
     parts = {part: part in args.only.split(",") for part in record.PARTS}
     runs = {
         "fleet": lambda: fleet.measure([int(n) for n in args.fleet.split(",")], args.variants.split(",")),
+        "scale": lambda: scale.measure([int(n) for n in args.scale.split(",")]),
         "staging": lambda: staging.measure(fan_out=args.fan_out, repeats=args.repeats, size=args.size),
         "sudo": lambda: staging.sudo_vs_root(runs=args.sudo_runs, size=args.size),
         "latency": lambda: latency.measure(runs=args.runs),

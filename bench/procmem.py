@@ -1,6 +1,8 @@
-"""Run a command and sample the resident memory of its whole process tree (Ansible forks workers)."""
+"""Run a command and sample the resident memory of its whole process tree (Ansible forks workers),
+and count the CPU seconds it and the children it waited for used."""
 
 import os
+import resource
 import subprocess
 import threading
 import time
@@ -27,8 +29,15 @@ def _tree_rss_kib(root):
     return total
 
 
+def _children_cpu_s():
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return used.ru_utime + used.ru_stime
+
+
 def run(command, **kwargs):
-    """(seconds, peak MiB of the process tree, CompletedProcess-like) for ``command``."""
+    """(seconds, peak MiB of the process tree, CompletedProcess-like) for ``command``; the
+    CompletedProcess also carries ``cpu_s``, the CPU seconds (user and system) of its tree."""
+    cpu_before = _children_cpu_s()
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
     peak = [0]
@@ -43,4 +52,6 @@ def run(command, **kwargs):
     output, _ = process.communicate()
     seconds = time.perf_counter() - started
     sampler.join()
-    return seconds, peak[0] / 1024, subprocess.CompletedProcess(command, process.returncode, output)
+    done = subprocess.CompletedProcess(command, process.returncode, output)
+    done.cpu_s = _children_cpu_s() - cpu_before
+    return seconds, peak[0] / 1024, done

@@ -13,7 +13,7 @@ from importlib import metadata
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PARTS = ("fleet", "staging", "sudo", "latency", "rollout")
+PARTS = ("fleet", "scale", "staging", "sudo", "latency", "rollout")
 
 
 def _first_line(command):

@@ -80,6 +80,35 @@ def fleet_table(rows):
     return lines
 
 
+def scale_table(scale):
+    lines = [
+        "| hosts | first run (s) | no-op (s), median (range) of 3 | changes on no-op | commands per host on a "
+        "no-op | control node: peak RSS first / no-op (MiB) | CPU first / no-op (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in scale["rows"]:
+        samples, commands = row["noop_samples_s"], row["noop_commands_per_host"]
+        lines.append(
+            f"| {row['hosts']} | {row['first_s']:.1f} | {row['noop_s']:.2f} ({min(samples):.2f}–{max(samples):.2f}) | "
+            f"{', '.join(str(n) for n in row['noop_changes'])} | {commands['min']}–{commands['max']} | "
+            f"{row['first_mib']:.0f} / {row['noop_mib']:.0f} | {row['first_cpu_s']:.1f} / {row['noop_cpu_s']:.1f} |"
+        )
+    first, noop, far = scale["fit"]["first"], scale["fit"]["noop"], scale["extrapolated_to"]
+    one = next((row["noop_s"] for row in scale["rows"] if row["hosts"] == 1), None)
+    per_host = noop["per_extra_host_s"]
+    lines += [
+        "",
+        f"Least-squares fit over these sizes: first run {first['intercept_s']:.1f} s + "
+        f"{first['per_extra_host_s']:.1f} s per host; no-op {noop['intercept_s']:.2f} s + {per_host:.2f} s per "
+        f"host (control-node CPU {scale['noop_cpu_per_extra_host_s']:.2f} s per host). **Extrapolated, not "
+        f"measured**, to {far} hosts: first run {first[f'extrapolated_{far}_s']:.0f} s, no-op "
+        f"{noop[f'extrapolated_{far}_s']:.0f} s. Targets: no-op ≤ 3 s for one host "
+        + (f"({one:.2f} s: {_mark(one <= 3)})" if one is not None else "(one host not run)")
+        + f", ≤ 0.3 s per extra host ({_mark(per_host <= 0.3)}).",
+    ]
+    return lines
+
+
 def staging_table(stage):
     mb = stage["bytes"] / 1e6
     one = stage["one_host"]
@@ -220,6 +249,7 @@ TABLES = {
         "load, weights, llama.cpp service ready), fresh lab hosts per tool",
         fleet_table,
     ),
+    "scale": ("Scale: deploy.py alone on fresh lab hosts of each size", scale_table),
     "staging": ("Weight staging", staging_table),
     "sudo": ("Staging through a sudo login", sudo_table),
     "latency": ("Streaming latency", latency_table),
