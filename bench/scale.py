@@ -11,7 +11,7 @@ import statistics
 
 from tests.lab import hosts as lab
 
-from .fleet import pyinfra, pyinfra_changes
+from .fleet import OUT, pyinfra, pyinfra_changes
 
 SIZES = (1, 4, 8, 16)
 EXTRAPOLATED_TO = 50
@@ -38,8 +38,12 @@ def fit(points):
 
 def _deployed(count, *args):
     seconds, mib, done = pyinfra(*args)
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"scale-{count}-last.log").write_text(done.stdout)
     if done.returncode:
-        raise RuntimeError(f"deploy.py failed on {count} host(s):\n{done.stdout[-3000:]}")
+        raise RuntimeError(
+            f"deploy.py failed on {count} host(s) (its log: {OUT / f'scale-{count}-last.log'}):\n{done.stdout[-3000:]}"
+        )
     return {"s": seconds, "mib": mib, "cpu_s": done.cpu_s, "changes": pyinfra_changes(done.stdout)}
 
 

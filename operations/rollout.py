@@ -13,9 +13,9 @@ step they share), so a batch's operations run after the previous batch's and bef
 from pyinfra import host, logger
 from pyinfra.api import deploy, operation
 from pyinfra.api.exceptions import OperationError
-from pyinfra.context import ctx_host
 from pyinfra.facts.systemd import SystemdStatus
 
+from operations.core import other_hosts
 from operations.core.errors import ConfigError
 from operations.driver import devices
 from operations.driver import install as nvidia_driver
@@ -52,8 +52,7 @@ def pending():
 
 def pending_of(other):
     if other.name not in _PENDING:
-        with ctx_host.use(other):
-            _PENDING[other.name] = pending()
+        _PENDING[other.name] = other_hosts.answer(other, "pending", pending)
     return _PENDING[other.name]
 
 

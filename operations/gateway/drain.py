@@ -13,9 +13,9 @@ import shlex
 
 from pyinfra import host, logger
 from pyinfra.api import FunctionCommand, OperationError, operation
-from pyinfra.context import ctx_host
 
 from operations import TOOLS_DIR
+from operations.core import other_hosts
 from operations.core.remote import Shell
 from operations.gateway.facts import HeldOutServers
 
@@ -27,9 +27,8 @@ def gateways():
 
 def _held_out_at(gateway, service):
     """Whether ``gateway`` holds this host's server in ``service``'s pool out (set to drain or maint)."""
-    server = f"{service}/{host.name}"  # read before ``host`` stands for the gateway
-    with ctx_host.use(gateway):
-        return server in gateway.get_fact(HeldOutServers)
+    held = other_hosts.answer(gateway, "held out", lambda: gateway.get_fact(HeldOutServers))
+    return f"{service}/{host.name}" in held
 
 
 def _at_gateways(state, host, action, service, timeout, targets):  # pyinfra passes state and host by these names

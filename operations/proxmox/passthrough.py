@@ -16,7 +16,7 @@ from pyinfra.operations import files, server, systemd
 from pyinfra.operations.util import any_changed
 
 from operations import TEMPLATES, TOOLS_DIR
-from operations.core import settings
+from operations.core import other_hosts, settings
 from operations.core.errors import ConfigError, HostStateError
 from operations.driver import devices
 from operations.driver.devices import NvidiaDeviceNodes, NvidiaKernelModule
@@ -174,7 +174,7 @@ def proxmox_host_of(guest):
 
 def host_driver_version(pve):
     """The host's driver version: the loaded module's, else the version pinned for it."""
-    module = pve.get_fact(NvidiaKernelModule)
+    module = other_hosts.fact_of(pve, NvidiaKernelModule)
     if module:
         return module["version"], "loaded kernel module"
     return pve.data.nvidia_driver_version, "pinned driver (module not loaded yet)"
@@ -203,7 +203,7 @@ def guest_driver_version(guest=None):
 def guest_is_unprivileged(guest=None):
     guest = guest or host
     pve = proxmox_host_of(guest)
-    conf = pve.get_fact(PctConfig, vmid=guest.data.proxmox_vmid)
+    conf = other_hosts.fact_of(pve, PctConfig, vmid=guest.data.proxmox_vmid)
     return bool(conf) and conf["options"].get("unprivileged") == "1"
 
 

@@ -12,16 +12,14 @@ each unit's main process follows its container: ``gpufleet-container-follow``).
 import shlex
 
 from pyinfra import host
-from pyinfra.context import ctx_host
 from pyinfra.facts.systemd import SystemdStatus
 
 from operations import TEMPLATES
+from operations.core import other_hosts
 from operations.services.facts import InstalledServices
 
 # Waits until no connection to the given ports is established, at most N seconds (sent inline).
 DRAIN = (TEMPLATES / "gpufleet-drain").read_text()
-# host name -> whether a gpufleet unit ran there when this run started (read once per run)
-_SERVES = {}
 # host name -> the steps (functions) that start its services, held for its batch
 _HELD = {}
 # host name -> steps deferred to its batch before those (a Docker restart that would stop containers)
@@ -32,15 +30,9 @@ IN_PLACE = set()
 
 def serves(other=None):
     """Whether ``other`` (a host of the inventory; this host by default) ran one of its gpufleet
-    inference units when the run started: it serves, and its restarts wait for its batch."""
-    name = other.name if other else host.name
-    if name not in _SERVES:
-        if other is None:
-            _SERVES[name] = _runs_a_unit()
-        else:
-            with ctx_host.use(other):
-                _SERVES[name] = _runs_a_unit()
-    return _SERVES[name]
+    inference units when the run started: it serves, and its restarts wait for its batch. Read once
+    per run, however many hosts ask."""
+    return other_hosts.answer(other or host._get_module(), "serves", _runs_a_unit)
 
 
 def _runs_a_unit():
