@@ -437,9 +437,11 @@ def _install_service(service, user, gpus, weights_root, start_timeout, volumes, 
 def _back_where_left_out(service, ready):
     """A pooled service that answers now (its engine and its TLS front), yet is held out at a gateway
     by a run that drained it and stopped (a rollout halted on this host), goes back into the pool now,
-    not in its host's batch: before any other host of the pool is drained."""
-    front = host.get_fact(ServiceReady, **auth_proxy.readiness(service))
-    if ready["ready"] and front["ready"]:
+    not in its host's batch: before any other host of the pool is drained. Its front is asked only
+    where its engine answers and the run has a gateway (one command less on every other run)."""
+    if not (ready["ready"] and gateway_drain.gateways()):
+        return
+    if host.get_fact(ServiceReady, **auth_proxy.readiness(service))["ready"]:
         gateway_drain.put_back_where_left_out(
             name=f"Put {managed_name(service['name'])} back into the gateways' pool {service['name']} "
             "where an earlier run left it out",
