@@ -286,3 +286,33 @@ proxmox_docker_features = True
 # A Proxmox host: the kernel headers package DKMS builds the module against (None: the running
 # kernel's, proxmox-headers-<uname -r> on Proxmox VE 8, pve-headers-<uname -r> before).
 proxmox_kernel_headers = None
+
+# --- rag_ (the local RAG stack: hosts of the rag_hosts group) --------------------------------
+# Open WebUI, a vector database and the fleet's own models, for the people who use them: Open WebUI
+# (rag_webui_image) on 127.0.0.1:rag_port only (reach it through SSH: ssh -L 3000:127.0.0.1:3000),
+# its documents' vectors in the vector database (rag_vector_db: "qdrant", Qdrant's image, or
+# "chroma", Chroma's server) on 127.0.0.1:rag_vector_db_port, chat from the host's inference service
+# rag_chat_service and embeddings from rag_embedding_service (an engine serving /v1/embeddings, e.g.
+# llama.cpp with --embeddings --pooling mean), both reached on the host itself, their keys (their
+# api_key_file) read by the container from root-only files, never in its environment as Docker shows
+# it. Units: gpufleet-rag-vectordb, then gpufleet-rag-webui (started after the vector database and
+# the two services are ready: systemd ordering, each unit ready on its own endpoint). The deploy
+# creates the first admin (rag_admin_email, the password in rag_admin_password_file on the control
+# node) through Open WebUI's own sign-up while it has no account; sign-up stays off. Open WebUI's
+# settings come from the inventory on every start (ENABLE_PERSISTENT_CONFIG off): rag_webui_settings
+# adds Open WebUI variables (RAG_TEMPLATE, ENABLE_TITLE_GENERATION, ...). Data (accounts, chats,
+# documents, vectors) lives under rag_data_dir; a host that leaves rag_hosts has the units removed and
+# keeps its data.
+rag_webui_image = "ghcr.io/open-webui/open-webui:v0.12.4"
+rag_port = 3000
+# One of: qdrant | chroma
+rag_vector_db = "qdrant"
+rag_vector_db_image = "qdrant/qdrant:v1.13.4"
+rag_vector_db_port = 6333
+rag_chat_service = None
+rag_embedding_service = None
+rag_admin_email = None
+rag_admin_password_file = None
+rag_webui_settings = {}
+rag_data_dir = "/var/lib/gpufleet/rag"
+rag_start_timeout = 300

@@ -119,10 +119,73 @@ def _watching(host):
     return {"monitoring_scrape_interval": 2, "monitoring_alert_after": 6}
 
 
+def _serving_people(host):
+    """With GPUFLEET_LAB_RAG (tests/e2e/test_rag.py): the RAG stack beside the host's chat service:
+    Open WebUI and Chroma's server (the lab's images of PyPI's open-webui and chromadb), chat and
+    embeddings from two llama.cpp services of a real small model (Gemma 3 270M, from the bundle). A
+    pretrained model that small answers from a short prompt: the RAG template and Open WebUI's own
+    generation tasks (titles, tags, follow-ups, search queries) are set for it, and it answers at
+    temperature 0, 48 tokens at most."""
+    from group_data.lab import inference_services
+    from tests.lab import rag
+
+    gemma = {"engine": "llamacpp", "image": inference_services[0]["image"], "memory": "1g"}
+    model = "gemma/gemma-3-270m-q4_k_m.gguf"
+    common = ["--ctx-size", "2048", "--threads", "1"]
+    return {
+        "inference_services": [
+            *inference_services,
+            {
+                **gemma,
+                "name": "rag-chat",
+                "model": model,
+                "port": 8082,
+                "args": [
+                    *common,
+                    "--jinja",
+                    "--chat-template-file",
+                    "/models/gemma/chat-template.jinja",
+                    "--temp",
+                    "0",
+                    "--n-predict",
+                    "48",
+                ],
+            },
+            {
+                **gemma,
+                "name": "rag-embed",
+                "model": model,
+                "port": 8083,
+                "args": [*common, "--embeddings", "--pooling", "mean", "--batch-size", "2048", "--ubatch-size", "2048"],
+            },
+        ],  # fmt: skip
+        "rag_webui_image": rag.image_tag("open-webui"),
+        "rag_vector_db": "chroma",
+        "rag_vector_db_image": rag.image_tag("chroma"),
+        "rag_chat_service": "rag-chat",
+        "rag_embedding_service": "rag-embed",
+        "rag_admin_email": "admin@lab.test",
+        "rag_admin_password_file": str(_LAB / "secrets" / "rag-admin-password"),
+        "rag_webui_settings": {
+            "RAG_TEMPLATE": "Document: {{CONTEXT}} Question: {{QUERY}}",
+            "RAG_SYSTEM_CONTEXT": True,  # the document first, then the question
+            "DEFAULT_MODELS": "rag-chat",
+            "ENABLE_RETRIEVAL_QUERY_GENERATION": False,
+            "ENABLE_TITLE_GENERATION": False,
+            "ENABLE_TAGS_GENERATION": False,
+            "ENABLE_FOLLOW_UP_GENERATION": False,
+            "ENABLE_AUTOCOMPLETE_GENERATION": False,
+        },
+    }
+
+
 def _data(host):
+    data = _role_data(host)
     if host["name"] == os.environ.get("GPUFLEET_LAB_MONITORING"):
-        return {**_role_data(host), **_watching(host)}
-    return _role_data(host)
+        data = {**data, **_watching(host)}
+    if host["name"] == os.environ.get("GPUFLEET_LAB_RAG"):
+        data = {**data, **_serving_people(host)}
+    return data
 
 
 def _role_data(host):
@@ -158,3 +221,6 @@ gateway_hosts = [h["name"] for h in _STATE["hosts"] if h["name"] == os.environ.g
 # The site's monitoring: none in the lab's default run; tests/e2e/test_monitoring.py names one
 # (GPUFLEET_LAB_MONITORING=lab-ubu-1) for its runs, and the default run afterwards removes it.
 monitoring_hosts = [h["name"] for h in _STATE["hosts"] if h["name"] == os.environ.get("GPUFLEET_LAB_MONITORING")]
+# The RAG stack: none in the lab's default run; tests/e2e/test_rag.py names a host (GPUFLEET_LAB_RAG=lab-1)
+# for its runs, and its last run, without it, removes the stack's units (its data stays).
+rag_hosts = [h["name"] for h in _STATE["hosts"] if h["name"] == os.environ.get("GPUFLEET_LAB_RAG")]

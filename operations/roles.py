@@ -6,6 +6,7 @@ The roles a host of the inventory plays, each a ``@deploy`` composed of the conc
 - ``gpu_host`` (group gpu_hosts): driver, container engine, toolkit, images, inference services
 - ``lxc_guest`` (groups gpu_hosts and lxc_guests): the same, with its Proxmox host's driver version
 - ``gateway_host`` (group gateway_hosts): the site's gateway, one TLS endpoint for every host's services
+- ``gpu_host`` also runs the RAG stack on a host of rag_hosts (operations/rag): Open WebUI, a vector database
 - ``monitoring``: the node exporter when the inventory has monitoring hosts; Prometheus on those (monitoring_hosts)
 - ``finish``: what the roles returned, written to host.json for the checks; guests restarted last
 
@@ -31,6 +32,8 @@ from operations.monitoring import inventory as monitoring_inventory
 from operations.offline import from_bundle as offline
 from operations.offline import staging
 from operations.proxmox import passthrough as proxmox
+from operations.rag import parts as rag_parts
+from operations.rag import stack as rag_stack
 from operations.services import inference
 from operations.toolkit import install as nvidia_toolkit
 from operations.toolkit import service_gpus
@@ -72,6 +75,8 @@ def check_settings():
     """Refuse bad data and a login that cannot become root, before any host changes; warn of unknown groups."""
     liveness.watch_every_host(host.state)  # a host that freezes from here on is failed in bounded time
     checks.validate(checks.host_settings(host), host.name)
+    if "rag_hosts" in host.groups:
+        rag_parts.check_stack(checks.host_settings(host), host.name)
     monitoring_inventory.watchers()  # the monitoring hosts' addresses, which the exporters' firewall admits
     for group in checks.unknown_groups(host.groups):
         logger.warning(
@@ -209,6 +214,9 @@ def _serving_stack(driver, no_cgroups=False, dev_char_symlinks=None):
             after=[op for op in (driver, toolkit, *runtime_applied) if op], engine=runtime_name
         )
     services = _services(gpus, image_ops) if on_docker else []
+    rag = {}
+    if on_docker:  # the RAG stack after the services it uses; removed from a host that left rag_hosts
+        rag = rag_stack.install(image_ops) if "rag_hosts" in host.groups else rag_stack.remove_if_left()
     if on_docker:
         gpu_metrics.install(gpus, image_op=image_ops.get(host.data.monitoring_dcgm_exporter_image))
     guarded = on_docker and host.data.inference_firewall and bool(services)
@@ -220,6 +228,7 @@ def _serving_stack(driver, no_cgroups=False, dev_char_symlinks=None):
         "allowed_sources": list(host.data.inference_allowed_sources) if guarded else [],
         "nvidia_toolkit_version": host.data.nvidia_toolkit_version,
         "nvidia_toolkit_check_image": host.data.nvidia_toolkit_check_image,
+        **rag,
     }
 
 
@@ -243,6 +252,8 @@ def _images(gpus):
         images.append(check_image)  # otherwise the check's `docker run --pull missing` fetches it
     if gpu_metrics.wanted(gpus):
         images.append(host.data.monitoring_dcgm_exporter_image)
+    if "rag_hosts" in host.groups:
+        images += [host.data.rag_vector_db_image, host.data.rag_webui_image]
     return inference.install_images(images)
 
 

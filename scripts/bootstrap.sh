@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 need_apt=()
 for bin_pkg in docker:docker.io dockerd:docker.io debootstrap:debootstrap zstd:zstd \
                iptables:iptables ssh:openssh-client ssh-keygen:openssh-client \
-               dpkg-scanpackages:dpkg-dev rsync:rsync haproxy:haproxy nft:nftables; do
+               dpkg-scanpackages:dpkg-dev rsync:rsync haproxy:haproxy nft:nftables \
+               chromium:chromium chromedriver:chromium-driver; do
   bin=${bin_pkg%%:*} pkg=${bin_pkg#*:}
   command -v "$bin" >/dev/null 2>&1 || need_apt+=("$pkg")
 done

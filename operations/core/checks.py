@@ -141,6 +141,7 @@ TOOLKIT_SOURCES = OneOf("nvidia-repo", "local-repo", "bundle")
 CONTAINER_RUNTIMES = OneOf("docker", "containerd", "podman")
 PASSTHROUGH_SYNTAXES = OneOf("auto", "dev", "lxc")
 STAGE_TRANSPORTS = OneOf("openssh", "paramiko")
+VECTOR_DBS = OneOf("qdrant", "chroma")
 
 TRUE_OR_FALSE = (is_bool, "true or false")
 SECONDS = (is_positive_int, "seconds, above 0")
@@ -253,6 +254,19 @@ CHECKS = {
     "proxmox_guest_restart": TRUE_OR_FALSE,
     "proxmox_docker_features": TRUE_OR_FALSE,
     "proxmox_kernel_headers": (is_str, "the apt package of the running Proxmox kernel's headers"),
+    # the RAG stack (rag_hosts)
+    "rag_webui_image": (is_pinned_image, "Open WebUI's image pinned by tag or digest"),
+    "rag_port": (is_positive_int, "a TCP port (3000 by default)"),
+    "rag_vector_db": (VECTOR_DBS, str(VECTOR_DBS)),
+    "rag_vector_db_image": (is_pinned_image, "the vector database's image pinned by tag or digest"),
+    "rag_vector_db_port": (is_positive_int, "a TCP port (6333 by default)"),
+    "rag_chat_service": (is_str, "the name of one of the host's inference_services"),
+    "rag_embedding_service": (is_str, "the name of one of the host's inference_services"),
+    "rag_admin_email": (is_str, "the first admin's e-mail address"),
+    "rag_admin_password_file": (is_str, "a file on the control node holding the first admin's password"),
+    "rag_webui_settings": (is_dict, "a dict of Open WebUI variable -> value"),
+    "rag_data_dir": (is_absolute_path, "an absolute path on the host"),
+    "rag_start_timeout": SECONDS,
 }
 
 # Rules across fields (or reading files on the control node), in the order they run: "module:function",
@@ -322,7 +336,7 @@ def validate(data, host_name=None):
 
 
 # Groups whose name means something to gpufleet; any other group needs a group_data file to mean anything.
-GROUPS = {"all", "gpu_hosts", "proxmox_hosts", "lxc_guests", "gateway_hosts", "monitoring_hosts"}
+GROUPS = {"all", "gpu_hosts", "proxmox_hosts", "lxc_guests", "gateway_hosts", "monitoring_hosts", "rag_hosts"}
 
 
 def unknown_groups(groups, group_data=settings.GROUP_DATA_ALL.parent):

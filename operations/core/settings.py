@@ -12,7 +12,7 @@ from pathlib import Path
 
 GROUP_DATA_ALL = Path(__file__).resolve().parents[2] / "group_data" / "all.py"
 # gpufleet's own settings, by concern; other keys of all.py (pyinfra's ssh_ ones) are pyinfra's.
-PREFIXES = ("gpufleet_", "docker_", "nvidia_", "inference_", "proxmox_", "gateway_", "monitoring_")
+PREFIXES = ("gpufleet_", "docker_", "nvidia_", "inference_", "proxmox_", "gateway_", "monitoring_", "rag_")
 
 
 def read(path=GROUP_DATA_ALL):

@@ -16,7 +16,7 @@ from operations.driver import plan as driver_plan
 from operations.offline.bundle import builder
 from operations.toolkit import install as nvidia_toolkit
 
-from . import image, llamacpp, models, vllm
+from . import image, llamacpp, models, rag, vllm
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 LAB = ROOT / ".lab"
@@ -40,7 +40,7 @@ def _baseline_status():
     return status
 
 
-def spec(image_tag, driver_version=DRIVER_VERSION, vllm_image=None):
+def spec(image_tag, driver_version=DRIVER_VERSION, vllm_image=None, rag_images=()):
     return {
         "apt": {
             "target": {
@@ -64,11 +64,12 @@ def spec(image_tag, driver_version=DRIVER_VERSION, vllm_image=None):
             "debs": ["toolkit-repo/*.deb"],
             "baseline_status": str(_baseline_status()),
         },
-        "images": [image_tag, UNUSED_IMAGE, *([vllm_image] if vllm_image else [])],
+        "images": [image_tag, UNUSED_IMAGE, *([vllm_image] if vllm_image else []), *rag_images],
         "weights": {
             "tiny": {"from": "models/tiny"},
             "unused": {"from": "models/unused"},
             **({"tiny-hf": {"from": "models/tiny-hf"}} if vllm_image else {}),
+            **({"gemma": {"from": "models/gemma"}} if rag_images else {}),
         },
     }
 
@@ -109,7 +110,8 @@ def _link_archive(tag, archive, out):
 
 def build(log=print, driver_version=DRIVER_VERSION, out=BUNDLE, with_vllm=True):
     """Build or refresh the lab's bundle (.lab/bundle; another driver version: give another ``out``,
-    and ``with_vllm=False`` to leave out the vLLM image's 3 GB); returns its path."""
+    and ``with_vllm=False`` to leave out the vLLM image's 3 GB and the RAG stack's images and model);
+    returns its path."""
     tag, _ = llamacpp.ensure_image(log=log)
     model = LAB / "models" / "tiny" / "tiny.gguf"
     if not model.exists():
@@ -117,11 +119,16 @@ def build(log=print, driver_version=DRIVER_VERSION, out=BUNDLE, with_vllm=True):
     vllm_tag = vllm.ensure_image(log=log)[0] if with_vllm else None
     if with_vllm and not (LAB / "models" / "tiny-hf").exists():
         models.write_tiny_hf(LAB / "models" / "tiny-hf", vllm_tag)
+    rag_images = [rag.ensure_image(name, log=log)[0] for name in rag.IMAGES] if with_vllm else []
+    if with_vllm and not (LAB / "models" / "gemma").exists():
+        models.write_gemma(LAB / "models" / "gemma")
     _unused()
     _link_archive(tag, llamacpp.archive_path(), out)
     if with_vllm:
         _link_archive(vllm_tag, vllm.archive_path(), out)
+        for name, rag_tag in zip(rag.IMAGES, rag_images, strict=True):
+            _link_archive(rag_tag, rag.archive_path(name), out)
     spec_path = LAB / f"{out.name}.yaml"
-    spec_path.write_text(yaml.safe_dump(spec(tag, driver_version, vllm_tag), sort_keys=False))
+    spec_path.write_text(yaml.safe_dump(spec(tag, driver_version, vllm_tag, rag_images), sort_keys=False))
     builder.build(spec_path, out, log=log)
     return out

