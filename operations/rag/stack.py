@@ -20,6 +20,7 @@ from pyinfra.operations.util import any_changed
 
 from operations.core import base, settings
 from operations.rag import parts
+from operations.services import rolling
 from operations.services.accounts import service_account
 from operations.services.facts import ServiceAccounts
 from operations.services.inference import service_ids
@@ -115,11 +116,44 @@ def install(image_ops: dict | None = None):
 
     + image_ops: image -> the operation that provides it (``inference.install_images``)
     """
-    data, image_ops = host.data, image_ops or {}
+    data = host.data
     chat, embedding = _service(data.rag_chat_service), _service(data.rag_embedding_service)
-    secrets_dir, root = base.secrets_dir(), data.rag_data_dir
     accounts = host.get_fact(ServiceAccounts)
     ids = service_ids([*data.inference_services, {"name": parts.VECTOR_DB}, {"name": parts.WEBUI}], accounts)
+    _accounts_and_data(ids, data.rag_data_dir)
+    changed = _settings_and_secrets(chat, embedding, ids[parts.WEBUI])
+    admin_file = posixpath.join(base.secrets_dir(), f"{parts.WEBUI}-admin.json")
+    secret_file(
+        name="Write the first admin's sign-up request (root only)",
+        dest=admin_file,
+        content=admin_request(data.rag_admin_email, data.rag_admin_password_file),
+    )
+    units = parts.units(data.dict(), ids, base.secrets_dir(), chat, embedding)
+    written = {
+        unit: files.put(
+            name=f"Install unit {unit}", src=StringIO(text), dest=unit_path(unit), mode="644", user="root", group="root"
+        )
+        for unit, text in units.items()
+    }
+    systemd.daemon_reload(name="Reload systemd for the RAG stack's units", _if=any_changed(*written.values()))
+    # Started once the host's services are: in its batch, after them, on a host that serves.
+    rolling.then(lambda: _start(written, changed, image_ops or {}, admin_file))
+    return {
+        "rag": {
+            "port": data.rag_port,
+            "vector_db": data.rag_vector_db,
+            "vector_db_port": data.rag_vector_db_port,
+            "chat_service": chat["name"],
+            "embedding_service": embedding["name"],
+            "admin_email": data.rag_admin_email,
+            "data_dir": data.rag_data_dir,
+            "units": sorted(units),
+        }
+    }
+
+
+def _accounts_and_data(ids, root):
+    """Each part's account, and its data directory under ``root``, its own."""
     files.directory(name=f"Ensure {root} exists", path=root, mode="755", user="root", group="root")
     for part in (parts.VECTOR_DB, parts.WEBUI):
         uid, gid = (int(number) for number in ids[part].split(":"))
@@ -129,14 +163,21 @@ def install(image_ops: dict | None = None):
             uid=uid,
             gid=gid,
         )
+        directory = posixpath.join(root, part.split("-", 1)[1])
         files.directory(
-            name=f"Keep {part}'s data in {root}/{part.split('-', 1)[1]} (its own, kept when the stack is removed)",
-            path=posixpath.join(root, part.split("-", 1)[1]),
+            name=f"Keep {part}'s data in {directory} (its own, kept when the stack is removed)",
+            path=directory,
             user=str(uid),
             group=str(gid),
             mode="700",
         )
-    uid, gid = (int(number) for number in ids[parts.WEBUI].split(":"))
+
+
+def _settings_and_secrets(chat, embedding, webui_id):
+    """Open WebUI's settings file, its secret key and the keys it sends the model services; returns
+    their operations (a change restarts it)."""
+    secrets_dir = base.secrets_dir()
+    uid, gid = (int(number) for number in webui_id.split(":"))
     changed = [
         secret_key(
             name="Make Open WebUI's secret key (kept across runs)",
@@ -146,7 +187,7 @@ def install(image_ops: dict | None = None):
         ),
         files.put(
             name="Write Open WebUI's settings (no secrets)",
-            src=StringIO(parts.env_file_text(parts.webui_settings(data.dict(), chat, embedding))),
+            src=StringIO(parts.env_file_text(parts.webui_settings(host.data.dict(), chat, embedding))),
             dest=posixpath.join(secrets_dir, f"{parts.WEBUI}.env"),
             mode="600",
             user="root",
@@ -167,30 +208,17 @@ def install(image_ops: dict | None = None):
                 gid=gid,
             )
         )
-    admin_file = posixpath.join(secrets_dir, f"{parts.WEBUI}-admin.json")
-    secret_file(
-        name="Write the first admin's sign-up request (root only)",
-        dest=admin_file,
-        content=admin_request(data.rag_admin_email, data.rag_admin_password_file),
-    )
-    units = parts.units(data.dict(), ids, secrets_dir, chat, embedding)
-    status = host.get_fact(SystemdStatus)
+    return changed
+
+
+def _start(written, changed, image_ops, admin_file):
+    """The vector database, then Open WebUI: restarted where anything they use changed, kept running
+    (each start waits until ready); then the first admin."""
+    data, status = host.data, host.get_fact(SystemdStatus)
     for part, image in ((parts.VECTOR_DB, data.rag_vector_db_image), (parts.WEBUI, data.rag_webui_image)):
         unit = unit_name(part)
-        written = files.put(
-            name=f"Install unit {unit}",
-            src=StringIO(units[unit]),
-            dest=unit_path(unit),
-            mode="644",
-            user="root",
-            group="root",
-        )
-        systemd.daemon_reload(name=f"Reload systemd for {unit}", _if=written.did_change)
-        reasons = [
-            written,
-            *([image_ops[image]] if image in image_ops else []),
-            *(changed if part == parts.WEBUI else []),
-        ]
+        reasons = [written[unit], *([image_ops[image]] if image in image_ops else [])]
+        reasons += changed if part == parts.WEBUI else []
         if status.get(unit):  # running now: a restart where anything it uses changed
             systemd.service(
                 name=f"Restart {unit} after its unit, settings, secrets or image changed",
@@ -204,18 +232,6 @@ def install(image_ops: dict | None = None):
         port=data.rag_port,
         request_file=admin_file,
     )
-    return {
-        "rag": {
-            "port": data.rag_port,
-            "vector_db": data.rag_vector_db,
-            "vector_db_port": data.rag_vector_db_port,
-            "chat_service": chat["name"],
-            "embedding_service": embedding["name"],
-            "admin_email": data.rag_admin_email,
-            "data_dir": root,
-            "units": sorted(units),
-        }
-    }
 
 
 @deploy("Remove the RAG stack", data_defaults=settings.DEFAULTS)

@@ -61,6 +61,15 @@ def hold(steps):
     return True
 
 
+def then(step):
+    """Run ``step`` (a function adding operations) once this host's services have started: in its batch,
+    after them, when they are held for it; now otherwise."""
+    if host.name in _HELD:
+        _HELD[host.name].append(step)
+    else:
+        step()
+
+
 def defer(step):
     """Add ``step`` (a function adding operations) to this host's batch, before its services' steps."""
     _DEFERRED.setdefault(host.name, []).append(step)

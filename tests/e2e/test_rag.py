@@ -21,7 +21,7 @@ import pytest
 
 from tests.lab import hosts as lab_hosts
 
-from .conftest import REPO, measurements, run_deploy, until
+from .conftest import REPO, measurements, run_checks, run_deploy, until
 
 HOST = "lab-1"
 WITH_STACK = {"GPUFLEET_LAB_RAG": HOST}
@@ -106,6 +106,17 @@ def test_the_stack_starts_in_health_order_on_loopback_only(stack, measured):
     unit = sh("systemctl cat gpufleet-rag-webui").stdout
     assert "Requires=gpufleet-rag-vectordb.service" in unit
     assert "After=docker.service network-online.target gpufleet-rag-vectordb.service gpufleet-rag-chat.service" in unit
+
+
+def test_the_host_by_host_checks_of_the_stack_pass(stack):
+    checks, outcomes = run_checks(["tests/checks/test_rag.py"], [HOST])
+    expected = {
+        "test_both_units_run_and_start_at_boot",
+        "test_open_webui_and_its_vector_database_listen_on_loopback_only",
+        "test_open_webui_has_its_accounts_and_sign_up_is_off",
+        "test_the_secret_key_is_open_webuis_account_alone",
+    }
+    assert outcomes == {(check, HOST): "PASSED" for check in expected}, checks.stdout[-3000:]
 
 
 def test_secrets_are_in_no_unit_and_no_docker_inspect_and_sign_up_is_off(stack):

@@ -6,6 +6,7 @@ weight volume and an image that no lab service uses: a host gets only what its s
 
 import os
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -108,20 +109,31 @@ def _link_archive(tag, archive, out):
     stamp.write_text(image_id)
 
 
+def _rag_images(log):
+    """The RAG stack's images and the Gemma model its lab services serve."""
+    tags = [rag.ensure_image(name, log=log)[0] for name in rag.IMAGES]
+    if not (LAB / "models" / "gemma").exists():
+        models.write_gemma(LAB / "models" / "gemma")
+    return tags
+
+
 def build(log=print, driver_version=DRIVER_VERSION, out=BUNDLE, with_vllm=True):
     """Build or refresh the lab's bundle (.lab/bundle; another driver version: give another ``out``,
     and ``with_vllm=False`` to leave out the vLLM image's 3 GB and the RAG stack's images and model);
     returns its path."""
-    tag, _ = llamacpp.ensure_image(log=log)
-    model = LAB / "models" / "tiny" / "tiny.gguf"
-    if not model.exists():
-        models.write_tiny_gguf(model)
-    vllm_tag = vllm.ensure_image(log=log)[0] if with_vllm else None
-    if with_vllm and not (LAB / "models" / "tiny-hf").exists():
-        models.write_tiny_hf(LAB / "models" / "tiny-hf", vllm_tag)
-    rag_images = [rag.ensure_image(name, log=log)[0] for name in rag.IMAGES] if with_vllm else []
-    if with_vllm and not (LAB / "models" / "gemma").exists():
-        models.write_gemma(LAB / "models" / "gemma")
+    image.ensure_image(log=log)  # the base of the images below, built once before they start
+    with ThreadPoolExecutor(max_workers=1) as beside:
+        # The RAG stack's images build beside the others (downloads and disk more than CPU: cold, the
+        # two together take about the longer one's time).
+        rag_built = beside.submit(_rag_images, log) if with_vllm else None
+        tag, _ = llamacpp.ensure_image(log=log)
+        model = LAB / "models" / "tiny" / "tiny.gguf"
+        if not model.exists():
+            models.write_tiny_gguf(model)
+        vllm_tag = vllm.ensure_image(log=log)[0] if with_vllm else None
+        if with_vllm and not (LAB / "models" / "tiny-hf").exists():
+            models.write_tiny_hf(LAB / "models" / "tiny-hf", vllm_tag)
+        rag_images = rag_built.result() if rag_built else []
     _unused()
     _link_archive(tag, llamacpp.archive_path(), out)
     if with_vllm:
