@@ -167,8 +167,8 @@ def _accounts_and_data(ids, root):
         files.directory(
             name=f"Keep {part}'s data in {directory} (its own, kept when the stack is removed)",
             path=directory,
-            user=str(uid),
-            group=str(gid),
+            user=managed_name(part),  # by name: pyinfra compares the owner's name
+            group=managed_name(part),
             mode="700",
         )
 
