@@ -26,11 +26,7 @@ from .conftest import REPO, measurements, run_checks, run_deploy, until
 HOST = "lab-1"
 WITH_STACK = {"GPUFLEET_LAB_RAG": HOST}
 EMAIL = "admin@lab.test"
-PASSWORD = (
-    (REPO / ".lab" / "secrets" / "rag-admin-password").read_text().strip()
-    if (REPO / ".lab" / "secrets" / "rag-admin-password").exists()
-    else None
-)
+PASSWORD_FILE = REPO / ".lab" / "secrets" / "rag-admin-password"  # made when the lab comes up
 WEBUI = "http://127.0.0.1:3000"
 UNITS = ["gpufleet-rag-vectordb", "gpufleet-rag-chat", "gpufleet-rag-embed", "gpufleet-rag-webui"]
 DOCUMENT = "Lab notes, December 2026.\nThe lab vault code is PAPAYA-4417.\nThe vault is opened only on Tuesdays.\n"
@@ -60,8 +56,12 @@ def api(method, path, token=None, body=None, form_file=None, timeout=120):
         return status, text
 
 
+def password():
+    return PASSWORD_FILE.read_text().strip()
+
+
 def sign_in():
-    status, body = api("POST", "/api/v1/auths/signin", body={"email": EMAIL, "password": PASSWORD})
+    status, body = api("POST", "/api/v1/auths/signin", body={"email": EMAIL, "password": password()})
     assert status == "200", body
     return body["token"]
 
@@ -123,9 +123,9 @@ def test_secrets_are_in_no_unit_and_no_docker_inspect_and_sign_up_is_off(stack):
     inspect = sh("docker inspect gpufleet-rag-webui gpufleet-rag-vectordb").stdout
     units = sh("cat /etc/systemd/system/gpufleet-rag-*.service").stdout
     secret_key = sh("cat /etc/gpufleet/secrets/rag-webui-secret-key").stdout.strip()
-    assert secret_key and PASSWORD
+    assert secret_key and password()
     for text in (inspect, units):
-        assert PASSWORD not in text and secret_key not in text
+        assert password() not in text and secret_key not in text
     modes = sh(
         "stat -c '%n %a %U' /etc/gpufleet/secrets/rag-webui-secret-key /etc/gpufleet/secrets/rag-webui-admin.json"
     )
@@ -237,7 +237,7 @@ def test_in_a_real_browser_the_admin_uploads_a_document_and_sees_the_answer(forw
         wait = WebDriverWait(browser, 60)
         browser.get(f"{forwarded}/auth")
         wait.until(shown.visibility_of_element_located((By.NAME, "email"))).send_keys(EMAIL)
-        browser.find_element(By.ID, "password").send_keys(PASSWORD + Keys.ENTER)
+        browser.find_element(By.ID, "password").send_keys(password() + Keys.ENTER)
         editor = wait.until(shown.presence_of_element_located((By.ID, "chat-input")))
         browser.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)  # a "what's new" dialog, if any
         started = time.monotonic()
