@@ -221,6 +221,6 @@ gateway_hosts = [h["name"] for h in _STATE["hosts"] if h["name"] == os.environ.g
 # The site's monitoring: none in the lab's default run; tests/e2e/test_monitoring.py names one
 # (GPUFLEET_LAB_MONITORING=lab-ubu-1) for its runs, and the default run afterwards removes it.
 monitoring_hosts = [h["name"] for h in _STATE["hosts"] if h["name"] == os.environ.get("GPUFLEET_LAB_MONITORING")]
-# The RAG stack: none in the lab's default run; tests/e2e/test_rag.py names a host (GPUFLEET_LAB_RAG=lab-1)
+# The RAG stack: none in the lab's default run; tests/e2e/test_rag.py names a host (GPUFLEET_LAB_RAG=lab-gap-1)
 # for its runs, and its last run, without it, removes the stack's units (its data stays).
 rag_hosts = [h["name"] for h in _STATE["hosts"] if h["name"] == os.environ.get("GPUFLEET_LAB_RAG")]
