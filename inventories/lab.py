@@ -122,7 +122,8 @@ def _watching(host):
 def _serving_people(host):
     """With GPUFLEET_LAB_RAG (tests/e2e/test_rag.py): the RAG stack beside the host's chat service:
     Open WebUI and Chroma's server (the lab's images of PyPI's open-webui and chromadb), chat and
-    embeddings from two llama.cpp services of a real small model (Gemma 3 270M, from the bundle). A
+    embeddings from two llama.cpp services of a real small model (Gemma 3 270M, from the bundle), the
+    embedding service keyed (Open WebUI reads its key from a mounted file). A
     pretrained model that small answers from a short prompt: the RAG template and Open WebUI's own
     generation tasks (titles, tags, follow-ups, search queries) are set for it, and it answers at
     temperature 0, 48 tokens at most."""
@@ -156,9 +157,10 @@ def _serving_people(host):
                 "name": "rag-embed",
                 "model": model,
                 "port": 8083,
+                "api_key_file": str(_LAB / "secrets" / "chat-api-key"),
                 "args": [*common, "--embeddings", "--pooling", "mean", "--batch-size", "2048", "--ubatch-size", "2048"],
             },
-        ],  # fmt: skip
+        ],
         "rag_webui_image": rag.image_tag("open-webui"),
         "rag_vector_db": "chroma",
         "rag_vector_db_image": rag.image_tag("chroma"),

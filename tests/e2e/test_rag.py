@@ -57,6 +57,10 @@ def api(method, path, token=None, body=None, form_file=None, timeout=120):
         return status, text
 
 
+def key():
+    return (REPO / ".lab" / "secrets" / "chat-api-key").read_text().strip()  # rag-embed's
+
+
 def password():
     return PASSWORD_FILE.read_text().strip()
 
@@ -122,8 +126,8 @@ def test_secrets_are_in_no_unit_and_no_docker_inspect_and_sign_up_is_off(stack):
     units = sh("cat /etc/systemd/system/gpufleet-rag-*.service").stdout
     secret_key = sh("cat /etc/gpufleet/secrets/rag-webui-secret-key").stdout.strip()
     assert secret_key and password()
-    for text in (inspect, units):
-        assert password() not in text and secret_key not in text
+    for text in (inspect, units):  # nor the key Open WebUI sends the (keyed) embedding service
+        assert password() not in text and secret_key not in text and key() not in text
     modes = sh(
         "stat -c '%n %a %U' /etc/gpufleet/secrets/rag-webui-secret-key /etc/gpufleet/secrets/rag-webui-admin.json"
     )
@@ -172,7 +176,7 @@ def test_a_document_answers_a_question_through_the_fleets_embeddings_and_chroma(
     assert ANSWER in answer["sources"][0]["document"][0]  # retrieved from Chroma, embedded by rag-embed
     assert ANSWER in answer["choices"][0]["message"]["content"], answer["choices"][0]["message"]
     # the document and the question were embedded by rag-embed (its own metrics: tokens it read)
-    metrics = sh("curl -s -m 5 http://127.0.0.1:8083/metrics").stdout
+    metrics = sh(f"curl -s -m 5 -H 'Authorization: Bearer {key()}' http://127.0.0.1:8083/metrics").stdout
     read = [line.split()[1] for line in metrics.splitlines() if line.startswith("llamacpp:prompt_tokens_total ")]
     assert read and float(read[0]) > 0, metrics[-500:]
     collections = sh(

@@ -156,6 +156,16 @@ def ensure_image(log=print):
     return tag
 
 
+def commit_and_save(container, tag, changes, archive):
+    """Commit ``container`` as ``tag`` with Dockerfile-like ``changes`` and save it as ``archive``
+    (written whole or not at all)."""
+    flags = [arg for change in changes for arg in ("--change", change)]
+    subprocess.run(["docker", "commit", *flags, container, tag], check=True, stdout=subprocess.DEVNULL)
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["docker", "save", "-o", str(archive.with_suffix(".partial")), tag], check=True)
+    archive.with_suffix(".partial").rename(archive)
+
+
 def ensure_archived(tag, archive, build, log=print):
     """Return (tag, archive): an image built here in this machine's Docker and as a ``docker save``
     archive, loaded from the archive, saved from Docker, or ``build(archive, tag, log)`` when neither has it."""

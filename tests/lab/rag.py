@@ -161,11 +161,7 @@ def _build_archive(name):
             subprocess.run(["docker", "rm", "-f", container], capture_output=True)
             subprocess.run(["docker", "create", "--name", container, base, "true"], check=True, capture_output=True)
             subprocess.run(["docker", "cp", f"{work / 'files'}/.", f"{container}:/"], check=True)
-            changes = [arg for change in spec["changes"] for arg in ("--change", change)]
-            subprocess.run(["docker", "commit", *changes, container, tag], check=True, stdout=subprocess.DEVNULL)
-            archive.parent.mkdir(parents=True, exist_ok=True)
-            subprocess.run(["docker", "save", "-o", str(archive.with_suffix(".partial")), tag], check=True)
-            archive.with_suffix(".partial").rename(archive)
+            image.commit_and_save(container, tag, spec["changes"], archive)
         finally:
             subprocess.run(["docker", "rm", "-f", container], capture_output=True)
             subprocess.run(["rm", "-rf", str(work)], check=False)

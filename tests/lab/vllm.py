@@ -93,11 +93,7 @@ def _build_archive(archive, tag, log):
         apt += " && apt-get clean && rm -rf /var/lib/apt/lists/*"
         subprocess.run(["docker", "run", "--name", container, base, "sh", "-c", apt], check=True, capture_output=True)
         subprocess.run(["docker", "cp", f"{work / 'vllm'}/.", f"{container}:/opt/vllm"], check=True)
-        changes = [arg for change in IMAGE_CHANGES for arg in ("--change", change)]
-        subprocess.run(["docker", "commit", *changes, container, tag], check=True, stdout=subprocess.DEVNULL)
-        archive.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["docker", "save", "-o", str(archive.with_suffix(".partial")), tag], check=True)
-        archive.with_suffix(".partial").rename(archive)
+        image.commit_and_save(container, tag, IMAGE_CHANGES, archive)
     finally:
         subprocess.run(["docker", "rm", "-f", container], capture_output=True)
         subprocess.run(["rm", "-rf", str(work)], check=False)
