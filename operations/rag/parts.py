@@ -112,31 +112,10 @@ def check_stack(data, host_name=None):
                 f"{service['name']!r} is the RAG stack's own unit's name",
                 host=host_name,
             )
-    if not re.fullmatch(r"[^@\s]+@[^@\s]+\.[^@\s]+", str(data.get("rag_admin_email") or "")):
-        raise ConfigError("rag_admin_email", "is required: the first admin's e-mail address", host=host_name)
-    path = data.get("rag_admin_password_file")
-    if not path or not Path(path).is_file():
-        raise ConfigError("rag_admin_password_file", f"{path}: no such file on the control node", host=host_name)
-    if len(Path(path).read_text().strip()) < 12:
-        raise ConfigError("rag_admin_password_file", f"{path}: a password of at least 12 characters", host=host_name)
-    services = [s for s in data.get("inference_services") or [] if isinstance(s, dict)]
-    used = {engines.port(s) for s in services} | {s["proxy_port"] for s in services if s.get("proxy_port")}
-    for field in ("rag_port", "rag_vector_db_port"):
-        if data.get(field) in used:
-            raise ConfigError(field, f"port {data[field]} is one of this host's inference services'", host=host_name)
-    if data.get("rag_port") == data.get("rag_vector_db_port"):
-        raise ConfigError("rag_vector_db_port", "must differ from rag_port", host=host_name)
+    _check_admin(data, host_name)
+    _check_ports(data, host_name)
     for name, value in (data.get("rag_webui_settings") or {}).items():
-        where = f"rag_webui_settings[{name!r}]"
-        if not isinstance(name, str) or not SETTING.fullmatch(name):
-            raise ConfigError(where, "an Open WebUI variable name (upper case, such as RAG_TEMPLATE)", host=host_name)
-        if name in MANAGED:
-            source = f" from {MANAGED[name]}" if MANAGED[name] else ""
-            raise ConfigError(where, f"is set by gpufleet{source}", host=host_name)
-        if any(word in name for word in SECRET_WORDS):
-            raise ConfigError(where, "looks like a secret: it would show in `docker inspect`; not here", host=host_name)
-        if not isinstance(value, (str, int, bool)) or systemd_syntax.has_control_characters(str(value)):
-            raise ConfigError(where, "a string, number or bool on one line (Docker's --env-file)", host=host_name)
+        _check_setting(name, value, host_name)
     if data.get("gpufleet_offline"):
         for field in ("rag_webui_image", "rag_vector_db_image"):
             if not offline.carries(data.get("gpufleet_bundle"), data.get(field)):
@@ -145,6 +124,41 @@ def check_stack(data, host_name=None):
                     f"{data.get(field)} is not among the bundle's images, and this offline host cannot pull it",
                     host=host_name,
                 )
+
+
+def _check_admin(data, host_name):
+    if not re.fullmatch(r"[^@\s]+@[^@\s]+\.[^@\s]+", str(data.get("rag_admin_email") or "")):
+        raise ConfigError("rag_admin_email", "is required: the first admin's e-mail address", host=host_name)
+    path = data.get("rag_admin_password_file")
+    if not path or not Path(path).is_file():
+        raise ConfigError("rag_admin_password_file", f"{path}: no such file on the control node", host=host_name)
+    if len(Path(path).read_text().strip()) < 12:
+        raise ConfigError("rag_admin_password_file", f"{path}: a password of at least 12 characters", host=host_name)
+
+
+def _check_ports(data, host_name):
+    services = [s for s in data.get("inference_services") or [] if isinstance(s, dict)]
+    used = {engines.port(s) for s in services} | {s["proxy_port"] for s in services if s.get("proxy_port")}
+    for field in ("rag_port", "rag_vector_db_port"):
+        if data.get(field) in used:
+            raise ConfigError(field, f"port {data[field]} is one of this host's inference services'", host=host_name)
+    if data.get("rag_port") == data.get("rag_vector_db_port"):
+        raise ConfigError("rag_vector_db_port", "must differ from rag_port", host=host_name)
+
+
+def _check_setting(name, value, host_name):
+    """One of rag_webui_settings: an Open WebUI variable gpufleet does not set, no secret, on one line.
+    A name that says it turns something on (ENABLE_API_KEY) is not a secret."""
+    where = f"rag_webui_settings[{name!r}]"
+    if not isinstance(name, str) or not SETTING.fullmatch(name):
+        raise ConfigError(where, "an Open WebUI variable name (upper case, such as RAG_TEMPLATE)", host=host_name)
+    if name in MANAGED:
+        source = f" from {MANAGED[name]}" if MANAGED[name] else ""
+        raise ConfigError(where, f"is set by gpufleet{source}", host=host_name)
+    if not name.startswith("ENABLE_") and any(word in name for word in SECRET_WORDS):
+        raise ConfigError(where, "looks like a secret: it would show in `docker inspect`; not here", host=host_name)
+    if not isinstance(value, (str, int, bool)) or systemd_syntax.has_control_characters(str(value)):
+        raise ConfigError(where, "a string, number or bool on one line (Docker's --env-file)", host=host_name)
 
 
 def model_url(service):

@@ -73,6 +73,7 @@ def test_settings_are_the_inventorys_with_gpufleets_own_winning(data):
         CHAT,
         EMBED,
     )
+    parts.check_stack({**data, "rag_webui_settings": {"ENABLE_API_KEY": True, "RAG_TOP_K": 5}})  # not secrets
     assert settings_["RAG_TOP_K"] == "5"
     assert settings_["ENABLE_SIGNUP"] == "true"  # the site may open sign-up; off unless it says so
     assert settings_["ENABLE_TITLE_GENERATION"] == "false"
