@@ -76,7 +76,7 @@ def check_settings():
     liveness.watch_every_host(host.state)  # a host that freezes from here on is failed in bounded time
     checks.validate(checks.host_settings(host), host.name)
     if "rag_hosts" in host.groups:
-        rag_parts.check_stack(checks.host_settings(host), host.name)
+        rag_parts.check_stack(checks.host_settings(host), host.name, host.groups)
     monitoring_inventory.watchers()  # the monitoring hosts' addresses, which the exporters' firewall admits
     for group in checks.unknown_groups(host.groups):
         logger.warning(

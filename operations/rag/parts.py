@@ -101,8 +101,16 @@ def _service(data, field, host_name):
     raise ConfigError(field, f"{name!r} is not one of this host's inference_services", host=host_name)
 
 
-def check_stack(data, host_name=None):
-    """Raise ConfigError naming the ``rag_`` setting at fault, for a host of ``rag_hosts``."""
+def check_stack(data, host_name=None, groups=("gpu_hosts", "rag_hosts")):
+    """Raise ConfigError naming the ``rag_`` setting at fault, for a host of ``rag_hosts`` (in ``groups``)."""
+    if "gpu_hosts" not in groups:
+        raise ConfigError(
+            "rag_hosts", "its hosts must be in gpu_hosts: the stack runs beside their services", host=host_name
+        )
+    if data.get("nvidia_toolkit_engine", "docker") != "docker":
+        raise ConfigError(
+            "nvidia_toolkit_engine", "the RAG stack runs on Docker: 'docker' on a host of rag_hosts", host=host_name
+        )
     for field in ("rag_chat_service", "rag_embedding_service"):
         _service(data, field, host_name)
     for index, service in enumerate(data.get("inference_services") or []):

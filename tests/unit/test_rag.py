@@ -60,6 +60,15 @@ def test_each_bad_setting_is_named(data, change, field):
     assert raised.value.field == field
 
 
+def test_a_stack_needs_a_gpu_host_running_docker(data):
+    with pytest.raises(ConfigError) as raised:
+        parts.check_stack(data, "gpu-1", groups=("rag_hosts",))
+    assert raised.value.field == "rag_hosts"
+    with pytest.raises(ConfigError) as raised:
+        parts.check_stack({**data, "nvidia_toolkit_engine": "podman"}, "gpu-1")
+    assert raised.value.field == "nvidia_toolkit_engine"
+
+
 def test_a_short_admin_password_is_refused(data, tmp_path):
     short = tmp_path / "short"
     short.write_text("hunter2\n")
