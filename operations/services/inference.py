@@ -616,11 +616,13 @@ def answers(service: str, urls: list[str], key_file: str, key_var: str, timeout:
 
 def _prune_unused(services, weights_root):
     """With ``gpufleet_prune``, once the services run: remove the images and weight volumes none of them
-    uses (the GPU check's image stays)."""
+    uses (the GPU check's image stays, and a RAG host's stack images)."""
     if host.data.gpufleet_prune:
         prune.pruned(
             name="Remove images and weight volumes no service uses (gpufleet_prune)",
-            keep_images=[service["image"] for service in services] + [host.data.nvidia_toolkit_check_image],
+            keep_images=[service["image"] for service in services]
+            + [host.data.nvidia_toolkit_check_image]
+            + ([host.data.rag_webui_image, host.data.rag_vector_db_image] if "rag_hosts" in host.groups else []),
             keep_volumes=sorted({weights.volume_of(service["model"]) for service in services}),
             weights_root=weights_root,
         )

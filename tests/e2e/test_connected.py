@@ -10,7 +10,7 @@ import re
 import pytest
 
 from tests.lab import hosts as lab_hosts
-from tests.lab import llamacpp, site, vllm
+from tests.lab import llamacpp, rag, site, vllm
 from tests.lab.bundle import UNUSED_IMAGE
 
 from .conftest import REPO, run_deploy
@@ -243,17 +243,18 @@ def test_unreachable_registry_keeps_what_the_host_has_and_names_itself_for_what_
 
 
 def test_bundle_hosts_get_only_what_their_services_use(second_deploy, lab):
-    """The lab bundle also carries volumes and images no default lab service uses (one unused, and the
-    vLLM test's 3 GB image and model): no host gets them."""
+    """The lab bundle also carries volumes and images no default lab service uses (one unused, the vLLM
+    test's 3 GB image and model, the RAG test's images and model): no host gets them."""
     manifest = json.loads((REPO / ".lab" / "bundle" / "manifest.json").read_text())
     images = {image["name"]: image["file"].split("/")[-1] for image in manifest["images"]}
-    assert sorted(manifest["weights"]) == ["tiny", "tiny-hf", "unused"]
-    assert UNUSED_IMAGE in images and vllm.image_tag() in images
+    assert sorted(manifest["weights"]) == ["gemma", "tiny", "tiny-hf", "unused"]
+    unused_here = [UNUSED_IMAGE, vllm.image_tag(), *(rag.image_tag(name) for name in rag.IMAGES)]
+    assert all(tag in images for tag in unused_here)
     for name in ("lab-1", "lab-gap-1"):
         assert sh("ls /srv/gpufleet/weights", name=name).stdout.split() == ["tiny"], name
         assert sh("ls /var/lib/gpufleet/bundle/images", name=name).stdout.split() == [images[llamacpp.image_tag()]]
         repositories = sh("docker images --format '{{.Repository}}'", name=name).stdout.split()
-        assert UNUSED_IMAGE.split(":")[0] not in repositories and vllm.image_tag().split(":")[0] not in repositories
+        assert not {tag.split(":")[0] for tag in unused_here} & set(repositories)
 
 
 def test_a_host_of_the_site_gets_image_and_hub_weights_from_the_seed_not_the_registry_or_hub(
