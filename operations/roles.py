@@ -217,7 +217,6 @@ def _serving_stack(driver, no_cgroups=False, dev_char_symlinks=None):
     rag = {}
     if on_docker:  # the RAG stack after the services it uses; removed from a host that left rag_hosts
         rag = rag_stack.install(image_ops) if "rag_hosts" in host.groups else rag_stack.remove_if_left()
-    if on_docker:
         gpu_metrics.install(gpus, image_op=image_ops.get(host.data.monitoring_dcgm_exporter_image))
     guarded = on_docker and host.data.inference_firewall and bool(services)
     return {

@@ -233,17 +233,18 @@ def webui_command(keys):
     return ["bash", "-c", "; ".join([*exports, "exec bash start.sh"])]
 
 
-def _common(user, read_only=True):
-    args = ["run", "--detach", "--init", "--pull", "never", "--user", user]
-    args += ["--read-only"] if read_only else []
+def _run(part, user, read_only=True):
+    """What both parts' ``docker run`` lines start with: detached, named, host network, their own
+    account, nothing pulled at start, no capabilities, a small /tmp (and a read-only root unless told)."""
+    args = ["run", "--detach", "--name", f"gpufleet-{part}", "--network", "host", "--init", "--pull", "never"]
+    args += ["--user", user] + (["--read-only"] if read_only else [])
     return args + ["--tmpfs", "/tmp:rw,size=512m", "--security-opt", "no-new-privileges", "--cap-drop", "ALL"]
 
 
 def vector_db_args(data, user, data_dir):
     """``docker run`` arguments of the vector database (pure)."""
     profile, port = VECTOR_DBS[data["rag_vector_db"]], data["rag_vector_db_port"]
-    args = ["--name", f"gpufleet-{VECTOR_DB}", "--network", "host", "-v", f"{data_dir}:{profile['data_mount']}"]
-    args = _common(user, profile["read_only"])[:2] + args + _common(user, profile["read_only"])[2:]
+    args = _run(VECTOR_DB, user, profile["read_only"]) + ["-v", f"{data_dir}:{profile['data_mount']}"]
     for name, value in sorted({**profile["env"](port), "HOME": "/tmp"}.items()):
         args += ["-e", f"{name}={value}"]
     return args + [data["rag_vector_db_image"], *profile["command"](port)]
@@ -252,8 +253,7 @@ def vector_db_args(data, user, data_dir):
 def webui_args(data, user, data_dir, env_file, secret_key_file, keys):
     """``docker run`` arguments of Open WebUI (pure): loopback only, its data and secret key mounted,
     its settings from ``env_file``, its keys from their files."""
-    args = _common(user)[:2] + ["--name", f"gpufleet-{WEBUI}", "--network", "host"] + _common(user)[2:]
-    args += ["-v", f"{data_dir}:{WEBUI_DATA}", "-v", f"{secret_key_file}:{WEBUI_SECRET_KEY_FILE}:ro"]
+    args = _run(WEBUI, user) + ["-v", f"{data_dir}:{WEBUI_DATA}", "-v", f"{secret_key_file}:{WEBUI_SECRET_KEY_FILE}:ro"]
     for use, path in sorted(keys.items()):
         args += ["-v", f"{path}:{KEY_MOUNT.format(use=use)}:ro"]
     args += ["--env-file", env_file]
