@@ -6,21 +6,42 @@ import re
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import testinfra
 
+from tests.lab import bundle as lab_bundle
 from tests.lab import hosts as lab_hosts
 
 REPO = Path(__file__).resolve().parents[2]
 PYINFRA = str(Path(sys.executable).with_name("pyinfra"))
 
 
+REPO_LAB = REPO / ".lab"
+_images = ThreadPoolExecutor(max_workers=1)
+_images_built = []
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         if "/e2e/" in str(item.fspath):
             item.add_marker(pytest.mark.e2e)
+
+
+def pytest_collection_finish(session):
+    """When end-to-end tests will run, the lab's images build (or are found cached) while the unit
+    tests run: cold, that is minutes of compiling and installing. The lab fixture waits for them; what
+    the builds say goes to .lab/images.log."""
+    if any("/e2e/" in str(item.fspath) for item in session.items):
+        REPO_LAB.mkdir(exist_ok=True)
+        log_file = (REPO_LAB / "images.log").open("a")
+
+        def log(*words):
+            print(time.strftime("%H:%M:%S"), *words, file=log_file, flush=True)
+
+        _images_built.append(_images.submit(lab_bundle.images, log=log))
 
 
 class Deploy:
@@ -106,6 +127,8 @@ def run_deploy(*args, deploy="deploy.py", inventory="inventories/lab.py", env=No
 
 @pytest.fixture(scope="session")
 def lab():
+    for built in _images_built:
+        built.result()
     state = lab_hosts.up(
         count=2, airgapped=1, proxmox=1, connected=1, ubuntu=1, fresh=not os.environ.get("GPUFLEET_LAB_REUSE")
     )

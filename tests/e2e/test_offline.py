@@ -2,6 +2,7 @@
 skips; a bundle that does not match its manifest is refused before any host is touched."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -18,6 +19,22 @@ BUNDLE = REPO / ".lab" / "bundle"
 
 def sh(name, command):
     return lab_hosts.ssh({"name": name}, command, check=False)
+
+
+def _link_or_copy(source, target):
+    """Large files hard-linked (the bundle's 6 GB are not copied), small ones (the manifest, the
+    verification record a run rewrites) copied."""
+    if os.path.getsize(source) > 1 << 20:
+        try:
+            return os.link(source, target)
+        except OSError:
+            pass
+    return shutil.copy2(source, target)
+
+
+def copy_of_bundle(dest):
+    shutil.copytree(BUNDLE, dest, symlinks=True, copy_function=_link_or_copy)
+    return dest
 
 
 def test_airgapped_host_installed_everything_from_the_bundle(second_deploy):
@@ -63,14 +80,17 @@ def test_second_run_sends_and_hashes_nothing(second_deploy):
 
 
 def test_bundle_not_matching_its_manifest_is_refused_before_any_host(second_deploy, tmp_path):
-    bad = tmp_path / "bundle"
-    shutil.copytree(BUNDLE, bad, symlinks=True)
+    """A file changed after the bundle's last check is hashed again and refused (the record of that
+    check, kept here, vouches only for files whose size and mtime it saw)."""
+    bad = copy_of_bundle(tmp_path / "bundle")
     manifest = json.loads((bad / "manifest.json").read_text())
+    assert (bad / ".gpufleet-verified.json").exists()
     victim = sorted(p for p in manifest["files"] if p.startswith("weights/"))[0]
+    (bad / victim).unlink()  # a copy of its own: the lab's bundle keeps its file
+    shutil.copy2(BUNDLE / victim, bad / victim)
     with open(bad / victim, "r+b") as handle:
         handle.seek(100)
         handle.write(b"corrupt!")
-    (bad / ".gpufleet-verified.json").unlink()
     before = sh("lab-1", "stat -c %Y /etc/gpufleet/host.json").stdout
     result = run_deploy("--data", f"gpufleet_bundle={bad}")
     assert result.rc != 0
@@ -140,8 +160,7 @@ def test_bundle_signature_is_required_when_signers_are_named(second_deploy, tmp_
     assert "Starting operation" not in unsigned.output
     assert sh("lab-1", "stat -c %Y /etc/gpufleet/host.json").stdout == before
     # The same bundle, signed by the named key: accepted, and the converged host stays as it is.
-    copy = tmp_path / "bundle"
-    shutil.copytree(BUNDLE, copy, symlinks=True)
+    copy = copy_of_bundle(tmp_path / "bundle")
     subprocess.run(
         ["ssh-keygen", "-q", "-Y", "sign", "-f", str(key), "-n", "gpufleet-bundle", str(copy / "manifest.json")],
         check=True,

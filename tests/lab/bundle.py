@@ -109,6 +109,14 @@ def _link_archive(tag, archive, out):
     stamp.write_text(image_id)
 
 
+def _vllm_image(log):
+    """The vLLM image and the tiny Hugging Face-format Llama it writes."""
+    tag = vllm.ensure_image(log=log)[0]
+    if not (LAB / "models" / "tiny-hf").exists():
+        models.write_tiny_hf(LAB / "models" / "tiny-hf", tag)
+    return tag
+
+
 def _rag_images(log):
     """The RAG stack's images and the Gemma model its lab services serve."""
     tags = [rag.ensure_image(name, log=log)[0] for name in rag.IMAGES]
@@ -117,23 +125,27 @@ def _rag_images(log):
     return tags
 
 
-def build(log=print, driver_version=DRIVER_VERSION, out=BUNDLE, with_vllm=True):
-    """Build or refresh the lab's bundle (.lab/bundle; another driver version: give another ``out``,
-    and ``with_vllm=False`` to leave out the vLLM image's 3 GB and the RAG stack's images and model);
-    returns its path."""
+def images(log=print, with_vllm=True):
+    """The images the bundle carries, built or found cached, and the models written with them:
+    (llama.cpp's tag, vLLM's tag or None, the RAG stack's tags). Cold, llama.cpp's compile runs here
+    while the vLLM image and the RAG stack's install beside it (they wait on downloads and disk more
+    than on CPU)."""
     image.ensure_image(log=log)  # the base of the images below, built once before they start
-    with ThreadPoolExecutor(max_workers=1) as beside:
-        # The RAG stack's images build beside the others (downloads and disk more than CPU: cold, the
-        # two together take about the longer one's time).
+    with ThreadPoolExecutor(max_workers=2) as beside:
+        vllm_built = beside.submit(_vllm_image, log) if with_vllm else None
         rag_built = beside.submit(_rag_images, log) if with_vllm else None
         tag, _ = llamacpp.ensure_image(log=log)
         model = LAB / "models" / "tiny" / "tiny.gguf"
         if not model.exists():
             models.write_tiny_gguf(model)
-        vllm_tag = vllm.ensure_image(log=log)[0] if with_vllm else None
-        if with_vllm and not (LAB / "models" / "tiny-hf").exists():
-            models.write_tiny_hf(LAB / "models" / "tiny-hf", vllm_tag)
-        rag_images = rag_built.result() if rag_built else []
+        return tag, vllm_built.result() if vllm_built else None, rag_built.result() if rag_built else []
+
+
+def build(log=print, driver_version=DRIVER_VERSION, out=BUNDLE, with_vllm=True):
+    """Build or refresh the lab's bundle (.lab/bundle; another driver version: give another ``out``,
+    and ``with_vllm=False`` to leave out the vLLM image's 3 GB and the RAG stack's images and model);
+    returns its path."""
+    tag, vllm_tag, rag_images = images(log=log, with_vllm=with_vllm)
     _unused()
     _link_archive(tag, llamacpp.archive_path(), out)
     if with_vllm:
