@@ -303,6 +303,13 @@ proxmox_kernel_headers = None
 # adds Open WebUI variables (RAG_TEMPLATE, ENABLE_TITLE_GENERATION, ...). Data (accounts, chats,
 # documents, vectors) lives under rag_data_dir; a host that leaves rag_hosts has the units removed and
 # keeps its data.
+# Beyond the host: with rag_gateway_port, the site's gateway (gateway_hosts) serves Open WebUI on that
+# port over TLS (the site's certificate; its clients: gateway_allowed_sources), reaching it through a
+# TLS front on the RAG host (gpufleet-rag-front, HAProxy, on inference_listen:rag_front_port, admitted
+# from inference_allowed_sources: list the gateway's address there, unless the gateway is this host).
+# One RAG host per site is served so (each has its own accounts and documents). None: loopback only.
+rag_gateway_port = None
+rag_front_port = 3443
 rag_webui_image = "ghcr.io/open-webui/open-webui:v0.12.4"
 rag_port = 3000
 # One of: qdrant | chroma

@@ -123,7 +123,9 @@ def _serving_people(host):
     """With GPUFLEET_LAB_RAG (tests/e2e/test_rag.py): the RAG stack beside the host's chat service:
     Open WebUI and Chroma's server (the lab's images of PyPI's open-webui and chromadb), chat and
     embeddings from two llama.cpp services of a real small model (Gemma 3 270M, from the bundle), the
-    embedding service keyed (Open WebUI reads its key from a mounted file). A
+    embedding service keyed (Open WebUI reads its key from a mounted file). The host is its own
+    gateway too (gateway_hosts): Open WebUI is served on 8444 over TLS to the lab's network (where the
+    control node's browser is), through the stack's TLS front on the host's loopback. A
     pretrained model that small answers from a short prompt: the RAG template and Open WebUI's own
     generation tasks (titles, tags, follow-ups, search queries) are set for it, and it answers at
     temperature 0, 48 tokens at most."""
@@ -162,6 +164,9 @@ def _serving_people(host):
             },
         ],
         "rag_webui_image": rag.image_tag("open-webui"),
+        "rag_gateway_port": 8444,
+        "gateway_port": 9443,
+        "gateway_allowed_sources": [".".join(host["address"].split(".")[:2]) + ".0.0/16"],
         "rag_vector_db": "chroma",
         "rag_vector_db_image": rag.image_tag("chroma"),
         "rag_chat_service": "rag-chat",
@@ -218,8 +223,13 @@ lxc_guests = [h["name"] for h in _STATE["hosts"] if h["name"].startswith("lab-ct
 # Air-gapped lab hosts: no route out; group_data/airgapped.py sends them to the bundle.
 airgapped = [h["name"] for h in _STATE["hosts"] if h["airgapped"]]
 # The site's gateway: none in the lab's default run; tests/e2e/test_gateway.py names one
-# (GPUFLEET_LAB_GATEWAY=lab-2) for its runs, and the default run afterwards removes it.
-gateway_hosts = [h["name"] for h in _STATE["hosts"] if h["name"] == os.environ.get("GPUFLEET_LAB_GATEWAY")]
+# (GPUFLEET_LAB_GATEWAY=lab-2) for its runs, and the default run afterwards removes it; the RAG
+# stack's host is its own gateway (GPUFLEET_LAB_RAG).
+gateway_hosts = [
+    h["name"]
+    for h in _STATE["hosts"]
+    if h["name"] in (os.environ.get("GPUFLEET_LAB_GATEWAY"), os.environ.get("GPUFLEET_LAB_RAG"))
+]
 # The site's monitoring: none in the lab's default run; tests/e2e/test_monitoring.py names one
 # (GPUFLEET_LAB_MONITORING=lab-ubu-1) for its runs, and the default run afterwards removes it.
 monitoring_hosts = [h["name"] for h in _STATE["hosts"] if h["name"] == os.environ.get("GPUFLEET_LAB_MONITORING")]

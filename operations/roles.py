@@ -22,10 +22,12 @@ from pyinfra.api import deploy
 from operations import rollout
 from operations.container import containerd, docker, podman
 from operations.core import base, checks, liveness, remote
+from operations.core.site_hosts import site_hosts
 from operations.driver import devices
 from operations.driver import install as nvidia_driver
 from operations.gateway import drain as gateway_drain
 from operations.gateway import install as gateway
+from operations.gateway import pools as gateway_pools
 from operations.monitoring import exporters, prometheus
 from operations.monitoring import gpus as gpu_metrics
 from operations.monitoring import inventory as monitoring_inventory
@@ -76,7 +78,10 @@ def check_settings():
     liveness.watch_every_host(host.state)  # a host that freezes from here on is failed in bounded time
     checks.validate(checks.host_settings(host), host.name)
     if "rag_hosts" in host.groups:
-        rag_parts.check_stack(checks.host_settings(host), host.name, host.groups)
+        site = site_hosts()
+        gateways = [name for name, _, groups in site if "gateway_hosts" in groups]
+        rag_parts.check_stack(checks.host_settings(host), host.name, host.groups, gateways)
+        gateway_pools.rag_stack(site, None)  # one stack per site's gateway
     monitoring_inventory.watchers()  # the monitoring hosts' addresses, which the exporters' firewall admits
     for group in checks.unknown_groups(host.groups):
         logger.warning(

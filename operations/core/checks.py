@@ -267,6 +267,8 @@ CHECKS = {
     "rag_webui_settings": (is_dict, "a dict of Open WebUI variable -> value"),
     "rag_data_dir": (is_absolute_path, "an absolute path on the host"),
     "rag_start_timeout": SECONDS,
+    "rag_gateway_port": (is_positive_int, "None, or the gateway's TCP port for Open WebUI (e.g. 8444)"),
+    "rag_front_port": (is_positive_int, "the RAG host's TCP port for its TLS front (3443 by default)"),
 }
 
 # Rules across fields (or reading files on the control node), in the order they run: "module:function",

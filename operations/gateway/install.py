@@ -57,10 +57,13 @@ def keys_path(name):
     return posixpath.join(base.secrets_dir(), f"gateway-{name}.keys")
 
 
-def config_text(pools, certificate, ca_file, port, listen, check_interval, max_bytes, timeout, metrics_port=None):
+def config_text(
+    pools, certificate, ca_file, port, listen, check_interval, max_bytes, timeout, metrics_port=None, rag=None
+):
     """The gateway's HAProxy configuration for ``pools`` (each with its ``keys_at``: the key file on the
-    gateway), with HAProxy's metrics on ``metrics_port`` when the site has monitoring hosts (pure:
-    unit-tested by running it)."""
+    gateway), with HAProxy's metrics on ``metrics_port`` when the site has monitoring hosts and the
+    site's RAG stack on its own port when one is served (``pools.rag_stack``) (pure: unit-tested by
+    running it)."""
     return Template(
         (TEMPLATES / "gpufleet-gateway.cfg.j2").read_text(), keep_trailing_newline=True, trim_blocks=True
     ).render(
@@ -73,6 +76,7 @@ def config_text(pools, certificate, ca_file, port, listen, check_interval, max_b
         max_bytes=max_bytes,
         timeout=timeout,
         metrics_port=metrics_port,
+        rag=rag,
     )
 
 
@@ -89,11 +93,13 @@ def install():
             "(e.g. ['10.0.0.0/8']), or set inference_firewall = False to keep your own firewall",
             host=host.name,
         )
-    pools = gateway_pools.pools([(name, data) for name, data, _ in site_hosts()])  # the site's, not the --limit's
+    site = site_hosts()  # the site's, not the --limit's
+    pools = gateway_pools.pools([(name, data) for name, data, _ in site])
+    rag = gateway_pools.rag_stack(site, host.name)
     if not pools:
         logger.warning(
             f"[{host.name}] gateway: no host of the inventory serves a service behind a TLS front "
-            "(proxy_port): the gateway answers 404 to everything"
+            f"(proxy_port): the gateway answers 404 on port {host.data.gateway_port}"
         )
     if "gpu_hosts" not in host.groups:  # a GPU host's services deploy writes the table, the gateway's port in it
         firewall.admit_only_allowed(ports=[])
@@ -124,9 +130,11 @@ def install():
         max_bytes=checks.size_bytes(host.data.inference_max_request_bytes),
         timeout=host.data.inference_request_timeout,
         metrics_port=host.data.monitoring_gateway_metrics_port if watchers() else None,
+        rag=rag,
     )
+    serves_rag = f"; Open WebUI of {rag['host']} on {rag['gateway_port']}" if rag else ""
     config = files.put(
-        name=f"Write {CONFIG} ({len(pools)} pool(s): {', '.join(pools) or 'none'})",
+        name=f"Write {CONFIG} ({len(pools)} pool(s): {', '.join(pools) or 'none'}{serves_rag})",
         src=StringIO(text),
         dest=CONFIG,
         mode="644",
@@ -146,6 +154,7 @@ def install():
             "listen": host.data.gateway_listen,
             "ca_at": tls["ca_at"],
             "pools": {name: [member["host"] for member in pool["members"]] for name, pool in pools.items()},
+            "rag": {"host": rag["host"], "port": rag["gateway_port"]} if rag else None,
         }
     }
 

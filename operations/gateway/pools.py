@@ -38,6 +38,32 @@ def pools(hosts):
     return found
 
 
+def rag_stack(hosts, gateway):
+    """
+    The RAG stack the gateway ``gateway`` serves (``rag_gateway_port``): ``{"host", "address", "port",
+    "gateway_port"}`` of the one host of ``rag_hosts`` that asks for it, reached at its TLS front
+    (``rag_front_port``): on the host's own loopback when it is the gateway itself and its front
+    listens there (or everywhere); None when no host asks. ``hosts``: ``(name, data, groups)``. Two
+    such hosts are refused: each stack has its own accounts and documents, one URL cannot serve both.
+    """
+    exposed = [(name, data) for name, data, groups in hosts if "rag_hosts" in groups and data.get("rag_gateway_port")]
+    if len(exposed) > 1:
+        raise ConfigError(
+            "rag_gateway_port",
+            f"set on {', '.join(name for name, _ in exposed)}: the gateway serves one RAG stack (each has its "
+            "own accounts and documents); set it on one host of rag_hosts",
+        )
+    if not exposed:
+        return None
+    name, data = exposed[0]
+    listen = data.get("inference_listen") or "127.0.0.1"
+    if name != gateway:
+        address = member_address(name, data)
+    else:
+        address = "127.0.0.1" if listen in ("0.0.0.0", "::") else listen
+    return {"host": name, "address": address, "port": data["rag_front_port"], "gateway_port": data["rag_gateway_port"]}
+
+
 def _keys(path):
     return sorted(Path(path).read_text().split()) if path and Path(path).is_file() else None
 

@@ -101,8 +101,9 @@ def _service(data, field, host_name):
     raise ConfigError(field, f"{name!r} is not one of this host's inference_services", host=host_name)
 
 
-def check_stack(data, host_name=None, groups=("gpu_hosts", "rag_hosts")):
-    """Raise ConfigError naming the ``rag_`` setting at fault, for a host of ``rag_hosts`` (in ``groups``)."""
+def check_stack(data, host_name=None, groups=("gpu_hosts", "rag_hosts"), gateways=()):
+    """Raise ConfigError naming the ``rag_`` setting at fault, for a host of ``rag_hosts`` (in ``groups``)
+    of an inventory whose ``gateway_hosts`` are ``gateways``."""
     if "gpu_hosts" not in groups:
         raise ConfigError(
             "rag_hosts", "its hosts must be in gpu_hosts: the stack runs beside their services", host=host_name
@@ -122,6 +123,8 @@ def check_stack(data, host_name=None, groups=("gpu_hosts", "rag_hosts")):
             )
     _check_admin(data, host_name)
     _check_ports(data, host_name)
+    if data.get("rag_gateway_port"):
+        _check_exposure(data, host_name, gateways)
     for name, value in (data.get("rag_webui_settings") or {}).items():
         _check_setting(name, value, host_name)
     if data.get("gpufleet_offline"):
@@ -152,6 +155,25 @@ def _check_ports(data, host_name):
             raise ConfigError(field, f"port {data[field]} is one of this host's inference services'", host=host_name)
     if data.get("rag_port") == data.get("rag_vector_db_port"):
         raise ConfigError("rag_vector_db_port", "must differ from rag_port", host=host_name)
+
+
+def _check_exposure(data, host_name, gateways):
+    """A stack the gateway serves: a gateway in the inventory, ports of their own."""
+    if not gateways:
+        raise ConfigError(
+            "rag_gateway_port", "no host of the inventory is in gateway_hosts to serve the stack on it", host=host_name
+        )
+    services = [s for s in data.get("inference_services") or [] if isinstance(s, dict)]
+    used = {engines.port(s) for s in services} | {s["proxy_port"] for s in services if s.get("proxy_port")}
+    if data.get("rag_front_port") in used | {data.get("rag_port"), data.get("rag_vector_db_port")}:
+        raise ConfigError(
+            "rag_front_port",
+            f"port {data['rag_front_port']} is taken on this host (a service, rag_port or rag_vector_db_port)",
+            host=host_name,
+        )
+    for field in ("gateway_port", "monitoring_gateway_metrics_port"):
+        if data.get("rag_gateway_port") == data.get(field):
+            raise ConfigError("rag_gateway_port", f"port {data[field]} is the gateway's {field}", host=host_name)
 
 
 def _check_setting(name, value, host_name):

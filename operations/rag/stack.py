@@ -19,7 +19,7 @@ from pyinfra.operations import files, server, systemd
 from pyinfra.operations.util import any_changed
 
 from operations.core import base, settings
-from operations.rag import parts
+from operations.rag import front, parts
 from operations.services import rolling
 from operations.services.accounts import service_account
 from operations.services.facts import ServiceAccounts
@@ -137,7 +137,7 @@ def install(image_ops: dict | None = None):
     }
     systemd.daemon_reload(name="Reload systemd for the RAG stack's units", _if=any_changed(*written.values()))
     # Started once the host's services are: in its batch, after them, on a host that serves.
-    rolling.then(lambda: _start(written, changed, image_ops or {}, admin_file))
+    rolling.then(lambda: _start(written, changed, image_ops or {}, admin_file, ids[parts.WEBUI]))
     return {
         "rag": {
             "port": data.rag_port,
@@ -148,6 +148,8 @@ def install(image_ops: dict | None = None):
             "admin_email": data.rag_admin_email,
             "data_dir": data.rag_data_dir,
             "units": sorted(units),
+            "gateway_port": data.rag_gateway_port,
+            "front_port": data.rag_front_port if front.exposed(data.dict()) else None,
         }
     }
 
@@ -211,9 +213,10 @@ def _settings_and_secrets(chat, embedding, webui_id):
     return changed
 
 
-def _start(written, changed, image_ops, admin_file):
+def _start(written, changed, image_ops, admin_file, webui_id):
     """The vector database, then Open WebUI: restarted where anything they use changed, kept running
-    (each start waits until ready); then the first admin."""
+    (each start waits until ready); then the first admin, and the TLS front where the gateway serves
+    the stack (removed where it no longer does)."""
     data, status = host.data, host.get_fact(SystemdStatus)
     for part, image in ((parts.VECTOR_DB, data.rag_vector_db_image), (parts.WEBUI, data.rag_webui_image)):
         unit = unit_name(part)
@@ -232,12 +235,17 @@ def _start(written, changed, image_ops, admin_file):
         port=data.rag_port,
         request_file=admin_file,
     )
+    if front.exposed(data.dict()):
+        front.install(user=webui_id)
+    else:
+        front.remove()
 
 
 @deploy("Remove the RAG stack", data_defaults=settings.DEFAULTS)
 def remove_if_left():
     """A host that left ``rag_hosts``: its stack's units and containers go; its data, accounts and
     secret key stay (adding it back finds its accounts and documents)."""
+    front.remove()
     removed = []
     for part in (parts.WEBUI, parts.VECTOR_DB):
         unit = unit_name(part)

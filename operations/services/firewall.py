@@ -24,6 +24,8 @@ from pyinfra.operations.util import any_changed
 
 from operations import TEMPLATES
 from operations.core import settings
+from operations.core.site_hosts import site_hosts
+from operations.gateway import pools as gateway_pools
 from operations.monitoring.inventory import watchers
 
 TABLE = "inet gpufleet"
@@ -125,20 +127,31 @@ def drop_in_text(rules_path):
 
 
 def other_admissions(ports):
-    """What this host admits besides its services' ports, each from its own sources: a gateway's port
-    from ``gateway_allowed_sources``; with monitoring hosts in the inventory, the node exporter, the
+    """What this host admits besides its services' ports, each from its own sources: a gateway's ports
+    (its own, and the RAG stack's it serves) from ``gateway_allowed_sources``; a RAG stack's TLS front
+    from ``inference_allowed_sources``; with monitoring hosts in the inventory, the node exporter, the
     fronts (engines' metrics) and a gateway's metrics from the monitoring hosts. None without
     gpufleet's firewall (``inference_firewall``)."""
     if not host.data.inference_firewall:
         return []
     found = []
     if "gateway_hosts" in host.groups:
+        rag = gateway_pools.rag_stack(site_hosts(), host.name)
         found.append(
             {
                 "name": "gateway",
                 "comment": "the site's gateway: its clients (gateway_allowed_sources)",
-                "ports": [host.data.gateway_port],
+                "ports": [host.data.gateway_port, *([rag["gateway_port"]] if rag else [])],
                 "sources": host.data.gateway_allowed_sources,
+            }
+        )
+    if "rag_hosts" in host.groups and host.data.rag_gateway_port:
+        found.append(
+            {
+                "name": "rag_front",
+                "comment": "the RAG stack's TLS front: the gateway (inference_allowed_sources)",
+                "ports": [host.data.rag_front_port],
+                "sources": host.data.inference_allowed_sources,
             }
         )
     watching = watchers()

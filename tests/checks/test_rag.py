@@ -1,6 +1,7 @@
 """The RAG stack, on a host whose host.json says it runs one: both units run and are enabled, Open WebUI
 and the vector database listen on loopback only and answer, Open WebUI has its accounts with sign-up
-off, and its secret key is its own account's alone."""
+off, and its secret key is its own account's alone; where the site's gateway serves it, its TLS front
+answers Open WebUI's health over TLS checked against the site's CA."""
 
 import json
 
@@ -35,3 +36,11 @@ def test_open_webui_has_its_accounts_and_sign_up_is_off(host, rag):
 def test_the_secret_key_is_open_webuis_account_alone(host, rag):
     key = host.file("/etc/gpufleet/secrets/rag-webui-secret-key")
     assert key.exists and key.mode == 0o400 and key.user == "gpufleet-rag-webui"
+
+
+def test_where_the_gateway_serves_it_its_tls_front_answers_for_open_webui(host, rag):
+    only_where(host, rag.get("front_port"), "not served by the site's gateway (rag_gateway_port unset)")
+    assert host.service("gpufleet-rag-front").is_running and host.service("gpufleet-rag-front").is_enabled
+    # checked against the site's CA (beside host.json), at the address the host itself reaches it
+    answer = host.run(f"curl -sf -m 10 --cacert /etc/gpufleet/site-ca.crt https://127.0.0.1:{rag['front_port']}/health")
+    assert answer.rc == 0 and '"status":true' in answer.stdout.replace(" ", ""), answer.stderr

@@ -5,6 +5,8 @@ taken out by the health checks and clients served by the other, and a drain thro
 runtime API (templates/gpufleet-gateway-ctl) that waits for the request in flight and sends no new
 one there. The pools read from an inventory."""
 
+import base64
+import hashlib
 import http.client
 import http.server
 import json
@@ -22,6 +24,7 @@ from operations.core.errors import ConfigError
 from operations.gateway import install as gateway
 from operations.gateway import pools as gateway_pools
 from operations.gateway.facts import HeldOutServers
+from operations.rag import front as rag_front
 from operations.services import auth_proxy, site_tls
 from tests.unit.test_auth_proxy import HAPROXY, _free_port
 from tests.unit.test_inference import SERVICE
@@ -299,3 +302,133 @@ def test_a_host_that_left_the_gateway_group_is_recognised_by_its_configuration_a
     found = gateway.GatewayKeyFiles().process(["__config__", "/etc/gpufleet/secrets/gateway-chat.keys"])
     assert found == {"config": True, "keys": ["/etc/gpufleet/secrets/gateway-chat.keys"]}
     assert gateway.GatewayKeyFiles().process([]) == {"config": False, "keys": []}
+
+
+WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+class WebUI(http.server.BaseHTTPRequestHandler):
+    """Open WebUI's stand-in: /health, a page, and a WebSocket upgrade (101, with the accept key RFC 6455
+    asks for) after which it echoes one line, as socket.io's transport switches protocols."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        if self.headers.get("Upgrade") == "websocket":
+            accept = hashlib.sha1((self.headers["Sec-WebSocket-Key"] + WEBSOCKET_GUID).encode()).digest()
+            self.send_response(101)
+            self.send_header("Upgrade", "websocket")
+            self.send_header("Connection", "Upgrade")
+            self.send_header("Sec-WebSocket-Accept", base64.b64encode(accept).decode())
+            self.end_headers()
+            self.wfile.flush()
+            self.wfile.write(b"echo " + self.rfile.readline())
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        body = json.dumps({"path": self.path, "proto": self.headers.get("X-Forwarded-Proto")}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def rag_site(tmp_path):
+    """Open WebUI's stand-in behind the RAG host's TLS front (templates/gpufleet-rag-front.cfg.j2),
+    served by the gateway on a port of its own."""
+    if os.geteuid() != 0:
+        pytest.fail("the gateway test runs HAProxy as root (it drops to haproxy and chroots), as on a host")
+    webui = http.server.ThreadingHTTPServer(("127.0.0.1", 0), WebUI)
+    threading.Thread(target=webui.serve_forever, daemon=True).start()
+    front_pem = tmp_path / "rag.pem"
+    front_pem.write_bytes(site_tls.host_certificate(tmp_path / "ca", "rag-1", ["127.0.0.1", "rag-1"]))
+    front_port, gateway_port, rag_port = _free_port(), _free_port(), _free_port()
+    (tmp_path / "front.cfg").write_text(
+        rag_front.config_text("127.0.0.1", front_port, webui.server_address[1], str(front_pem), "65534:65534", 60)
+    )
+    gateway_pem = tmp_path / "gateway.pem"
+    gateway_pem.write_bytes(site_tls.host_certificate(tmp_path / "ca", "gateway", ["127.0.0.1", "gateway"]))
+    ca = str(tmp_path / "ca" / "ca.crt")
+    rag = {"host": "rag-1", "address": "127.0.0.1", "port": front_port, "gateway_port": rag_port}
+    text = gateway.config_text({}, str(gateway_pem), ca, gateway_port, "127.0.0.1", 1, 1000, 60, rag=rag)
+    (tmp_path / "gateway.cfg").write_text(text.replace("/run/haproxy/admin.sock", str(tmp_path / "admin.sock")))
+    processes = [_start(tmp_path / "front.cfg"), _start(tmp_path / "gateway.cfg")]
+    for port in (front_port, gateway_port, rag_port):
+        _wait_port(port)
+    yield {"port": rag_port, "gateway_port": gateway_port, "ca": ca}
+    for process in processes:
+        process.terminate()
+        process.wait(10)
+    webui.shutdown()
+
+
+def _tls(site, port):
+    context = ssl.create_default_context(cafile=site["ca"])
+    return context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10), server_hostname="127.0.0.1")
+
+
+def test_open_webui_is_served_on_the_gateways_own_port_through_its_hosts_tls_front(rag_site):
+    def page(path):
+        connection = http.client.HTTPSConnection(
+            "127.0.0.1", rag_site["port"], context=ssl.create_default_context(cafile=rag_site["ca"]), timeout=10
+        )
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read()
+
+    # the front's health check sees Open WebUI (a server just started is checked before it is used)
+    assert _until(lambda: page("/auth")[0] == 200, 10), page("/auth")
+    status, body = page("/auth")
+    assert json.loads(body) == {"path": "/auth", "proto": "https"}  # no key asked: Open WebUI signs people in
+    # the services' port does not lead there
+    connection = http.client.HTTPSConnection(
+        "127.0.0.1", rag_site["gateway_port"], context=ssl.create_default_context(cafile=rag_site["ca"]), timeout=10
+    )
+    connection.request("GET", "/auth")
+    assert connection.getresponse().status == 404
+
+
+def test_a_websocket_upgrade_passes_both_hops_and_carries_data_after_it(rag_site):
+    assert _until(lambda: _rag_health(rag_site) == 200, 10)
+    with _tls(rag_site, rag_site["port"]) as stream:
+        stream.sendall(
+            b"GET /ws/socket.io/?EIO=4&transport=websocket HTTP/1.1\r\nHost: rag\r\n"
+            b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+        reader = stream.makefile("rb")
+        assert reader.readline().startswith(b"HTTP/1.1 101")
+        while reader.readline() not in (b"\r\n", b""):
+            pass
+        stream.sendall(b"2probe\n")
+        assert reader.readline() == b"echo 2probe\n"
+
+
+def _rag_health(site):
+    connection = http.client.HTTPSConnection(
+        "127.0.0.1", site["port"], context=ssl.create_default_context(cafile=site["ca"]), timeout=10
+    )
+    connection.request("GET", "/health")
+    return connection.getresponse().status
+
+
+def test_the_gateways_rag_stack_is_one_host_of_rag_hosts_reached_at_its_front():
+    served = {"rag_gateway_port": 8444, "rag_front_port": 3443, "gpufleet_site_address": "10.0.0.5"}
+    hosts = [("gw", {}, {"gateway_hosts"}), ("gpu-1", served, {"gpu_hosts", "rag_hosts"})]
+    assert gateway_pools.rag_stack(hosts, "gw") == {
+        "host": "gpu-1",
+        "address": "10.0.0.5",
+        "port": 3443,
+        "gateway_port": 8444,
+    }
+    # the gateway is the RAG host: its own loopback, where a front listening everywhere answers
+    assert gateway_pools.rag_stack(hosts, "gpu-1")["address"] == "127.0.0.1"
+    listening_there = [("gpu-1", {**served, "inference_listen": "10.0.0.5"}, {"rag_hosts"})]
+    assert gateway_pools.rag_stack(listening_there, "gpu-1")["address"] == "10.0.0.5"
+    assert gateway_pools.rag_stack([("gpu-1", {**served, "rag_gateway_port": None}, {"rag_hosts"})], "gw") is None
+    with pytest.raises(ConfigError, match="set on gpu-1, gpu-2: the gateway serves one RAG stack"):
+        gateway_pools.rag_stack([*hosts, ("gpu-2", served, {"rag_hosts"})], "gw")

@@ -4,13 +4,15 @@ secret in them), the units' order (Open WebUI after the vector database and the 
 and what Open WebUI 0.12.4 really answers on /api/config (captured: tests/data/open-webui)."""
 
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from operations.core import settings
 from operations.core.errors import ConfigError
-from operations.rag import parts
+from operations.rag import front, parts
 from operations.rag.stack import WebUIConfig, admin_request
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "open-webui"
@@ -149,3 +151,42 @@ def test_the_sign_up_request_carries_the_password_file(tmp_path):
         "email": "a@b.c",
         "password": "correct horse battery",
     }
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({}, "rag_gateway_port"),  # no gateway host in the inventory
+        ({"gateways": ["gw"], "rag_front_port": 8083}, "rag_front_port"),  # the embedding service's
+        ({"gateways": ["gw"], "rag_front_port": 3000}, "rag_front_port"),  # Open WebUI's own
+        ({"gateways": ["gw"], "rag_gateway_port": 443}, "rag_gateway_port"),  # the gateway's services' port
+    ],
+)
+def test_a_stack_served_by_the_gateway_needs_one_and_ports_of_its_own(data, change, field):
+    gateways = change.pop("gateways", [])
+    exposed = {**data, "rag_gateway_port": 8444, **change}
+    with pytest.raises(ConfigError) as raised:
+        parts.check_stack(exposed, "gpu-1", gateways=gateways)
+    assert raised.value.field == field
+    parts.check_stack({**data, "rag_gateway_port": 8444}, "gpu-1", gateways=["gw"])
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze is not installed here")
+def test_the_front_unit_verifies_and_waits_for_open_webui_through_it(tmp_path):
+    unit = tmp_path / "gpufleet-rag-front.service"
+    unit.write_text(
+        front.unit_text("0.0.0.0", 3443, 3000, "/etc/gpufleet/proxy/rag-front.cfg", "/etc/gpufleet/ca.crt", "1:1", 300)
+    )
+    checked = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+    complaints = [
+        line
+        for line in checked.stderr.splitlines()
+        if "gpufleet-rag-front.service" in line and "gpufleet-wait-ready is not executable" not in line
+    ]
+    assert complaints == [], checked.stderr
+    text = unit.read_text()
+    assert "ExecStartPost=/usr/local/lib/gpufleet/gpufleet-wait-ready 300 https://127.0.0.1:3443/health\n" in text
+    assert "PartOf=gpufleet-rag-webui.service\n" in text and "After=gpufleet-rag-webui.service" in text
+    config = front.config_text("0.0.0.0", 3443, 3000, "/etc/gpufleet/secrets/site.pem", "1:2", 600)
+    assert "bind 0.0.0.0:3443 ssl crt /etc/gpufleet/secrets/site.pem" in config
+    assert "server webui 127.0.0.1:3000 check" in config and "uid 1\n    gid 2\n" in config
