@@ -82,7 +82,7 @@ def sha256_file(path):
 
 def _fetched(state, host, outgoing, dest, data_dir):
     """Copy the archive to the control node (0600 in a 0700 directory), check it against the host's
-    SHA-256, write the manifest, remove the host's copy."""
+    SHA-256, write the manifest."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True, mode=0o700)
     local, partial = dest / ARCHIVE, dest / f"{ARCHIVE}.part"
@@ -107,7 +107,6 @@ def _fetched(state, host, outgoing, dest, data_dir):
     }
     (dest / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     os.chmod(dest / MANIFEST, 0o600)
-    host.run_shell_command(f"rm -rf {shlex.quote(outgoing)}")  # the login user's own directory
     logger.info(
         f"[{host.name}] RAG stack data of {data_dir}: {local} ({manifest['files'][ARCHIVE]['size']} bytes, checked)"
     )
@@ -127,6 +126,7 @@ def backed_up(dest: str, data_dir: str | None = None):
     outgoing = posixpath.join(work_dir(data_dir), "outgoing")
     yield stop_archive_start(data_dir, outgoing)
     yield FunctionCommand(_fetched, (outgoing, str(Path(dest).expanduser().resolve()), data_dir), {})
+    yield f"rm -rf {shlex.quote(outgoing)}"  # the host's copy, once the control node's is checked
 
 
 def put_in_place(data_dir, incoming, owners):

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import testinfra
 
-from tests.lab import bundle as lab_bundle
 from tests.lab import hosts as lab_hosts
 
 REPO = Path(__file__).resolve().parents[2]
@@ -20,8 +19,8 @@ PYINFRA = str(Path(sys.executable).with_name("pyinfra"))
 
 
 REPO_LAB = REPO / ".lab"
-_images = ThreadPoolExecutor(max_workers=1)
-_images_built = []
+_preparing = ThreadPoolExecutor(max_workers=1)
+_prepared = []
 
 
 def pytest_collection_modifyitems(items):
@@ -31,17 +30,18 @@ def pytest_collection_modifyitems(items):
 
 
 def pytest_collection_finish(session):
-    """When end-to-end tests will run, the lab's images build (or are found cached) while the unit
-    tests run: cold, that is minutes of compiling and installing. The lab fixture waits for them; what
-    the builds say goes to .lab/images.log."""
+    """When end-to-end tests will run, what the lab is made from (images, the toolkit doubles, the
+    offline bundle: ``lab_hosts.prepare``) is built or checked while the unit tests run: cold, that is
+    minutes of compiling, installing and hashing. The lab fixture waits for it; what it says goes to
+    .lab/prepare.log."""
     if any("/e2e/" in str(item.fspath) for item in session.items):
         REPO_LAB.mkdir(exist_ok=True)
-        log_file = (REPO_LAB / "images.log").open("a")
+        log_file = (REPO_LAB / "prepare.log").open("a")
 
         def log(*words):
             print(time.strftime("%H:%M:%S"), *words, file=log_file, flush=True)
 
-        _images_built.append(_images.submit(lab_bundle.images, log=log))
+        _prepared.append(_preparing.submit(lab_hosts.prepare, log=log))
 
 
 class Deploy:
@@ -127,8 +127,8 @@ def run_deploy(*args, deploy="deploy.py", inventory="inventories/lab.py", env=No
 
 @pytest.fixture(scope="session")
 def lab():
-    for built in _images_built:
-        built.result()
+    for prepared in _prepared:
+        prepared.result()
     state = lab_hosts.up(
         count=2, airgapped=1, proxmox=1, connected=1, ubuntu=1, fresh=not os.environ.get("GPUFLEET_LAB_REUSE")
     )

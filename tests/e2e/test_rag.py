@@ -80,6 +80,13 @@ def sign_in():
     return body["token"]
 
 
+def file_ids(token):
+    """The ids of the files Open WebUI holds (its list answers ``{"items": [...]}``)."""
+    status, body = api("GET", "/api/v1/files/", token=token)
+    assert status == "200", body
+    return sorted(entry["id"] for entry in body["items"])
+
+
 def active_since(unit):
     """When ``unit`` became active (monotonic µs) and when it left inactive to start."""
     shown = sh(f"systemctl show -p ActiveEnterTimestampMonotonic -p InactiveExitTimestampMonotonic {unit}").stdout
@@ -324,7 +331,7 @@ def test_the_stacks_data_is_backed_up_and_restored_verified(stack, tmp_path, mea
     afterwards comes back with the restore, Open WebUI answering again; a damaged backup is refused
     before the host is touched; a deploy then changes nothing."""
     token = sign_in()
-    uploaded = sorted(entry["id"] for entry in api("GET", "/api/v1/files/", token=token)[1])
+    uploaded = file_ids(token)
     assert uploaded  # the document of the tests above
     started = time.monotonic()
     backed = run_deploy("--limit", HOST, f"dest={tmp_path}", deploy="operations.rag.backup.backed_up", env=WITH_STACK)
@@ -343,7 +350,7 @@ def test_the_stacks_data_is_backed_up_and_restored_verified(stack, tmp_path, mea
     assert until(lambda: api("GET", "/api/config")[0] == "200", 60) is not None  # serving again
     for uploaded_id in uploaded:
         assert api("DELETE", f"/api/v1/files/{uploaded_id}", token=token)[0] == "200"
-    assert api("GET", "/api/v1/files/", token=token)[1] == []
+    assert file_ids(token) == []
 
     damaged = tmp_path / "damaged"
     damaged.mkdir()
@@ -362,7 +369,7 @@ def test_the_stacks_data_is_backed_up_and_restored_verified(stack, tmp_path, mea
     measured["restore_s"] = round(time.monotonic() - started, 1)
     assert restored.rc == 0, restored.output[-3000:]
     token = sign_in()
-    assert sorted(entry["id"] for entry in api("GET", "/api/v1/files/", token=token)[1]) == uploaded
+    assert file_ids(token) == uploaded
     collections = sh(
         "curl -s -m 5 http://127.0.0.1:6333/api/v2/tenants/default_tenant/databases/default_database/collections"
     ).stdout

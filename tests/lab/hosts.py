@@ -261,6 +261,15 @@ def _secret(path):
         path.chmod(0o600)
 
 
+def prepare(log=print):
+    """What the lab's hosts are made from, built or found cached: the host image, the toolkit doubles'
+    packages and the offline bundle with its images (minutes when cold). Returns the host image's tag."""
+    tag = image.ensure_image(log=log)
+    toolkit_double.build(STATE_DIR / "toolkit-repo")
+    lab_bundle.build(log=log)
+    return tag
+
+
 def up(count=3, airgapped=1, proxmox=1, connected=0, ubuntu=0, fresh=False, log=print):
     """
     Bring the lab to `count` connected hosts, `airgapped` air-gapped hosts, `proxmox` pairs of a
@@ -272,10 +281,8 @@ def up(count=3, airgapped=1, proxmox=1, connected=0, ubuntu=0, fresh=False, log=
     from . import site  # it reads this module's paths
 
     started = time.time()
-    tag = image.ensure_image(log=log)
+    tag = prepare(log=log)
     pubkey = ensure_key()
-    toolkit_double.build(STATE_DIR / "toolkit-repo")
-    lab_bundle.build(log=log)
     _secret(STATE_DIR / "secrets" / "chat-api-key")
     _secret(STATE_DIR / "secrets" / "rag-admin-password")
     ensure_networks(airgapped > 0)
