@@ -174,6 +174,15 @@ def _check_exposure(data, host_name, gateways):
     for field in ("gateway_port", "monitoring_gateway_metrics_port"):
         if data.get("rag_gateway_port") == data.get(field):
             raise ConfigError("rag_gateway_port", f"port {data[field]} is the gateway's {field}", host=host_name)
+    others = [name for name in gateways if name != host_name]
+    if others and (data.get("inference_listen") or "127.0.0.1").startswith(("127.", "::1", "localhost")):
+        raise ConfigError(
+            "inference_listen",
+            f"the gateway {others[0]} reaches the stack's TLS front on this host, which would listen on "
+            f"{data.get('inference_listen') or '127.0.0.1'} only: set an address it can reach (and admit it "
+            "in inference_allowed_sources)",
+            host=host_name,
+        )
 
 
 def _check_setting(name, value, host_name):

@@ -160,6 +160,7 @@ def test_the_sign_up_request_carries_the_password_file(tmp_path):
         ({"gateways": ["gw"], "rag_front_port": 8083}, "rag_front_port"),  # the embedding service's
         ({"gateways": ["gw"], "rag_front_port": 3000}, "rag_front_port"),  # Open WebUI's own
         ({"gateways": ["gw"], "rag_gateway_port": 443}, "rag_gateway_port"),  # the gateway's services' port
+        ({"gateways": ["gw"], "inference_listen": "127.0.0.1"}, "inference_listen"),  # another host's gateway
     ],
 )
 def test_a_stack_served_by_the_gateway_needs_one_and_ports_of_its_own(data, change, field):
@@ -168,7 +169,8 @@ def test_a_stack_served_by_the_gateway_needs_one_and_ports_of_its_own(data, chan
     with pytest.raises(ConfigError) as raised:
         parts.check_stack(exposed, "gpu-1", gateways=gateways)
     assert raised.value.field == field
-    parts.check_stack({**data, "rag_gateway_port": 8444}, "gpu-1", gateways=["gw"])
+    parts.check_stack({**data, "rag_gateway_port": 8444, "inference_listen": "0.0.0.0"}, "gpu-1", gateways=["gw"])
+    parts.check_stack({**data, "rag_gateway_port": 8444}, "gpu-1", gateways=["gpu-1"])  # its own gateway
 
 
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze is not installed here")
