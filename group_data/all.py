@@ -49,7 +49,8 @@ gpufleet_upgrade_batch = 1
 gpufleet_upgrade_drain_timeout = 60
 gpufleet_upgrade_max_failed = 0
 # True: container images and weight volumes (under inference_weights_root) that no service of the
-# host uses are removed once its services run. Off: they stay, to be used again without a transfer.
+# host uses are removed once its services run, and a host that left rag_hosts loses the RAG stack's
+# data and secrets. Off: they stay, to be used again without a transfer.
 gpufleet_prune = False
 
 # --- ssh_ (pyinfra's SSH connector, paramiko) -------------------------------------------

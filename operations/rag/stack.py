@@ -13,7 +13,7 @@ from io import StringIO
 
 from pyinfra import host
 from pyinfra.api import FactBase, deploy, operation
-from pyinfra.facts.files import File
+from pyinfra.facts.files import File, FindFiles
 from pyinfra.facts.systemd import SystemdStatus
 from pyinfra.operations import files, server, systemd
 from pyinfra.operations.util import any_changed
@@ -244,7 +244,7 @@ def _start(written, changed, image_ops, admin_file, webui_id):
 @deploy("Remove the RAG stack", data_defaults=settings.DEFAULTS)
 def remove_if_left():
     """A host that left ``rag_hosts``: its stack's units and containers go; its data, accounts and
-    secret key stay (adding it back finds its accounts and documents)."""
+    secret key stay (adding it back finds its accounts and documents), unless ``gpufleet_prune``."""
     front.remove()
     removed = []
     for part in (parts.WEBUI, parts.VECTOR_DB):
@@ -261,4 +261,19 @@ def remove_if_left():
         )
     if removed:
         systemd.daemon_reload(name="Reload systemd without the RAG stack's units", _if=any_changed(*removed))
+    if host.data.gpufleet_prune:
+        _prune_left_data()
     return {}
+
+
+def _prune_left_data():
+    """With ``gpufleet_prune``, a host that left ``rag_hosts`` loses the stack's data too: accounts' chats
+    and documents, vectors, the copies a restore kept, and the stack's secrets (its accounts stay:
+    nothing of theirs is left)."""
+    root = host.data.rag_data_dir
+    files.directory(
+        name=f"Remove the RAG stack's data {root} (gpufleet_prune: the host left rag_hosts)", path=root, present=False
+    )
+    found = host.get_fact(FindFiles, path=base.secrets_dir(), maxdepth=1, fname=f"{parts.WEBUI}*") or []
+    for path in sorted(found):
+        files.file(name=f"Remove the RAG stack's secret {path} (gpufleet_prune)", path=path, present=False)

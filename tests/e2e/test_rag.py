@@ -380,7 +380,7 @@ def test_the_stacks_data_is_backed_up_and_restored_verified(stack, tmp_path, mea
     assert again.rc == 0 and again.total_changed() == 0, again.changed()
 
 
-def test_a_host_that_leaves_rag_hosts_loses_the_units_and_keeps_the_data(stack):
+def test_a_host_that_leaves_rag_hosts_loses_the_units_and_keeps_the_data_unless_pruned(stack):
     left = run_deploy("--limit", HOST)
     assert left.rc == 0, left.output[-3000:]
     assert "Stop and disable gpufleet-rag-webui.service (the host left rag_hosts)" in left.output
@@ -397,3 +397,12 @@ def test_a_host_that_leaves_rag_hosts_loses_the_units_and_keeps_the_data(stack):
     kept = sh("ls /var/lib/gpufleet/rag/webui /var/lib/gpufleet/rag/vectordb").stdout
     assert "webui.db" in kept and "chroma.sqlite3" in kept
     assert run_deploy("--limit", HOST).total_changed() == 0
+    # pruned: the data and the stack's secrets go too, once; then nothing is left to do
+    pruned = run_deploy("--limit", HOST, "--data", "gpufleet_prune=true")
+    assert pruned.rc == 0, pruned.output[-3000:]
+    assert (
+        "Remove the RAG stack's data /var/lib/gpufleet/rag (gpufleet_prune: the host left rag_hosts)" in pruned.output
+    )
+    assert sh("test -e /var/lib/gpufleet/rag").returncode != 0
+    assert sh("ls /etc/gpufleet/secrets/ | grep -c '^rag-webui' || true").stdout.strip() == "0"
+    assert run_deploy("--limit", HOST, "--data", "gpufleet_prune=true").total_changed() == 0
