@@ -57,8 +57,13 @@ def test_fresh_fetch_lands_every_file_read_only_with_its_record(hub, tmp_path):
         assert sha256 == hashlib.sha256((repo / path).read_bytes()).hexdigest()
         assert oct((dest / path).stat().st_mode & 0o777) == "0o444"
     assert json.loads((dest / ".gpufleet-hf.json").read_text()) == {"repo": "lab/tiny", "commit": commit(hub)}
-    # The LFS file came from the "CDN" origin, not from the hub's own port.
-    assert any(path.startswith("/lfs/") for _, path, _ in hub.requests)
+    # The LFS file came from the "CDN" origin, not from the hub's own port; the small ones from the
+    # hub's resolve cache, after the 307 the Hub answers for them.
+    assert any(path.startswith("/xet-bridge-us/") for _, path, _ in hub.requests)
+    cached = {path for method, path, _ in hub.requests if method == "GET" and path.startswith("/api/resolve-cache/")}
+    assert cached == {
+        f"/api/resolve-cache/models/lab/tiny/{commit(hub)}/{p}" for p in ("config.json", "sub/tokenizer.json")
+    }
 
 
 def test_branch_resolves_to_its_commit(hub, tmp_path):
@@ -66,6 +71,53 @@ def test_branch_resolves_to_its_commit(hub, tmp_path):
     result = fetch(endpoint, tmp_path / "x", "resolve", "lab/tiny", "main")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == commit(hub)
+
+
+def test_a_tag_and_a_pull_request_resolve_to_their_own_commits_and_trees(tmp_path):
+    main, tagged, proposed = (tmp_path / name for name in ("main", "v1", "pr"))
+    for root, model in ((main, b"main" * 999), (tagged, b"v1.0" * 777), (proposed, b"pr-1" * 555)):
+        root.mkdir()
+        (root / "model.safetensors").write_bytes(model)
+        (root / "config.json").write_text(f'{{"from": "{root.name}"}}\n')
+    (tagged / "only-in-v1.txt").write_text("v1\n")
+    hub, server, cdn = hub_double.serve(
+        {"lab/tiny": main}, TOKEN, refs={"lab/tiny": {"v1.0": tagged, "refs/pr/1": proposed}}
+    )
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        commits = {}
+        for ref in ("main", "v1.0", "refs/pr/1"):
+            result = fetch(endpoint, tmp_path / "x", "resolve", "lab/tiny", ref)
+            assert result.returncode == 0, result.stderr
+            commits[ref] = result.stdout.strip()
+        assert len(set(commits.values())) == 3 and commits["main"] == commit(hub)
+        dest = tmp_path / "vol"
+        assert fetch(endpoint, dest, "fetch", "lab/tiny", commits["main"], str(dest)).returncode == 0
+        moved = fetch(endpoint, dest, "fetch", "lab/tiny", commits["v1.0"], str(dest))
+        assert moved.returncode == 0, moved.stderr
+        assert sorted(json.loads((dest / ".gpufleet-staged.json").read_text())) == [
+            "config.json", "model.safetensors", "only-in-v1.txt",
+        ]  # fmt: skip
+        assert (dest / "model.safetensors").read_bytes() == (tagged / "model.safetensors").read_bytes()
+        assert json.loads((dest / ".gpufleet-hf.json").read_text())["commit"] == commits["v1.0"]
+        # the pull request's ref went over the wire quoted, as the client sends it
+        assert ("GET", "/api/models/lab/tiny/revision/refs%2Fpr%2F1", None) in hub.requests
+    finally:
+        server.shutdown()
+        cdn.shutdown()
+
+
+def test_a_tree_of_several_pages_is_read_whole(hub, tmp_path):
+    hub, endpoint, _ = hub
+    hub.tree_page = 1
+    dest = tmp_path / "vol"
+    result = fetch(endpoint, dest, "fetch", "lab/tiny", commit(hub), str(dest))
+    assert result.returncode == 0, result.stderr
+    assert sorted(json.loads((dest / ".gpufleet-staged.json").read_text())) == [
+        "config.json", "model.gguf", "sub/tokenizer.json",
+    ]  # fmt: skip
+    pages = [path for method, path, _ in hub.requests if method == "GET" and "/tree/" in path]
+    assert len(pages) == 4  # a directory and three files, one entry a page
 
 
 def test_damaged_file_is_fetched_again_and_intact_ones_are_kept(hub, tmp_path):
@@ -82,7 +134,8 @@ def test_damaged_file_is_fetched_again_and_intact_ones_are_kept(hub, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "model.gguf: SHA-256 differs from the hub's (LFS); fetching it again" in result.stderr
     assert model.read_bytes() == (repo / "model.gguf").read_bytes()
-    fetched = {path for method, path, _ in hub.requests if method == "GET" and "/resolve/" in path}
+    fetched = {path for method, path, _ in hub.requests if method == "GET"}
+    assert any(path.startswith("/xet-bridge-us/") for path in fetched)
     assert not any("config.json" in path for path in fetched)  # intact: not downloaded again
 
 
@@ -98,7 +151,9 @@ def test_interrupted_download_resumes_with_a_range_request(hub, tmp_path):
     assert result.returncode == 0, result.stderr
     assert f"model.gguf: resumed at byte {1 << 20}" in result.stderr
     assert (dest / "model.gguf").read_bytes() == (repo / "model.gguf").read_bytes()
-    assert ("GET", f"/lfs/lab/tiny/{sha256}", f"bytes={1 << 20}-") in hub.requests
+    entry = hub.repos["lab/tiny"].files["model.gguf"]
+    storage = f"/xet-bridge-us/{hub.repos['lab/tiny'].id}/{entry['xetHash']}"
+    assert ("GET", storage, f"bytes={1 << 20}-") in hub.requests
     assert not part.exists()
 
 
