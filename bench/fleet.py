@@ -1,8 +1,10 @@
 """Fleet convergence: deploy.py against an Ansible playbook of the same steps, first run and no-op
 re-run, on fresh lab hosts of each size, per variant: the naive playbook (directories with
 `copy`), the tuned one (ansible.posix.synchronize, pipelining, ControlPersist, forks ≥ hosts, no
-fact gathering) and the tuned one under Mitogen's strategy. A variant's times count only when the
-hosts it converged pass the same testinfra checks (tests/checks) as gpufleet's."""
+fact gathering) and the tuned one under Mitogen's strategy. Each cell is sampled several times,
+the variants' order rotated from one round to the next (the machine drifts over an hour); a
+variant's times count only when the hosts it converged give every testinfra check (tests/checks)
+the outcome gpufleet's give it, check by check, in every sample."""
 
 import json
 import os
@@ -10,7 +12,9 @@ import re
 import shutil
 import subprocess
 import sys
+import xml.etree.ElementTree as ElementTree
 from pathlib import Path
+from statistics import median
 
 from tests.lab import hosts as lab
 
@@ -102,18 +106,25 @@ def save_reference(state):
         ("/etc/gpufleet/firewall.nft", "firewall.nft"),
         ("/etc/systemd/system/gpufleet-firewall.service", "gpufleet-firewall.service"),
         ("/etc/gpufleet/host.json", "host.json"),
+        ("/etc/systemd/system/nvidia-persistenced.service.d/gpufleet.conf", "persistenced.conf"),
         ("/srv/gpufleet/weights/tiny/.gpufleet-staged.json", "weights-record.json"),
     ):
         (REF / name).write_text(lab.ssh(host, f"cat {remote}").stdout)
     (REF / "chat.key").chmod(0o600)
+    # The playbook writes the site's own daemon.json keys; the runtime is nvidia-ctk's to add there.
+    daemon = json.loads((REF / "daemon.json").read_text())
+    daemon.pop("runtimes", None)
+    (REF / "daemon-base.json").write_text(json.dumps(daemon))
     account = lab.ssh(host, "getent passwd gpufleet-chat").stdout.split(":")
     (REF / "account.json").write_text(json.dumps({"service_uid": int(account[2]), "service_gid": int(account[3])}))
 
 
 def checks(state):
-    """The testinfra suite any fleet is checked with, on these hosts: (passed, failed) and the tail of
+    """The testinfra suite any fleet is checked with, on these hosts: each check's outcome by its id
+    (``{"test_file.py::test_name[ssh://host]": "passed" | "skipped" | "failed"}``) and the tail of
     its report."""
     hosts = ",".join(f"ssh://{host['name']}" for host in state["hosts"])
+    junit = OUT / "checks.xml"
     done = subprocess.run(
         [
             str(BIN / "python"),
@@ -126,58 +137,105 @@ def checks(state):
             f"--hosts={hosts}",
             f"--ssh-config={lab.SSH_CONFIG}",
             "--sudo",
+            f"--junitxml={junit}",
         ],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=900,
     )
-    counts = {word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|error)", done.stdout)}
-    return counts.get("passed", 0), counts.get("failed", 0) + counts.get("error", 0), done.stdout[-2000:]
+    outcomes = {}
+    for case in ElementTree.parse(junit).iter("testcase"):
+        kinds = {child.tag for child in case}
+        outcome = "failed" if kinds & {"failure", "error"} else "skipped" if "skipped" in kinds else "passed"
+        outcomes[f"{case.get('classname').rsplit('.', 1)[-1]}.py::{case.get('name')}"] = outcome
+    return outcomes, done.stdout[-2000:]
+
+
+def counts(outcomes):
+    return {
+        kind: sum(1 for outcome in outcomes.values() if outcome == kind) for kind in ("passed", "skipped", "failed")
+    }
 
 
 def one(variant, count, log):
-    """Fresh hosts, then the variant's first run, its no-op run and the checks."""
+    """Fresh hosts, then the variant's first run, its no-op run and the checks: one sample."""
     state = lab.up(count=count, airgapped=0, proxmox=0, fresh=True, log=lambda *_: None)
     if variant == "gpufleet":
         run, changes = (lambda: pyinfra()), (lambda out: (pyinfra_changes(out), 0))
     else:
         tuned, mitogen = ANSIBLE[variant]
         run, changes = (lambda: ansible(state, max(count, 5), tuned, mitogen)), ansible_changes
-    cell = {}
-    cell["first_s"], cell["first_mib"], first = run()
-    cell["noop_s"], cell["noop_mib"], noop = run()
+    sample = {}
+    sample["first_s"], sample["first_mib"], first = run()
+    sample["noop_s"], sample["noop_mib"], noop = run()
     (OUT / f"{variant}-{count}-first.log").write_text(first.stdout)
     (OUT / f"{variant}-{count}-noop.log").write_text(noop.stdout)
-    cell["noop_changes"], failed = changes(noop.stdout)
+    sample["noop_changes"], failed = changes(noop.stdout)
     if first.returncode or noop.returncode or failed:
         raise RuntimeError(f"{variant} failed on {count} host(s):\n{(first.stdout + noop.stdout)[-3000:]}")
-    cell["checks_passed"], cell["checks_failed"], report = checks(state)
-    if cell["checks_failed"] or not cell["checks_passed"]:
+    sample["outcomes"], report = checks(state)
+    if counts(sample["outcomes"])["failed"]:
         (OUT / f"{variant}-{count}-checks.log").write_text(report)
-        log(f"fleet {count} {variant}: the checks failed ({cell['checks_failed']}): its times do not count")
-    if variant == "gpufleet":
+    if variant == "gpufleet" and not REF.exists():
         save_reference(state)
     log(
-        f"fleet {count} {variant}: first {cell['first_s']:.1f}s, no-op {cell['noop_s']:.1f}s, "
-        f"checks {cell['checks_passed']} passed / {cell['checks_failed']} failed"
+        f"fleet {count} {variant}: first {sample['first_s']:.1f}s, no-op {sample['noop_s']:.1f}s, "
+        f"checks {counts(sample['outcomes'])}"
     )
-    return cell
+    return sample
 
 
-def measure(sizes, variants=VARIANTS, log=print):
-    """gpufleet first on each size (its converged host gives the playbook the files it writes)."""
+def spread(values):
+    return {"median": median(values), "min": min(values), "max": max(values), "samples": values}
+
+
+def cell(samples, reference):
+    """A variant's samples on one size, summed up; ``reference``: gpufleet's checks' outcomes. Its
+    times count only when every sample's checks match the reference's, check by check."""
+    differ = sorted(
+        {
+            f"{check}: {sample['outcomes'].get(check, 'absent')} (gpufleet: {reference.get(check, 'absent')})"
+            for sample in samples
+            for check in set(sample["outcomes"]) | set(reference)
+            if sample["outcomes"].get(check) != reference.get(check)
+        }
+    )
+    return {
+        "first_s": spread([s["first_s"] for s in samples]),
+        "noop_s": spread([s["noop_s"] for s in samples]),
+        "first_mib": max(s["first_mib"] for s in samples),
+        "noop_mib": max(s["noop_mib"] for s in samples),
+        "noop_changes": max(s["noop_changes"] for s in samples),
+        "checks": counts(samples[0]["outcomes"]),
+        "checks_differ_from_gpufleet": differ,
+        "counts": not differ and not counts(reference)["failed"],
+    }
+
+
+def measure(sizes, variants=VARIANTS, samples=3, log=print):
+    """Each size: ``samples`` rounds of every variant on fresh hosts, the order rotated each round;
+    gpufleet goes first in the first round (its converged host gives the playbook the files it
+    writes)."""
     OUT.mkdir(parents=True, exist_ok=True)
+    variants = ["gpufleet", *[v for v in variants if v != "gpufleet"]]
     rows = []
     try:
         for count in sizes:
+            shutil.rmtree(REF, ignore_errors=True)  # this size's gpufleet host gives the files
+            taken, orders = {variant: [] for variant in variants}, []
+            for round_ in range(samples):
+                order = variants[round_ % len(variants) :] + variants[: round_ % len(variants)]
+                orders.append(order)
+                for variant in order:
+                    taken[variant].append(one(variant, count, log))
+            reference = taken["gpufleet"][0]["outcomes"]
             rows.append(
                 {
                     "hosts": count,
-                    **{
-                        variant: one(variant, count, log)
-                        for variant in ("gpufleet", *[v for v in variants if v != "gpufleet"])
-                    },
+                    "orders": orders,
+                    "checks": {"gpufleet": reference},
+                    **{variant: cell(taken[variant], reference) for variant in variants},
                 }
             )
     finally:
