@@ -1,4 +1,4 @@
-"""python -m bench [--only fleet,scale,staging,sudo,latency,rollout] [--fleet 1,4] [--scale 1,4,8,16]
+"""python -m bench [--only fleet,scale,staging,sudo,latency,rollout] [--fleet 1,4] [--samples 3] [--scale 1,4,8,16]
                    [--fan-out 4] [--repeats 5]
                    [--size full|small] [--out DIR]
 python -m bench report [--out DIR]
@@ -27,6 +27,7 @@ def main(argv=None):
     parser.add_argument("--fleet", default="1,4", help="host counts for the fleet runs")
     parser.add_argument("--scale", default="1,4,8,16", help="host counts for the scale runs (deploy.py alone)")
     parser.add_argument("--variants", default=",".join(fleet.VARIANTS), help="fleet variants to run")
+    parser.add_argument("--samples", type=int, default=3, help="samples of each fleet cell, order rotated")
     parser.add_argument("--fan-out", type=int, default=4, help="hosts for the staging fan-out (1: none)")
     parser.add_argument("--repeats", type=int, default=5, help="repeats of each one-host staging row")
     parser.add_argument("--size", choices=sorted(staging.SIZES), default="full", help="the staged weight set")
@@ -41,7 +42,9 @@ def main(argv=None):
     command = " ".join(["python -m bench", *argv])
     parts = {part: part in args.only.split(",") for part in record.PARTS}
     runs = {
-        "fleet": lambda: fleet.measure([int(n) for n in args.fleet.split(",")], args.variants.split(",")),
+        "fleet": lambda: fleet.measure(
+            [int(n) for n in args.fleet.split(",")], args.variants.split(","), samples=args.samples
+        ),
         "scale": lambda: scale.measure([int(n) for n in args.scale.split(",")]),
         "staging": lambda: staging.measure(fan_out=args.fan_out, repeats=args.repeats, size=args.size),
         "sudo": lambda: staging.sudo_vs_root(runs=args.sudo_runs, size=args.size),

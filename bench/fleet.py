@@ -107,6 +107,7 @@ def save_reference(state):
         ("/etc/systemd/system/gpufleet-firewall.service", "gpufleet-firewall.service"),
         ("/etc/gpufleet/host.json", "host.json"),
         ("/etc/systemd/system/nvidia-persistenced.service.d/gpufleet.conf", "persistenced.conf"),
+        ("/etc/systemd/system/nftables.service.d/gpufleet.conf", "nftables-dropin.conf"),
         ("/srv/gpufleet/weights/tiny/.gpufleet-staged.json", "weights-record.json"),
     ):
         (REF / name).write_text(lab.ssh(host, f"cat {remote}").stdout)

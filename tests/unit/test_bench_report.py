@@ -65,3 +65,44 @@ def test_the_scale_part_counts_each_hosts_commands_from_pyinfras_debug_log_and_f
     assert "| 1 | 50.0 | 6.00 (5.00–7.00) | 0, 0, 0 | 78–81 | 70 / 60 | 10.0 / 3.0 |" in table
     assert "no-op ≤ 3 s for one host (6.00 s: **missed**), ≤ 0.3 s per extra host (**missed**)" in table
     assert "**Extrapolated, not measured**, to 50 hosts" in table
+
+
+def _sample(first, noop, outcomes):
+    return {
+        "first_s": first,
+        "noop_s": noop,
+        "first_mib": 70.0,
+        "noop_mib": 60.0,
+        "noop_changes": 0,
+        "outcomes": outcomes,
+    }
+
+
+def test_a_fleet_cell_counts_only_when_every_check_matches_gpufleets_in_every_sample():
+    from bench import fleet
+
+    ours = {"test_nvidia.py::test_held[ssh://lab-1]": "passed", "test_gpu.py::test_smi[ssh://lab-1]": "skipped"}
+    theirs = [_sample(90, 20, ours), _sample(95, 25, {**ours, "test_gpu.py::test_smi[ssh://lab-1]": "passed"})]
+    cell = fleet.cell(theirs, ours)
+    assert cell["counts"] is False
+    assert cell["checks_differ_from_gpufleet"] == ["test_gpu.py::test_smi[ssh://lab-1]: passed (gpufleet: skipped)"]
+    assert cell["noop_s"] == {"median": 22.5, "min": 20, "max": 25, "samples": [20, 25]}
+    same = fleet.cell([_sample(90, 20, ours), _sample(91, 30, dict(ours))], ours)
+    assert same["counts"] is True and same["checks"] == {"passed": 1, "skipped": 1, "failed": 0}
+
+
+def test_a_fleet_target_is_met_only_when_the_whole_range_meets_it():
+    from bench import fleet
+
+    ours = {"test_nvidia.py::test_held[ssh://lab-1]": "passed"}
+    row = {
+        "hosts": 1,
+        "orders": [["gpufleet", "ansible_tuned"], ["ansible_tuned", "gpufleet"], ["gpufleet", "ansible_tuned"]],
+        "gpufleet": fleet.cell([_sample(50, n, ours) for n in (5.0, 6.0, 7.0)], ours),
+        "ansible_tuned": fleet.cell([_sample(90, n, ours) for n in (20.0, 25.0, 30.0)], ours),
+    }
+    table = "\n".join(report.fleet_table([row]))
+    # medians alone would say 6 / 25 = 0.24 (met); the worst case is 7 / 20 = 0.35
+    assert "| 1 | Ansible, tuned (`synchronize`) | 90.0 (90.0–90.0) | 25.0 (20.0–30.0) | 0.35 (**missed**) |" in table
+    assert "orders run: gpufleet → ansible_tuned; ansible_tuned → gpufleet; gpufleet → ansible_tuned." in table
+    assert "Every check had the same outcome on every variant's hosts as on gpufleet's, in every sample." in table
