@@ -18,14 +18,14 @@ import functools
 from pyinfra import host
 
 
+def changed_or_failed(meta):
+    """Whether an operation (its ``OperationMeta``) has finished, having run commands or failed."""
+    return meta.is_complete() and (meta.did_change() or meta.did_error())
+
+
 def changes_so_far(state, current):
     """How many of ``current``'s operations so far ran commands or failed."""
-    count = 0
-    for data in state.ops.get(current, {}).values():
-        meta = data.operation_meta
-        if meta.is_complete() and (meta.did_change() or meta.did_error()):
-            count += 1
-    return count
+    return sum(1 for data in state.ops.get(current, {}).values() if changed_or_failed(data.operation_meta))
 
 
 def until_changed(function):

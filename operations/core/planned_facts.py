@@ -27,6 +27,8 @@ from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS
 from pyinfra.api.facts import _handle_fact_kwargs
 from pyinfra.api.state import BaseStateCallback
 
+from operations.core import host_memo
+
 
 class PlannedFacts(BaseStateCallback):
     """The facts one run read while preparing, and whether any host has changed since it executes.
@@ -52,7 +54,7 @@ class PlannedFacts(BaseStateCallback):
             meta = state.get_op_data_for_host(host, op_hash).operation_meta
             if not meta.is_complete():
                 running.append((host, op_hash))
-            elif meta.did_change() or meta.did_error():
+            elif host_memo.changed_or_failed(meta):
                 self.changed = True
         self.started = running
 
