@@ -113,6 +113,24 @@ def run_checks(paths, hosts):
     return completed, {(check, host): outcome for outcome, check, host in found}
 
 
+def host_state(host):
+    """What a run that changes nothing must leave as it was on lab host ``host`` (its state dict): the
+    digests of gpufleet's units, host.json, apt's preferences and sources, Docker's daemon.json and
+    the weight volumes' records, the modes of gpufleet's directories, and the running containers."""
+    files = (
+        "/etc/systemd/system/gpufleet-*.service /etc/gpufleet/host.json /etc/apt/preferences.d/* "
+        "/etc/apt/sources.list.d/* /etc/docker/daemon.json /srv/gpufleet/weights/*/.gpufleet-*"
+    )
+    state = lab_hosts.ssh(
+        host,
+        f"sha256sum {files} 2>/dev/null; stat -c '%n %a %U' /etc/gpufleet /etc/gpufleet/* 2>/dev/null; "
+        "docker ps -q --no-trunc | sort",
+        check=False,
+    ).stdout
+    assert "/etc/gpufleet/host.json" in state and "gpufleet-chat.service" in state, state
+    return state
+
+
 def run_deploy(*args, deploy="deploy.py", inventory="inventories/lab.py", env=None):
     completed = subprocess.run(
         [PYINFRA, "-y", inventory, deploy, *args],

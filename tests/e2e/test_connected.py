@@ -13,6 +13,7 @@ from tests.lab import hosts as lab_hosts
 from tests.lab import llamacpp, rag, site, vllm
 from tests.lab.bundle import UNUSED_IMAGE
 
+from . import conftest
 from .conftest import REPO, run_deploy
 
 HOST = "lab-net-1"
@@ -164,16 +165,8 @@ def test_missing_revision_is_named_and_the_volume_left_as_it_was(second_deploy, 
 
 
 def host_state():
-    """What a refused run must leave as it was: the digests of gpufleet's units, host.json, apt's
-    preferences and sources, Docker's daemon.json and the weight volumes' records, and the services'
-    containers."""
-    files = (
-        "/etc/systemd/system/gpufleet-*.service /etc/gpufleet/host.json /etc/apt/preferences.d/* "
-        "/etc/apt/sources.list.d/* /etc/docker/daemon.json /srv/gpufleet/weights/*/.gpufleet-*"
-    )
-    state = sh(f"sha256sum {files} 2>/dev/null; docker ps -q --no-trunc | sort").stdout
-    assert "/etc/gpufleet/host.json" in state and "gpufleet-chat.service" in state, state
-    return state
+    """What a refused run must leave as it was on lab-net-1 (conftest.host_state)."""
+    return conftest.host_state({"name": HOST})
 
 
 def test_branch_revision_is_refused_before_any_host_changes(second_deploy, address):

@@ -4,7 +4,7 @@ import re
 import subprocess
 
 from bench.scale import commands_per_host
-from tests.e2e.conftest import PYINFRA, REPO, Deploy, run_checks, run_deploy
+from tests.e2e.conftest import PYINFRA, REPO, Deploy, host_state, run_checks, run_deploy
 from tests.lab import hosts as lab_hosts
 
 
@@ -153,9 +153,11 @@ def test_bad_value_names_the_field(second_deploy):
 def test_dry_run_changes_nothing(second_deploy, lab):
     lab_hosts.ssh(lab["lab-2"], "rm -rf /etc/gpufleet/secrets")
     try:
+        before = host_state(lab["lab-2"])
         dry = run_deploy("--dry", "--limit", "lab-2")
         assert dry.rc == 0, dry.output[-2000:]
         assert lab_hosts.ssh(lab["lab-2"], "test -e /etc/gpufleet/secrets", check=False).returncode != 0
+        assert host_state(lab["lab-2"]) == before  # units, records, apt, daemon.json, containers
     finally:
         assert run_deploy("--limit", "lab-2").rc == 0
     assert lab_hosts.ssh(lab["lab-2"], "stat -c %a /etc/gpufleet/secrets").stdout.strip() == "700"
