@@ -51,11 +51,11 @@ def main(argv=None):
         "latency": lambda: latency.measure(runs=args.runs),
         "rollout": rollout.measure,
     }
-    started = time.time()
+    started, measured = time.time(), record.commit()
     try:
         for part, wanted in parts.items():
             if wanted:
-                record.save(part, runs[part](), args.out, command=command)
+                record.save(part, runs[part](), args.out, command=command, measured_commit=measured)
     finally:
         lab.down(log=lambda *_: None)
     print(report.write(args.out, readme=args.out == record.RESULTS))

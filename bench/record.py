@@ -72,14 +72,15 @@ def commit():
     return head + ("+changes" if dirty else "")
 
 
-def save(part, results, out=RESULTS, command=None):
-    """Write ``out/part.json``: the part's results, the machine, the date, the command and the commit."""
+def save(part, results, out=RESULTS, command=None, measured_commit=None):
+    """Write ``out/part.json``: the part's results, the machine, the date, the command and the commit
+    (``measured_commit``: the one checked out when the run began; else the one checked out now)."""
     out.mkdir(parents=True, exist_ok=True)
     document = {
         "part": part,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": command or " ".join(["python -m bench", *sys.argv[1:]]),
-        "commit": commit(),
+        "commit": measured_commit or commit(),
         "machine": machine(),
         "results": results,
     }
