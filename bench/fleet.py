@@ -14,11 +14,10 @@ import subprocess
 import sys
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
-from statistics import median
 
 from tests.lab import hosts as lab
 
-from . import procmem
+from . import procmem, record
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -187,10 +186,6 @@ def one(variant, count, log):
     return sample
 
 
-def spread(values):
-    return {"median": median(values), "min": min(values), "max": max(values), "samples": values}
-
-
 def cell(samples, reference):
     """A variant's samples on one size, summed up; ``reference``: gpufleet's checks' outcomes. Its
     times count only when every sample's checks match the reference's, check by check."""
@@ -203,8 +198,8 @@ def cell(samples, reference):
         }
     )
     return {
-        "first_s": spread([s["first_s"] for s in samples]),
-        "noop_s": spread([s["noop_s"] for s in samples]),
+        "first_s": record.spread([s["first_s"] for s in samples]),
+        "noop_s": record.spread([s["noop_s"] for s in samples]),
         "first_mib": max(s["first_mib"] for s in samples),
         "noop_mib": max(s["noop_mib"] for s in samples),
         "noop_changes": max(s["noop_changes"] for s in samples),

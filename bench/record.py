@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -70,6 +71,11 @@ def commit():
         return None
     dirty = _first_line(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"])
     return head + ("+changes" if dirty else "")
+
+
+def spread(samples):
+    """A cell's samples with their median and range, as the tables print them."""
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "samples": samples}
 
 
 def save(part, results, out=RESULTS, command=None, measured_commit=None):

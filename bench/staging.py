@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 from operations.offline.bundle import sha256_file
 from tests.lab import hosts as lab
 
-from . import procmem
+from . import procmem, record
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -124,10 +123,6 @@ def settle(weights, hosts):
                     pass
 
 
-def spread(samples):
-    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "samples": samples}
-
-
 def one_host(weights, host, total, repeats, log=print):
     """Every cell of CELLS ``repeats`` times to ``host``; the order rotates by one each repeat."""
     seconds = {cell: [] for cell in CELLS}
@@ -144,7 +139,7 @@ def one_host(weights, host, total, repeats, log=print):
                 assert sent == total, (cell, sent, total)
             seconds[cell].append(took)
         log(f"staging repeat {repeat + 1}/{repeats}: " + ", ".join(f"{c} {seconds[c][-1]:.1f}s" for c in CELLS))
-    return {cell: spread(samples) for cell, samples in seconds.items()}
+    return {cell: record.spread(samples) for cell, samples in seconds.items()}
 
 
 def sudo_vs_root(runs=3, size="full", log=print):
