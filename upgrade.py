@@ -16,12 +16,12 @@ serving hosts' service restarts then roll batch by batch, as in deploy.py.
 from pyinfra import host
 
 from operations import roles, rollout
-from operations.core import planned_facts
+from operations.core import fact_reads
 from operations.proxmox import passthrough as proxmox
 
 # A fact read while the run is prepared stands at execution while no host has changed (pyinfra 3
 # would read it again): a converged host is read once.
-planned_facts.install()
+fact_reads.install()
 
 # A host that fails while planned (frozen) leaves the plan; the others go on.
 with roles.planned_unless_failed():

@@ -9,9 +9,7 @@ fit, extrapolated, not measured."""
 import re
 import statistics
 
-from tests.lab import hosts as lab
-
-from .fleet import OUT, pyinfra, pyinfra_changes
+from .fleet import OUT, fresh_hosts, pyinfra, pyinfra_changes
 
 SIZES = (1, 4, 8, 16)
 EXTRAPOLATED_TO = 50
@@ -49,7 +47,7 @@ def _deployed(count, *args):
 
 def one(count, log, noops=3):
     """Fresh hosts, then deploy.py's first run, ``noops`` no-op runs (median and range) and a logged no-op."""
-    lab.up(count=count, airgapped=0, proxmox=0, fresh=True, log=lambda *_: None)
+    fresh_hosts(count)
     first = _deployed(count)
     samples = [_deployed(count) for _ in range(noops)]
     middle = sorted(samples, key=lambda sample: sample["s"])[len(samples) // 2]

@@ -20,7 +20,7 @@ from pyinfra.api import FactBase, FunctionCommand, StringCommand
 from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS, pop_global_arguments
 from pyinfra.connectors.util import make_unix_command_for_host
 
-from operations.core import liveness
+from operations.core import fact_reads, liveness
 from operations.core.errors import ConfigError
 
 # Connector arguments that say how a command runs (not what runs): kept out of the command line.
@@ -256,6 +256,7 @@ class HostFunction(FunctionCommand):
     commands with the operation's own privilege arguments (pyinfra's FunctionCommand drops them)."""
 
     def execute(self, state, host, connector_arguments):
+        fact_reads.something_runs(state)  # what the host answered before may be stale from here on
         return self.function(state, host, Shell(state, host, connector_arguments), *self.args, **self.kwargs)
 
 

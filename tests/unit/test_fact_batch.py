@@ -1,0 +1,88 @@
+"""fact_batch: the one script gives each fact the lines pyinfra would give it, through a real sh."""
+
+import json
+import subprocess
+
+import pytest
+from pyinfra.api import FactBase, MaskString, StringCommand
+from pyinfra.facts.files import File
+
+from operations.core import fact_batch
+
+
+def through_sh(commands):
+    """Each command's stdout lines as the script reports them (exit 0 only), run by /bin/sh."""
+    done = subprocess.run(["sh", "-c", fact_batch.script(commands)], capture_output=True, text=True, check=True)
+    return fact_batch.outputs(done.stdout.split("\n"))
+
+
+def alone(command):
+    """The stdout lines pyinfra's SSH connector makes of ``command`` run by itself (paramiko's file
+    splits at each newline, a carriage return stays)."""
+    done = subprocess.run(["sh", "-c", command], capture_output=True)
+    lines = [line.decode() for line in done.stdout.split(b"\n")]
+    return (lines[:-1] if lines[-1] == "" else lines) if done.returncode == 0 else None
+
+
+SHAPES = [
+    "printf 'one\\ntwo\\n'",
+    "printf 'no newline at the end'",
+    "true",  # no output
+    "printf '\\n\\nblank lines\\n\\n'",
+    "printf 'trailing  \\ncarriage\\r\\n'",
+    "printf 'caf\\303\\251 \\342\\234\\223\\n'",  # UTF-8
+    "echo out; echo err >&2",  # stderr is not stdout
+    "echo before; exit 3",  # fails: not answered
+    "echo '# a comment ends the line'  # here",
+    "x=1; echo $x; exit 0",  # its own subshell: exit ends only it
+]
+
+
+def test_each_command_gets_the_lines_it_would_get_alone():
+    found = through_sh(SHAPES)
+    for number, command in enumerate(SHAPES):
+        assert found.get(number) == alone(command), command
+    assert 7 not in found and found[9] == ["1"]
+
+
+def test_a_fact_answers_from_its_lines_as_pyinfra_would():
+    fact = File()
+    assert fact_batch.answer(fact, []) == fact.default()
+    with pytest.raises(LookupError):
+        fact_batch.answer(fact, ["##PYINFRA_NOCMD##"])  # pyinfra raises MissingCommandError there
+
+
+def test_a_required_command_is_guarded_as_pyinfra_guards_it():
+    class NeedsTool(FactBase):
+        def requires_command(self):
+            return "surely-not-a-command-here"
+
+        def command(self):
+            return "surely-not-a-command-here --version"
+
+    command = fact_batch.fact_command(NeedsTool(), {})
+    assert through_sh([command.get_raw_value()]) == {0: ["##PYINFRA_NOCMD##"]}
+
+
+def test_a_masked_command_is_never_written_down(tmp_path):
+    secret = StringCommand("login", MaskString("s3cret"))
+    assert fact_batch.writable(secret) is None
+    assert fact_batch.writable(StringCommand("cat", "/etc/hostname")) == "cat /etc/hostname"
+    how = fact_batch.how_key({"_sudo": True, "_sudo_password": "s3cret", "_success_exit_codes": [0]})
+    assert "s3cret" not in how and "_sudo" in how
+    assert fact_batch.how_key({"_env": {"TOKEN": "x"}}) is None
+    assert fact_batch.how_key({"_success_exit_codes": [0, 1]}) is None
+
+
+def test_the_record_is_the_users_alone_and_holds_only_this_run(tmp_path):
+    learned = fact_batch.Learned(tmp_path / "facts" / "host.json")
+    learned.asked("how", "key", "cat /etc/hostname")
+    learned.save()
+    assert (tmp_path / "facts").stat().st_mode & 0o777 == 0o700
+    assert learned.path.stat().st_mode & 0o777 == 0o600
+    again = fact_batch.Learned(learned.path)
+    assert again.batch("how") == [("key", "cat /etc/hostname")] and again.batch("other") == []
+    learned.path.write_text(json.dumps({"format": 0, "batches": {"how": {"k": "c"}}}))
+    assert fact_batch.Learned(learned.path).batch("how") == []  # another format: nothing trusted
+    learned.path.write_text("{not json")
+    assert fact_batch.Learned(learned.path).batch("how") == []
