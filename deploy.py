@@ -17,8 +17,8 @@ from operations import roles, rollout
 from operations.core import fact_reads
 from operations.proxmox import passthrough as proxmox
 
-# A fact read while the run is prepared stands at execution while no host has changed (pyinfra 3
-# would read it again): a converged host is read once.
+# A fact once read stands while nothing has run on any host (pyinfra 3 would read it again), and a
+# host's facts are read in one command, those its last run asked: a converged host is read once.
 fact_reads.install()
 
 # A host that fails while planned (frozen) leaves the plan; the others go on.

@@ -120,7 +120,7 @@ def _read_batch(state, host, reads, how, executor_kwargs):
     if not entries or not host.connected:
         return
     try:
-        status, output = host.run_shell_command(
+        _, output = host.run_shell_command(  # a failed script answers nothing: its facts are read alone
             pyinfra_command.StringCommand(fact_batch.script([command for _, command in entries])),
             print_output=state.print_fact_output,
             print_input=state.print_fact_input,
