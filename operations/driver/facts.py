@@ -29,25 +29,22 @@ class AptPackages(FactBase):
     default = dict
 
     def command(self, packages):
-        # One cache load per apt-cache call: every package in one policy call, then their candidates' records.
+        # Every package in one policy call, then every version's record, the candidate's picked here:
+        # ``apt-cache show --no-all-versions`` works out candidates with apt's whole dependency cache
+        # (0.19 s on a lab host), plain ``show`` reads the records alone (0.03 s).
         names = " ".join(shlex.quote(name) for name in packages)
         return (
             f"apt-cache policy {names} 2>/dev/null; echo '@@ records'; "
-            f"apt-cache show --no-all-versions {names} 2>/dev/null | grep -E '^(Package|Version|Section|Depends):'; "
+            f"apt-cache show {names} 2>/dev/null | grep -E '^(Package|Version|Section|Depends):'; "
             "true"
         )
 
     def process(self, output):
-        found, entry, in_table, records = {}, None, False, False
-        for line in output:
+        found, entry, in_table, records = {}, None, False, {}
+        lines = iter(output)
+        for line in lines:
             if line == "@@ records":
-                records, entry = True, None
-            elif records:
-                field, _, value = line.partition(": ")
-                if field == "Package":
-                    entry = found.get(value.strip())
-                elif entry is not None and field in ("Section", "Depends"):
-                    entry[field.lower()] = value.strip()
+                records = _records(lines)
             elif re.match(r"^\S+:$", line):
                 entry = found[line[:-1]] = {
                     "installed": None,
@@ -67,7 +64,25 @@ class AptPackages(FactBase):
                     match = re.match(r"^ (?:\*\*\*| {3}) (\S+) (-?\d+)$", line)
                     if match and match.group(1) not in entry["versions"]:
                         entry["versions"].append(match.group(1))
+        for name, entry in found.items():
+            entry.update(records.get((name, entry["candidate"]), {}))
         return found
+
+
+def _records(lines):
+    """``{(package, version): {"section": ..., "depends": ...}}`` from ``apt-cache show``'s fields (in
+    any order: dpkg's status file puts Section before Version), the first record of each version."""
+    records, fields = {}, []
+    for line in [*lines, "Package: "]:
+        field, _, value = line.partition(": ")
+        if field == "Package" and fields:
+            record = dict(fields)
+            key = (record.pop("package", None), record.pop("version", None))
+            records.setdefault(key, record)
+            fields = []
+        if field in ("Package", "Version", "Section", "Depends"):
+            fields.append((field.lower(), value.strip()))
+    return records
 
 
 class KernelImages(FactBase):

@@ -11,7 +11,7 @@ from operations.driver.facts import AptPackages, KernelImages, image_meta
 from tests.fixtures.ubuntu_double import apt_view
 
 DATA = Path(__file__).resolve().parents[1] / "data"
-DEBIAN_APT = AptPackages().process((DATA / "debian" / "apt-packages-lab-2.txt").read_text().splitlines())
+DEBIAN_APT = AptPackages().process((DATA / "debian" / "apt-packages-lab-1.txt").read_text().splitlines())
 UBUNTU = apt_view()
 V = "580.173.02-0ubuntu0.24.04.1"
 
@@ -25,6 +25,13 @@ def test_debian_apt_fact_reads_installed_candidate_versions_and_record():
         "depends": "nvidia-alternative (= 535.261.03-1), libnvidia-ml1 (= 535.261.03-1), libc6 (>= 2.34)",
     }
     assert "nosuchpkg" not in DEBIAN_APT
+
+
+def test_apt_fact_reads_a_record_from_dpkgs_status_whose_section_comes_before_its_version():
+    # a package installed from a local .deb: apt's only record of it is dpkg's status file
+    local = AptPackages().process((DATA / "debian" / "apt-packages-local.txt").read_text().splitlines())
+    assert local["google-cloud-cli-anthoscli"]["section"] == "misc"
+    assert local["google-cloud-cli-anthoscli"]["depends"] == "google-cloud-cli (>> 470.0.0-0)"
 
 
 def test_debian_dkms_driver_with_the_running_kernels_headers():

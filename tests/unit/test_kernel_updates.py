@@ -20,7 +20,7 @@ from operations.driver.facts import AptPackages
 from tests.fixtures.ubuntu_double import apt_view
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "debian"
-DEBIAN_APT = AptPackages().process((DATA / "apt-packages-lab-2.txt").read_text().splitlines())
+DEBIAN_APT = AptPackages().process((DATA / "apt-packages-lab-1.txt").read_text().splitlines())
 HEADER_METAS = AptPackages().process((DATA / "apt-packages-header-metas.txt").read_text().splitlines())
 RUNNING, NEXT = "6.1.0-56-amd64", "6.1.0-57-amd64"
 
@@ -30,6 +30,13 @@ def test_the_headers_meta_of_each_installed_kernels_flavour_comes_with_a_debian_
     plan = driver_plan.plan("distro", "Debian", "535.261.03", RUNNING, None, apt, {}, kernels=["6.1.0-57-cloud-amd64"])
     assert plan.header_metas == ["linux-headers-amd64", "linux-headers-cloud-amd64"]  # no rt kernel: no rt meta
     assert plan.notes[-1] == "the next kernels' headers come with linux-headers-amd64, linux-headers-cloud-amd64"
+
+
+def test_the_apt_fact_takes_the_candidates_record_of_a_meta_with_several_versions():
+    # apt-cache show lists 6.1.176-1 (ABI 6.1.0-50) and 6.1.192-3 (ABI 6.1.0-57); the candidate is 6.1.192-3
+    meta = HEADER_METAS["linux-headers-amd64"]
+    assert meta["candidate"] == "6.1.192-3"
+    assert meta["depends"] == "linux-headers-6.1.0-57-amd64 (= 6.1.192-3)"
 
 
 def test_a_headers_meta_apt_does_not_offer_is_left_out_and_asked_about_once():
