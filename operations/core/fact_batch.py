@@ -15,9 +15,11 @@ secret) are never written down, and neither are the connector's passwords or env
 
 import base64
 import hashlib
+import io
 import json
 import os
 import pathlib
+import tarfile
 
 from pyinfra.api import StringCommand
 from pyinfra.api.exceptions import FactProcessError
@@ -64,31 +66,47 @@ def how_key(executor_kwargs):
 
 
 def script(commands):
-    """One POSIX shell script that runs each of ``commands`` in its own subshell, stderr dropped, and
-    prints for each its number and exit status, then its stdout in base64 on one line."""
-    parts = ["t=$(mktemp) || exit 1", "trap 'rm -f \"$t\"' EXIT"]
+    """One POSIX shell script that runs each of ``commands`` in its own subshell, stdin empty (as
+    pyinfra gives a fact, and the script itself may come on stdin), stderr dropped, its stdout kept in
+    a file of its number and its exit status in ``status``; then prints those files as one gzipped
+    tar in base64 on one line (three programs for the whole batch, not one per fact)."""
+    parts = ["d=$(mktemp -d) || exit 1", "trap 'rm -rf \"$d\"' EXIT"]
     for number, command in enumerate(commands):
-        parts.append(f'( {command}\n) >"$t" 2>/dev/null; echo "{_MARK} {number} $?"; base64 -w0 "$t"; echo')
+        parts.append(f'( {command}\n) </dev/null >"$d/{number}" 2>/dev/null; echo "{number} $?" >>"$d/status"')
+    parts.append(f'echo "{_MARK}"; (cd "$d" && tar -cf - .) | gzip -1 | base64 -w0; echo')
     return "\n".join(parts)
+
+
+def _archived(lines):
+    """``{file name: bytes}`` of the script's archive (the line after the mark); empty when unreadable."""
+    lines = list(lines)
+    encoded = lines[lines.index(_MARK) + 1] if _MARK in lines[:-1] else ""
+    try:
+        data = base64.b64decode(encoded, validate=True)
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as archive:
+            return {
+                pathlib.PurePath(member.name).name: archive.extractfile(member).read()
+                for member in archive
+                if member.isfile()
+            }
+    except (ValueError, OSError, EOFError, tarfile.TarError):
+        return {}
 
 
 def outputs(lines):
     """``{number: stdout lines}`` of the commands that exited 0, from the script's output lines, each
     split as pyinfra splits a command's stdout."""
-    found, lines = {}, iter(lines)
-    for line in lines:
-        mark = line.split()
-        if len(mark) != 3 or mark[0] != _MARK:
-            continue
-        encoded = next(lines, "")
-        if mark[2] != "0":
+    files, found = _archived(lines), {}
+    for status in files.get("status", b"").decode().splitlines():
+        number, _, code = status.partition(" ")
+        if code != "0" or number not in files:
             continue
         try:
-            text = base64.b64decode(encoded, validate=True).decode("utf-8")
+            text = files[number].decode("utf-8")
         except ValueError:
             continue
         split = text.split("\n")
-        found[int(mark[1])] = split[:-1] if split[-1] == "" else split
+        found[int(number)] = split[:-1] if split[-1] == "" else split
     return found
 
 

@@ -120,11 +120,13 @@ def _read_batch(state, host, reads, how, executor_kwargs):
     if not entries or not host.connected:
         return
     try:
-        _, output = host.run_shell_command(  # a failed script answers nothing: its facts are read alone
-            pyinfra_command.StringCommand(fact_batch.script([command for _, command in entries])),
+        # The script goes on stdin: sudo logs a command's arguments (the script is tens of kB) to the
+        # host's auth log on every run. A failed script answers nothing: its facts are read alone.
+        _, output = host.run_shell_command(
+            pyinfra_command.StringCommand("sh", "-s"),
             print_output=state.print_fact_output,
             print_input=state.print_fact_input,
-            **executor_kwargs,
+            **{**executor_kwargs, "_stdin": fact_batch.script([command for _, command in entries])},
         )
     except Exception as error:  # a lost or frozen connection: each fact's own read will say so
         logger.debug(f"[{host.name}] facts not read in one command: {error}")

@@ -86,3 +86,30 @@ def test_the_record_is_the_users_alone_and_holds_only_this_run(tmp_path):
     assert fact_batch.Learned(learned.path).batch("how") == []  # another format: nothing trusted
     learned.path.write_text("{not json")
     assert fact_batch.Learned(learned.path).batch("how") == []
+
+
+def test_the_batch_runs_three_programs_of_its_own_however_many_facts(tmp_path):
+    # tar, gzip and base64 shimmed on PATH: each logs its call, then runs the real one
+    log = tmp_path / "calls"
+    for tool in ("tar", "gzip", "base64", "mktemp"):
+        real = subprocess.run(["sh", "-c", f"command -v {tool}"], capture_output=True, text=True).stdout.strip()
+        shim = tmp_path / tool
+        shim.write_text(f'#!/bin/sh\necho {tool} >>"{log}"\nexec {real} "$@"\n')
+        shim.chmod(0o755)
+    commands = [f"echo fact {number}" for number in range(40)]
+    path = f"{tmp_path}:/usr/bin:/bin"
+    done = subprocess.run(["sh", "-c", fact_batch.script(commands)], capture_output=True, text=True, env={"PATH": path})
+    assert fact_batch.outputs(done.stdout.split("\n")) == {number: [f"fact {number}"] for number in range(40)}
+    assert sorted(log.read_text().split()) == ["base64", "gzip", "mktemp", "tar"]
+
+
+def test_an_unreadable_archive_answers_nothing():
+    assert fact_batch.outputs([]) == {}
+    assert fact_batch.outputs(["##gpufleet-fact", "bm90IGEgdGFy"]) == {}  # base64 of "not a tar"
+    assert fact_batch.outputs(["##gpufleet-fact", "!!"]) == {}
+
+
+def test_a_command_that_reads_stdin_gets_none_of_the_script_given_on_stdin():
+    commands = ["cat", "read line; echo got-$line", "echo after"]
+    done = subprocess.run(["sh", "-s"], input=fact_batch.script(commands), capture_output=True, text=True)
+    assert fact_batch.outputs(done.stdout.split("\n")) == {0: [], 1: ["got-"], 2: ["after"]}

@@ -73,7 +73,8 @@ def records(tmp_path, monkeypatch):
 
 def run(*ops, planned=True, monkeypatch=None, commands=None):
     """Prepare and execute ``ops`` ((operation, kwargs) pairs) on @local, then disconnect; the ops'
-    meta. ``commands``: a list that gets every command run on the host (facts' included)."""
+    meta. ``commands``: a list that gets every command run on the host (facts' included), each with
+    what it was given on stdin after a newline."""
     if planned:
         monkeypatch.setattr(pyinfra_host, "get_fact", pyinfra_host.get_fact)  # put back after the test
         fact_reads.install()
@@ -84,7 +85,7 @@ def run(*ops, planned=True, monkeypatch=None, commands=None):
         original = local.run_shell_command
 
         def counted(command, **arguments):
-            commands.append(str(command))
+            commands.append(f"{command}\n{arguments.get('_stdin') or ''}")  # the command, then its stdin
             return original(command, **arguments)
 
         monkeypatch.setattr(local, "run_shell_command", counted)
@@ -162,7 +163,8 @@ def test_a_second_run_reads_what_the_first_asked_in_one_command(files, monkeypat
     assert len(first_commands) == 2 and len(list(records.iterdir())) == 1  # one read per fact; learned
     metas = run((ensure_both, both), (ensure_both, both), monkeypatch=monkeypatch, commands=second_commands)
     assert len(second_commands) == 1  # both facts, both operations, prepared and executed: one command
-    assert "##gpufleet-fact" in second_commands[0]
+    command, script = second_commands[0].split("\n", 1)
+    assert command == "sh -s" and "##gpufleet-fact" in script  # the script on stdin: sudo logs arguments
     assert not any(meta.did_change() for meta in metas)
     assert reads(files[1]) == 4  # each fact's own command ran inside it: 2 reads then, 2 now
 
