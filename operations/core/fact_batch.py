@@ -69,7 +69,8 @@ def script(commands):
     """One POSIX shell script that runs each of ``commands`` in its own subshell, stdin empty (as
     pyinfra gives a fact, and the script itself may come on stdin), stderr dropped, its stdout kept in
     a file of its number and its exit status in ``status``; then prints those files as one gzipped
-    tar in base64 on one line (three programs for the whole batch, not one per fact)."""
+    tar in base64 on one line (mktemp, tar, gzip and base64 once for the whole batch, not a base64 per
+    fact)."""
     parts = ["d=$(mktemp -d) || exit 1", "trap 'rm -rf \"$d\"' EXIT"]
     for number, command in enumerate(commands):
         parts.append(f'( {command}\n) </dev/null >"$d/{number}" 2>/dev/null; echo "{number} $?" >>"$d/status"')
