@@ -40,12 +40,10 @@ def getframeinfo(frame):
 
 
 def kept(read):
-    """``read``'s first answer (a list), a copy of it on every call."""
-    answer = []
+    """``read``, read once now (a list): a copy of that answer on every call."""
+    answer = tuple(read())
 
     def read_once():
-        if not answer:
-            answer.extend(read())
         return list(answer)
 
     read_once.gpufleet_kept = True

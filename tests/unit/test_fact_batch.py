@@ -88,8 +88,8 @@ def test_the_record_is_the_users_alone_and_holds_only_this_run(tmp_path):
     assert fact_batch.Learned(learned.path).batch("how") == []
 
 
-def test_the_batch_runs_three_programs_of_its_own_however_many_facts(tmp_path):
-    # tar, gzip and base64 shimmed on PATH: each logs its call, then runs the real one
+def test_the_batch_runs_four_programs_of_its_own_however_many_facts(tmp_path):
+    # mktemp, tar, gzip and base64 shimmed on PATH: each logs its call, then runs the real one
     log = tmp_path / "calls"
     for tool in ("tar", "gzip", "base64", "mktemp"):
         real = subprocess.run(["sh", "-c", f"command -v {tool}"], capture_output=True, text=True).stdout.strip()
