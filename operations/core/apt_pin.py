@@ -10,11 +10,23 @@ from pyinfra.operations import files
 
 from operations.core import host_memo
 
+# What apt's answers follow from: its sources, preferences and configuration, the package lists,
+# dpkg's status (installed versions and holds) and architectures. A fact with ``state_files`` is
+# asked again only when one of them changed (operations/core/fact_batch.py).
+APT_STATE_FILES = (
+    "/etc/apt",
+    "/var/lib/apt/lists",
+    "/var/lib/dpkg/status",
+    "/var/lib/dpkg/updates",
+    "/var/lib/dpkg/arch",
+)
+
 
 class AptHeldPackages(FactBase):
     """Returns the set of packages held with ``apt-mark hold``."""
 
     default = set
+    state_files = APT_STATE_FILES
 
     def command(self):
         return "apt-mark showhold 2>/dev/null; true"

@@ -11,6 +11,13 @@ ran, under ``$GPUFLEET_FACT_CACHE`` (default ``~/.cache/gpufleet/facts``, the us
 command, output its ``process`` refused) is read again on its own, as pyinfra reads it. So a stale or
 missing record costs round trips, never a wrong answer. Commands that carry a masked value (a
 secret) are never written down, and neither are the connector's passwords or environments.
+
+A fact whose answer follows from files alone says which (``state_files``: apt's answers follow from
+its sources, lists, preferences and dpkg's status): the script fingerprints them (every entry's path,
+size, inode and ctime, which no tool can set back) before it runs the command, and keeps the answer
+and fingerprint in the record. Next run, while the fingerprint is the same, the script skips the
+command (``apt-cache policy`` builds apt's policy over every package: 0.2 CPU s of a lab host's
+no-op) and the kept answer stands; anything changed there, and it runs again.
 """
 
 import base64
@@ -19,6 +26,7 @@ import io
 import json
 import os
 import pathlib
+import shlex
 import tarfile
 
 from pyinfra.api import StringCommand
@@ -26,7 +34,8 @@ from pyinfra.api.exceptions import FactProcessError
 from pyinfra.api.facts import _MISSING_COMMAND_MARKER, _make_command
 
 _MARK = "##gpufleet-fact"
-_FORMAT = 1
+_FORMAT = 2
+_UNCHANGED = "same"  # a status: the fact's files are as when its kept answer was read
 # connector arguments never written down: passwords (which do not change what a read answers), and
 # environments and stdin (which may carry secrets; reads that use them are not batched)
 PASSWORDS = ("_sudo_password", "_su_password")
@@ -65,15 +74,32 @@ def how_key(executor_kwargs):
     return repr(kept)
 
 
-def script(commands):
+def fingerprint_command(paths):
+    """Prints one line that changes when any entry under ``paths`` is added, removed, replaced, resized
+    or written (find's ``%C@``: the ctime, to the nanosecond where the file system keeps it)."""
+    quoted = " ".join(shlex.quote(path) for path in paths)
+    return f"find {quoted} -printf '%p %s %i %C@\\n' 2>/dev/null | cksum"
+
+
+def script(commands, unchanged=None):
     """One POSIX shell script that runs each of ``commands`` in its own subshell, stdin empty (as
     pyinfra gives a fact, and the script itself may come on stdin), stderr dropped, its stdout kept in
     a file of its number and its exit status in ``status``; then prints those files as one gzipped
     tar in base64 on one line (mktemp, tar, gzip and base64 once for the whole batch, not a base64 per
-    fact)."""
+    fact). ``unchanged``: ``{number: (paths, fingerprint or None)}``: that command's files are
+    fingerprinted first (in ``N.files``), and where that is the fingerprint given, its status is
+    ``same`` and it does not run."""
+    unchanged = unchanged or {}
     parts = ["d=$(mktemp -d) || exit 1", "trap 'rm -rf \"$d\"' EXIT"]
     for number, command in enumerate(commands):
-        parts.append(f'( {command}\n) </dev/null >"$d/{number}" 2>/dev/null; echo "{number} $?" >>"$d/status"')
+        run = f'( {command}\n) </dev/null >"$d/{number}" 2>/dev/null; echo "{number} $?" >>"$d/status"'
+        if number in unchanged:
+            paths, fingerprint = unchanged[number]
+            parts.append(f'{fingerprint_command(paths)} >"$d/{number}.files"')
+            if fingerprint:
+                same = f'read -r f <"$d/{number}.files"; [ "$f" = {shlex.quote(fingerprint)} ]'
+                run = f'if {same}; then echo "{number} {_UNCHANGED}" >>"$d/status"; else\n{run}; fi'
+        parts.append(run)
     parts.append(f'echo "{_MARK}"; (cd "$d" && tar -cf - .) | gzip -1 | base64 -w0; echo')
     return "\n".join(parts)
 
@@ -94,12 +120,15 @@ def _archived(lines):
         return {}
 
 
-def outputs(lines):
+def outputs(lines, kept=None):
     """``{number: stdout lines}`` of the commands that exited 0, from the script's output lines, each
-    split as pyinfra splits a command's stdout."""
-    files, found = _archived(lines), {}
+    split as pyinfra splits a command's stdout; a command skipped as unchanged answers its ``kept``
+    lines (``{number: lines}``)."""
+    files, found, kept = _archived(lines), {}, kept or {}
     for status in files.get("status", b"").decode().splitlines():
         number, _, code = status.partition(" ")
+        if code == _UNCHANGED and int(number) in kept:
+            found[int(number)] = kept[int(number)]
         if code != "0" or number not in files:
             continue
         try:
@@ -109,6 +138,15 @@ def outputs(lines):
         split = text.split("\n")
         found[int(number)] = split[:-1] if split[-1] == "" else split
     return found
+
+
+def fingerprints(lines):
+    """``{number: fingerprint}`` of the commands whose files the script fingerprinted."""
+    return {
+        int(name.partition(".")[0]): data.decode(errors="replace").strip()
+        for name, data in _archived(lines).items()
+        if name.endswith(".files")
+    }
 
 
 def answer(fact, lines):
@@ -125,27 +163,42 @@ def answer(fact, lines):
 
 
 class Learned:
-    """The facts one host was asked for: ``{how key: {fact key: command}}``, read from and written to
-    its record on the control node."""
+    """The facts one host was asked for, ``{how key: {fact key: {"command": ..., "files": [...]}}}``,
+    and the answers kept of those with files, ``{how key: {fact key: {"command", "files",
+    "fingerprint", "lines"}}}``: read from and written to its record on the control node."""
 
     def __init__(self, path):
         self.path = path
-        self.before = self._read()
-        self.now = {}
+        self.before, self.kept_before = self._read()
+        self.now, self.kept_now = {}, {}
 
     def _read(self):
         try:
             record = json.loads(self.path.read_text())
         except (OSError, ValueError):
-            return {}
-        return record.get("batches", {}) if record.get("format") == _FORMAT else {}
+            return {}, {}
+        if record.get("format") != _FORMAT:
+            return {}, {}
+        return record.get("batches", {}), record.get("kept", {})
 
-    def asked(self, how, key, command):
-        self.now.setdefault(how, {})[key] = command
+    def asked(self, how, key, command, files=()):
+        self.now.setdefault(how, {})[key] = {"command": command, "files": list(files)}
 
     def batch(self, how):
-        """``[(fact key, command)]`` the last run asked for with ``how``."""
-        return sorted(self.before.get(how, {}).items())
+        """``[(fact key, command, files)]`` the last run asked for with ``how``."""
+        return [(key, entry["command"], entry["files"]) for key, entry in sorted(self.before.get(how, {}).items())]
+
+    def kept(self, how, key, command, files):
+        """``(fingerprint, lines)`` kept of this read (the same command, the same files), or None."""
+        entry = self.kept_before.get(how, {}).get(key)
+        if entry and entry["command"] == command and entry["files"] == list(files):
+            return entry["fingerprint"], entry["lines"]
+        return None
+
+    def keep(self, how, key, command, files, fingerprint, lines):
+        self.kept_now.setdefault(how, {})[key] = {
+            "command": command, "files": list(files), "fingerprint": fingerprint, "lines": lines,
+        }  # fmt: skip
 
     def save(self):
         """Write what this run asked (atomically; the directory the user's alone)."""
@@ -153,7 +206,7 @@ class Learned:
         partial = self.path.with_suffix(".partial")
         descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(descriptor, "w") as out:
-            json.dump({"format": _FORMAT, "batches": self.now}, out, sort_keys=True)
+            json.dump({"format": _FORMAT, "batches": self.now, "kept": self.kept_now}, out, sort_keys=True)
         partial.replace(self.path)
 
 

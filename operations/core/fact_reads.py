@@ -93,6 +93,7 @@ class _Asked:
         self.fact = cls()
         self.command = fact_batch.writable(fact_batch.fact_command(self.fact, fact_kwargs))
         self.how = fact_batch.how_key(self.executor_kwargs) if self.command is not None else None
+        self.files = tuple(getattr(cls, "state_files", ()))  # what its answer follows from (fact_batch)
 
 
 def _batchable(cls):
@@ -115,10 +116,19 @@ def _batch_read(state, host, reads, asked):
 
 
 def _read_batch(state, host, reads, how, executor_kwargs):
-    """Keep the clean answers of one command reading every fact ``host``'s last run asked with ``how``."""
-    entries = reads.learn(host).batch(how)
+    """Keep the clean answers of one command reading every fact ``host``'s last run asked with ``how``;
+    a fact with files keeps the answer its files had, for the next run."""
+    learned = reads.learn(host)
+    entries = learned.batch(how)
     if not entries or not host.connected:
         return
+    unchanged, kept = {}, {}  # the fingerprints the script compares, the answers kept behind them
+    for number, (key, command, files) in enumerate(entries):
+        if files:
+            fingerprint, lines = learned.kept(how, key, command, files) or (None, None)
+            unchanged[number] = (files, fingerprint)
+            if fingerprint:
+                kept[number] = lines
     try:
         # The script goes on stdin: sudo logs a command's arguments (the script is tens of kB) to the
         # host's auth log on every run. A failed script answers nothing: its facts are read alone.
@@ -126,16 +136,20 @@ def _read_batch(state, host, reads, how, executor_kwargs):
             pyinfra_command.StringCommand("sh", "-s"),
             print_output=state.print_fact_output,
             print_input=state.print_fact_input,
-            **{**executor_kwargs, "_stdin": fact_batch.script([command for _, command in entries])},
+            **{**executor_kwargs, "_stdin": fact_batch.script([command for _, command, _ in entries], unchanged)},
         )
     except Exception as error:  # a lost or frozen connection: each fact's own read will say so
         logger.debug(f"[{host.name}] facts not read in one command: {error}")
         return
     if reads.ran:
         return  # something ran meanwhile: what was read may be stale
-    for number, lines in fact_batch.outputs(output.stdout_lines).items():
-        key, command = entries[number]
+    found = fact_batch.outputs(output.stdout_lines, kept)
+    fingerprints = fact_batch.fingerprints(output.stdout_lines)
+    for number, lines in found.items():
+        key, command, files = entries[number]
         reads.answers[(host.name, key)] = ("batch", command, lines)
+        if number in fingerprints:
+            learned.keep(how, key, command, files, fingerprints[number], lines)
 
 
 def _kept(reads, host, asked):
@@ -168,7 +182,7 @@ def install():
             return read(state, host, cls, args=args, kwargs=kwargs, **options)
         reads, asked = fact_reads(state), _Asked(state, host, cls, args, kwargs)
         if asked.how is not None:
-            reads.learn(host).asked(asked.how, asked.key, asked.command)
+            reads.learn(host).asked(asked.how, asked.key, asked.command, asked.files)
         if reads.ran:
             return read(state, host, cls, args=args, kwargs=kwargs)
         if asked.how is not None:

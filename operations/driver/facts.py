@@ -6,6 +6,8 @@ import shlex
 
 from pyinfra.api import FactBase
 
+from operations.core.apt_pin import APT_STATE_FILES
+
 ABI_IMAGE = re.compile(r"^linux-image-(?:unsigned-)?(\d+\.\d+\.\d+-\d+)-(.+)$")
 
 
@@ -27,6 +29,7 @@ class AptPackages(FactBase):
     """
 
     default = dict
+    state_files = APT_STATE_FILES
 
     def command(self, packages):
         # Every package in one policy call, then every version's record, the candidate's picked here:

@@ -81,8 +81,8 @@ def test_the_record_is_the_users_alone_and_holds_only_this_run(tmp_path):
     assert (tmp_path / "facts").stat().st_mode & 0o777 == 0o700
     assert learned.path.stat().st_mode & 0o777 == 0o600
     again = fact_batch.Learned(learned.path)
-    assert again.batch("how") == [("key", "cat /etc/hostname")] and again.batch("other") == []
-    learned.path.write_text(json.dumps({"format": 0, "batches": {"how": {"k": "c"}}}))
+    assert again.batch("how") == [("key", "cat /etc/hostname", [])] and again.batch("other") == []
+    learned.path.write_text(json.dumps({"format": 1, "batches": {"how": {"k": "c"}}}))
     assert fact_batch.Learned(learned.path).batch("how") == []  # another format: nothing trusted
     learned.path.write_text("{not json")
     assert fact_batch.Learned(learned.path).batch("how") == []
@@ -113,3 +113,44 @@ def test_a_command_that_reads_stdin_gets_none_of_the_script_given_on_stdin():
     commands = ["cat", "read line; echo got-$line", "echo after"]
     done = subprocess.run(["sh", "-s"], input=fact_batch.script(commands), capture_output=True, text=True)
     assert fact_batch.outputs(done.stdout.split("\n")) == {0: [], 1: ["got-"], 2: ["after"]}
+
+
+def fingerprinted(tmp_path, unchanged, kept):
+    """Runs one counted command whose answer follows from ``tmp_path / "state"`` (its lines: the
+    state's files) through sh; returns (its answer, its fingerprint, how many times it ran in all)."""
+    state, runs = tmp_path / "state", tmp_path / "runs"
+    command = f"printf x >> {runs}; ls {state}"
+    script = fact_batch.script([command], {0: ([str(state)], unchanged)})
+    lines = subprocess.run(["sh", "-s"], input=script, capture_output=True, text=True, check=True).stdout.split("\n")
+    answer = fact_batch.outputs(lines, {0: kept} if kept is not None else None).get(0)
+    return answer, fact_batch.fingerprints(lines).get(0), len(runs.read_text()) if runs.exists() else 0
+
+
+def test_a_fact_with_files_is_not_run_again_while_they_are_unchanged(tmp_path):
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "status").write_text("held\n")
+    answer, fingerprint, runs = fingerprinted(tmp_path, None, None)
+    assert answer == ["status"] and fingerprint and runs == 1
+    answer, again, runs = fingerprinted(tmp_path, fingerprint, ["kept"])
+    assert answer == ["kept"] and again == fingerprint and runs == 1  # the kept answer; not run
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "echo more >> state/status",  # written
+        "touch state/lists",  # added
+        "rm state/status",  # removed
+        # rewritten with the same size and its modification time set back: ctime still moves
+        "sleep 0.01; cp state/status state/.new && touch -r state/status state/.new && mv state/.new state/status",
+        "sleep 0.01; echo HELD > state/status && touch -d @0 state/status",
+    ],
+)
+def test_any_change_to_a_facts_files_runs_it_again(tmp_path, change):
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "status").write_text("held\n")
+    _, fingerprint, _ = fingerprinted(tmp_path, None, None)
+    subprocess.run(["sh", "-c", change], cwd=tmp_path, check=True)
+    answer, again, runs = fingerprinted(tmp_path, fingerprint, ["kept"])
+    assert runs == 2 and again != fingerprint
+    assert answer == sorted(path.name for path in (tmp_path / "state").iterdir())

@@ -193,6 +193,39 @@ def test_a_learned_command_that_differs_from_today_is_not_trusted(files, monkeyp
     assert len(commands) == 1 + 2
 
 
+class StateValue(Value):
+    """The Value of a file under ``state/``, an answer that follows from that folder's files alone."""
+
+    state_files = ()  # set per test: the folder
+
+
+@operation()
+def ensure_state(path, log):
+    if host.get_fact(StateValue, path=path, log=log) != "a":
+        yield f"echo a > {path}"
+
+
+def test_a_fact_whose_files_are_unchanged_is_answered_from_its_last_answer(files, monkeypatch, tmp_path):
+    _, log = files
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "value").write_text("a\n")
+    monkeypatch.setattr(StateValue, "state_files", (str(state),))
+    ask = {"path": str(state / "value"), "log": str(log)}
+    for _ in range(3):  # learned; read in the one command with its files' fingerprint; not run
+        (meta,) = run((ensure_state, ask), monkeypatch=monkeypatch)
+        assert not meta.did_change()
+    assert reads(log) == 2
+    (state / "value").write_text("b\n")  # changed: read again, and the change seen
+    (meta,) = run((ensure_state, ask), monkeypatch=monkeypatch)
+    assert meta.did_change() and (state / "value").read_text() == "a\n"
+    assert reads(log) == 2 + 1  # the one command ran it (its fingerprint differed)
+    (meta,) = run((ensure_state, ask), monkeypatch=monkeypatch)
+    assert not meta.did_change() and reads(log) == 2 + 1 + 1  # the fix changed the folder too: read again
+    (meta,) = run((ensure_state, ask), monkeypatch=monkeypatch)
+    assert not meta.did_change() and reads(log) == 2 + 1 + 1  # unchanged since: not run
+
+
 @operation()
 def ensure_tolerant(path, log):
     """Writes ``a`` where the Value is not ``a``, a read that fails included (taken as no value)."""
@@ -252,7 +285,7 @@ def test_a_run_that_changes_learns_what_it_asks_after_its_change_too(files, monk
     assert local.get_fact(Value, path=str(value), log=str(log)) == "a"
     assert reads(log) == 2  # read as pyinfra reads it, each time
     (learned,) = fact_reads.fact_reads(state).learned["@local"].now.values()
-    assert [command for command in learned.values()] == [f"printf x >> {log}; cat {value}"]
+    assert [entry["command"] for entry in learned.values()] == [f"printf x >> {log}; cat {value}"]
 
 
 def test_an_ask_while_the_one_command_runs_waits_for_it(files, monkeypatch):
