@@ -1,4 +1,4 @@
-"""Faults a fleet meets, each survived and named: a secret whose mode drifted, an image untagged and
+"""Faults a fleet meets, each survived and named: a secret whose mode drifted, a hold released, an image untagged and
 loaded again, a disk without room, a host that is down among live ones, a host that freezes mid-run. Each fault ends with an
 assertion on the final state (files, units, the service answering)."""
 
@@ -53,6 +53,24 @@ def test_a_secret_whose_mode_drifted_is_fixed_without_a_restart(second_deploy):
     ], fixed.changed()
     assert sh("lab-1", "stat -c %a /etc/gpufleet/secrets/chat.key").stdout.strip() == "400"
     assert container_id("lab-1") == running and answers("lab-1")
+
+
+def test_a_hold_released_behind_the_deploys_back_is_held_again(second_deploy):
+    """apt's answers are kept while apt's files are unchanged (operations/core/fact_batch.py): a converged
+    run keeps them, then ``apt-mark unhold`` rewrites dpkg's status, so the next run asks apt again,
+    sees the hold gone and restores it."""
+    kept = run_deploy("--limit", "lab-1")  # converged: apt's answers kept with their files' fingerprint
+    assert kept.rc == 0 and kept.total_changed() == 0, kept.changed()
+    assert sh("lab-1", "apt-mark unhold nvidia-smi").returncode == 0
+    assert "nvidia-smi" not in sh("lab-1", "apt-mark showhold").stdout.split()
+    fixed = run_deploy("--limit", "lab-1")
+    assert fixed.rc == 0, fixed.output[-3000:]
+    changed = list(fixed.changed())  # the driver installed at its pinned version and held again; nothing else
+    held = r"GPU host \| Install NVIDIA driver \| Install NVIDIA driver [\d.]+ and hold it"
+    assert len(changed) == 1 and re.fullmatch(held, changed[0]), changed
+    assert "nvidia-smi" in sh("lab-1", "apt-mark showhold").stdout.split()
+    again = run_deploy("--limit", "lab-1")
+    assert again.rc == 0 and again.total_changed() == 0, again.changed()
 
 
 def test_an_image_untagged_and_loaded_again_restarts_nothing(second_deploy):
