@@ -17,7 +17,8 @@ its sources, lists, preferences and dpkg's status): the script fingerprints them
 size, inode and ctime, which no tool can set back) before it runs the command, and keeps the answer
 and fingerprint in the record. Next run, while the fingerprint is the same, the script skips the
 command (``apt-cache policy`` builds apt's policy over every package: 0.2 CPU s of a lab host's
-no-op) and the kept answer stands; anything changed there, and it runs again.
+no-op) and the kept answer stands; anything changed there, and it runs again. Kept answers are
+written down as they came: a fact whose answer may hold a secret must not name files.
 """
 
 import base64
