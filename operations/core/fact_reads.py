@@ -143,8 +143,8 @@ def _read_batch(state, host, reads, how, executor_kwargs):
         return
     if reads.ran:
         return  # something ran meanwhile: what was read may be stale
-    found = fact_batch.outputs(output.stdout_lines, kept)
-    fingerprints = fact_batch.fingerprints(output.stdout_lines)
+    files = fact_batch.archived(output.stdout_lines)
+    found, fingerprints = fact_batch.outputs(files, kept), fact_batch.fingerprints(files)
     for number, lines in found.items():
         key, command, files = entries[number]
         reads.answers[(host.name, key)] = ("batch", command, lines)

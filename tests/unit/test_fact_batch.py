@@ -13,7 +13,7 @@ from operations.core import fact_batch
 def through_sh(commands):
     """Each command's stdout lines as the script reports them (exit 0 only), run by /bin/sh."""
     done = subprocess.run(["sh", "-c", fact_batch.script(commands)], capture_output=True, text=True, check=True)
-    return fact_batch.outputs(done.stdout.split("\n"))
+    return fact_batch.outputs(fact_batch.archived(done.stdout.split("\n")))
 
 
 def alone(command):
@@ -99,20 +99,22 @@ def test_the_batch_runs_four_programs_of_its_own_however_many_facts(tmp_path):
     commands = [f"echo fact {number}" for number in range(40)]
     path = f"{tmp_path}:/usr/bin:/bin"
     done = subprocess.run(["sh", "-c", fact_batch.script(commands)], capture_output=True, text=True, env={"PATH": path})
-    assert fact_batch.outputs(done.stdout.split("\n")) == {number: [f"fact {number}"] for number in range(40)}
+    assert fact_batch.outputs(fact_batch.archived(done.stdout.split("\n"))) == {
+        number: [f"fact {number}"] for number in range(40)
+    }
     assert sorted(log.read_text().split()) == ["base64", "gzip", "mktemp", "tar"]
 
 
 def test_an_unreadable_archive_answers_nothing():
-    assert fact_batch.outputs([]) == {}
-    assert fact_batch.outputs(["##gpufleet-fact", "bm90IGEgdGFy"]) == {}  # base64 of "not a tar"
-    assert fact_batch.outputs(["##gpufleet-fact", "!!"]) == {}
+    assert fact_batch.outputs(fact_batch.archived([])) == {}
+    assert fact_batch.outputs(fact_batch.archived(["##gpufleet-fact", "bm90IGEgdGFy"])) == {}  # base64 of "not a tar"
+    assert fact_batch.outputs(fact_batch.archived(["##gpufleet-fact", "!!"])) == {}
 
 
 def test_a_command_that_reads_stdin_gets_none_of_the_script_given_on_stdin():
     commands = ["cat", "read line; echo got-$line", "echo after"]
     done = subprocess.run(["sh", "-s"], input=fact_batch.script(commands), capture_output=True, text=True)
-    assert fact_batch.outputs(done.stdout.split("\n")) == {0: [], 1: ["got-"], 2: ["after"]}
+    assert fact_batch.outputs(fact_batch.archived(done.stdout.split("\n"))) == {0: [], 1: ["got-"], 2: ["after"]}
 
 
 def fingerprinted(tmp_path, unchanged, kept):
@@ -122,8 +124,9 @@ def fingerprinted(tmp_path, unchanged, kept):
     command = f"printf x >> {runs}; ls {state}"
     script = fact_batch.script([command], {0: ([str(state)], unchanged)})
     lines = subprocess.run(["sh", "-s"], input=script, capture_output=True, text=True, check=True).stdout.split("\n")
-    answer = fact_batch.outputs(lines, {0: kept} if kept is not None else None).get(0)
-    return answer, fact_batch.fingerprints(lines).get(0), len(runs.read_text()) if runs.exists() else 0
+    files = fact_batch.archived(lines)
+    answer = fact_batch.outputs(files, {0: kept} if kept is not None else None).get(0)
+    return answer, fact_batch.fingerprints(files).get(0), len(runs.read_text()) if runs.exists() else 0
 
 
 def test_a_fact_with_files_is_not_run_again_while_they_are_unchanged(tmp_path):
